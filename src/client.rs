@@ -1,0 +1,352 @@
+//! The client side of the one binary: `auth-sidecar health` (a grpc_health_probe equivalent for
+//! exec probes) and `auth-sidecar token …` for operators, printing JSON.
+
+use std::io::Read;
+use std::time::{Duration, SystemTime};
+
+use clap::{Args, Subcommand};
+use serde_json::{Value, json};
+use tonic::Code;
+use tonic::transport::{Channel, Endpoint};
+use tonic_health::pb::HealthCheckRequest;
+use tonic_health::pb::health_check_response::ServingStatus;
+use tonic_health::pb::health_client::HealthClient;
+
+use crate::config::parse_duration;
+use crate::grpc::{json_to_struct, struct_to_json};
+use crate::pb;
+use crate::pb::token_service_client::TokenServiceClient;
+
+/// Exit codes of `health`, as grpc_health_probe uses them.
+pub mod exit {
+    pub const SERVING: i32 = 0;
+    pub const BAD_ARGUMENTS: i32 = 1;
+    pub const CONNECTION_FAILED: i32 = 2;
+    pub const RPC_FAILED: i32 = 3;
+    pub const NOT_SERVING: i32 = 4;
+}
+
+#[derive(Debug, Args)]
+pub struct HealthArgs {
+    /// Address to probe: HOST:PORT or unix:/path.sock.
+    #[arg(long, default_value = "127.0.0.1:50051")]
+    pub addr: String,
+    /// Service name to ask about; empty means the whole server.
+    #[arg(long, default_value = "")]
+    pub service: String,
+    /// Give up after this long (connecting and the call together).
+    #[arg(long, default_value = "1s", value_parser = parse_duration)]
+    pub timeout: Duration,
+}
+
+#[derive(Debug, Args)]
+pub struct TokenArgs {
+    /// Address of the sidecar's token API: HOST:PORT or unix:/path.sock.
+    #[arg(
+        long,
+        global = true,
+        env = "AUTH_ADDR",
+        default_value = "127.0.0.1:50051"
+    )]
+    pub addr: String,
+    #[command(subcommand)]
+    pub command: TokenCommand,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum TokenCommand {
+    /// Issue a token and print it with its id and expiry.
+    Issue {
+        /// The `sub` claim.
+        #[arg(long)]
+        subject: String,
+        /// An audience; repeat for several.
+        #[arg(long)]
+        audience: Vec<String>,
+        /// Lifetime (15m, 1h…); the sidecar's default when unset.
+        #[arg(long, value_parser = parse_duration)]
+        ttl: Option<Duration>,
+        /// Extra claims as a JSON object.
+        #[arg(long)]
+        claims: Option<String>,
+        #[arg(long)]
+        session_id: Option<String>,
+        /// Issue a refresh token instead of an access token.
+        #[arg(long)]
+        refresh: bool,
+    },
+    /// Validate a token ("-" reads it from standard input). Exits 0 when valid, 1 when not.
+    Validate {
+        token: String,
+        #[arg(long)]
+        audience: Option<String>,
+        /// Expect a refresh token.
+        #[arg(long)]
+        refresh: bool,
+    },
+    /// Revoke a token ("-" reads it from standard input) or a token id.
+    Revoke {
+        #[arg(
+            long,
+            conflicts_with = "token_id",
+            required_unless_present = "token_id"
+        )]
+        token: Option<String>,
+        #[arg(long)]
+        token_id: Option<String>,
+        #[arg(long, default_value = "")]
+        reason: String,
+    },
+}
+
+/// Makes a channel from `HOST:PORT`, `http://HOST:PORT` or `unix:/path`.
+pub fn endpoint(addr: &str) -> Result<Endpoint, tonic::transport::Error> {
+    if addr.starts_with("unix:") || addr.contains("://") {
+        Endpoint::from_shared(addr.to_owned())
+    } else {
+        Endpoint::from_shared(format!("http://{addr}"))
+    }
+}
+
+/// Probes a server's health; returns the process exit code.
+pub async fn health(args: HealthArgs) -> i32 {
+    let endpoint = match endpoint(&args.addr) {
+        Ok(e) => e.connect_timeout(args.timeout).timeout(args.timeout),
+        Err(e) => {
+            eprintln!("error: invalid --addr {}: {e}", args.addr);
+            return exit::BAD_ARGUMENTS;
+        }
+    };
+    let deadline = tokio::time::Instant::now() + args.timeout;
+    let channel = match tokio::time::timeout_at(deadline, endpoint.connect()).await {
+        Ok(Ok(channel)) => channel,
+        Ok(Err(e)) => {
+            eprintln!(
+                "error: cannot connect to {}: {}",
+                args.addr,
+                source_chain(&e)
+            );
+            return exit::CONNECTION_FAILED;
+        }
+        Err(_) => {
+            eprintln!("error: timed out connecting to {}", args.addr);
+            return exit::CONNECTION_FAILED;
+        }
+    };
+    let request = HealthCheckRequest {
+        service: args.service.clone(),
+    };
+    let mut client = HealthClient::new(channel);
+    match tokio::time::timeout_at(deadline, client.check(request)).await {
+        Err(_) => {
+            eprintln!("error: health check timed out");
+            exit::CONNECTION_FAILED
+        }
+        Ok(Err(status)) if status.code() == Code::DeadlineExceeded => {
+            eprintln!("error: health check timed out");
+            exit::CONNECTION_FAILED
+        }
+        Ok(Err(status)) => {
+            eprintln!(
+                "error: health check failed: {}: {}",
+                status.code(),
+                status.message()
+            );
+            exit::RPC_FAILED
+        }
+        Ok(Ok(resp)) => {
+            let status = resp.into_inner().status();
+            println!("status: {}", status.as_str_name());
+            if status == ServingStatus::Serving {
+                exit::SERVING
+            } else {
+                exit::NOT_SERVING
+            }
+        }
+    }
+}
+
+/// Runs a token command; returns the process exit code (0 done or valid, 1 invalid token,
+/// 2 cannot connect, 3 the call failed).
+pub async fn token(args: TokenArgs) -> i32 {
+    let channel = match endpoint(&args.addr) {
+        Ok(e) => match e.connect_timeout(Duration::from_secs(5)).connect().await {
+            Ok(c) => c,
+            Err(e) => {
+                eprintln!(
+                    "error: cannot connect to {}: {}",
+                    args.addr,
+                    source_chain(&e)
+                );
+                return exit::CONNECTION_FAILED;
+            }
+        },
+        Err(e) => {
+            eprintln!("error: invalid --addr {}: {e}", args.addr);
+            return exit::BAD_ARGUMENTS;
+        }
+    };
+    match run_token(TokenServiceClient::new(channel), args.command).await {
+        Ok((json, code)) => {
+            println!(
+                "{}",
+                serde_json::to_string_pretty(&json).expect("json prints")
+            );
+            code
+        }
+        Err(TokenCliError::Usage(msg)) => {
+            eprintln!("error: {msg}");
+            exit::BAD_ARGUMENTS
+        }
+        Err(TokenCliError::Rpc(status)) => {
+            eprintln!("error: {}: {}", status.code(), status.message());
+            exit::RPC_FAILED
+        }
+    }
+}
+
+enum TokenCliError {
+    Usage(String),
+    Rpc(tonic::Status),
+}
+
+impl From<tonic::Status> for TokenCliError {
+    fn from(s: tonic::Status) -> Self {
+        TokenCliError::Rpc(s)
+    }
+}
+
+async fn run_token(
+    mut client: TokenServiceClient<Channel>,
+    command: TokenCommand,
+) -> Result<(Value, i32), TokenCliError> {
+    match command {
+        TokenCommand::Issue {
+            subject,
+            audience,
+            ttl,
+            claims,
+            session_id,
+            refresh,
+        } => {
+            let claims = match claims {
+                None => None,
+                Some(text) => match serde_json::from_str::<Value>(&text) {
+                    Ok(Value::Object(map)) => Some(json_to_struct(map)),
+                    _ => {
+                        return Err(TokenCliError::Usage(
+                            "--claims must be a JSON object".into(),
+                        ));
+                    }
+                },
+            };
+            let resp = client
+                .issue(pb::IssueRequest {
+                    subject,
+                    audience,
+                    ttl: ttl.map(|d| d.try_into().expect("a parsed duration fits")),
+                    claims,
+                    session_id: session_id.unwrap_or_default(),
+                    kind: kind(refresh).into(),
+                })
+                .await?
+                .into_inner();
+            Ok((
+                json!({
+                    "token": resp.token,
+                    "token_id": resp.token_id,
+                    "expires_at": rfc3339(resp.expires_at),
+                    "key_id": resp.key_id,
+                }),
+                0,
+            ))
+        }
+        TokenCommand::Validate {
+            token,
+            audience,
+            refresh,
+        } => {
+            let resp = client
+                .validate(pb::ValidateRequest {
+                    token: read_arg(token)?,
+                    audience: audience.unwrap_or_default(),
+                    kind: kind(refresh).into(),
+                })
+                .await?
+                .into_inner();
+            let out = if resp.valid {
+                json!({
+                    "valid": true,
+                    "subject": resp.subject,
+                    "token_id": resp.token_id,
+                    "expires_at": rfc3339(resp.expires_at),
+                    "session_id": resp.session_id,
+                    "kind": resp.kind().as_str_name(),
+                    "claims": resp.claims.and_then(|c| struct_to_json(c).ok()).unwrap_or_default(),
+                })
+            } else {
+                json!({ "valid": false, "reason": resp.reason().as_str_name() })
+            };
+            Ok((out, if resp.valid { 0 } else { 1 }))
+        }
+        TokenCommand::Revoke {
+            token,
+            token_id,
+            reason,
+        } => {
+            use pb::revoke_request::Target;
+            let target = match (token, token_id) {
+                (Some(t), _) => Target::Token(read_arg(t)?),
+                (None, Some(id)) => Target::TokenId(id),
+                (None, None) => {
+                    return Err(TokenCliError::Usage("give --token or --token-id".into()));
+                }
+            };
+            let resp = client
+                .revoke(pb::RevokeRequest {
+                    target: Some(target),
+                    reason,
+                })
+                .await?
+                .into_inner();
+            Ok((json!({ "newly_revoked": resp.newly_revoked }), 0))
+        }
+    }
+}
+
+fn kind(refresh: bool) -> pb::TokenKind {
+    if refresh {
+        pb::TokenKind::Refresh
+    } else {
+        pb::TokenKind::Access
+    }
+}
+
+/// The argument itself, or standard input when it is "-" (keeps tokens out of `ps`).
+fn read_arg(arg: String) -> Result<String, TokenCliError> {
+    if arg != "-" {
+        return Ok(arg);
+    }
+    let mut text = String::new();
+    std::io::stdin()
+        .read_to_string(&mut text)
+        .map_err(|e| TokenCliError::Usage(format!("cannot read standard input: {e}")))?;
+    Ok(text.trim().to_owned())
+}
+
+fn rfc3339(t: Option<prost_types::Timestamp>) -> Value {
+    t.and_then(|t| SystemTime::try_from(t).ok())
+        .map(|t| humantime::format_rfc3339_seconds(t).to_string().into())
+        .unwrap_or(Value::Null)
+}
+
+fn source_chain(e: &dyn std::error::Error) -> String {
+    let mut text = e.to_string();
+    let mut source = e.source();
+    while let Some(s) = source {
+        text.push_str(": ");
+        text.push_str(&s.to_string());
+        source = s.source();
+    }
+    text
+}

@@ -1,0 +1,391 @@
+//! The typed configuration: read once in `main` from flags, the environment and an optional
+//! TOML file (in that order of precedence), validated, then passed down.
+
+use std::collections::BTreeSet;
+use std::fmt;
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::time::Duration;
+
+use clap::{Args, FromArgMatches};
+
+/// Shortest HMAC secret accepted: 256 bits, the strength of HS256.
+pub const MIN_SECRET_LEN: usize = 32;
+
+/// Flags of `auth-sidecar serve`. Every field also has an environment name and may be set in
+/// the `--config` file under its flag name with `_` for `-` (`max_ttl = "12h"`).
+#[derive(Debug, Clone, Args)]
+pub struct ServeArgs {
+    /// TOML file with settings; flags and the environment take precedence over it.
+    #[arg(long, env = "AUTH_CONFIG", value_name = "FILE")]
+    pub config: Option<PathBuf>,
+
+    /// Address of the token API: HOST:PORT, or unix:/path.sock for a Unix socket. Keep it on
+    /// loopback: anything that can reach it can mint tokens.
+    #[arg(long, env = "AUTH_LISTEN", default_value = "127.0.0.1:50051", value_parser = parse_listen)]
+    pub listen: Listen,
+
+    /// Address of the ops listener (grpc.health.v1 and GET /healthz, for the kubelet). The
+    /// token API is never served there.
+    #[arg(long, env = "AUTH_OPS_LISTEN", default_value = "0.0.0.0:8081")]
+    pub ops_listen: SocketAddr,
+
+    /// Where revocations live: memory (one node only).
+    #[arg(long, env = "AUTH_STORAGE", default_value = "memory", value_enum)]
+    pub storage: Storage,
+
+    /// HS256 signing secret, at least 32 bytes. Without it (memory storage only) a random key
+    /// is made at start. Prefer the environment: a flag shows in the process list.
+    #[arg(
+        long,
+        env = "AUTH_JWT_SECRET",
+        hide_env_values = true,
+        value_name = "SECRET"
+    )]
+    pub jwt_secret: Option<Secret>,
+
+    /// The `iss` claim of issued tokens, and the only issuer accepted.
+    #[arg(long, env = "AUTH_ISSUER", default_value = "auth-sidecar")]
+    pub issuer: String,
+
+    /// Audience given to tokens issued without one, and expected by Validate calls that name
+    /// none. Unset: tokens get no `aud` unless the caller names one.
+    #[arg(long, env = "AUTH_AUDIENCE")]
+    pub audience: Option<String>,
+
+    /// Lifetime of a token issued without a ttl.
+    #[arg(long, env = "AUTH_ACCESS_TTL", default_value = "15m", value_parser = parse_duration)]
+    pub access_ttl: Duration,
+
+    /// Longest lifetime a caller may ask for.
+    #[arg(long, env = "AUTH_MAX_TTL", default_value = "24h", value_parser = parse_duration)]
+    pub max_ttl: Duration,
+
+    /// Clock skew tolerated when checking exp, nbf and iat.
+    #[arg(long, env = "AUTH_LEEWAY", default_value = "30s", value_parser = parse_duration)]
+    pub leeway: Duration,
+
+    /// After SIGTERM, how long to keep answering (while health says NOT_SERVING) before
+    /// draining, so that callers and load balancers can move away first.
+    #[arg(long, env = "AUTH_SHUTDOWN_DELAY", default_value = "0s", value_parser = parse_duration)]
+    pub shutdown_delay: Duration,
+
+    /// How long in-flight calls may take to finish once draining starts.
+    #[arg(long, env = "AUTH_SHUTDOWN_GRACE", default_value = "10s", value_parser = parse_duration)]
+    pub shutdown_grace: Duration,
+}
+
+/// Where the token API listens.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Listen {
+    Tcp(SocketAddr),
+    Unix(PathBuf),
+}
+
+impl fmt::Display for Listen {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            Listen::Tcp(addr) => write!(f, "{addr}"),
+            Listen::Unix(path) => write!(f, "unix:{}", path.display()),
+        }
+    }
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum Storage {
+    Memory,
+}
+
+/// A secret value: never printed, not even by `Debug`.
+#[derive(Clone, PartialEq, Eq)]
+pub struct Secret(Vec<u8>);
+
+impl Secret {
+    pub fn new(bytes: impl Into<Vec<u8>>) -> Self {
+        Secret(bytes.into())
+    }
+
+    pub fn expose(&self) -> &[u8] {
+        &self.0
+    }
+}
+
+impl fmt::Debug for Secret {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "Secret(<{} bytes>)", self.0.len())
+    }
+}
+
+impl From<&str> for Secret {
+    fn from(s: &str) -> Self {
+        Secret(s.as_bytes().to_vec())
+    }
+}
+
+/// The validated configuration of `serve`.
+#[derive(Debug, Clone)]
+pub struct Config {
+    pub listen: Listen,
+    pub ops_listen: SocketAddr,
+    pub storage: Storage,
+    pub jwt_secret: Option<Secret>,
+    pub issuer: String,
+    pub audience: Option<String>,
+    pub access_ttl: Duration,
+    pub max_ttl: Duration,
+    pub leeway: Duration,
+    pub shutdown_delay: Duration,
+    pub shutdown_grace: Duration,
+}
+
+/// A setting that cannot be used, named as on the command line. `setting` is empty when the
+/// reason, as clap words it, names the setting itself.
+#[derive(Debug)]
+pub struct ConfigError {
+    pub setting: String,
+    pub reason: String,
+}
+
+impl fmt::Display for ConfigError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        if self.setting.is_empty() {
+            f.write_str(&self.reason)
+        } else {
+            write!(f, "invalid setting {}: {}", self.setting, self.reason)
+        }
+    }
+}
+
+impl std::error::Error for ConfigError {}
+
+impl ConfigError {
+    fn new(setting: &str, reason: impl Into<String>) -> Self {
+        ConfigError {
+            setting: setting.to_owned(),
+            reason: reason.into(),
+        }
+    }
+}
+
+impl TryFrom<ServeArgs> for Config {
+    type Error = ConfigError;
+
+    fn try_from(args: ServeArgs) -> Result<Self, ConfigError> {
+        if let Some(secret) = &args.jwt_secret
+            && secret.expose().len() < MIN_SECRET_LEN
+        {
+            return Err(ConfigError::new(
+                "AUTH_JWT_SECRET",
+                format!(
+                    "{} bytes is too short, use at least {MIN_SECRET_LEN} random bytes",
+                    secret.expose().len()
+                ),
+            ));
+        }
+        if args.issuer.is_empty() {
+            return Err(ConfigError::new("--issuer", "must not be empty"));
+        }
+        if args.audience.as_deref() == Some("") {
+            return Err(ConfigError::new("--audience", "must not be empty when set"));
+        }
+        for (name, value) in [
+            ("--access-ttl", args.access_ttl),
+            ("--max-ttl", args.max_ttl),
+            ("--shutdown-grace", args.shutdown_grace),
+        ] {
+            if value.is_zero() {
+                return Err(ConfigError::new(name, "must be greater than zero"));
+            }
+        }
+        if args.access_ttl > args.max_ttl {
+            return Err(ConfigError::new(
+                "--access-ttl",
+                format!(
+                    "{} is longer than --max-ttl {}",
+                    humantime::format_duration(args.access_ttl),
+                    humantime::format_duration(args.max_ttl)
+                ),
+            ));
+        }
+        Ok(Config {
+            listen: args.listen,
+            ops_listen: args.ops_listen,
+            storage: args.storage,
+            jwt_secret: args.jwt_secret,
+            issuer: args.issuer,
+            audience: args.audience,
+            access_ttl: args.access_ttl,
+            max_ttl: args.max_ttl,
+            leeway: args.leeway,
+            shutdown_delay: args.shutdown_delay,
+            shutdown_grace: args.shutdown_grace,
+        })
+    }
+}
+
+impl Config {
+    /// Parses the arguments of `serve` (`argv[0]` is the command name), with the environment
+    /// and the `--config` file: a value in the file becomes its setting's default, so flags
+    /// and environment still win, and one parser words every error.
+    pub fn load<I, T>(argv: I) -> Result<Config, ConfigError>
+    where
+        I: IntoIterator<Item = T>,
+        T: Into<std::ffi::OsString> + Clone,
+    {
+        let argv: Vec<T> = argv.into_iter().collect();
+        let mut command = serve_command();
+        let mut matches = command
+            .clone()
+            .try_get_matches_from(argv.clone())
+            .map_err(clap_error)?;
+        if let Some(path) = matches.get_one::<PathBuf>("config") {
+            for (key, value) in read_file(path)? {
+                command = command.mut_arg(key, |arg| arg.default_value(value));
+            }
+            matches = command.try_get_matches_from(argv).map_err(clap_error)?;
+        }
+        let args = ServeArgs::from_arg_matches(&matches).map_err(clap_error)?;
+        Config::try_from(args)
+    }
+
+    /// A configuration with every default, for tests.
+    pub fn defaults() -> Config {
+        Config::load(["serve"]).expect("defaults are valid")
+    }
+}
+
+/// Reads the `--config` file into (setting id, value) pairs, refusing unknown settings.
+fn read_file(path: &std::path::Path) -> Result<Vec<(String, String)>, ConfigError> {
+    let in_file =
+        |reason: String| ConfigError::new("--config", format!("{}: {reason}", path.display()));
+    let text = std::fs::read_to_string(path).map_err(|e| in_file(format!("cannot read: {e}")))?;
+    let table: toml::Table = text
+        .parse()
+        .map_err(|e: toml::de::Error| in_file(e.message().trim().to_owned()))?;
+    let command = serve_command();
+    let known: BTreeSet<&str> = command
+        .get_arguments()
+        .map(|a| a.get_id().as_str())
+        .filter(|id| *id != "config")
+        .collect();
+    table
+        .into_iter()
+        .map(|(key, value)| {
+            if !known.contains(key.as_str()) {
+                return Err(in_file(format!("unknown setting `{key}`")));
+            }
+            let value = match value {
+                toml::Value::String(s) => s,
+                toml::Value::Integer(i) => i.to_string(),
+                toml::Value::Boolean(b) => b.to_string(),
+                toml::Value::Float(f) => f.to_string(),
+                _ => {
+                    return Err(in_file(format!(
+                        "`{key}` must be a string, number or boolean"
+                    )));
+                }
+            };
+            Ok((key, value))
+        })
+        .collect()
+}
+
+/// Turns a clap error into one line that names the setting.
+fn clap_error(err: clap::Error) -> ConfigError {
+    ConfigError::new("", one_line(&err))
+}
+
+/// The first line of a clap error, without its `error: ` prefix: it names the flag and why.
+pub fn one_line(err: &clap::Error) -> String {
+    let text = err.to_string();
+    let line = text.lines().next().unwrap_or("invalid arguments");
+    line.strip_prefix("error: ").unwrap_or(line).to_owned()
+}
+
+pub fn parse_duration(s: &str) -> Result<Duration, String> {
+    humantime::parse_duration(s).map_err(|e| format!("{e} (examples: 500ms, 30s, 15m, 24h)"))
+}
+
+fn parse_listen(s: &str) -> Result<Listen, String> {
+    if let Some(path) = s.strip_prefix("unix:") {
+        let path = path.strip_prefix("//").unwrap_or(path);
+        if path.is_empty() {
+            return Err("unix: needs a path, as in unix:/run/auth-sidecar.sock".into());
+        }
+        return Ok(Listen::Unix(PathBuf::from(path)));
+    }
+    s.parse::<SocketAddr>()
+        .map(Listen::Tcp)
+        .map_err(|_| "expected HOST:PORT (127.0.0.1:50051) or unix:/path.sock".into())
+}
+
+impl std::str::FromStr for Secret {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, String> {
+        Ok(Secret::from(s))
+    }
+}
+
+/// The `serve` arguments as a command of their own, for parsing file values and for tests.
+pub fn serve_command() -> clap::Command {
+    ServeArgs::augment_args(clap::Command::new("serve"))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn parse(argv: &[&str]) -> Result<Config, ConfigError> {
+        Config::load(std::iter::once("serve").chain(argv.iter().copied()))
+    }
+
+    #[test]
+    fn defaults_match_the_documented_ones() {
+        let c = Config::defaults();
+        assert_eq!(c.listen, Listen::Tcp("127.0.0.1:50051".parse().unwrap()));
+        assert_eq!(c.ops_listen, "0.0.0.0:8081".parse().unwrap());
+        assert_eq!(c.access_ttl, Duration::from_secs(15 * 60));
+        assert_eq!(c.max_ttl, Duration::from_secs(24 * 3600));
+        assert_eq!(c.leeway, Duration::from_secs(30));
+        assert_eq!(c.shutdown_grace, Duration::from_secs(10));
+        assert_eq!(c.issuer, "auth-sidecar");
+        assert!(c.jwt_secret.is_none());
+    }
+
+    #[test]
+    fn file_fills_what_flags_leave_unset() {
+        let dir = std::env::temp_dir().join(format!("auth-sidecar-cfg-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let file = dir.join("c.toml");
+        std::fs::write(&file, "issuer = \"from-file\"\nmax_ttl = \"2h\"\n").unwrap();
+        let c = parse(&["--config", file.to_str().unwrap(), "--max-ttl", "3h"]).unwrap();
+        assert_eq!(c.issuer, "from-file");
+        assert_eq!(c.max_ttl, Duration::from_secs(3 * 3600));
+
+        std::fs::write(&file, "bogus = 1\n").unwrap();
+        let err = parse(&["--config", file.to_str().unwrap()]).unwrap_err();
+        assert!(err.to_string().contains("unknown setting `bogus`"), "{err}");
+
+        std::fs::write(&file, "leeway = \"soon\"\n").unwrap();
+        let err = parse(&["--config", file.to_str().unwrap()]).unwrap_err();
+        assert!(err.to_string().contains("--leeway"), "{err}");
+    }
+
+    #[test]
+    fn bad_settings_name_the_setting() {
+        let err = parse(&["--jwt-secret", "hunter2"]).unwrap_err();
+        assert_eq!(err.setting, "AUTH_JWT_SECRET");
+        assert!(
+            !err.to_string().contains("hunter2"),
+            "the secret leaked: {err}"
+        );
+        let err = parse(&["--access-ttl", "2d", "--max-ttl", "1d"]).unwrap_err();
+        assert_eq!(err.setting, "--access-ttl");
+        let err = parse(&["--listen", "nowhere"]).unwrap_err();
+        assert!(err.to_string().contains("--listen"), "{err}");
+        assert_eq!(
+            parse(&["--listen", "unix:/tmp/x.sock"]).unwrap().listen,
+            Listen::Unix("/tmp/x.sock".into())
+        );
+    }
+}

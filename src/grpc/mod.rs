@@ -1,0 +1,83 @@
+//! The gRPC edge: thin handlers that convert, call the domain and map the result, and the one
+//! place where domain errors become gRPC statuses.
+
+mod convert;
+
+use std::sync::Arc;
+
+use tonic::{Request, Response, Status};
+
+use crate::pb;
+use crate::pb::token_service_server::TokenService;
+use crate::tokens::{self, IssueParams, RevokeTarget, Tokens};
+
+use convert::ValidateParams;
+pub use convert::{json_to_struct, struct_to_json};
+
+pub struct TokenApi {
+    tokens: Arc<Tokens>,
+}
+
+impl TokenApi {
+    pub fn new(tokens: Arc<Tokens>) -> TokenApi {
+        TokenApi { tokens }
+    }
+}
+
+#[tonic::async_trait]
+impl TokenService for TokenApi {
+    async fn issue(
+        &self,
+        request: Request<pb::IssueRequest>,
+    ) -> Result<Response<pb::IssueResponse>, Status> {
+        let params = IssueParams::try_from(request.into_inner())?;
+        let issued = self.tokens.issue(params)?;
+        Ok(Response::new(issued.into()))
+    }
+
+    async fn validate(
+        &self,
+        request: Request<pb::ValidateRequest>,
+    ) -> Result<Response<pb::ValidateResponse>, Status> {
+        let p = ValidateParams::try_from(request.into_inner())?;
+        let verdict = self
+            .tokens
+            .validate(&p.token, p.audience.as_deref(), p.kind)
+            .await?;
+        Ok(Response::new(verdict.into()))
+    }
+
+    async fn revoke(
+        &self,
+        request: Request<pb::RevokeRequest>,
+    ) -> Result<Response<pb::RevokeResponse>, Status> {
+        let target = RevokeTarget::try_from(request.into_inner())?;
+        let newly_revoked = self.tokens.revoke(target).await?;
+        Ok(Response::new(pb::RevokeResponse { newly_revoked }))
+    }
+
+    async fn check_rate_limit(
+        &self,
+        _request: Request<pb::CheckRateLimitRequest>,
+    ) -> Result<Response<pb::CheckRateLimitResponse>, Status> {
+        Err(Status::unimplemented(
+            "rate limiting is not implemented yet",
+        ))
+    }
+}
+
+impl From<tokens::Error> for Status {
+    fn from(err: tokens::Error) -> Status {
+        match err {
+            tokens::Error::InvalidArgument { .. } => Status::invalid_argument(err.to_string()),
+            tokens::Error::Store(e) => {
+                tracing::warn!(backend = e.backend, error = %e.detail, "store call failed");
+                Status::unavailable(format!("{} store unavailable", e.backend))
+            }
+            tokens::Error::Signing(detail) => {
+                tracing::error!(error = %detail, "signing failed");
+                Status::internal("signing failed")
+            }
+        }
+    }
+}

@@ -1,0 +1,17 @@
+//! auth-sidecar: a gRPC token service that runs beside an application in its pod.
+//!
+//! Layers, one direction: `grpc` (wire types, statuses) → `tokens` (the rules) → `store`
+//! (state every node agrees on). `ops` and `health` serve what the cluster sees; `server`
+//! composes it all; `client` is the binary's client side. See ARCHITECTURE.md.
+
+pub mod client;
+pub mod clock;
+pub mod config;
+pub mod grpc;
+pub mod health;
+pub mod keys;
+pub mod ops;
+pub mod pb;
+pub mod server;
+pub mod store;
+pub mod tokens;

@@ -1,0 +1,10 @@
+//! The generated wire types of `proto/`, included once. Only the gRPC layer (`grpc`, `client`)
+//! uses them; the domain never does.
+
+#![allow(clippy::all, missing_docs)]
+
+tonic::include_proto!("authsidecar.v1");
+
+/// The encoded descriptors of `proto/`, for server reflection.
+pub const FILE_DESCRIPTOR_SET: &[u8] =
+    include_bytes!(concat!(env!("OUT_DIR"), "/authsidecar_descriptor.bin"));

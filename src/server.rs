@@ -1,0 +1,180 @@
+//! Composition and lifecycle: builds the services from the configuration, serves them on the
+//! API and ops listeners, and drains on SIGTERM or SIGINT.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use anyhow::Context;
+use tokio::net::{TcpListener, UnixListener};
+use tokio_stream::wrappers::UnixListenerStream;
+use tokio_util::sync::CancellationToken;
+use tonic::service::Routes;
+use tonic::transport::Server;
+use tonic::transport::server::TcpIncoming;
+
+use crate::clock::{Clock, SystemClock};
+use crate::config::{Config, Listen};
+use crate::grpc::TokenApi;
+use crate::health::Health;
+use crate::keys::{KeySet, SigningKey};
+use crate::pb;
+use crate::pb::token_service_server::TokenServiceServer;
+use crate::store;
+use crate::tokens::{Settings, Tokens};
+
+/// How often expired store records are purged.
+const PURGE_INTERVAL: Duration = Duration::from_secs(60);
+
+/// The state every service is built from.
+pub struct App {
+    pub tokens: Arc<Tokens>,
+    pub health: Health,
+}
+
+impl App {
+    /// Builds the state. `drained` is cancelled when the server stops taking calls.
+    pub async fn build(
+        config: &Config,
+        clock: Arc<dyn Clock>,
+        drained: CancellationToken,
+    ) -> anyhow::Result<App> {
+        let keys = match &config.jwt_secret {
+            Some(secret) => KeySet::single(SigningKey::hs256(secret)?),
+            None => {
+                tracing::warn!(
+                    "AUTH_JWT_SECRET is not set: signing with a random key made at start; \
+                     its tokens will not survive a restart or validate on another node"
+                );
+                KeySet::ephemeral()
+            }
+        };
+        let store = store::open(config, clock.clone());
+        let tokens = Tokens::new(Settings::from(config), keys, store, clock);
+        Ok(App {
+            tokens: Arc::new(tokens),
+            health: Health::new(drained).await,
+        })
+    }
+
+    /// The services of the token API listener: TokenService, grpc.health.v1 and reflection.
+    pub fn api_routes(&self) -> anyhow::Result<Routes> {
+        let reflection = || {
+            tonic_reflection::server::Builder::configure()
+                .register_encoded_file_descriptor_set(pb::FILE_DESCRIPTOR_SET)
+                .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
+        };
+        Ok(
+            Routes::new(TokenServiceServer::new(TokenApi::new(self.tokens.clone())))
+                .add_service(self.health.service())
+                .add_service(reflection().build_v1()?)
+                .add_service(reflection().build_v1alpha()?),
+        )
+    }
+}
+
+/// Runs the sidecar until SIGTERM or SIGINT, then drains and returns.
+pub async fn run(config: Config) -> anyhow::Result<()> {
+    let drained = CancellationToken::new();
+    let app = App::build(&config, Arc::new(SystemClock), drained.clone()).await?;
+    let routes = app.api_routes()?;
+
+    let ops = TcpListener::bind(config.ops_listen)
+        .await
+        .with_context(|| format!("cannot bind --ops-listen {}", config.ops_listen))?;
+    let ops_addr = ops.local_addr()?;
+    let ops_task = tokio::spawn(
+        axum::serve(ops, crate::ops::router(&app.health))
+            .with_graceful_shutdown(drained.clone().cancelled_owned())
+            .into_future(),
+    );
+
+    let server = Server::builder().add_routes(routes);
+    let stop = drained.clone().cancelled_owned();
+    let (api_addr, api_task) = match &config.listen {
+        Listen::Tcp(addr) => {
+            let listener = TcpListener::bind(addr)
+                .await
+                .with_context(|| format!("cannot bind --listen {addr}"))?;
+            let bound = Listen::Tcp(listener.local_addr()?);
+            let incoming = TcpIncoming::from(listener).with_nodelay(Some(true));
+            let task = tokio::spawn(server.serve_with_incoming_shutdown(incoming, stop));
+            (bound, task)
+        }
+        Listen::Unix(path) => {
+            remove_stale_socket(path)?;
+            let listener = UnixListener::bind(path)
+                .with_context(|| format!("cannot bind --listen unix:{}", path.display()))?;
+            let incoming = UnixListenerStream::new(listener);
+            let task = tokio::spawn(server.serve_with_incoming_shutdown(incoming, stop));
+            (config.listen.clone(), task)
+        }
+    };
+
+    let store = app.tokens.store().clone();
+    tokio::spawn(async move {
+        let mut tick = tokio::time::interval(PURGE_INTERVAL);
+        loop {
+            tick.tick().await;
+            if let Err(e) = store.purge_expired().await {
+                tracing::warn!(error = %e, "purging expired records failed");
+            }
+        }
+    });
+
+    tracing::info!(
+        api = %api_addr,
+        ops = %ops_addr,
+        storage = %app.tokens.store().backend(),
+        issuer = %config.issuer,
+        "serving"
+    );
+
+    shutdown_signal().await?;
+    tracing::info!(
+        delay = %humantime::format_duration(config.shutdown_delay),
+        "shutting down: health is NOT_SERVING"
+    );
+    app.health.set_shutting_down().await;
+    tokio::time::sleep(config.shutdown_delay).await;
+    drained.cancel();
+
+    let drain = async {
+        let (api, ops) = tokio::join!(api_task, ops_task);
+        api??;
+        ops??;
+        anyhow::Ok(())
+    };
+    match tokio::time::timeout(config.shutdown_grace, drain).await {
+        Ok(result) => result?,
+        Err(_) => tracing::warn!("calls still in flight after the shutdown grace period"),
+    }
+    if let Listen::Unix(path) = &config.listen {
+        let _ = std::fs::remove_file(path);
+    }
+    tracing::info!("stopped");
+    Ok(())
+}
+
+/// Removes a socket file left by a previous run; refuses to touch anything else.
+fn remove_stale_socket(path: &std::path::Path) -> anyhow::Result<()> {
+    use std::os::unix::fs::FileTypeExt;
+    match std::fs::symlink_metadata(path) {
+        Ok(meta) if meta.file_type().is_socket() => Ok(std::fs::remove_file(path)?),
+        Ok(_) => anyhow::bail!(
+            "--listen unix:{} exists and is not a socket",
+            path.display()
+        ),
+        Err(_) => Ok(()),
+    }
+}
+
+async fn shutdown_signal() -> anyhow::Result<()> {
+    use tokio::signal::unix::{SignalKind, signal};
+    let mut term = signal(SignalKind::terminate())?;
+    let mut int = signal(SignalKind::interrupt())?;
+    tokio::select! {
+        _ = term.recv() => {}
+        _ = int.recv() => {}
+    }
+    Ok(())
+}

@@ -1,0 +1,50 @@
+//! Where state that every node must agree on lives. One trait, one factory; the domain layer
+//! computes every lifetime and hands the store absolute instants.
+
+mod memory;
+
+use std::sync::Arc;
+use std::time::SystemTime;
+
+use async_trait::async_trait;
+
+use crate::clock::Clock;
+use crate::config::{Config, Storage};
+
+pub use memory::MemoryStore;
+
+/// A store that could not answer. The detail is for the log, never for the client.
+#[derive(Debug, thiserror::Error)]
+#[error("{backend} store unavailable: {detail}")]
+pub struct StoreError {
+    pub backend: &'static str,
+    pub detail: String,
+}
+
+#[async_trait]
+pub trait Store: Send + Sync + 'static {
+    /// Short backend name for logs and metrics.
+    fn backend(&self) -> &'static str;
+
+    /// Records that `token_id` is revoked until `until`, after which the token would be
+    /// rejected as expired anyway. Returns whether it was not revoked before. Returns only
+    /// once the record is stored.
+    async fn revoke(&self, token_id: &str, until: SystemTime) -> Result<bool, StoreError>;
+
+    /// Whether `token_id` is revoked.
+    async fn is_revoked(&self, token_id: &str) -> Result<bool, StoreError>;
+
+    /// Whether the backend answers. Never writes, never scans.
+    async fn ping(&self) -> Result<(), StoreError>;
+
+    /// Drops records whose lifetime has passed, in bounded batches; returns how many. Runs
+    /// from a background task, never on a request or probe path.
+    async fn purge_expired(&self) -> Result<usize, StoreError>;
+}
+
+/// The one place that turns the configured backend into a store.
+pub fn open(config: &Config, clock: Arc<dyn Clock>) -> Arc<dyn Store> {
+    match config.storage {
+        Storage::Memory => Arc::new(MemoryStore::new(clock)),
+    }
+}

@@ -1,0 +1,697 @@
+//! Issuing, validating and revoking tokens: the rules, apart from gRPC and from the store.
+//!
+//! Validation decodes the token itself rather than trusting a library's claim checks, so that
+//! the algorithm comes from the key, a claim of the wrong type is malformed rather than
+//! absent, and every time check runs on the injected clock.
+
+use std::sync::Arc;
+use std::time::{Duration, SystemTime};
+
+use base64::Engine;
+use base64::engine::general_purpose::URL_SAFE_NO_PAD;
+use jsonwebtoken::{Algorithm, Header};
+use serde::Deserialize;
+use serde_json::{Map, Value};
+
+use crate::clock::{Clock, from_unix_secs, unix_secs};
+use crate::config::Config;
+use crate::keys::KeySet;
+use crate::store::{Store, StoreError};
+
+/// Longest token Validate and Revoke accept, and so the longest Issue produces.
+pub const MAX_TOKEN_LEN: usize = 8 * 1024;
+
+/// Claims the sidecar sets itself; a caller may not set them through extra claims.
+pub const RESERVED_CLAIMS: [&str; 9] = [
+    "iss", "sub", "aud", "exp", "nbf", "iat", "jti", "sid", "typ",
+];
+
+/// Random bytes in a token id (`jti`) or any other identifier the sidecar makes.
+const ID_BYTES: usize = 16;
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum Kind {
+    #[default]
+    Access,
+    Refresh,
+}
+
+impl Kind {
+    fn claim(self) -> &'static str {
+        match self {
+            Kind::Access => "access",
+            Kind::Refresh => "refresh",
+        }
+    }
+
+    fn from_claim(s: &str) -> Option<Kind> {
+        match s {
+            "access" => Some(Kind::Access),
+            "refresh" => Some(Kind::Refresh),
+            _ => None,
+        }
+    }
+}
+
+/// Why a token is not valid. An answer, not an error.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Reason {
+    Malformed,
+    BadSignature,
+    Expired,
+    NotYetValid,
+    Revoked,
+    WrongAudience,
+    WrongIssuer,
+    UnknownKey,
+    WrongKind,
+}
+
+impl Reason {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Reason::Malformed => "malformed",
+            Reason::BadSignature => "bad signature",
+            Reason::Expired => "expired",
+            Reason::NotYetValid => "not yet valid",
+            Reason::Revoked => "revoked",
+            Reason::WrongAudience => "wrong audience",
+            Reason::WrongIssuer => "wrong issuer",
+            Reason::UnknownKey => "unknown key",
+            Reason::WrongKind => "wrong kind",
+        }
+    }
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    /// The request cannot be served as asked; `field` names the request field.
+    #[error("{field}: {reason}")]
+    InvalidArgument { field: &'static str, reason: String },
+    #[error(transparent)]
+    Store(#[from] StoreError),
+    #[error("signing failed: {0}")]
+    Signing(String),
+}
+
+impl Error {
+    pub fn invalid(field: &'static str, reason: impl Into<String>) -> Error {
+        Error::InvalidArgument {
+            field,
+            reason: reason.into(),
+        }
+    }
+}
+
+/// What an app asks to be issued, already checked for shape by the caller.
+#[derive(Debug, Clone, Default)]
+pub struct IssueParams {
+    pub subject: String,
+    pub audience: Vec<String>,
+    pub ttl: Option<Duration>,
+    pub claims: Map<String, Value>,
+    pub session_id: Option<String>,
+    pub kind: Kind,
+}
+
+#[derive(Debug, Clone)]
+pub struct Issued {
+    pub token: String,
+    pub token_id: String,
+    pub expires_at: SystemTime,
+    pub key_id: String,
+}
+
+/// The claims of a token that passed every check.
+#[derive(Debug, Clone)]
+pub struct Verified {
+    pub subject: String,
+    pub token_id: String,
+    pub expires_at: SystemTime,
+    pub session_id: Option<String>,
+    pub kind: Kind,
+    /// Every claim the sidecar did not set itself.
+    pub claims: Map<String, Value>,
+}
+
+#[derive(Debug, Clone)]
+pub enum Verdict {
+    Valid(Verified),
+    Invalid(Reason),
+}
+
+#[derive(Debug, Clone)]
+pub enum RevokeTarget {
+    Token(String),
+    TokenId(String),
+}
+
+/// The settings the token rules depend on.
+#[derive(Debug, Clone)]
+pub struct Settings {
+    pub issuer: String,
+    pub audience: Option<String>,
+    pub access_ttl: Duration,
+    pub max_ttl: Duration,
+    pub leeway: Duration,
+}
+
+impl From<&Config> for Settings {
+    fn from(c: &Config) -> Settings {
+        Settings {
+            issuer: c.issuer.clone(),
+            audience: c.audience.clone(),
+            access_ttl: c.access_ttl,
+            max_ttl: c.max_ttl,
+            leeway: c.leeway,
+        }
+    }
+}
+
+pub struct Tokens {
+    settings: Settings,
+    keys: KeySet,
+    store: Arc<dyn Store>,
+    clock: Arc<dyn Clock>,
+}
+
+impl Tokens {
+    pub fn new(
+        settings: Settings,
+        keys: KeySet,
+        store: Arc<dyn Store>,
+        clock: Arc<dyn Clock>,
+    ) -> Tokens {
+        Tokens {
+            settings,
+            keys,
+            store,
+            clock,
+        }
+    }
+
+    pub fn store(&self) -> &Arc<dyn Store> {
+        &self.store
+    }
+
+    pub fn issue(&self, params: IssueParams) -> Result<Issued, Error> {
+        let ttl = params.ttl.unwrap_or(self.settings.access_ttl);
+        if ttl < Duration::from_secs(1) {
+            return Err(Error::invalid("ttl", "must be at least 1s"));
+        }
+        if ttl > self.settings.max_ttl {
+            return Err(Error::invalid(
+                "ttl",
+                format!(
+                    "must be at most the configured maximum {}",
+                    humantime::format_duration(self.settings.max_ttl)
+                ),
+            ));
+        }
+        if let Some(name) = RESERVED_CLAIMS
+            .iter()
+            .find(|name| params.claims.contains_key(**name))
+        {
+            return Err(Error::invalid(
+                "claims",
+                format!("`{name}` is set by the sidecar and cannot be overridden"),
+            ));
+        }
+
+        let now = unix_secs(self.clock.now());
+        let exp = now + ttl.as_secs() as i64;
+        let token_id = random_id();
+        let mut claims = params.claims;
+        claims.insert("iss".into(), self.settings.issuer.clone().into());
+        claims.insert("sub".into(), params.subject.into());
+        let audience = if params.audience.is_empty() {
+            self.settings.audience.iter().cloned().collect()
+        } else {
+            params.audience
+        };
+        match <[String; 1]>::try_from(audience) {
+            Ok([one]) => {
+                claims.insert("aud".into(), one.into());
+            }
+            Err(many) if !many.is_empty() => {
+                claims.insert("aud".into(), many.into());
+            }
+            Err(_) => {}
+        }
+        claims.insert("iat".into(), now.into());
+        claims.insert("exp".into(), exp.into());
+        claims.insert("jti".into(), token_id.clone().into());
+        if let Some(sid) = params.session_id {
+            claims.insert("sid".into(), sid.into());
+        }
+        claims.insert("typ".into(), params.kind.claim().into());
+
+        let key = self.keys.active();
+        let mut header = Header::new(key.alg());
+        header.kid = Some(key.kid().to_owned());
+        let token = jsonwebtoken::encode(&header, &claims, key.encoding())
+            .map_err(|e| Error::Signing(e.to_string()))?;
+        if token.len() > MAX_TOKEN_LEN {
+            return Err(Error::invalid(
+                "claims",
+                format!(
+                    "the token would be {} bytes, over the {MAX_TOKEN_LEN}-byte limit",
+                    token.len()
+                ),
+            ));
+        }
+        Ok(Issued {
+            token,
+            token_id,
+            expires_at: from_unix_secs(exp),
+            key_id: key.kid().to_owned(),
+        })
+    }
+
+    /// Checks a token. `audience` overrides the configured expected audience.
+    pub async fn validate(
+        &self,
+        token: &str,
+        audience: Option<&str>,
+        kind: Kind,
+    ) -> Result<Verdict, Error> {
+        let decoded = match self.decode(token) {
+            Ok(d) => d,
+            Err(reason) => return Ok(Verdict::Invalid(reason)),
+        };
+        if let Err(reason) = self.check(&decoded, audience, kind) {
+            return Ok(Verdict::Invalid(reason));
+        }
+        if self.store.is_revoked(&decoded.token_id).await? {
+            return Ok(Verdict::Invalid(Reason::Revoked));
+        }
+        Ok(Verdict::Valid(Verified {
+            subject: decoded.subject,
+            token_id: decoded.token_id,
+            expires_at: from_unix_secs(decoded.exp),
+            session_id: decoded.session_id,
+            kind: decoded.kind,
+            claims: decoded.extra,
+        }))
+    }
+
+    /// Revokes a token. By token, its signature is verified first, so nobody can fill the
+    /// store with made-up ids; the record lives until the token would have expired. By id,
+    /// it lives for the longest lifetime a token can have.
+    pub async fn revoke(&self, target: RevokeTarget) -> Result<bool, Error> {
+        let leeway = self.settings.leeway;
+        let now = self.clock.now();
+        let (token_id, until) = match target {
+            RevokeTarget::Token(token) => {
+                let decoded = self.decode(&token).map_err(|reason| {
+                    Error::invalid(
+                        "token",
+                        format!("not a token of this sidecar: {}", reason.as_str()),
+                    )
+                })?;
+                (decoded.token_id, from_unix_secs(decoded.exp) + leeway)
+            }
+            RevokeTarget::TokenId(id) => (id, now + self.settings.max_ttl + leeway),
+        };
+        if until <= now {
+            // Already rejected as expired by every node: nothing to store.
+            return Ok(false);
+        }
+        Ok(self.store.revoke(&token_id, until).await?)
+    }
+
+    /// Decodes a token and verifies its signature with the key its `kid` names, using that
+    /// key's algorithm only.
+    fn decode(&self, token: &str) -> Result<Decoded, Reason> {
+        let (message, signature) = token.rsplit_once('.').ok_or(Reason::Malformed)?;
+        let (header, payload) = message.split_once('.').ok_or(Reason::Malformed)?;
+        let header: RawHeader = decode_json(header)?;
+        let payload: Map<String, Value> = decode_json(payload)?;
+        let key = header
+            .kid
+            .as_deref()
+            .and_then(|kid| self.keys.get(kid))
+            .ok_or(Reason::UnknownKey)?;
+        if header.alg.parse::<Algorithm>().ok() != Some(key.alg()) {
+            return Err(Reason::BadSignature);
+        }
+        match jsonwebtoken::crypto::verify(signature, message.as_bytes(), key.decoding(), key.alg())
+        {
+            Ok(true) => {}
+            Ok(false) => return Err(Reason::BadSignature),
+            Err(_) => return Err(Reason::Malformed),
+        }
+        Decoded::from_claims(payload)
+    }
+
+    fn check(&self, token: &Decoded, audience: Option<&str>, kind: Kind) -> Result<(), Reason> {
+        let now = unix_secs(self.clock.now());
+        let leeway = self.settings.leeway.as_secs() as i64;
+        if now >= token.exp.saturating_add(leeway) {
+            return Err(Reason::Expired);
+        }
+        let not_before = token.nbf.into_iter().chain(token.iat).max();
+        if not_before.is_some_and(|t| t > now.saturating_add(leeway)) {
+            return Err(Reason::NotYetValid);
+        }
+        if token.issuer != self.settings.issuer {
+            return Err(Reason::WrongIssuer);
+        }
+        if let Some(expected) = audience.or(self.settings.audience.as_deref())
+            && !token.audience.iter().any(|a| a == expected)
+        {
+            return Err(Reason::WrongAudience);
+        }
+        if token.kind != kind {
+            return Err(Reason::WrongKind);
+        }
+        Ok(())
+    }
+}
+
+#[derive(Deserialize)]
+struct RawHeader {
+    alg: String,
+    kid: Option<String>,
+}
+
+/// A token whose signature verified, with its registered claims typed.
+struct Decoded {
+    issuer: String,
+    subject: String,
+    audience: Vec<String>,
+    exp: i64,
+    nbf: Option<i64>,
+    iat: Option<i64>,
+    token_id: String,
+    session_id: Option<String>,
+    kind: Kind,
+    extra: Map<String, Value>,
+}
+
+impl Decoded {
+    /// Takes the registered claims out of `claims`; a claim of the wrong JSON type makes the
+    /// token malformed rather than counting as absent.
+    fn from_claims(mut claims: Map<String, Value>) -> Result<Decoded, Reason> {
+        let issuer = take_string(&mut claims, "iss")?.ok_or(Reason::Malformed)?;
+        let subject = take_string(&mut claims, "sub")?.ok_or(Reason::Malformed)?;
+        let audience = match claims.remove("aud") {
+            None => Vec::new(),
+            Some(Value::String(a)) => vec![a],
+            Some(Value::Array(items)) => items
+                .into_iter()
+                .map(|v| match v {
+                    Value::String(s) => Ok(s),
+                    _ => Err(Reason::Malformed),
+                })
+                .collect::<Result<_, _>>()?,
+            Some(_) => return Err(Reason::Malformed),
+        };
+        let exp = take_time(&mut claims, "exp")?.ok_or(Reason::Malformed)?;
+        let nbf = take_time(&mut claims, "nbf")?;
+        let iat = take_time(&mut claims, "iat")?;
+        let token_id = take_string(&mut claims, "jti")?
+            .filter(|j| !j.is_empty())
+            .ok_or(Reason::Malformed)?;
+        let session_id = take_string(&mut claims, "sid")?;
+        let kind = take_string(&mut claims, "typ")?
+            .as_deref()
+            .and_then(Kind::from_claim)
+            .ok_or(Reason::Malformed)?;
+        Ok(Decoded {
+            issuer,
+            subject,
+            audience,
+            exp,
+            nbf,
+            iat,
+            token_id,
+            session_id,
+            kind,
+            extra: claims,
+        })
+    }
+}
+
+fn decode_json<T: serde::de::DeserializeOwned>(segment: &str) -> Result<T, Reason> {
+    let bytes = URL_SAFE_NO_PAD
+        .decode(segment)
+        .map_err(|_| Reason::Malformed)?;
+    serde_json::from_slice(&bytes).map_err(|_| Reason::Malformed)
+}
+
+fn take_string(claims: &mut Map<String, Value>, name: &str) -> Result<Option<String>, Reason> {
+    match claims.remove(name) {
+        None => Ok(None),
+        Some(Value::String(s)) => Ok(Some(s)),
+        Some(_) => Err(Reason::Malformed),
+    }
+}
+
+/// A NumericDate: seconds since the epoch, possibly fractional (RFC 7519 section 2).
+fn take_time(claims: &mut Map<String, Value>, name: &str) -> Result<Option<i64>, Reason> {
+    match claims.remove(name) {
+        None => Ok(None),
+        Some(Value::Number(n)) => n
+            .as_i64()
+            .or_else(|| {
+                n.as_f64()
+                    .filter(|f| f.is_finite())
+                    .map(|f| f.floor() as i64)
+            })
+            .map(Some)
+            .ok_or(Reason::Malformed),
+        Some(_) => Err(Reason::Malformed),
+    }
+}
+
+/// An identifier of 128 random bits, base64url without padding (22 characters).
+pub fn random_id() -> String {
+    let mut bytes = [0u8; ID_BYTES];
+    aws_lc_rs::rand::fill(&mut bytes).expect("the system random source works");
+    URL_SAFE_NO_PAD.encode(bytes)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::clock::ManualClock;
+    use crate::config::Secret;
+    use crate::keys::SigningKey;
+    use crate::store::MemoryStore;
+
+    const SECRET: &str = "unit-test-secret-unit-test-secret-0123";
+
+    struct Fixture {
+        tokens: Tokens,
+        clock: ManualClock,
+    }
+
+    const T0: u64 = 1_800_000_000;
+
+    fn fixture() -> Fixture {
+        fixture_at(T0)
+    }
+
+    fn fixture_at(unix: u64) -> Fixture {
+        let clock = ManualClock::at_unix(unix);
+        let arc_clock: Arc<dyn Clock> = Arc::new(clock.clone());
+        let settings = Settings::from(&Config::defaults());
+        let keys = KeySet::single(SigningKey::hs256(&Secret::from(SECRET)).unwrap());
+        let store = Arc::new(MemoryStore::new(arc_clock.clone()));
+        Fixture {
+            tokens: Tokens::new(settings, keys, store, arc_clock),
+            clock,
+        }
+    }
+
+    impl Fixture {
+        fn issue(&self, params: IssueParams) -> Issued {
+            self.tokens.issue(params).expect("issue")
+        }
+
+        fn issue_for(&self, subject: &str) -> Issued {
+            self.issue(IssueParams {
+                subject: subject.into(),
+                ..Default::default()
+            })
+        }
+
+        async fn verdict(&self, token: &str) -> Verdict {
+            self.tokens
+                .validate(token, None, Kind::Access)
+                .await
+                .expect("validate")
+        }
+
+        async fn assert_rejected(&self, token: &str, reason: Reason) {
+            match self.verdict(token).await {
+                Verdict::Invalid(r) => assert_eq!(r, reason),
+                Verdict::Valid(v) => panic!("accepted {v:?}, expected {reason:?}"),
+            }
+        }
+    }
+
+    #[tokio::test]
+    async fn a_fresh_token_is_valid_until_exp_plus_leeway() {
+        let f = fixture();
+        let issued = f.issue_for("alice");
+        assert_eq!(issued.token_id.len(), 22);
+        let Verdict::Valid(v) = f.verdict(&issued.token).await else {
+            panic!("fresh token rejected")
+        };
+        assert_eq!(v.subject, "alice");
+        assert_eq!(v.token_id, issued.token_id);
+
+        f.clock.advance(Duration::from_secs(15 * 60 + 29));
+        assert!(matches!(f.verdict(&issued.token).await, Verdict::Valid(_)));
+        f.clock.advance(Duration::from_secs(1));
+        f.assert_rejected(&issued.token, Reason::Expired).await;
+    }
+
+    #[tokio::test]
+    async fn a_token_from_the_future_is_not_yet_valid() {
+        let f = fixture();
+        let issued = f.issue_for("alice");
+        // A node whose clock is behind by more than the leeway (30 s).
+        let behind = fixture_at(T0 - 31);
+        behind
+            .assert_rejected(&issued.token, Reason::NotYetValid)
+            .await;
+        let within = fixture_at(T0 - 30);
+        assert!(matches!(
+            within.verdict(&issued.token).await,
+            Verdict::Valid(_)
+        ));
+    }
+
+    #[tokio::test]
+    async fn revocation_by_id_and_by_token() {
+        let f = fixture();
+        let a = f.issue_for("alice");
+        let b = f.issue_for("bob");
+        assert!(
+            f.tokens
+                .revoke(RevokeTarget::TokenId(a.token_id.clone()))
+                .await
+                .unwrap()
+        );
+        assert!(
+            !f.tokens
+                .revoke(RevokeTarget::TokenId(a.token_id))
+                .await
+                .unwrap()
+        );
+        f.assert_rejected(&a.token, Reason::Revoked).await;
+        assert!(
+            f.tokens
+                .revoke(RevokeTarget::Token(b.token.clone()))
+                .await
+                .unwrap()
+        );
+        f.assert_rejected(&b.token, Reason::Revoked).await;
+
+        let forged = format!("{}x", b.token);
+        let err = f
+            .tokens
+            .revoke(RevokeTarget::Token(forged))
+            .await
+            .unwrap_err();
+        assert!(
+            matches!(err, Error::InvalidArgument { field: "token", .. }),
+            "{err}"
+        );
+    }
+
+    #[tokio::test]
+    async fn revoking_an_expired_token_stores_nothing() {
+        let f = fixture();
+        let a = f.issue_for("alice");
+        f.clock.advance(Duration::from_secs(3600));
+        assert!(!f.tokens.revoke(RevokeTarget::Token(a.token)).await.unwrap());
+    }
+
+    #[tokio::test]
+    async fn kind_and_audience_are_enforced() {
+        let f = fixture();
+        let refresh = f.issue(IssueParams {
+            subject: "alice".into(),
+            kind: Kind::Refresh,
+            audience: vec!["billing".into(), "shop".into()],
+            ..Default::default()
+        });
+        f.assert_rejected(&refresh.token, Reason::WrongKind).await;
+        let ok = f
+            .tokens
+            .validate(&refresh.token, Some("shop"), Kind::Refresh)
+            .await
+            .unwrap();
+        assert!(matches!(ok, Verdict::Valid(_)));
+        let wrong = f
+            .tokens
+            .validate(&refresh.token, Some("blog"), Kind::Refresh)
+            .await
+            .unwrap();
+        assert!(matches!(wrong, Verdict::Invalid(Reason::WrongAudience)));
+    }
+
+    #[test]
+    fn issue_refuses_reserved_claims_and_bad_ttls() {
+        let f = fixture();
+        for name in RESERVED_CLAIMS {
+            let mut claims = Map::new();
+            claims.insert(name.into(), "x".into());
+            let err = f
+                .tokens
+                .issue(IssueParams {
+                    subject: "a".into(),
+                    claims,
+                    ..Default::default()
+                })
+                .unwrap_err();
+            assert!(
+                matches!(
+                    err,
+                    Error::InvalidArgument {
+                        field: "claims",
+                        ..
+                    }
+                ),
+                "{name}"
+            );
+        }
+        for ttl in [Duration::from_millis(10), Duration::from_secs(25 * 3600)] {
+            let err = f
+                .tokens
+                .issue(IssueParams {
+                    subject: "a".into(),
+                    ttl: Some(ttl),
+                    ..Default::default()
+                })
+                .unwrap_err();
+            assert!(matches!(err, Error::InvalidArgument { field: "ttl", .. }));
+        }
+    }
+
+    #[test]
+    fn issue_refuses_tokens_validate_would_refuse_for_size() {
+        let f = fixture();
+        let mut claims = Map::new();
+        claims.insert("blob".into(), "x".repeat(MAX_TOKEN_LEN).into());
+        let err = f
+            .tokens
+            .issue(IssueParams {
+                subject: "a".into(),
+                claims,
+                ..Default::default()
+            })
+            .unwrap_err();
+        assert!(matches!(
+            err,
+            Error::InvalidArgument {
+                field: "claims",
+                ..
+            }
+        ));
+    }
+}

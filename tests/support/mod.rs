@@ -1,0 +1,368 @@
+//! Shared test helpers: start real sidecar processes on free ports, connect real gRPC clients,
+//! and forge tokens for the negative cases.
+
+#![allow(dead_code)] // each test binary uses its own part of this module
+
+use std::io::{BufRead, BufReader, Read, Write};
+use std::net::{SocketAddr, TcpStream};
+use std::process::{Child, Command, ExitStatus, Stdio};
+use std::sync::{Arc, Mutex, mpsc};
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+
+use auth_sidecar::pb;
+use auth_sidecar::pb::token_service_client::TokenServiceClient;
+use base64::Engine;
+use base64::engine::general_purpose::URL_SAFE_NO_PAD;
+use serde_json::{Map, Value};
+use tonic::transport::Channel;
+use tonic_health::pb::health_client::HealthClient;
+
+/// The signing secret every test sidecar shares unless a test says otherwise.
+pub const SECRET: &str = "integration-test-secret-0123456789abcdef";
+
+/// A sidecar process, stopped when dropped.
+pub struct Sidecar {
+    child: Child,
+    /// The token API address as a client dials it: HOST:PORT or unix:/path.
+    pub api: String,
+    pub ops: SocketAddr,
+    logs: Arc<Mutex<Vec<String>>>,
+}
+
+pub struct SidecarBuilder {
+    args: Vec<String>,
+    env: Vec<(String, String)>,
+    listen: String,
+}
+
+impl SidecarBuilder {
+    pub fn arg(mut self, arg: impl Into<String>) -> Self {
+        self.args.push(arg.into());
+        self
+    }
+
+    pub fn env(mut self, key: &str, value: impl Into<String>) -> Self {
+        self.env.push((key.into(), value.into()));
+        self
+    }
+
+    pub fn listen(mut self, listen: impl Into<String>) -> Self {
+        self.listen = listen.into();
+        self
+    }
+
+    /// Starts the process and waits until it logs the addresses it serves on.
+    pub fn start(self) -> Sidecar {
+        let mut cmd = Command::new(env!("CARGO_BIN_EXE_auth-sidecar"));
+        cmd.arg("serve")
+            .arg("--listen")
+            .arg(&self.listen)
+            .arg("--ops-listen")
+            .arg("127.0.0.1:0")
+            .args(&self.args)
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(Stdio::piped())
+            .env("RUST_LOG", "info");
+        for (key, _) in std::env::vars() {
+            if key.starts_with("AUTH_") {
+                cmd.env_remove(key);
+            }
+        }
+        for (key, value) in &self.env {
+            cmd.env(key, value);
+        }
+        let mut child = cmd.spawn().expect("spawn auth-sidecar");
+        let stderr = child.stderr.take().expect("piped stderr");
+        let logs = Arc::new(Mutex::new(Vec::new()));
+        let (ready_tx, ready_rx) = mpsc::channel();
+        let sink = logs.clone();
+        std::thread::spawn(move || {
+            for line in BufReader::new(stderr).lines() {
+                let Ok(line) = line else { break };
+                if line.contains(" serving ") {
+                    let _ = ready_tx.send(line.clone());
+                }
+                sink.lock().unwrap().push(line);
+            }
+        });
+        let line = match ready_rx.recv_timeout(Duration::from_secs(20)) {
+            Ok(line) => line,
+            Err(_) => {
+                let _ = child.kill();
+                panic!(
+                    "sidecar did not start; its log:\n{}",
+                    logs.lock().unwrap().join("\n")
+                );
+            }
+        };
+        Sidecar {
+            child,
+            api: field(&line, "api"),
+            ops: field(&line, "ops").parse().expect("ops address"),
+            logs,
+        }
+    }
+}
+
+/// The value of `name=` in a log line.
+fn field(line: &str, name: &str) -> String {
+    let prefix = format!("{name}=");
+    line.split_whitespace()
+        .find_map(|w| w.strip_prefix(&prefix))
+        .unwrap_or_else(|| panic!("no {name}= in {line:?}"))
+        .to_owned()
+}
+
+impl Sidecar {
+    /// A sidecar on a free loopback port with the shared test secret.
+    pub fn builder() -> SidecarBuilder {
+        SidecarBuilder {
+            args: Vec::new(),
+            env: vec![("AUTH_JWT_SECRET".into(), SECRET.into())],
+            listen: "127.0.0.1:0".into(),
+        }
+    }
+
+    pub fn start() -> Sidecar {
+        Sidecar::builder().start()
+    }
+
+    pub async fn channel(&self) -> Channel {
+        connect(&self.api).await
+    }
+
+    pub async fn client(&self) -> Client {
+        Client(TokenServiceClient::new(self.channel().await))
+    }
+
+    pub async fn health(&self) -> HealthClient<Channel> {
+        HealthClient::new(self.channel().await)
+    }
+
+    pub async fn ops_health(&self) -> HealthClient<Channel> {
+        HealthClient::new(connect(&self.ops.to_string()).await)
+    }
+
+    pub fn pid(&self) -> i32 {
+        self.child.id() as i32
+    }
+
+    /// Sends SIGTERM, as Kubernetes does.
+    pub fn terminate(&self) {
+        // SAFETY: kill(2) with a pid we own.
+        let rc = unsafe { libc::kill(self.pid(), libc::SIGTERM) };
+        assert_eq!(rc, 0, "kill failed");
+    }
+
+    /// Waits for the process to exit.
+    pub fn wait(&mut self, limit: Duration) -> ExitStatus {
+        let deadline = Instant::now() + limit;
+        loop {
+            if let Some(status) = self.child.try_wait().expect("try_wait") {
+                return status;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "sidecar did not exit within {limit:?}"
+            );
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+
+    /// Everything the process wrote to stderr so far.
+    pub fn logs(&self) -> Vec<String> {
+        self.logs.lock().unwrap().clone()
+    }
+
+    /// `GET path` over HTTP/1.1 on the ops listener; returns the status code.
+    pub fn ops_get(&self, path: &str) -> u16 {
+        http_get_status(self.ops, path)
+    }
+}
+
+impl Drop for Sidecar {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+pub async fn connect(addr: &str) -> Channel {
+    auth_sidecar::client::endpoint(addr)
+        .expect("endpoint")
+        .connect()
+        .await
+        .unwrap_or_else(|e| panic!("connect {addr}: {e}"))
+}
+
+pub fn http_get_status(addr: SocketAddr, path: &str) -> u16 {
+    let mut stream = TcpStream::connect(addr).expect("connect ops listener");
+    stream
+        .set_read_timeout(Some(Duration::from_secs(5)))
+        .unwrap();
+    write!(
+        stream,
+        "GET {path} HTTP/1.1\r\nHost: localhost\r\nConnection: close\r\n\r\n"
+    )
+    .unwrap();
+    let mut text = String::new();
+    stream.read_to_string(&mut text).unwrap();
+    let status = text.split_whitespace().nth(1).expect("status line");
+    status.parse().expect("numeric status")
+}
+
+/// A TokenService client with one helper per call the tests make.
+pub struct Client(pub TokenServiceClient<Channel>);
+
+impl Client {
+    pub async fn issue(&mut self, subject: &str) -> pb::IssueResponse {
+        self.issue_with(pb::IssueRequest {
+            subject: subject.into(),
+            ..Default::default()
+        })
+        .await
+        .expect("issue")
+    }
+
+    pub async fn issue_with(
+        &mut self,
+        req: pb::IssueRequest,
+    ) -> Result<pb::IssueResponse, tonic::Status> {
+        self.0.issue(req).await.map(|r| r.into_inner())
+    }
+
+    pub async fn validate(&mut self, token: &str) -> Result<pb::ValidateResponse, tonic::Status> {
+        self.validate_with(pb::ValidateRequest {
+            token: token.into(),
+            ..Default::default()
+        })
+        .await
+    }
+
+    pub async fn validate_with(
+        &mut self,
+        req: pb::ValidateRequest,
+    ) -> Result<pb::ValidateResponse, tonic::Status> {
+        self.0.validate(req).await.map(|r| r.into_inner())
+    }
+
+    /// Asserts that `token` is valid and returns the answer.
+    pub async fn assert_valid(&mut self, token: &str) -> pb::ValidateResponse {
+        let resp = self.validate(token).await.expect("validate");
+        assert!(resp.valid, "rejected: {:?}", resp.reason());
+        resp
+    }
+
+    /// Asserts that `token` is rejected for `reason`, with no claims in the answer.
+    pub async fn assert_rejected(&mut self, token: &str, reason: pb::InvalidReason) {
+        let resp = self.validate(token).await.expect("validate");
+        assert!(!resp.valid, "accepted, expected {reason:?}");
+        assert_eq!(resp.reason(), reason);
+        assert!(
+            resp.claims.is_none() && resp.subject.is_empty(),
+            "claims leaked: {resp:?}"
+        );
+    }
+
+    pub async fn revoke(
+        &mut self,
+        target: pb::revoke_request::Target,
+    ) -> Result<pb::RevokeResponse, tonic::Status> {
+        self.0
+            .revoke(pb::RevokeRequest {
+                target: Some(target),
+                reason: "test".into(),
+            })
+            .await
+            .map(|r| r.into_inner())
+    }
+}
+
+/// Asserts a call failed with `code` and a message that names `field`.
+pub fn assert_status<T: std::fmt::Debug>(
+    result: Result<T, tonic::Status>,
+    code: tonic::Code,
+    field: &str,
+) {
+    let status = result.expect_err("the call should fail");
+    assert_eq!(status.code(), code, "{status:?}");
+    assert!(
+        status.message().contains(field),
+        "message {:?} does not name {field}",
+        status.message()
+    );
+}
+
+/// Nanoseconds since the epoch: unique enough to name a temporary file.
+pub fn now_nanos() -> u128 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .unwrap()
+        .as_nanos()
+}
+
+pub fn now() -> i64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .unwrap()
+        .as_secs() as i64
+}
+
+/// The decoded header and claims of a token.
+pub fn parts(token: &str) -> (Map<String, Value>, Map<String, Value>) {
+    let mut segs = token.split('.');
+    let mut next = || -> Map<String, Value> {
+        let bytes = URL_SAFE_NO_PAD.decode(segs.next().unwrap()).unwrap();
+        serde_json::from_slice(&bytes).unwrap()
+    };
+    (next(), next())
+}
+
+/// Re-signs `token` after `edit` changes its header and claims: HMAC with `secret` under the
+/// header's `alg` when it is an HS algorithm, an empty signature otherwise.
+pub fn forge(
+    token: &str,
+    secret: &str,
+    edit: impl FnOnce(&mut Map<String, Value>, &mut Map<String, Value>),
+) -> String {
+    let (mut header, mut claims) = parts(token);
+    edit(&mut header, &mut claims);
+    let message = format!(
+        "{}.{}",
+        URL_SAFE_NO_PAD.encode(serde_json::to_vec(&header).unwrap()),
+        URL_SAFE_NO_PAD.encode(serde_json::to_vec(&claims).unwrap())
+    );
+    let signature = match header["alg"].as_str().unwrap_or("") {
+        alg @ ("HS256" | "HS384" | "HS512") => {
+            let key = jsonwebtoken::EncodingKey::from_secret(secret.as_bytes()).unwrap();
+            jsonwebtoken::crypto::sign(message.as_bytes(), &key, alg.parse().unwrap()).unwrap()
+        }
+        "RS256" => {
+            // What a confused verifier would accept: HMAC under the secret.
+            let key = jsonwebtoken::EncodingKey::from_secret(secret.as_bytes()).unwrap();
+            jsonwebtoken::crypto::sign(message.as_bytes(), &key, jsonwebtoken::Algorithm::HS256)
+                .unwrap()
+        }
+        _ => String::new(),
+    };
+    format!("{message}.{signature}")
+}
+
+/// Sets one claim.
+pub fn with_claim(
+    name: &str,
+    value: Value,
+) -> impl FnOnce(&mut Map<String, Value>, &mut Map<String, Value>) {
+    let name = name.to_owned();
+    move |_, claims| {
+        claims.insert(name, value);
+    }
+}
+
+pub fn struct_of(value: Value) -> prost_types::Struct {
+    let Value::Object(map) = value else {
+        panic!("not an object")
+    };
+    auth_sidecar::grpc::json_to_struct(map)
+}
