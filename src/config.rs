@@ -65,6 +65,12 @@ pub struct ServeArgs {
     #[arg(long, env = "AUTH_LEEWAY", default_value = "30s", value_parser = parse_duration)]
     pub leeway: Duration,
 
+    /// Memory for remembering tokens whose signature verified, so that a token presented
+    /// again is not decoded again (every other check still runs): a size such as 8MiB, or 0
+    /// to turn it off.
+    #[arg(long, env = "AUTH_VERIFY_CACHE", default_value = "8MiB", value_parser = parse_size)]
+    pub verify_cache: u64,
+
     /// After SIGTERM, how long to keep answering (while health says NOT_SERVING) before
     /// draining, so that callers and load balancers can move away first.
     #[arg(long, env = "AUTH_SHUTDOWN_DELAY", default_value = "0s", value_parser = parse_duration)]
@@ -134,6 +140,7 @@ pub struct Config {
     pub access_ttl: Duration,
     pub max_ttl: Duration,
     pub leeway: Duration,
+    pub verify_cache: u64,
     pub shutdown_delay: Duration,
     pub shutdown_grace: Duration,
 }
@@ -217,6 +224,7 @@ impl TryFrom<ServeArgs> for Config {
             access_ttl: args.access_ttl,
             max_ttl: args.max_ttl,
             leeway: args.leeway,
+            verify_cache: args.verify_cache,
             shutdown_delay: args.shutdown_delay,
             shutdown_grace: args.shutdown_grace,
         })
@@ -306,6 +314,26 @@ pub fn parse_duration(s: &str) -> Result<Duration, String> {
     humantime::parse_duration(s).map_err(|e| format!("{e} (examples: 500ms, 30s, 15m, 24h)"))
 }
 
+/// A size in bytes: a whole number with an optional KiB, MiB or GiB suffix.
+pub fn parse_size(s: &str) -> Result<u64, String> {
+    let (digits, unit) = match s.find(|c: char| !c.is_ascii_digit()) {
+        Some(i) => s.split_at(i),
+        None => (s, ""),
+    };
+    let multiplier: u64 = match unit {
+        "" | "B" => 1,
+        "KiB" => 1 << 10,
+        "MiB" => 1 << 20,
+        "GiB" => 1 << 30,
+        _ => return Err("expected a size such as 0, 512KiB, 8MiB or 1GiB".into()),
+    };
+    digits
+        .parse::<u64>()
+        .ok()
+        .and_then(|n| n.checked_mul(multiplier))
+        .ok_or_else(|| "expected a size such as 0, 512KiB, 8MiB or 1GiB".into())
+}
+
 fn parse_listen(s: &str) -> Result<Listen, String> {
     if let Some(path) = s.strip_prefix("unix:") {
         let path = path.strip_prefix("//").unwrap_or(path);
@@ -349,6 +377,10 @@ mod tests {
         assert_eq!(c.leeway, Duration::from_secs(30));
         assert_eq!(c.shutdown_grace, Duration::from_secs(10));
         assert_eq!(c.issuer, "auth-sidecar");
+        assert_eq!(c.verify_cache, 8 << 20);
+        assert_eq!(parse_size("512KiB"), Ok(512 << 10));
+        assert_eq!(parse_size("0"), Ok(0));
+        assert!(parse_size("8MB").is_err());
         assert!(c.jwt_secret.is_none());
     }
 

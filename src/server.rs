@@ -74,6 +74,8 @@ impl App {
 
 /// Runs the sidecar until SIGTERM or SIGINT, then drains and returns.
 pub async fn run(config: Config) -> anyhow::Result<()> {
+    // Installed before anything is served, so that an early SIGTERM drains rather than kills.
+    let shutdown = shutdown_signal()?;
     let drained = CancellationToken::new();
     let app = App::build(&config, Arc::new(SystemClock), drained.clone()).await?;
     let routes = app.api_routes()?;
@@ -129,7 +131,7 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
         "serving"
     );
 
-    shutdown_signal().await?;
+    shutdown.await;
     tracing::info!(
         delay = %humantime::format_duration(config.shutdown_delay),
         "shutting down: health is NOT_SERVING"
@@ -168,13 +170,15 @@ fn remove_stale_socket(path: &std::path::Path) -> anyhow::Result<()> {
     }
 }
 
-async fn shutdown_signal() -> anyhow::Result<()> {
+/// Listens for SIGTERM and SIGINT from now on; the future completes at the first one.
+fn shutdown_signal() -> anyhow::Result<impl Future<Output = ()>> {
     use tokio::signal::unix::{SignalKind, signal};
     let mut term = signal(SignalKind::terminate())?;
     let mut int = signal(SignalKind::interrupt())?;
-    tokio::select! {
-        _ = term.recv() => {}
-        _ = int.recv() => {}
-    }
-    Ok(())
+    Ok(async move {
+        tokio::select! {
+            _ = term.recv() => {}
+            _ = int.recv() => {}
+        }
+    })
 }

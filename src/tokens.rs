@@ -4,13 +4,19 @@
 //! the algorithm comes from the key, a claim of the wrong type is malformed rather than
 //! absent, and every time check runs on the injected clock.
 
+use std::borrow::Cow;
+use std::collections::BTreeMap;
+use std::fmt;
 use std::sync::Arc;
 use std::time::{Duration, SystemTime};
 
 use base64::Engine;
 use base64::engine::general_purpose::URL_SAFE_NO_PAD;
 use jsonwebtoken::{Algorithm, Header};
+use quick_cache::Weighter;
 use serde::Deserialize;
+use serde::de::{self, Deserializer, MapAccess, Visitor};
+use serde_json::value::RawValue;
 use serde_json::{Map, Value};
 
 use crate::clock::{Clock, from_unix_secs, unix_secs};
@@ -154,6 +160,8 @@ pub struct Settings {
     pub access_ttl: Duration,
     pub max_ttl: Duration,
     pub leeway: Duration,
+    /// Bytes of memory for remembering verified tokens; 0 turns the cache off.
+    pub verify_cache: u64,
 }
 
 impl From<&Config> for Settings {
@@ -164,7 +172,25 @@ impl From<&Config> for Settings {
             access_ttl: c.access_ttl,
             max_ttl: c.max_ttl,
             leeway: c.leeway,
+            verify_cache: c.verify_cache,
         }
+    }
+}
+
+/// Signature-verified decodes, by the token's full text. Decoding is a pure function of the
+/// token and the key set, so remembering it is safe; every time, issuer, audience, kind and
+/// revocation check still runs on every call. Apps present the same bearer token on each
+/// request of its life, and the decode (HMAC, base64, JSON) is most of Validate's own cost.
+/// Only tokens whose signature verified are kept, so forgeries cannot fill it.
+type VerifiedCache = quick_cache::sync::Cache<Box<str>, Arc<Decoded>, VerifiedWeight>;
+
+/// Approximate bytes an entry holds: the token text, its decoded claims, and bookkeeping.
+#[derive(Clone)]
+struct VerifiedWeight;
+
+impl Weighter<Box<str>, Arc<Decoded>> for VerifiedWeight {
+    fn weight(&self, token: &Box<str>, _: &Arc<Decoded>) -> u64 {
+        2 * token.len() as u64 + 256
     }
 }
 
@@ -173,6 +199,7 @@ pub struct Tokens {
     keys: KeySet,
     store: Arc<dyn Store>,
     clock: Arc<dyn Clock>,
+    verified: Option<VerifiedCache>,
 }
 
 impl Tokens {
@@ -182,11 +209,17 @@ impl Tokens {
         store: Arc<dyn Store>,
         clock: Arc<dyn Clock>,
     ) -> Tokens {
+        let verified = (settings.verify_cache > 0).then(|| {
+            let typical_entry = 2 * 400 + 256;
+            let entries = (settings.verify_cache / typical_entry).max(1) as usize;
+            VerifiedCache::with_weighter(entries, settings.verify_cache, VerifiedWeight)
+        });
         Tokens {
             settings,
             keys,
             store,
             clock,
+            verified,
         }
     }
 
@@ -275,7 +308,7 @@ impl Tokens {
         audience: Option<&str>,
         kind: Kind,
     ) -> Result<Verdict, Error> {
-        let decoded = match self.decode(token) {
+        let decoded = match self.decode_cached(token) {
             Ok(d) => d,
             Err(reason) => return Ok(Verdict::Invalid(reason)),
         };
@@ -286,12 +319,12 @@ impl Tokens {
             return Ok(Verdict::Invalid(Reason::Revoked));
         }
         Ok(Verdict::Valid(Verified {
-            subject: decoded.subject,
-            token_id: decoded.token_id,
+            subject: decoded.subject.clone(),
+            token_id: decoded.token_id.clone(),
             expires_at: from_unix_secs(decoded.exp),
-            session_id: decoded.session_id,
+            session_id: decoded.session_id.clone(),
             kind: decoded.kind,
-            claims: decoded.extra,
+            claims: decoded.extra.clone(),
         }))
     }
 
@@ -303,13 +336,16 @@ impl Tokens {
         let now = self.clock.now();
         let (token_id, until) = match target {
             RevokeTarget::Token(token) => {
-                let decoded = self.decode(&token).map_err(|reason| {
+                let decoded = self.decode_cached(&token).map_err(|reason| {
                     Error::invalid(
                         "token",
                         format!("not a token of this sidecar: {}", reason.as_str()),
                     )
                 })?;
-                (decoded.token_id, from_unix_secs(decoded.exp) + leeway)
+                (
+                    decoded.token_id.clone(),
+                    from_unix_secs(decoded.exp) + leeway,
+                )
             }
             RevokeTarget::TokenId(id) => (id, now + self.settings.max_ttl + leeway),
         };
@@ -320,13 +356,32 @@ impl Tokens {
         Ok(self.store.revoke(&token_id, until).await?)
     }
 
+    /// [`Tokens::decode`], remembered for tokens that verified.
+    fn decode_cached(&self, token: &str) -> Result<Arc<Decoded>, Reason> {
+        let Some(cache) = &self.verified else {
+            return self.decode(token).map(Arc::new);
+        };
+        if let Some(hit) = cache.get(token) {
+            return Ok(hit);
+        }
+        let decoded = Arc::new(self.decode(token)?);
+        cache.insert(token.into(), decoded.clone());
+        Ok(decoded)
+    }
+
     /// Decodes a token and verifies its signature with the key its `kid` names, using that
     /// key's algorithm only.
     fn decode(&self, token: &str) -> Result<Decoded, Reason> {
         let (message, signature) = token.rsplit_once('.').ok_or(Reason::Malformed)?;
         let (header, payload) = message.split_once('.').ok_or(Reason::Malformed)?;
-        let header: RawHeader = decode_json(header)?;
-        let payload: Map<String, Value> = decode_json(payload)?;
+        let header = unbase64(header)?;
+        let header: RawHeader = serde_json::from_slice(&header).map_err(|_| Reason::Malformed)?;
+        let payload = unbase64(payload)?;
+        let claims: RawClaims = serde_json::from_slice(&payload).map_err(|_| Reason::Malformed)?;
+        let mut sig = [0u8; MAX_SIGNATURE_LEN];
+        let sig_len = URL_SAFE_NO_PAD
+            .decode_slice(signature, &mut sig)
+            .map_err(|_| Reason::Malformed)?;
         let key = header
             .kid
             .as_deref()
@@ -335,13 +390,10 @@ impl Tokens {
         if header.alg.parse::<Algorithm>().ok() != Some(key.alg()) {
             return Err(Reason::BadSignature);
         }
-        match jsonwebtoken::crypto::verify(signature, message.as_bytes(), key.decoding(), key.alg())
-        {
-            Ok(true) => {}
-            Ok(false) => return Err(Reason::BadSignature),
-            Err(_) => return Err(Reason::Malformed),
+        if !key.verify(message.as_bytes(), &sig[..sig_len]) {
+            return Err(Reason::BadSignature);
         }
-        Decoded::from_claims(payload)
+        Decoded::from_claims(claims)
     }
 
     fn check(&self, token: &Decoded, audience: Option<&str>, kind: Kind) -> Result<(), Reason> {
@@ -369,10 +421,107 @@ impl Tokens {
     }
 }
 
+/// Longest signature decoded: RSA-4096 (512 bytes) with room to spare.
+const MAX_SIGNATURE_LEN: usize = 1024;
+
 #[derive(Deserialize)]
-struct RawHeader {
-    alg: String,
-    kid: Option<String>,
+struct RawHeader<'a> {
+    #[serde(borrow)]
+    alg: Cow<'a, str>,
+    #[serde(borrow)]
+    kid: Option<Cow<'a, str>>,
+}
+
+/// The claims of a payload, left unparsed until asked for: Validate parses only the registered
+/// claims, and the others only when the token has any. A name given twice is malformed, so
+/// that no two readers of a token can disagree on its claims.
+struct RawClaims<'a>(BTreeMap<Cow<'a, str>, &'a RawValue>);
+
+impl<'de: 'a, 'a> Deserialize<'de> for RawClaims<'a> {
+    fn deserialize<D: Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
+        struct ClaimsVisitor;
+        impl<'de> Visitor<'de> for ClaimsVisitor {
+            type Value = RawClaims<'de>;
+
+            fn expecting(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+                f.write_str("a JSON object of claims")
+            }
+
+            fn visit_map<M: MapAccess<'de>>(self, mut map: M) -> Result<Self::Value, M::Error> {
+                let mut claims = BTreeMap::new();
+                while let Some(name) = map.next_key::<ClaimName<'de>>()? {
+                    let value: &RawValue = map.next_value()?;
+                    if claims.insert(name.0, value).is_some() {
+                        return Err(de::Error::custom("duplicate claim"));
+                    }
+                }
+                Ok(RawClaims(claims))
+            }
+        }
+        deserializer.deserialize_map(ClaimsVisitor)
+    }
+}
+
+/// A claim name, borrowed from the payload unless it holds escapes.
+struct ClaimName<'a>(Cow<'a, str>);
+
+impl<'de> Deserialize<'de> for ClaimName<'de> {
+    fn deserialize<D: Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
+        struct NameVisitor;
+        impl<'de> Visitor<'de> for NameVisitor {
+            type Value = ClaimName<'de>;
+
+            fn expecting(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+                f.write_str("a claim name")
+            }
+
+            fn visit_borrowed_str<E: de::Error>(self, v: &'de str) -> Result<Self::Value, E> {
+                Ok(ClaimName(Cow::Borrowed(v)))
+            }
+
+            fn visit_str<E: de::Error>(self, v: &str) -> Result<Self::Value, E> {
+                Ok(ClaimName(Cow::Owned(v.to_owned())))
+            }
+        }
+        deserializer.deserialize_str(NameVisitor)
+    }
+}
+
+impl RawClaims<'_> {
+    fn take<'s, T: Deserialize<'s>>(&'s mut self, name: &str) -> Result<Option<T>, Reason> {
+        match self.0.remove(name) {
+            None => Ok(None),
+            Some(raw) => serde_json::from_str(raw.get())
+                .map(Some)
+                .map_err(|_| Reason::Malformed),
+        }
+    }
+
+    fn take_string(&mut self, name: &str) -> Result<Option<String>, Reason> {
+        self.take::<String>(name)
+    }
+
+    /// A NumericDate: seconds since the epoch, possibly fractional (RFC 7519 section 2).
+    fn take_time(&mut self, name: &str) -> Result<Option<i64>, Reason> {
+        let Some(n) = self.take::<serde_json::Number>(name)? else {
+            return Ok(None);
+        };
+        n.as_i64()
+            .or_else(|| n.as_f64().map(|f| f.floor() as i64))
+            .map(Some)
+            .ok_or(Reason::Malformed)
+    }
+
+    /// Every claim not taken yet, parsed.
+    fn rest(self) -> Result<Map<String, Value>, Reason> {
+        self.0
+            .into_iter()
+            .map(|(name, raw)| {
+                let value = serde_json::from_str(raw.get()).map_err(|_| Reason::Malformed)?;
+                Ok((name.into_owned(), value))
+            })
+            .collect()
+    }
 }
 
 /// A token whose signature verified, with its registered claims typed.
@@ -389,32 +538,35 @@ struct Decoded {
     extra: Map<String, Value>,
 }
 
+/// `aud`: one string or an array of strings (RFC 7519 section 4.1.3).
+#[derive(Deserialize)]
+#[serde(untagged)]
+enum Audience {
+    One(String),
+    Many(Vec<String>),
+}
+
 impl Decoded {
     /// Takes the registered claims out of `claims`; a claim of the wrong JSON type makes the
     /// token malformed rather than counting as absent.
-    fn from_claims(mut claims: Map<String, Value>) -> Result<Decoded, Reason> {
-        let issuer = take_string(&mut claims, "iss")?.ok_or(Reason::Malformed)?;
-        let subject = take_string(&mut claims, "sub")?.ok_or(Reason::Malformed)?;
-        let audience = match claims.remove("aud") {
+    fn from_claims(mut claims: RawClaims<'_>) -> Result<Decoded, Reason> {
+        let issuer = claims.take_string("iss")?.ok_or(Reason::Malformed)?;
+        let subject = claims.take_string("sub")?.ok_or(Reason::Malformed)?;
+        let audience = match claims.take::<Audience>("aud")? {
             None => Vec::new(),
-            Some(Value::String(a)) => vec![a],
-            Some(Value::Array(items)) => items
-                .into_iter()
-                .map(|v| match v {
-                    Value::String(s) => Ok(s),
-                    _ => Err(Reason::Malformed),
-                })
-                .collect::<Result<_, _>>()?,
-            Some(_) => return Err(Reason::Malformed),
+            Some(Audience::One(a)) => vec![a],
+            Some(Audience::Many(a)) => a,
         };
-        let exp = take_time(&mut claims, "exp")?.ok_or(Reason::Malformed)?;
-        let nbf = take_time(&mut claims, "nbf")?;
-        let iat = take_time(&mut claims, "iat")?;
-        let token_id = take_string(&mut claims, "jti")?
+        let exp = claims.take_time("exp")?.ok_or(Reason::Malformed)?;
+        let nbf = claims.take_time("nbf")?;
+        let iat = claims.take_time("iat")?;
+        let token_id = claims
+            .take_string("jti")?
             .filter(|j| !j.is_empty())
             .ok_or(Reason::Malformed)?;
-        let session_id = take_string(&mut claims, "sid")?;
-        let kind = take_string(&mut claims, "typ")?
+        let session_id = claims.take_string("sid")?;
+        let kind = claims
+            .take_string("typ")?
             .as_deref()
             .and_then(Kind::from_claim)
             .ok_or(Reason::Malformed)?;
@@ -428,41 +580,15 @@ impl Decoded {
             token_id,
             session_id,
             kind,
-            extra: claims,
+            extra: claims.rest()?,
         })
     }
 }
 
-fn decode_json<T: serde::de::DeserializeOwned>(segment: &str) -> Result<T, Reason> {
-    let bytes = URL_SAFE_NO_PAD
+fn unbase64(segment: &str) -> Result<Vec<u8>, Reason> {
+    URL_SAFE_NO_PAD
         .decode(segment)
-        .map_err(|_| Reason::Malformed)?;
-    serde_json::from_slice(&bytes).map_err(|_| Reason::Malformed)
-}
-
-fn take_string(claims: &mut Map<String, Value>, name: &str) -> Result<Option<String>, Reason> {
-    match claims.remove(name) {
-        None => Ok(None),
-        Some(Value::String(s)) => Ok(Some(s)),
-        Some(_) => Err(Reason::Malformed),
-    }
-}
-
-/// A NumericDate: seconds since the epoch, possibly fractional (RFC 7519 section 2).
-fn take_time(claims: &mut Map<String, Value>, name: &str) -> Result<Option<i64>, Reason> {
-    match claims.remove(name) {
-        None => Ok(None),
-        Some(Value::Number(n)) => n
-            .as_i64()
-            .or_else(|| {
-                n.as_f64()
-                    .filter(|f| f.is_finite())
-                    .map(|f| f.floor() as i64)
-            })
-            .map(Some)
-            .ok_or(Reason::Malformed),
-        Some(_) => Err(Reason::Malformed),
-    }
+        .map_err(|_| Reason::Malformed)
 }
 
 /// An identifier of 128 random bits, base64url without padding (22 characters).

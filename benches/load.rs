@@ -1,0 +1,362 @@
+//! Load generator: keeps N calls in flight over M connections against a real sidecar process
+//! for a fixed time, and prints requests/s and p50/p99 latency for grpc.health.v1 Check (the
+//! ceiling of a no-op call on this server), Validate and Issue, in one run. Scenarios run in
+//! alternating rounds, so drift on a shared machine touches all of them alike; the figures are
+//! medians over the rounds, and each is given as a ratio to Check.
+//!
+//! `cargo bench --bench load -- [--seconds S] [--rounds R] [--concurrency N] [--connections M]`
+
+use std::io::{BufRead, BufReader};
+use std::process::{Child, Command, Stdio};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use auth_sidecar::pb;
+use auth_sidecar::pb::token_service_client::TokenServiceClient;
+use hdrhistogram::Histogram;
+use tonic::transport::Channel;
+use tonic_health::pb::HealthCheckRequest;
+use tonic_health::pb::health_client::HealthClient;
+
+#[global_allocator]
+static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
+const SECRET: &str = "benchmark-secret-0123456789abcdefghijkl";
+
+struct Options {
+    /// Run only the scenarios whose name contains this (for profiling one of them).
+    only: Option<String>,
+    seconds: f64,
+    rounds: usize,
+    concurrency: usize,
+    connections: usize,
+}
+
+impl Options {
+    fn from_args() -> Options {
+        let mut o = Options {
+            only: None,
+            seconds: 3.0,
+            rounds: 3,
+            concurrency: 32,
+            connections: 4,
+        };
+        let args: Vec<String> = std::env::args().skip(1).collect();
+        let mut it = args.iter();
+        while let Some(flag) = it.next() {
+            if flag == "--only" {
+                o.only = Some(it.next().expect("--only needs a scenario").to_owned());
+                continue;
+            }
+            let mut value = || {
+                it.next()
+                    .expect("flag needs a value")
+                    .parse::<f64>()
+                    .expect("a number")
+            };
+            match flag.as_str() {
+                "--seconds" => o.seconds = value(),
+                "--rounds" => o.rounds = value() as usize,
+                "--concurrency" => o.concurrency = value() as usize,
+                "--connections" => o.connections = value() as usize,
+                "--bench" => {}
+                other => panic!("unknown flag {other}"),
+            }
+        }
+        o
+    }
+}
+
+/// Distinct tokens the cache-miss scenario cycles through: more than the default verify cache
+/// (8 MiB) holds, so nearly every call decodes and verifies afresh.
+const DISTINCT_TOKENS: usize = 20_000;
+
+#[derive(Clone, Copy, PartialEq)]
+enum Scenario {
+    Check,
+    Validate,
+    ValidateDistinct,
+    Issue,
+}
+
+impl Scenario {
+    fn name(self) -> &'static str {
+        match self {
+            Scenario::Check => "grpc.health.v1 Check",
+            Scenario::Validate => "Validate (memory)",
+            Scenario::ValidateDistinct => "Validate, cache misses",
+            Scenario::Issue => "Issue (memory)",
+        }
+    }
+}
+
+struct Round {
+    rps: f64,
+    /// CPU time the sidecar process spent per call, user and system.
+    server_cpu: Duration,
+    p50: Duration,
+    p99: Duration,
+}
+
+fn main() {
+    let opts = Options::from_args();
+    let cores = std::thread::available_parallelism()
+        .map(|n| n.get())
+        .unwrap_or(1);
+    // With two cores or more, the sidecar gets a core of its own (one worker thread, as a
+    // sidecar with a one-CPU limit would run) and the load generator the others, so that
+    // the figures measure the server rather than the scheduler's interleaving of the two.
+    let pinned = cores >= 2;
+    let (mut child, api) = start_sidecar(pinned);
+    let pid = child.id();
+    if pinned {
+        set_affinity(0, (1..cores).collect());
+    }
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads((cores - 1).max(1))
+        .enable_all()
+        .build()
+        .unwrap();
+    let scenarios: Vec<Scenario> = [
+        Scenario::Check,
+        Scenario::Validate,
+        Scenario::ValidateDistinct,
+        Scenario::Issue,
+    ]
+    .into_iter()
+    .filter(|s| {
+        opts.only
+            .as_ref()
+            .is_none_or(|o| s.name().contains(o.as_str()))
+    })
+    .collect();
+    let mut results: Vec<Vec<Round>> = scenarios.iter().map(|_| Vec::new()).collect();
+    runtime.block_on(async {
+        let channels = connect_all(&api, opts.connections).await;
+        let tokens = Arc::new(issue_tokens(&channels[0], DISTINCT_TOKENS).await);
+        // Warm up connections, allocator and caches.
+        for &s in &scenarios {
+            run(
+                s,
+                &channels,
+                &tokens,
+                opts.concurrency,
+                Duration::from_millis(500),
+            )
+            .await;
+        }
+        for _ in 0..opts.rounds {
+            for (i, s) in scenarios.iter().enumerate() {
+                let d = Duration::from_secs_f64(opts.seconds);
+                let cpu_before = cpu_time(pid);
+                let mut round = run(*s, &channels, &tokens, opts.concurrency, d).await;
+                let calls = round.rps * d.as_secs_f64();
+                round.server_cpu = (cpu_time(pid) - cpu_before).div_f64(calls);
+                results[i].push(round);
+            }
+        }
+    });
+    let _ = child.kill();
+    let _ = child.wait();
+
+    println!(
+        "auth-sidecar load: {} rounds x {}s, {} calls in flight over {} connections, {} cores{}",
+        opts.rounds,
+        opts.seconds,
+        opts.concurrency,
+        opts.connections,
+        cores,
+        if pinned {
+            ", sidecar pinned to core 0 with 1 worker"
+        } else {
+            ""
+        }
+    );
+    println!(
+        "{:<24} {:>10} {:>10} {:>10} {:>9} {:>14}",
+        "scenario", "req/s", "p50", "p99", "vs Check", "server cpu/call"
+    );
+    let ceiling = median(results[0].iter().map(|r| r.rps));
+    // Without Check in the run, ratios are to the first scenario run.
+    for (s, rounds) in scenarios.iter().zip(&results) {
+        let rps = median(rounds.iter().map(|r| r.rps));
+        let p50 = median(rounds.iter().map(|r| r.p50.as_secs_f64() * 1e6));
+        let p99 = median(rounds.iter().map(|r| r.p99.as_secs_f64() * 1e6));
+        let cpu = median(rounds.iter().map(|r| r.server_cpu.as_secs_f64() * 1e6));
+        println!(
+            "{:<24} {:>10.0} {:>8.0}us {:>8.0}us {:>8.2}x {:>12.1}us",
+            s.name(),
+            rps,
+            p50,
+            p99,
+            rps / ceiling,
+            cpu
+        );
+    }
+}
+
+fn median(values: impl Iterator<Item = f64>) -> f64 {
+    let mut v: Vec<f64> = values.collect();
+    v.sort_by(|a, b| a.partial_cmp(b).unwrap());
+    v[v.len() / 2]
+}
+
+async fn issue_tokens(channel: &Channel, n: usize) -> Vec<String> {
+    let mut client = TokenServiceClient::new(channel.clone());
+    let mut tokens = Vec::with_capacity(n);
+    for i in 0..n {
+        let resp = client
+            .issue(pb::IssueRequest {
+                subject: format!("user-{i}"),
+                ..Default::default()
+            })
+            .await
+            .unwrap();
+        tokens.push(resp.into_inner().token);
+    }
+    tokens
+}
+
+async fn run(
+    scenario: Scenario,
+    channels: &[Channel],
+    tokens: &Arc<Vec<String>>,
+    concurrency: usize,
+    duration: Duration,
+) -> Round {
+    let start = Instant::now();
+    let deadline = start + duration;
+    let mut tasks = Vec::new();
+    for i in 0..concurrency {
+        let channel = channels[i % channels.len()].clone();
+        let tokens = tokens.clone();
+        tasks.push(tokio::spawn(async move {
+            // Each task walks its own stride of the pool; task 0's first token is the hot one.
+            let mut next = i;
+            let mut hist = Histogram::<u64>::new(3).unwrap();
+            let mut health = HealthClient::new(channel.clone());
+            let mut api = TokenServiceClient::new(channel);
+            while Instant::now() < deadline {
+                let t = Instant::now();
+                match scenario {
+                    Scenario::Check => {
+                        health
+                            .check(HealthCheckRequest {
+                                service: String::new(),
+                            })
+                            .await
+                            .unwrap();
+                    }
+                    Scenario::Validate | Scenario::ValidateDistinct => {
+                        let token = if scenario == Scenario::Validate {
+                            tokens[0].clone()
+                        } else {
+                            next = (next + concurrency) % tokens.len();
+                            tokens[next].clone()
+                        };
+                        let r = api
+                            .validate(pb::ValidateRequest {
+                                token,
+                                ..Default::default()
+                            })
+                            .await
+                            .unwrap();
+                        assert!(r.get_ref().valid);
+                    }
+                    Scenario::Issue => {
+                        api.issue(pb::IssueRequest {
+                            subject: "bench".into(),
+                            ..Default::default()
+                        })
+                        .await
+                        .unwrap();
+                    }
+                }
+                hist.record(t.elapsed().as_nanos() as u64).unwrap();
+            }
+            hist
+        }));
+    }
+    let mut total = Histogram::<u64>::new(3).unwrap();
+    for t in tasks {
+        total.add(t.await.unwrap()).unwrap();
+    }
+    let elapsed = start.elapsed().as_secs_f64();
+    Round {
+        rps: total.len() as f64 / elapsed,
+        server_cpu: Duration::ZERO,
+        p50: Duration::from_nanos(total.value_at_quantile(0.5)),
+        p99: Duration::from_nanos(total.value_at_quantile(0.99)),
+    }
+}
+
+async fn connect_all(api: &str, n: usize) -> Vec<Channel> {
+    let mut channels = Vec::new();
+    for _ in 0..n {
+        // One endpoint per connection: a cloned Channel would share one HTTP/2 connection.
+        let channel = auth_sidecar::client::endpoint(api)
+            .unwrap()
+            .connect()
+            .await
+            .unwrap();
+        channels.push(channel);
+    }
+    channels
+}
+
+/// User plus system CPU time of a process so far, from /proc (Linux).
+fn cpu_time(pid: u32) -> Duration {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).expect("read /proc stat");
+    // Fields after the parenthesised command name; utime and stime are the 14th and 15th.
+    let rest = &stat[stat.rfind(')').expect("stat format") + 2..];
+    let fields: Vec<&str> = rest.split_whitespace().collect();
+    let ticks: u64 = fields[11].parse::<u64>().unwrap() + fields[12].parse::<u64>().unwrap();
+    // SAFETY: sysconf has no preconditions.
+    let hz = unsafe { libc::sysconf(libc::_SC_CLK_TCK) } as u64;
+    Duration::from_secs_f64(ticks as f64 / hz as f64)
+}
+
+/// Binds process `pid` (0: this one) to `cpus`.
+fn set_affinity(pid: libc::pid_t, cpus: Vec<usize>) {
+    // SAFETY: a zeroed cpu_set_t is an empty set; the calls only read and write it.
+    unsafe {
+        let mut set: libc::cpu_set_t = std::mem::zeroed();
+        for cpu in cpus {
+            libc::CPU_SET(cpu, &mut set);
+        }
+        let rc = libc::sched_setaffinity(pid, std::mem::size_of::<libc::cpu_set_t>(), &set);
+        assert_eq!(rc, 0, "sched_setaffinity failed");
+    }
+}
+
+fn start_sidecar(pinned: bool) -> (Child, String) {
+    let mut cmd = Command::new(env!("CARGO_BIN_EXE_auth-sidecar"));
+    cmd.args([
+        "serve",
+        "--listen",
+        "127.0.0.1:0",
+        "--ops-listen",
+        "127.0.0.1:0",
+    ])
+    .env("AUTH_JWT_SECRET", SECRET)
+    .env("RUST_LOG", "info")
+    .stdout(Stdio::null())
+    .stderr(Stdio::piped());
+    if pinned {
+        cmd.env("TOKIO_WORKER_THREADS", "1");
+    }
+    let mut child = cmd.spawn().expect("spawn auth-sidecar");
+    if pinned {
+        set_affinity(child.id() as libc::pid_t, vec![0]);
+    }
+    let mut lines = BufReader::new(child.stderr.take().unwrap()).lines();
+    let api = loop {
+        let line = lines.next().expect("sidecar exited").unwrap();
+        if let Some(rest) = line.split(" serving api=").nth(1) {
+            break rest.split_whitespace().next().unwrap().to_owned();
+        }
+    };
+    // Keep draining the log so the sidecar never blocks on a full pipe.
+    std::thread::spawn(move || for _ in lines {});
+    (child, api)
+}

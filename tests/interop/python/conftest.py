@@ -1,0 +1,70 @@
+"""Fixtures for the Python interop tests: Python stubs generated from proto/ by grpcio-tools,
+and a real auth-sidecar process on free loopback ports."""
+
+import os
+import pathlib
+import re
+import subprocess
+import sys
+import threading
+
+import pytest
+
+ROOT = pathlib.Path(__file__).resolve().parents[3]
+SECRET = "python-interop-secret-0123456789abcdefgh"
+
+
+@pytest.fixture(scope="session")
+def stubs(tmp_path_factory):
+    """Generates the authsidecar.v1 modules with grpc_tools.protoc and makes them importable."""
+    out = tmp_path_factory.mktemp("stubs")
+    from grpc_tools import protoc
+    import grpc_tools
+
+    well_known = pathlib.Path(grpc_tools.__file__).parent / "_proto"
+    rc = protoc.main([
+        "protoc",
+        f"-I{ROOT / 'proto'}",
+        f"-I{well_known}",
+        f"--python_out={out}",
+        f"--grpc_python_out={out}",
+        str(ROOT / "proto/authsidecar/v1/token_service.proto"),
+    ])
+    assert rc == 0, "protoc failed"
+    sys.path.insert(0, str(out))
+    from authsidecar.v1 import token_service_pb2, token_service_pb2_grpc
+
+    return token_service_pb2, token_service_pb2_grpc
+
+
+@pytest.fixture()
+def sidecar():
+    """Starts the sidecar and yields its API address; stops it afterwards."""
+    binary = os.environ.get("AUTH_SIDECAR_BIN", str(ROOT / "target/debug/auth-sidecar"))
+    env = {k: v for k, v in os.environ.items() if not k.startswith("AUTH_")}
+    env.update(AUTH_JWT_SECRET=SECRET, RUST_LOG="info")
+    proc = subprocess.Popen(
+        [binary, "serve", "--listen", "127.0.0.1:0", "--ops-listen", "127.0.0.1:0"],
+        env=env,
+        stdin=subprocess.DEVNULL,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    ready = threading.Event()
+    found = {}
+
+    def read_logs():
+        for line in proc.stderr:
+            match = re.search(r" serving api=(\S+) ops=(\S+)", line)
+            if match:
+                found["api"], found["ops"] = match.groups()
+                ready.set()
+
+    threading.Thread(target=read_logs, daemon=True).start()
+    try:
+        assert ready.wait(20), "sidecar did not start"
+        yield found["api"]
+    finally:
+        proc.terminate()
+        assert proc.wait(15) == 0, "sidecar did not drain and exit 0 on SIGTERM"
