@@ -141,7 +141,17 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
     drained.cancel();
 
     let drain = async {
-        let (api, ops) = tokio::join!(api_task, ops_task);
+        let api = async {
+            let result = api_task.await;
+            tracing::info!("api listener drained");
+            result
+        };
+        let ops = async {
+            let result = ops_task.await;
+            tracing::info!("ops listener drained");
+            result
+        };
+        let (api, ops) = tokio::join!(api, ops);
         api??;
         ops??;
         anyhow::Ok(())

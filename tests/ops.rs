@@ -93,7 +93,7 @@ async fn shutdown_turns_health_not_serving_then_drains_and_exits_zero() {
         matches!(ended, Ok(None | Some(Err(_)))),
         "watch did not end: {ended:?}"
     );
-    let status = sidecar.wait(Duration::from_secs(5));
+    let status = sidecar.wait(Duration::from_secs(5)).await;
     assert_eq!(status.code(), Some(0), "exit code");
 }
 

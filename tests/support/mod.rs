@@ -155,8 +155,9 @@ impl Sidecar {
         assert_eq!(rc, 0, "kill failed");
     }
 
-    /// Waits for the process to exit.
-    pub fn wait(&mut self, limit: Duration) -> ExitStatus {
+    /// Waits for the process to exit. Async, so that this test's own client connections keep
+    /// being polled: a graceful HTTP/2 shutdown waits for the client to answer its PING.
+    pub async fn wait(&mut self, limit: Duration) -> ExitStatus {
         let deadline = Instant::now() + limit;
         loop {
             if let Some(status) = self.child.try_wait().expect("try_wait") {
@@ -164,9 +165,10 @@ impl Sidecar {
             }
             assert!(
                 Instant::now() < deadline,
-                "sidecar did not exit within {limit:?}"
+                "sidecar did not exit within {limit:?}; its log:\n{}",
+                self.logs().join("\n")
             );
-            std::thread::sleep(Duration::from_millis(20));
+            tokio::time::sleep(Duration::from_millis(20)).await;
         }
     }
 
