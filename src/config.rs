@@ -30,9 +30,47 @@ pub struct ServeArgs {
     #[arg(long, env = "AUTH_OPS_LISTEN", default_value = "0.0.0.0:8081")]
     pub ops_listen: SocketAddr,
 
-    /// Where revocations live: memory (one node only).
+    /// Where state shared by replicas lives: memory (one node only), redis, postgres, or
+    /// tiered (Redis in front of PostgreSQL).
     #[arg(long, env = "AUTH_STORAGE", default_value = "memory", value_enum)]
     pub storage: Storage,
+
+    /// Redis URL (redis:// or rediss:// for TLS); with --redis-cluster, one or more
+    /// comma-separated seed node URLs.
+    #[arg(long, env = "REDIS_URL", hide_env_values = true, value_name = "URL")]
+    pub redis_url: Option<Secret>,
+
+    /// Treat --redis-url as the seed nodes of a Redis Cluster.
+    #[arg(long, env = "AUTH_REDIS_CLUSTER", default_value_t = false, action = clap::ArgAction::Set,
+          num_args = 0..=1, default_missing_value = "true", value_name = "BOOL")]
+    pub redis_cluster: bool,
+
+    /// Prefix of every Redis key, so several deployments can share one Redis.
+    #[arg(long, env = "AUTH_REDIS_PREFIX", default_value = "authsidecar:")]
+    pub redis_prefix: String,
+
+    /// PostgreSQL URL (postgres://user:password@host/db).
+    #[arg(long, env = "DATABASE_URL", hide_env_values = true, value_name = "URL")]
+    pub database_url: Option<Secret>,
+
+    /// Connections in this node's PostgreSQL pool. Keep max × nodes under the server's
+    /// max_connections.
+    #[arg(long, env = "AUTH_DB_MAX_CONNECTIONS", default_value_t = 10, value_parser = clap::value_parser!(u32).range(1..=1000))]
+    pub db_max_connections: u32,
+
+    /// Run the embedded PostgreSQL migrations at start (turn off when a job runs
+    /// `auth-sidecar migrate`).
+    #[arg(long, env = "AUTH_MIGRATE", default_value_t = true, action = clap::ArgAction::Set,
+          num_args = 0..=1, default_missing_value = "true", value_name = "BOOL")]
+    pub migrate: bool,
+
+    /// Longest a backend call may take before the call fails with UNAVAILABLE.
+    #[arg(long, env = "AUTH_BACKEND_TIMEOUT", default_value = "500ms", value_parser = parse_duration)]
+    pub backend_timeout: Duration,
+
+    /// How often every backend is pinged to decide health.
+    #[arg(long, env = "AUTH_BACKEND_CHECK_INTERVAL", default_value = "2s", value_parser = parse_duration)]
+    pub backend_check_interval: Duration,
 
     /// HS256 signing secret, at least 32 bytes. Without it (memory storage only) a random key
     /// is made at start. Prefer the environment: a flag shows in the process list.
@@ -100,6 +138,19 @@ impl fmt::Display for Listen {
 #[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
 pub enum Storage {
     Memory,
+    Redis,
+    Postgres,
+    Tiered,
+}
+
+impl Storage {
+    pub fn uses_redis(self) -> bool {
+        matches!(self, Storage::Redis | Storage::Tiered)
+    }
+
+    pub fn uses_postgres(self) -> bool {
+        matches!(self, Storage::Postgres | Storage::Tiered)
+    }
 }
 
 /// A secret value: never printed, not even by `Debug`.
@@ -113,6 +164,11 @@ impl Secret {
 
     pub fn expose(&self) -> &[u8] {
         &self.0
+    }
+
+    /// The secret as text (URLs are given as text, so this cannot fail for them).
+    pub fn expose_str(&self) -> &str {
+        std::str::from_utf8(&self.0).unwrap_or_default()
     }
 }
 
@@ -134,6 +190,14 @@ pub struct Config {
     pub listen: Listen,
     pub ops_listen: SocketAddr,
     pub storage: Storage,
+    pub redis_url: Option<Secret>,
+    pub redis_cluster: bool,
+    pub redis_prefix: String,
+    pub database_url: Option<Secret>,
+    pub db_max_connections: u32,
+    pub migrate: bool,
+    pub backend_timeout: Duration,
+    pub backend_check_interval: Duration,
     pub jwt_secret: Option<Secret>,
     pub issuer: String,
     pub audience: Option<String>,
@@ -189,6 +253,33 @@ impl TryFrom<ServeArgs> for Config {
                 ),
             ));
         }
+        if args.storage != Storage::Memory && args.jwt_secret.is_none() {
+            return Err(ConfigError::new(
+                "AUTH_JWT_SECRET",
+                format!(
+                    "required with --storage {:?}: without it every node signs with its own \
+                     random key, so a token issued on one node fails validation on the others; \
+                     give every node the same secret",
+                    args.storage
+                )
+                .to_lowercase(),
+            ));
+        }
+        if args.storage.uses_redis() && args.redis_url.is_none() {
+            return Err(ConfigError::new("REDIS_URL", "required by this --storage"));
+        }
+        if args.storage.uses_postgres() && args.database_url.is_none() {
+            return Err(ConfigError::new(
+                "DATABASE_URL",
+                "required by this --storage",
+            ));
+        }
+        if args.backend_timeout.is_zero() || args.backend_check_interval.is_zero() {
+            return Err(ConfigError::new(
+                "--backend-timeout and --backend-check-interval",
+                "must be greater than zero",
+            ));
+        }
         if args.issuer.is_empty() {
             return Err(ConfigError::new("--issuer", "must not be empty"));
         }
@@ -218,6 +309,14 @@ impl TryFrom<ServeArgs> for Config {
             listen: args.listen,
             ops_listen: args.ops_listen,
             storage: args.storage,
+            redis_url: args.redis_url,
+            redis_cluster: args.redis_cluster,
+            redis_prefix: args.redis_prefix,
+            database_url: args.database_url,
+            db_max_connections: args.db_max_connections,
+            migrate: args.migrate,
+            backend_timeout: args.backend_timeout,
+            backend_check_interval: args.backend_check_interval,
             jwt_secret: args.jwt_secret,
             issuer: args.issuer,
             audience: args.audience,
@@ -419,5 +518,19 @@ mod tests {
             parse(&["--listen", "unix:/tmp/x.sock"]).unwrap().listen,
             Listen::Unix("/tmp/x.sock".into())
         );
+        let err = parse(&["--storage", "redis", "--redis-url", "redis://:pw@h"]).unwrap_err();
+        assert_eq!(err.setting, "AUTH_JWT_SECRET");
+        assert!(err.reason.contains("random key"), "{err}");
+        let secret = "s".repeat(32);
+        let err = parse(&[
+            "--storage",
+            "tiered",
+            "--jwt-secret",
+            &secret,
+            "--redis-url",
+            "redis://h",
+        ])
+        .unwrap_err();
+        assert_eq!(err.setting, "DATABASE_URL");
     }
 }

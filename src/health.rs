@@ -1,10 +1,12 @@
-//! Health composed from parts. Today the one part is the shutdown signal; each part feeds the
-//! same answer to grpc.health.v1 (service "" and `authsidecar.v1.TokenService`) and to
-//! `GET /healthz`.
+//! Health composed from parts: whether every backend answered its last ping, and whether the
+//! process is shutting down. They feed one answer to grpc.health.v1 (service "" and
+//! `authsidecar.v1.TokenService`) and to `GET /healthz`. Probes only read this state; the
+//! backend checker is the one that talks to the backends.
 
 use std::pin::Pin;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::Duration;
 
 use futures_util::{Stream, StreamExt};
 use tokio_util::sync::CancellationToken;
@@ -17,6 +19,10 @@ use tonic_health::server::{HealthReporter, HealthService};
 
 use crate::grpc::TokenApi;
 use crate::pb::token_service_server::TokenServiceServer;
+use crate::store::Store;
+
+/// How long the start waits for the backends to answer before serving anyway (NOT_SERVING).
+const STARTUP_WAIT: Duration = Duration::from_secs(2);
 
 /// The service names whose status this sidecar reports.
 pub const SERVICES: [&str; 2] = ["", <TokenServiceServer<TokenApi> as NamedService>::NAME];
@@ -24,6 +30,7 @@ pub const SERVICES: [&str; 2] = ["", <TokenServiceServer<TokenApi> as NamedServi
 #[derive(Clone)]
 pub struct Health {
     reporter: HealthReporter,
+    backends_up: Arc<AtomicBool>,
     shutting_down: Arc<AtomicBool>,
     drained: CancellationToken,
 }
@@ -34,6 +41,8 @@ impl Health {
     pub async fn new(drained: CancellationToken) -> Health {
         let health = Health {
             reporter: HealthReporter::new(),
+            // Unknown until the first ping has answered.
+            backends_up: Arc::new(AtomicBool::new(false)),
             shutting_down: Arc::new(AtomicBool::new(false)),
             drained,
         };
@@ -43,7 +52,54 @@ impl Health {
 
     /// Whether every part is well: what `/healthz` and the probes report.
     pub fn serving(&self) -> bool {
-        !self.shutting_down.load(Ordering::SeqCst)
+        self.backends_up.load(Ordering::SeqCst) && !self.shutting_down.load(Ordering::SeqCst)
+    }
+
+    /// Records the outcome of a round of backend pings; logs changes.
+    pub async fn set_backends_up(&self, up: bool) {
+        if self.backends_up.swap(up, Ordering::SeqCst) != up {
+            self.publish().await;
+        }
+    }
+
+    /// Pings the store now, then every `interval` (more often while it is down, so that
+    /// readiness returns soon after the backend does), for as long as the process runs. The
+    /// first round is done when this returns, so the state is known before anything is served.
+    pub async fn watch_backends(&self, store: Arc<dyn Store>, interval: Duration) {
+        let health = self.clone();
+        // A normal start (connecting, migrating) takes milliseconds: give it a moment, so the
+        // sidecar comes up SERVING; a backend that is really down does not hold the start up.
+        let deadline = tokio::time::Instant::now() + STARTUP_WAIT;
+        loop {
+            health.check_backends(&*store).await;
+            if health.backends_up.load(Ordering::SeqCst) || tokio::time::Instant::now() >= deadline
+            {
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        let while_down = interval.min(Duration::from_millis(250));
+        tokio::spawn(async move {
+            loop {
+                let up = health.backends_up.load(Ordering::SeqCst);
+                tokio::time::sleep(if up { interval } else { while_down }).await;
+                health.check_backends(&*store).await;
+            }
+        });
+    }
+
+    async fn check_backends(&self, store: &dyn Store) {
+        let result = store.ping().await;
+        let was_up = self.backends_up.load(Ordering::SeqCst);
+        match &result {
+            Ok(()) if !was_up => tracing::info!(backend = store.backend(), "backend up"),
+            Err(e) if was_up => {
+                tracing::warn!(backend = store.backend(), error = %e, "backend down")
+            }
+            Err(e) => tracing::debug!(backend = store.backend(), error = %e, "backend still down"),
+            Ok(()) => {}
+        }
+        self.set_backends_up(result.is_ok()).await;
     }
 
     /// Reports NOT_SERVING from now on: the process is leaving.

@@ -48,7 +48,7 @@ impl App {
                 KeySet::ephemeral()
             }
         };
-        let store = store::open(config, clock.clone());
+        let store = store::open(config, clock.clone())?;
         let tokens = Tokens::new(Settings::from(config), keys, store, clock);
         Ok(App {
             tokens: Arc::new(tokens),
@@ -112,11 +112,13 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
         }
     };
 
+    app.health
+        .watch_backends(app.tokens.store().clone(), config.backend_check_interval)
+        .await;
     let store = app.tokens.store().clone();
     tokio::spawn(async move {
-        let mut tick = tokio::time::interval(PURGE_INTERVAL);
         loop {
-            tick.tick().await;
+            tokio::time::sleep(PURGE_INTERVAL).await;
             if let Err(e) = store.purge_expired().await {
                 tracing::warn!(error = %e, "purging expired records failed");
             }

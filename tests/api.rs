@@ -1,12 +1,16 @@
 //! The TokenService behaviour suite, over real gRPC against a real sidecar process. Every
-//! scenario takes a started sidecar, so the same suite runs over TCP and a Unix socket.
+//! scenario takes a started sidecar, so the same suite runs on every backend (memory, Redis,
+//! Redis Cluster, PostgreSQL, tiered) and over a Unix socket.
 
 mod support;
 
 use pb::InvalidReason as R;
 use pb::revoke_request::Target;
 use serde_json::json;
-use support::{SECRET, Sidecar, assert_status, forge, now, parts, struct_of, with_claim};
+use support::backends::Backend;
+use support::{
+    Deployment, SECRET, Sidecar, assert_status, forge, now, parts, struct_of, with_claim,
+};
 use tonic::Code;
 
 use auth_sidecar::pb;
@@ -17,7 +21,7 @@ macro_rules! suite {
         mod $name {
             use super::*;
 
-            fn start() -> Sidecar {
+            fn start() -> Deployment {
                 $start
             }
 
@@ -44,17 +48,25 @@ macro_rules! suite {
     };
 }
 
-suite!(tcp, Sidecar::start());
+suite!(memory, Deployment::start(Backend::Memory, 1, &[]));
+suite!(redis, Deployment::start(Backend::Redis, 1, &[]));
+suite!(
+    redis_cluster,
+    Deployment::start(Backend::RedisCluster, 1, &[])
+);
+suite!(postgres, Deployment::start(Backend::Postgres, 1, &[]));
+suite!(tiered, Deployment::start(Backend::Tiered, 1, &[]));
 suite!(
     unix_socket,
-    Sidecar::builder()
-        .listen(format!(
-            "unix:{}/auth-sidecar-test-{}-{}.sock",
+    Deployment::start(
+        Backend::Memory,
+        1,
+        &[&format!(
+            "--listen=unix:{}/auth-sidecar-test-{}.sock",
             std::env::temp_dir().display(),
-            std::process::id(),
             support::now_nanos()
-        ))
-        .start()
+        )]
+    )
 );
 
 async fn issue_validate_revoke(sidecar: &Sidecar) {

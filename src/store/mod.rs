@@ -2,6 +2,9 @@
 //! computes every lifetime and hands the store absolute instants.
 
 mod memory;
+pub mod postgres;
+mod redis;
+mod tiered;
 
 use std::sync::Arc;
 use std::time::SystemTime;
@@ -12,6 +15,9 @@ use crate::clock::Clock;
 use crate::config::{Config, Storage};
 
 pub use memory::MemoryStore;
+pub use postgres::PostgresStore;
+pub use redis::RedisStore;
+pub use tiered::TieredStore;
 
 /// A store that could not answer. The detail is for the log, never for the client.
 #[derive(Debug, thiserror::Error)]
@@ -42,9 +48,16 @@ pub trait Store: Send + Sync + 'static {
     async fn purge_expired(&self) -> Result<usize, StoreError>;
 }
 
-/// The one place that turns the configured backend into a store.
-pub fn open(config: &Config, clock: Arc<dyn Clock>) -> Arc<dyn Store> {
-    match config.storage {
+/// The one place that turns the configured backend into a store. Returns at once: shared
+/// backends connect in the background, and calls fail with UNAVAILABLE until they have.
+pub fn open(config: &Config, clock: Arc<dyn Clock>) -> Result<Arc<dyn Store>, StoreError> {
+    Ok(match config.storage {
         Storage::Memory => Arc::new(MemoryStore::new(clock)),
-    }
+        Storage::Redis => Arc::new(RedisStore::open(config)?),
+        Storage::Postgres => Arc::new(PostgresStore::open(config, clock)?),
+        Storage::Tiered => Arc::new(TieredStore::new(
+            RedisStore::open(config)?,
+            PostgresStore::open(config, clock)?,
+        )),
+    })
 }

@@ -3,6 +3,8 @@
 
 #![allow(dead_code)] // each test binary uses its own part of this module
 
+pub mod backends;
+
 use std::io::{BufRead, BufReader, Read, Write};
 use std::net::{SocketAddr, TcpStream};
 use std::process::{Child, Command, ExitStatus, Stdio};
@@ -19,6 +21,41 @@ use tonic_health::pb::health_client::HealthClient;
 
 /// The signing secret every test sidecar shares unless a test says otherwise.
 pub const SECRET: &str = "integration-test-secret-0123456789abcdef";
+
+/// Sidecar nodes sharing one storage; the nodes stop before the storage is dropped.
+pub struct Deployment {
+    pub nodes: Vec<Sidecar>,
+    pub storage: backends::Storage,
+}
+
+impl Deployment {
+    /// `n` nodes on fresh storage of `backend`, each with `args`.
+    pub fn start(backend: backends::Backend, n: usize, args: &[&str]) -> Deployment {
+        Deployment::on(backends::Storage::new(backend), n, args)
+    }
+
+    /// `n` nodes on the given storage, each SERVING before this returns.
+    pub fn on(storage: backends::Storage, n: usize, args: &[&str]) -> Deployment {
+        let nodes: Vec<Sidecar> = (0..n)
+            .map(|_| {
+                args.iter()
+                    .fold(Sidecar::builder().storage(&storage), |b, a| b.arg(*a))
+                    .start()
+            })
+            .collect();
+        for node in &nodes {
+            node.wait_ops_status(200, Duration::from_secs(15));
+        }
+        Deployment { nodes, storage }
+    }
+}
+
+impl std::ops::Deref for Deployment {
+    type Target = Sidecar;
+    fn deref(&self) -> &Sidecar {
+        &self.nodes[0]
+    }
+}
 
 /// A sidecar process, stopped when dropped.
 pub struct Sidecar {
@@ -37,12 +74,23 @@ pub struct SidecarBuilder {
 
 impl SidecarBuilder {
     pub fn arg(mut self, arg: impl Into<String>) -> Self {
-        self.args.push(arg.into());
+        let arg = arg.into();
+        match arg.strip_prefix("--listen=") {
+            Some(listen) => self.listen = listen.to_owned(),
+            None => self.args.push(arg),
+        }
         self
     }
 
     pub fn env(mut self, key: &str, value: impl Into<String>) -> Self {
         self.env.push((key.into(), value.into()));
+        self
+    }
+
+    /// Uses `storage`'s backend settings.
+    pub fn storage(mut self, storage: &backends::Storage) -> Self {
+        self.args.extend(storage.args.iter().cloned());
+        self.env.extend(storage.env.iter().cloned());
         self
     }
 
@@ -71,6 +119,13 @@ impl SidecarBuilder {
         }
         for (key, value) in &self.env {
             cmd.env(key, value);
+        }
+        // SAFETY: prctl only sets this child's parent-death signal.
+        unsafe {
+            std::os::unix::process::CommandExt::pre_exec(&mut cmd, || {
+                libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL);
+                Ok(())
+            });
         }
         let mut child = cmd.spawn().expect("spawn auth-sidecar");
         let stderr = child.stderr.take().expect("piped stderr");
@@ -175,6 +230,19 @@ impl Sidecar {
     /// Everything the process wrote to stderr so far.
     pub fn logs(&self) -> Vec<String> {
         self.logs.lock().unwrap().clone()
+    }
+
+    /// Polls `/healthz` until it answers `status`.
+    pub fn wait_ops_status(&self, status: u16, limit: Duration) {
+        let deadline = Instant::now() + limit;
+        while self.ops_get("/healthz") != status {
+            assert!(
+                Instant::now() < deadline,
+                "/healthz did not answer {status} within {limit:?}; log:\n{}",
+                self.logs().join("\n")
+            );
+            std::thread::sleep(Duration::from_millis(25));
+        }
     }
 
     /// `GET path` over HTTP/1.1 on the ops listener; returns the status code.

@@ -1,0 +1,232 @@
+//! PostgreSQL: a bounded pool, embedded migrations, and expired rows purged in bounded batches
+//! by the background task. The pool connects lazily, so a database that is down at start does
+//! not stop the sidecar; calls fail with UNAVAILABLE until it answers.
+
+use std::str::FromStr;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use async_trait::async_trait;
+use sqlx::PgPool;
+use sqlx::migrate::Migrator;
+use sqlx::postgres::{PgConnectOptions, PgPoolOptions};
+
+use super::{Store, StoreError};
+use crate::clock::Clock;
+use crate::config::Config;
+
+const BACKEND: &str = "postgres";
+
+/// Rows deleted per purge statement, so a purge never holds locks for long.
+const PURGE_BATCH: i64 = 1000;
+
+/// Longest wait between two attempts to migrate at start.
+const MAX_BACKOFF: Duration = Duration::from_secs(5);
+
+pub static MIGRATOR: Migrator = sqlx::migrate!("./migrations");
+
+#[derive(Clone)]
+pub struct PostgresStore {
+    pool: PgPool,
+    clock: Arc<dyn Clock>,
+    timeout: Duration,
+    /// False until the schema is known to be in place.
+    ready: Arc<AtomicBool>,
+}
+
+/// The pool options the sidecar and `auth-sidecar migrate` share.
+pub fn pool(config: &Config) -> Result<PgPool, StoreError> {
+    let url = config
+        .database_url
+        .as_ref()
+        .ok_or_else(|| unavailable("no DATABASE_URL"))?;
+    let statement_timeout = config.backend_timeout.as_millis().to_string();
+    let options = PgConnectOptions::from_str(url.expose_str())
+        .map_err(|_| unavailable("invalid DATABASE_URL"))?
+        .application_name("auth-sidecar")
+        .options([("statement_timeout", statement_timeout.as_str())]);
+    Ok(PgPoolOptions::new()
+        .max_connections(config.db_max_connections)
+        .acquire_timeout(config.backend_timeout)
+        .connect_lazy_with(options))
+}
+
+impl PostgresStore {
+    /// Returns at once; with `--migrate`, a background task applies the migrations, retrying
+    /// with backoff until the database answers.
+    pub fn open(config: &Config, clock: Arc<dyn Clock>) -> Result<PostgresStore, StoreError> {
+        let store = PostgresStore {
+            pool: pool(config)?,
+            clock,
+            timeout: config.backend_timeout,
+            ready: Arc::new(AtomicBool::new(!config.migrate)),
+        };
+        if config.migrate {
+            let (pool, ready) = (store.pool.clone(), store.ready.clone());
+            tokio::spawn(async move {
+                let mut backoff = Duration::from_millis(100);
+                loop {
+                    match MIGRATOR.run(&pool).await {
+                        Ok(()) => {
+                            ready.store(true, Ordering::SeqCst);
+                            tracing::info!(backend = BACKEND, "schema migrated");
+                            return;
+                        }
+                        Err(e) => {
+                            tracing::warn!(backend = BACKEND, error = %e, retry_in = ?backoff, "cannot migrate");
+                            tokio::time::sleep(backoff).await;
+                            backoff = (backoff * 2).min(MAX_BACKOFF);
+                        }
+                    }
+                }
+            });
+        }
+        Ok(store)
+    }
+
+    async fn call<T, F>(&self, op: &'static str, f: F) -> Result<T, StoreError>
+    where
+        F: Future<Output = Result<T, sqlx::Error>>,
+    {
+        if !self.ready.load(Ordering::SeqCst) {
+            return Err(unavailable("schema not migrated yet"));
+        }
+        match tokio::time::timeout(self.timeout, f).await {
+            Ok(Ok(v)) => Ok(v),
+            Ok(Err(e)) => Err(unavailable(format!("{op}: {e}"))),
+            Err(_) => Err(unavailable(format!(
+                "{op}: timed out after {:?}",
+                self.timeout
+            ))),
+        }
+    }
+
+    /// Until when `token_id` is revoked, if it is.
+    pub(super) async fn revoked_until(
+        &self,
+        token_id: &str,
+    ) -> Result<Option<SystemTime>, StoreError> {
+        let now = millis(self.clock.now());
+        let row: Option<(i64,)> = self
+            .call(
+                "select",
+                sqlx::query_as(
+                    "SELECT (extract(epoch FROM expires_at) * 1000)::int8 FROM revoked_tokens \
+                     WHERE token_id = $1 AND expires_at > to_timestamp($2 / 1000.0)",
+                )
+                .bind(token_id)
+                .bind(now)
+                .fetch_optional(&self.pool),
+            )
+            .await?;
+        Ok(row.map(|(t,)| from_millis(t)))
+    }
+
+    /// Every live revocation after `after` in token id order, at most `limit` of them.
+    pub(super) async fn live_after(
+        &self,
+        after: &str,
+        limit: i64,
+    ) -> Result<Vec<(String, SystemTime)>, StoreError> {
+        let now = millis(self.clock.now());
+        let rows: Vec<(String, i64)> = self
+            .call(
+                "select",
+                sqlx::query_as(
+                    "SELECT token_id, (extract(epoch FROM expires_at) * 1000)::int8 \
+                     FROM revoked_tokens WHERE token_id > $1 AND expires_at > to_timestamp($2 / 1000.0) \
+                     ORDER BY token_id LIMIT $3",
+                )
+                .bind(after)
+                .bind(now)
+                .bind(limit)
+                .fetch_all(&self.pool),
+            )
+            .await?;
+        Ok(rows
+            .into_iter()
+            .map(|(id, t)| (id, from_millis(t)))
+            .collect())
+    }
+}
+
+#[async_trait]
+impl Store for PostgresStore {
+    fn backend(&self) -> &'static str {
+        BACKEND
+    }
+
+    async fn revoke(&self, token_id: &str, until: SystemTime) -> Result<bool, StoreError> {
+        // `xmax = 0` holds only for a row this statement inserted.
+        let (inserted,): (bool,) = self
+            .call(
+                "insert",
+                sqlx::query_as(
+                    "INSERT INTO revoked_tokens (token_id, expires_at) \
+                     VALUES ($1, to_timestamp($2 / 1000.0)) \
+                     ON CONFLICT (token_id) DO UPDATE \
+                     SET expires_at = GREATEST(revoked_tokens.expires_at, EXCLUDED.expires_at) \
+                     RETURNING (xmax = 0)",
+                )
+                .bind(token_id)
+                .bind(millis(until))
+                .fetch_one(&self.pool),
+            )
+            .await?;
+        Ok(inserted)
+    }
+
+    async fn is_revoked(&self, token_id: &str) -> Result<bool, StoreError> {
+        Ok(self.revoked_until(token_id).await?.is_some())
+    }
+
+    async fn ping(&self) -> Result<(), StoreError> {
+        self.call("ping", sqlx::query("SELECT 1").execute(&self.pool))
+            .await
+            .map(|_| ())
+    }
+
+    async fn purge_expired(&self) -> Result<usize, StoreError> {
+        let now = millis(self.clock.now());
+        let mut total = 0;
+        loop {
+            let done = self
+                .call(
+                    "purge",
+                    sqlx::query(
+                        "DELETE FROM revoked_tokens WHERE token_id IN \
+                         (SELECT token_id FROM revoked_tokens \
+                          WHERE expires_at <= to_timestamp($1 / 1000.0) LIMIT $2)",
+                    )
+                    .bind(now)
+                    .bind(PURGE_BATCH)
+                    .execute(&self.pool),
+                )
+                .await?
+                .rows_affected() as usize;
+            total += done;
+            if done < PURGE_BATCH as usize {
+                return Ok(total);
+            }
+        }
+    }
+}
+
+/// Milliseconds since the epoch: how instants cross into SQL (`to_timestamp($n / 1000.0)`).
+fn millis(t: SystemTime) -> i64 {
+    t.duration_since(UNIX_EPOCH)
+        .map(|d| d.as_millis() as i64)
+        .unwrap_or(0)
+}
+
+fn from_millis(ms: i64) -> SystemTime {
+    UNIX_EPOCH + Duration::from_millis(ms.max(0) as u64)
+}
+
+fn unavailable(detail: impl Into<String>) -> StoreError {
+    StoreError {
+        backend: BACKEND,
+        detail: detail.into(),
+    }
+}

@@ -1,0 +1,471 @@
+//! Real backends for the tests. The behaviour suites share the machine's Redis and PostgreSQL,
+//! each test under names of its own (a key prefix, a fresh database). Tests that stop, kill or
+//! flush a backend start a throwaway server on a free port. A six-node Redis Cluster is
+//! started once per test binary.
+
+use std::net::TcpListener;
+use std::os::unix::process::CommandExt;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::sync::OnceLock;
+use std::time::{Duration, Instant};
+
+use super::now_nanos;
+
+pub const SHARED_REDIS: &str = "redis://127.0.0.1:6379";
+pub const SHARED_POSTGRES: &str = "postgres://postgres@127.0.0.1:5432";
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Backend {
+    Memory,
+    Redis,
+    RedisCluster,
+    Postgres,
+    Tiered,
+}
+
+/// The storage settings of a group of sidecars that share state; drops its database.
+pub struct Storage {
+    pub args: Vec<String>,
+    pub env: Vec<(String, String)>,
+    database: Option<String>,
+}
+
+impl Storage {
+    /// Fresh, isolated storage of the given kind on the shared servers.
+    pub fn new(backend: Backend) -> Storage {
+        let id = format!("t{}", now_nanos());
+        let mut s = Storage {
+            args: vec!["--storage".into(), format!("{backend:?}").to_lowercase()],
+            env: Vec::new(),
+            database: None,
+        };
+        match backend {
+            Backend::Memory => {
+                s.args = vec!["--storage".into(), "memory".into()];
+            }
+            Backend::Redis => s.redis(SHARED_REDIS, &id),
+            Backend::RedisCluster => {
+                s.args = vec!["--storage".into(), "redis".into()];
+                s.redis(&cluster().urls, &id);
+                s.env.push(("AUTH_REDIS_CLUSTER".into(), "true".into()));
+            }
+            Backend::Postgres => s.postgres(&id),
+            Backend::Tiered => {
+                s.args = vec!["--storage".into(), "tiered".into()];
+                s.redis(SHARED_REDIS, &id);
+                s.postgres(&id);
+            }
+        }
+        s
+    }
+
+    /// Storage on a throwaway Redis.
+    pub fn on_redis(server: &RedisServer) -> Storage {
+        let mut s = Storage {
+            args: vec!["--storage".into(), "redis".into()],
+            env: Vec::new(),
+            database: None,
+        };
+        s.redis(&server.url(), "t:");
+        s
+    }
+
+    /// Tiered storage on a throwaway Redis in front of the shared PostgreSQL.
+    pub fn tiered_on(server: &RedisServer) -> Storage {
+        let id = format!("t{}", now_nanos());
+        let mut s = Storage {
+            args: vec!["--storage".into(), "tiered".into()],
+            env: Vec::new(),
+            database: None,
+        };
+        s.redis(&server.url(), &id);
+        s.postgres(&id);
+        s
+    }
+
+    /// Storage on a throwaway PostgreSQL.
+    pub fn on_postgres(server: &PostgresServer) -> Storage {
+        Storage {
+            args: vec!["--storage".into(), "postgres".into()],
+            env: vec![("DATABASE_URL".into(), server.url())],
+            database: None,
+        }
+    }
+
+    fn redis(&mut self, url: &str, prefix: &str) {
+        self.env.push(("REDIS_URL".into(), url.into()));
+        self.args.push(format!("--redis-prefix={prefix}:"));
+    }
+
+    fn postgres(&mut self, name: &str) {
+        psql(&format!("CREATE DATABASE {name}"));
+        self.env
+            .push(("DATABASE_URL".into(), format!("{SHARED_POSTGRES}/{name}")));
+        self.database = Some(name.to_owned());
+    }
+}
+
+impl Drop for Storage {
+    fn drop(&mut self) {
+        if let Some(db) = &self.database {
+            psql(&format!("DROP DATABASE IF EXISTS {db} WITH (FORCE)"));
+        }
+    }
+}
+
+fn psql(sql: &str) {
+    let out = Command::new("psql")
+        .args([
+            "-h",
+            "127.0.0.1",
+            "-U",
+            "postgres",
+            "-d",
+            "postgres",
+            "-qc",
+            sql,
+        ])
+        .output()
+        .expect("run psql (PostgreSQL client)");
+    assert!(
+        out.status.success(),
+        "psql {sql}: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
+
+/// A port nobody listens on now.
+pub fn free_port() -> u16 {
+    TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+}
+
+/// Kills the child if the thread that spawned it dies, so no server outlives a crashed test.
+fn die_with_parent(cmd: &mut Command) -> &mut Command {
+    // SAFETY: prctl is async-signal-safe; it only sets this process's parent-death signal.
+    unsafe {
+        cmd.pre_exec(|| {
+            libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL);
+            Ok(())
+        })
+    }
+}
+
+/// Waits until `redis-cli -p port ping` answers PONG.
+fn wait_redis(port: u16) {
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while Instant::now() < deadline {
+        let out = Command::new("redis-cli")
+            .args(["-p", &port.to_string(), "ping"])
+            .output()
+            .expect("run redis-cli");
+        if String::from_utf8_lossy(&out.stdout).trim() == "PONG" {
+            return;
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    panic!("redis on port {port} did not start");
+}
+
+/// A throwaway Redis: no persistence, on a free port, killed when dropped.
+pub struct RedisServer {
+    pub port: u16,
+    child: Option<Child>,
+    extra: Vec<String>,
+}
+
+impl RedisServer {
+    pub fn start() -> RedisServer {
+        RedisServer::with_args(&[])
+    }
+
+    /// A Redis on a port chosen beforehand.
+    pub fn on_port(port: u16) -> RedisServer {
+        let mut server = RedisServer {
+            port,
+            child: None,
+            extra: Vec::new(),
+        };
+        server.restart();
+        server
+    }
+
+    pub fn with_args(extra: &[&str]) -> RedisServer {
+        let mut server = RedisServer {
+            port: free_port(),
+            child: None,
+            extra: extra.iter().map(|s| s.to_string()).collect(),
+        };
+        server.restart();
+        server
+    }
+
+    pub fn url(&self) -> String {
+        format!("redis://127.0.0.1:{}", self.port)
+    }
+
+    /// Starts it again on the same port (empty: it keeps nothing on disk).
+    pub fn restart(&mut self) {
+        let child = die_with_parent(
+            Command::new("redis-server")
+                .args(["--port", &self.port.to_string(), "--bind", "127.0.0.1"])
+                .args(["--save", "", "--appendonly", "no"])
+                .args(&self.extra)
+                .stdout(Stdio::null())
+                .stderr(Stdio::null()),
+        )
+        .spawn()
+        .expect("spawn redis-server");
+        self.child = Some(child);
+        wait_redis(self.port);
+    }
+
+    /// SIGKILL, as a crash would.
+    pub fn kill(&mut self) {
+        if let Some(mut c) = self.child.take() {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+
+    pub fn cli(&self, args: &[&str]) -> String {
+        let out = Command::new("redis-cli")
+            .args(["-p", &self.port.to_string()])
+            .args(args)
+            .output()
+            .expect("run redis-cli");
+        String::from_utf8_lossy(&out.stdout).trim().to_owned()
+    }
+}
+
+impl Drop for RedisServer {
+    fn drop(&mut self) {
+        self.kill();
+    }
+}
+
+/// A Redis Cluster of three masters and three replicas, shared by a test binary.
+pub struct Cluster {
+    pub urls: String,
+}
+
+/// Starts the cluster on first use. Its servers are spawned from a thread that lives as long
+/// as the test binary, so they die with it.
+pub fn cluster() -> &'static Cluster {
+    static CLUSTER: OnceLock<Cluster> = OnceLock::new();
+    CLUSTER.get_or_init(|| {
+        let (tx, rx) = std::sync::mpsc::channel();
+        std::thread::spawn(move || {
+            let dir = tempfile::tempdir().unwrap();
+            let ports: Vec<u16> = (0..6).map(|_| free_port()).collect();
+            let mut children = Vec::new();
+            for port in &ports {
+                let node_dir = dir.path().join(port.to_string());
+                std::fs::create_dir_all(&node_dir).unwrap();
+                let child = die_with_parent(
+                    Command::new("redis-server")
+                        .args(["--port", &port.to_string(), "--bind", "127.0.0.1"])
+                        .args([
+                            "--cluster-enabled",
+                            "yes",
+                            "--save",
+                            "",
+                            "--appendonly",
+                            "no",
+                        ])
+                        .arg("--dir")
+                        .arg(&node_dir)
+                        .stdout(Stdio::null())
+                        .stderr(Stdio::null()),
+                )
+                .spawn()
+                .expect("spawn redis-server");
+                children.push(child);
+            }
+            for port in &ports {
+                wait_redis(*port);
+            }
+            let nodes: Vec<String> = ports.iter().map(|p| format!("127.0.0.1:{p}")).collect();
+            let out = Command::new("redis-cli")
+                .arg("--cluster")
+                .arg("create")
+                .args(&nodes)
+                .args(["--cluster-replicas", "1", "--cluster-yes"])
+                .output()
+                .expect("run redis-cli --cluster create");
+            assert!(
+                out.status.success(),
+                "cluster create: {}",
+                String::from_utf8_lossy(&out.stdout)
+            );
+            wait_cluster_ok(&ports);
+            let urls = ports[..3]
+                .iter()
+                .map(|p| format!("redis://127.0.0.1:{p}"))
+                .collect::<Vec<_>>()
+                .join(",");
+            tx.send(urls).unwrap();
+            // Keep the servers' parent thread, and their directory, alive.
+            let _keep = (dir, children);
+            loop {
+                std::thread::park();
+            }
+        });
+        Cluster {
+            urls: rx
+                .recv_timeout(Duration::from_secs(60))
+                .expect("cluster started"),
+        }
+    })
+}
+
+fn wait_cluster_ok(ports: &[u16]) {
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while Instant::now() < deadline {
+        let all_ok = ports.iter().all(|p| {
+            let out = Command::new("redis-cli")
+                .args(["-p", &p.to_string(), "cluster", "info"])
+                .output()
+                .unwrap();
+            String::from_utf8_lossy(&out.stdout).contains("cluster_state:ok")
+        });
+        if all_ok {
+            return;
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    panic!("redis cluster did not reach cluster_state:ok");
+}
+
+/// A throwaway PostgreSQL in a temporary directory, run as the `postgres` user.
+pub struct PostgresServer {
+    pub port: u16,
+    dir: PathBuf,
+    child: Option<Child>,
+    uid: u32,
+    gid: u32,
+}
+
+impl PostgresServer {
+    pub fn start() -> PostgresServer {
+        let uid = id("-u");
+        let gid = id("-g");
+        let dir = std::env::temp_dir().join(format!("auth-sidecar-pg-{}", now_nanos()));
+        std::fs::create_dir_all(&dir).unwrap();
+        chown(&dir, uid, gid);
+        let out = Command::new(pg_bin().join("initdb"))
+            .args([
+                "-D",
+                dir.join("data").to_str().unwrap(),
+                "-U",
+                "postgres",
+                "-A",
+                "trust",
+            ])
+            .uid(uid)
+            .gid(gid)
+            .output()
+            .expect("run initdb");
+        assert!(
+            out.status.success(),
+            "initdb: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        let mut server = PostgresServer {
+            port: free_port(),
+            dir,
+            child: None,
+            uid,
+            gid,
+        };
+        server.restart();
+        server
+    }
+
+    pub fn url(&self) -> String {
+        format!("postgres://postgres@127.0.0.1:{}/postgres", self.port)
+    }
+
+    pub fn restart(&mut self) {
+        let child = die_with_parent(
+            Command::new(pg_bin().join("postgres"))
+                .args(["-D", self.dir.join("data").to_str().unwrap()])
+                .args([
+                    "-p",
+                    &self.port.to_string(),
+                    "-c",
+                    "listen_addresses=127.0.0.1",
+                ])
+                .args(["-k", self.dir.to_str().unwrap()])
+                .uid(self.uid)
+                .gid(self.gid)
+                .stdout(Stdio::null())
+                .stderr(Stdio::null()),
+        )
+        .spawn()
+        .expect("spawn postgres");
+        self.child = Some(child);
+        let deadline = Instant::now() + Duration::from_secs(20);
+        loop {
+            let ok = Command::new(pg_bin().join("pg_isready"))
+                .args(["-h", "127.0.0.1", "-p", &self.port.to_string()])
+                .output()
+                .map(|o| o.status.success())
+                .unwrap_or(false);
+            if ok {
+                return;
+            }
+            assert!(Instant::now() < deadline, "postgres did not start");
+            std::thread::sleep(Duration::from_millis(100));
+        }
+    }
+
+    /// SIGKILL to the postmaster, as a crash would; its backends follow.
+    pub fn kill(&mut self) {
+        if let Some(mut c) = self.child.take() {
+            let _ = c.kill();
+            let _ = c.wait();
+            // Wait for the backends to go, so the port and shared memory are free again.
+            std::thread::sleep(Duration::from_millis(500));
+        }
+    }
+}
+
+impl Drop for PostgresServer {
+    fn drop(&mut self) {
+        self.kill();
+        let _ = std::fs::remove_dir_all(&self.dir);
+    }
+}
+
+/// The newest installed PostgreSQL's binaries (Debian keeps them per major version).
+fn pg_bin() -> PathBuf {
+    let mut versions: Vec<(u32, PathBuf)> = std::fs::read_dir("/usr/lib/postgresql")
+        .expect("PostgreSQL is installed under /usr/lib/postgresql")
+        .filter_map(|e| {
+            let e = e.ok()?;
+            Some((e.file_name().to_str()?.parse().ok()?, e.path().join("bin")))
+        })
+        .collect();
+    versions.sort();
+    versions.pop().expect("a PostgreSQL version is installed").1
+}
+
+fn id(flag: &str) -> u32 {
+    let out = Command::new("id")
+        .args([flag, "postgres"])
+        .output()
+        .expect("id postgres");
+    String::from_utf8_lossy(&out.stdout)
+        .trim()
+        .parse()
+        .expect("the postgres user exists")
+}
+
+fn chown(path: &Path, uid: u32, gid: u32) {
+    std::os::unix::fs::chown(path, Some(uid), Some(gid)).expect("chown");
+}
