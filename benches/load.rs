@@ -1,6 +1,7 @@
-//! Load generator: keeps N calls in flight over M connections against a real sidecar process
+//! Load generator: keeps N calls in flight over M connections against real sidecar processes
 //! for a fixed time, and prints requests/s and p50/p99 latency for grpc.health.v1 Check (the
-//! ceiling of a no-op call on this server), Validate and Issue, in one run. Scenarios run in
+//! ceiling of a no-op call on this server), and Validate and Issue on every storage backend
+//! (memory, and the machine's Redis and PostgreSQL), in one run. Scenarios run in
 //! alternating rounds, so drift on a shared machine touches all of them alike; the figures are
 //! medians over the rounds, and each is given as a ratio to Check.
 //!
@@ -79,13 +80,25 @@ enum Scenario {
     Issue,
 }
 
-impl Scenario {
-    fn name(self) -> &'static str {
-        match self {
-            Scenario::Check => "grpc.health.v1 Check",
-            Scenario::Validate => "Validate (memory)",
-            Scenario::ValidateDistinct => "Validate, cache misses",
-            Scenario::Issue => "Issue (memory)",
+/// Storage backends measured; each gets a sidecar of its own.
+const BACKENDS: [&str; 4] = ["memory", "redis", "postgres", "tiered"];
+const BENCH_DATABASE: &str = "auth_sidecar_bench";
+
+/// A scenario against the sidecar of one backend.
+#[derive(Clone, Copy)]
+struct Case {
+    scenario: Scenario,
+    backend: usize,
+}
+
+impl Case {
+    fn name(self) -> String {
+        let backend = BACKENDS[self.backend];
+        match self.scenario {
+            Scenario::Check => format!("Check ({backend})"),
+            Scenario::Validate => format!("Validate ({backend})"),
+            Scenario::ValidateDistinct => format!("Validate misses ({backend})"),
+            Scenario::Issue => format!("Issue ({backend})"),
         }
     }
 }
@@ -107,8 +120,8 @@ fn main() {
     // sidecar with a one-CPU limit would run) and the load generator the others, so that
     // the figures measure the server rather than the scheduler's interleaving of the two.
     let pinned = cores >= 2;
-    let (mut child, api) = start_sidecar(pinned);
-    let pid = child.id();
+    prepare_backends();
+    let sidecars: Vec<(Child, String)> = BACKENDS.iter().map(|b| start_sidecar(b, pinned)).collect();
     if pinned {
         set_affinity(0, (1..cores).collect());
     }
@@ -117,47 +130,46 @@ fn main() {
         .enable_all()
         .build()
         .unwrap();
-    let scenarios: Vec<Scenario> = [
-        Scenario::Check,
-        Scenario::Validate,
-        Scenario::ValidateDistinct,
-        Scenario::Issue,
-    ]
-    .into_iter()
-    .filter(|s| {
-        opts.only
-            .as_ref()
-            .is_none_or(|o| s.name().contains(o.as_str()))
-    })
-    .collect();
-    let mut results: Vec<Vec<Round>> = scenarios.iter().map(|_| Vec::new()).collect();
+    // The ceiling first, then every backend's Validate and Issue; the verify cache's miss
+    // path on memory, where the store adds nothing to it.
+    let mut cases = vec![Case { scenario: Scenario::Check, backend: 0 }];
+    for backend in 0..BACKENDS.len() {
+        cases.push(Case { scenario: Scenario::Validate, backend });
+        if backend == 0 {
+            cases.push(Case { scenario: Scenario::ValidateDistinct, backend });
+        }
+        cases.push(Case { scenario: Scenario::Issue, backend });
+    }
+    cases.retain(|c| opts.only.as_ref().is_none_or(|o| c.name().contains(o.as_str())));
+    let mut results: Vec<Vec<Round>> = cases.iter().map(|_| Vec::new()).collect();
     runtime.block_on(async {
-        let channels = connect_all(&api, opts.connections).await;
-        let tokens = Arc::new(issue_tokens(&channels[0], DISTINCT_TOKENS).await);
+        let mut channels = Vec::new();
+        for (_, api) in &sidecars {
+            channels.push(connect_all(api, opts.connections).await);
+        }
+        // The same secret on every sidecar: a token from one validates on all.
+        let tokens = Arc::new(issue_tokens(&channels[0][0], DISTINCT_TOKENS).await);
         // Warm up connections, allocator and caches.
-        for &s in &scenarios {
-            run(
-                s,
-                &channels,
-                &tokens,
-                opts.concurrency,
-                Duration::from_millis(500),
-            )
-            .await;
+        for &c in &cases {
+            let warmup = Duration::from_millis(500);
+            run(c.scenario, &channels[c.backend], &tokens, opts.concurrency, warmup).await;
         }
         for _ in 0..opts.rounds {
-            for (i, s) in scenarios.iter().enumerate() {
+            for (i, c) in cases.iter().enumerate() {
                 let d = Duration::from_secs_f64(opts.seconds);
+                let pid = sidecars[c.backend].0.id();
                 let cpu_before = cpu_time(pid);
-                let mut round = run(*s, &channels, &tokens, opts.concurrency, d).await;
+                let mut round = run(c.scenario, &channels[c.backend], &tokens, opts.concurrency, d).await;
                 let calls = round.rps * d.as_secs_f64();
                 round.server_cpu = (cpu_time(pid) - cpu_before).div_f64(calls);
                 results[i].push(round);
             }
         }
     });
-    let _ = child.kill();
-    let _ = child.wait();
+    for (mut child, _) in sidecars {
+        let _ = child.kill();
+        let _ = child.wait();
+    }
 
     println!(
         "auth-sidecar load: {} rounds x {}s, {} calls in flight over {} connections, {} cores{}",
@@ -178,14 +190,14 @@ fn main() {
     );
     let ceiling = median(results[0].iter().map(|r| r.rps));
     // Without Check in the run, ratios are to the first scenario run.
-    for (s, rounds) in scenarios.iter().zip(&results) {
+    for (c, rounds) in cases.iter().zip(&results) {
         let rps = median(rounds.iter().map(|r| r.rps));
         let p50 = median(rounds.iter().map(|r| r.p50.as_secs_f64() * 1e6));
         let p99 = median(rounds.iter().map(|r| r.p99.as_secs_f64() * 1e6));
         let cpu = median(rounds.iter().map(|r| r.server_cpu.as_secs_f64() * 1e6));
         println!(
             "{:<24} {:>10.0} {:>8.0}us {:>8.0}us {:>8.2}x {:>12.1}us",
-            s.name(),
+            c.name(),
             rps,
             p50,
             p99,
@@ -329,19 +341,31 @@ fn set_affinity(pid: libc::pid_t, cpus: Vec<usize>) {
     }
 }
 
-fn start_sidecar(pinned: bool) -> (Child, String) {
+/// A fresh database for the PostgreSQL-backed sidecars (the machine's shared server).
+fn prepare_backends() {
+    for sql in [
+        format!("DROP DATABASE IF EXISTS {BENCH_DATABASE} WITH (FORCE)"),
+        format!("CREATE DATABASE {BENCH_DATABASE}"),
+    ] {
+        let ok = Command::new("psql")
+            .args(["-h", "127.0.0.1", "-U", "postgres", "-d", "postgres", "-qc", &sql])
+            .status()
+            .expect("run psql")
+            .success();
+        assert!(ok, "psql {sql} failed");
+    }
+}
+
+fn start_sidecar(backend: &str, pinned: bool) -> (Child, String) {
     let mut cmd = Command::new(env!("CARGO_BIN_EXE_auth-sidecar"));
-    cmd.args([
-        "serve",
-        "--listen",
-        "127.0.0.1:0",
-        "--ops-listen",
-        "127.0.0.1:0",
-    ])
-    .env("AUTH_JWT_SECRET", SECRET)
-    .env("RUST_LOG", "info")
-    .stdout(Stdio::null())
-    .stderr(Stdio::piped());
+    cmd.args(["serve", "--listen", "127.0.0.1:0", "--ops-listen", "127.0.0.1:0"])
+        .args(["--storage", backend, "--redis-prefix", "bench:"])
+        .env("REDIS_URL", "redis://127.0.0.1:6379")
+        .env("DATABASE_URL", format!("postgres://postgres@127.0.0.1:5432/{BENCH_DATABASE}"))
+        .env("AUTH_JWT_SECRET", SECRET)
+        .env("RUST_LOG", "info")
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped());
     if pinned {
         cmd.env("TOKIO_WORKER_THREADS", "1");
     }
