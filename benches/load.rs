@@ -121,7 +121,8 @@ fn main() {
     // the figures measure the server rather than the scheduler's interleaving of the two.
     let pinned = cores >= 2;
     prepare_backends();
-    let sidecars: Vec<(Child, String)> = BACKENDS.iter().map(|b| start_sidecar(b, pinned)).collect();
+    let sidecars: Vec<(Child, String)> =
+        BACKENDS.iter().map(|b| start_sidecar(b, pinned)).collect();
     if pinned {
         set_affinity(0, (1..cores).collect());
     }
@@ -132,15 +133,31 @@ fn main() {
         .unwrap();
     // The ceiling first, then every backend's Validate and Issue; the verify cache's miss
     // path on memory, where the store adds nothing to it.
-    let mut cases = vec![Case { scenario: Scenario::Check, backend: 0 }];
+    let mut cases = vec![Case {
+        scenario: Scenario::Check,
+        backend: 0,
+    }];
     for backend in 0..BACKENDS.len() {
-        cases.push(Case { scenario: Scenario::Validate, backend });
+        cases.push(Case {
+            scenario: Scenario::Validate,
+            backend,
+        });
         if backend == 0 {
-            cases.push(Case { scenario: Scenario::ValidateDistinct, backend });
+            cases.push(Case {
+                scenario: Scenario::ValidateDistinct,
+                backend,
+            });
         }
-        cases.push(Case { scenario: Scenario::Issue, backend });
+        cases.push(Case {
+            scenario: Scenario::Issue,
+            backend,
+        });
     }
-    cases.retain(|c| opts.only.as_ref().is_none_or(|o| c.name().contains(o.as_str())));
+    cases.retain(|c| {
+        opts.only
+            .as_ref()
+            .is_none_or(|o| c.name().contains(o.as_str()))
+    });
     let mut results: Vec<Vec<Round>> = cases.iter().map(|_| Vec::new()).collect();
     runtime.block_on(async {
         let mut channels = Vec::new();
@@ -152,14 +169,28 @@ fn main() {
         // Warm up connections, allocator and caches.
         for &c in &cases {
             let warmup = Duration::from_millis(500);
-            run(c.scenario, &channels[c.backend], &tokens, opts.concurrency, warmup).await;
+            run(
+                c.scenario,
+                &channels[c.backend],
+                &tokens,
+                opts.concurrency,
+                warmup,
+            )
+            .await;
         }
         for _ in 0..opts.rounds {
             for (i, c) in cases.iter().enumerate() {
                 let d = Duration::from_secs_f64(opts.seconds);
                 let pid = sidecars[c.backend].0.id();
                 let cpu_before = cpu_time(pid);
-                let mut round = run(c.scenario, &channels[c.backend], &tokens, opts.concurrency, d).await;
+                let mut round = run(
+                    c.scenario,
+                    &channels[c.backend],
+                    &tokens,
+                    opts.concurrency,
+                    d,
+                )
+                .await;
                 let calls = round.rps * d.as_secs_f64();
                 round.server_cpu = (cpu_time(pid) - cpu_before).div_f64(calls);
                 results[i].push(round);
@@ -348,7 +379,16 @@ fn prepare_backends() {
         format!("CREATE DATABASE {BENCH_DATABASE}"),
     ] {
         let ok = Command::new("psql")
-            .args(["-h", "127.0.0.1", "-U", "postgres", "-d", "postgres", "-qc", &sql])
+            .args([
+                "-h",
+                "127.0.0.1",
+                "-U",
+                "postgres",
+                "-d",
+                "postgres",
+                "-qc",
+                &sql,
+            ])
             .status()
             .expect("run psql")
             .success();
@@ -358,14 +398,23 @@ fn prepare_backends() {
 
 fn start_sidecar(backend: &str, pinned: bool) -> (Child, String) {
     let mut cmd = Command::new(env!("CARGO_BIN_EXE_auth-sidecar"));
-    cmd.args(["serve", "--listen", "127.0.0.1:0", "--ops-listen", "127.0.0.1:0"])
-        .args(["--storage", backend, "--redis-prefix", "bench:"])
-        .env("REDIS_URL", "redis://127.0.0.1:6379")
-        .env("DATABASE_URL", format!("postgres://postgres@127.0.0.1:5432/{BENCH_DATABASE}"))
-        .env("AUTH_JWT_SECRET", SECRET)
-        .env("RUST_LOG", "info")
-        .stdout(Stdio::null())
-        .stderr(Stdio::piped());
+    cmd.args([
+        "serve",
+        "--listen",
+        "127.0.0.1:0",
+        "--ops-listen",
+        "127.0.0.1:0",
+    ])
+    .args(["--storage", backend, "--redis-prefix", "bench:"])
+    .env("REDIS_URL", "redis://127.0.0.1:6379")
+    .env(
+        "DATABASE_URL",
+        format!("postgres://postgres@127.0.0.1:5432/{BENCH_DATABASE}"),
+    )
+    .env("AUTH_JWT_SECRET", SECRET)
+    .env("RUST_LOG", "info")
+    .stdout(Stdio::null())
+    .stderr(Stdio::piped());
     if pinned {
         cmd.env("TOKIO_WORKER_THREADS", "1");
     }
