@@ -78,6 +78,7 @@ enum Scenario {
     Validate,
     ValidateDistinct,
     Issue,
+    RateLimit,
 }
 
 /// Storage backends measured; each gets a sidecar of its own.
@@ -99,6 +100,7 @@ impl Case {
             Scenario::Validate => format!("Validate ({backend})"),
             Scenario::ValidateDistinct => format!("Validate misses ({backend})"),
             Scenario::Issue => format!("Issue ({backend})"),
+            Scenario::RateLimit => format!("CheckRateLimit ({backend})"),
         }
     }
 }
@@ -137,7 +139,7 @@ fn main() {
         scenario: Scenario::Check,
         backend: 0,
     }];
-    for backend in 0..BACKENDS.len() {
+    for (backend, name) in BACKENDS.iter().enumerate() {
         cases.push(Case {
             scenario: Scenario::Validate,
             backend,
@@ -152,6 +154,12 @@ fn main() {
             scenario: Scenario::Issue,
             backend,
         });
+        if *name == "memory" || *name == "redis" {
+            cases.push(Case {
+                scenario: Scenario::RateLimit,
+                backend,
+            });
+        }
     }
     cases.retain(|c| {
         opts.only
@@ -305,6 +313,16 @@ async fn run(
                             .await
                             .unwrap();
                         assert!(r.get_ref().valid);
+                    }
+                    Scenario::RateLimit => {
+                        // One key per caller: the step's own cost, not contention on a key.
+                        api.check_rate_limit(pb::CheckRateLimitRequest {
+                            policy: "bench".into(),
+                            key: format!("caller-{i}"),
+                            cost: None,
+                        })
+                        .await
+                        .unwrap();
                     }
                     Scenario::Issue => {
                         api.issue(pb::IssueRequest {

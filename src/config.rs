@@ -103,6 +103,17 @@ pub struct ServeArgs {
     #[arg(long, env = "AUTH_LEEWAY", default_value = "30s", value_parser = parse_duration)]
     pub leeway: Duration,
 
+    /// A rate-limit policy NAME=COUNT/PERIOD[:burst=B][:lockout=D], such as
+    /// login=5/1m:lockout=15m or api=100/1s:burst=20. Repeat the flag, or separate them with
+    /// commas in the environment; a [rate_limits] table in the file.
+    #[arg(
+        long = "rate-limit",
+        env = "AUTH_RATE_LIMITS",
+        value_delimiter = ',',
+        value_name = "SPEC"
+    )]
+    pub rate_limits: Vec<crate::ratelimit::Policy>,
+
     /// Memory for remembering tokens whose signature verified, so that a token presented
     /// again is not decoded again (every other check still runs): a size such as 8MiB, or 0
     /// to turn it off.
@@ -205,6 +216,7 @@ pub struct Config {
     pub max_ttl: Duration,
     pub leeway: Duration,
     pub verify_cache: u64,
+    pub rate_limits: Vec<crate::ratelimit::Policy>,
     pub shutdown_delay: Duration,
     pub shutdown_grace: Duration,
 }
@@ -280,6 +292,15 @@ impl TryFrom<ServeArgs> for Config {
                 "must be greater than zero",
             ));
         }
+        let mut names = BTreeSet::new();
+        for policy in &args.rate_limits {
+            if !names.insert(policy.name.as_str()) {
+                return Err(ConfigError::new(
+                    "--rate-limit",
+                    format!("policy `{}` is given twice", policy.name),
+                ));
+            }
+        }
         if args.issuer.is_empty() {
             return Err(ConfigError::new("--issuer", "must not be empty"));
         }
@@ -324,6 +345,7 @@ impl TryFrom<ServeArgs> for Config {
             max_ttl: args.max_ttl,
             leeway: args.leeway,
             verify_cache: args.verify_cache,
+            rate_limits: args.rate_limits,
             shutdown_delay: args.shutdown_delay,
             shutdown_grace: args.shutdown_grace,
         })
@@ -382,6 +404,15 @@ fn read_file(path: &std::path::Path) -> Result<Vec<(String, String)>, ConfigErro
                 return Err(in_file(format!("unknown setting `{key}`")));
             }
             let value = match value {
+                // [rate_limits] name = "COUNT/PERIOD..." becomes the list the flag takes.
+                toml::Value::Table(t) if key == "rate_limits" => t
+                    .into_iter()
+                    .map(|(name, spec)| match spec {
+                        toml::Value::String(spec) => Ok(format!("{name}={spec}")),
+                        _ => Err(in_file(format!("rate_limits.{name} must be a string"))),
+                    })
+                    .collect::<Result<Vec<_>, _>>()?
+                    .join(","),
                 toml::Value::String(s) => s,
                 toml::Value::Integer(i) => i.to_string(),
                 toml::Value::Boolean(b) => b.to_string(),
@@ -492,6 +523,19 @@ mod tests {
         let c = parse(&["--config", file.to_str().unwrap(), "--max-ttl", "3h"]).unwrap();
         assert_eq!(c.issuer, "from-file");
         assert_eq!(c.max_ttl, Duration::from_secs(3 * 3600));
+
+        std::fs::write(
+            &file,
+            "[rate_limits]\nlogin = \"5/1m:lockout=15m\"\napi = \"100/1s:burst=20\"\n",
+        )
+        .unwrap();
+        let c = parse(&["--config", file.to_str().unwrap()]).unwrap();
+        let names: Vec<_> = c.rate_limits.iter().map(|p| p.name.as_str()).collect();
+        assert_eq!(names, ["api", "login"]);
+        let err = parse(&["--rate-limit", "login=5/1m", "--rate-limit", "login=1/1s"]).unwrap_err();
+        assert!(err.to_string().contains("twice"), "{err}");
+        let err = parse(&["--rate-limit", "login=5/1x"]).unwrap_err();
+        assert!(err.to_string().contains("login=5/1x"), "{err}");
 
         std::fs::write(&file, "bogus = 1\n").unwrap();
         let err = parse(&["--config", file.to_str().unwrap()]).unwrap_err();

@@ -12,6 +12,7 @@ pub mod health;
 pub mod keys;
 pub mod ops;
 pub mod pb;
+pub mod ratelimit;
 pub mod server;
 pub mod store;
 pub mod tokens;

@@ -19,6 +19,7 @@ use crate::health::Health;
 use crate::keys::{KeySet, SigningKey};
 use crate::pb;
 use crate::pb::token_service_server::TokenServiceServer;
+use crate::ratelimit::RateLimiter;
 use crate::store;
 use crate::tokens::{Settings, Tokens};
 
@@ -28,6 +29,7 @@ const PURGE_INTERVAL: Duration = Duration::from_secs(60);
 /// The state every service is built from.
 pub struct App {
     pub tokens: Arc<Tokens>,
+    pub limits: Arc<RateLimiter>,
     pub health: Health,
 }
 
@@ -49,9 +51,11 @@ impl App {
             }
         };
         let store = store::open(config, clock.clone())?;
+        let limits = RateLimiter::new(&config.rate_limits, store.clone());
         let tokens = Tokens::new(Settings::from(config), keys, store, clock);
         Ok(App {
             tokens: Arc::new(tokens),
+            limits: Arc::new(limits),
             health: Health::new(drained).await,
         })
     }
@@ -63,12 +67,13 @@ impl App {
                 .register_encoded_file_descriptor_set(pb::FILE_DESCRIPTOR_SET)
                 .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
         };
-        Ok(
-            Routes::new(TokenServiceServer::new(TokenApi::new(self.tokens.clone())))
-                .add_service(self.health.service())
-                .add_service(reflection().build_v1()?)
-                .add_service(reflection().build_v1alpha()?),
-        )
+        Ok(Routes::new(TokenServiceServer::new(TokenApi::new(
+            self.tokens.clone(),
+            self.limits.clone(),
+        )))
+        .add_service(self.health.service())
+        .add_service(reflection().build_v1()?)
+        .add_service(reflection().build_v1alpha()?))
     }
 }
 
@@ -129,6 +134,7 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
         api = %api_addr,
         ops = %ops_addr,
         storage = %app.tokens.store().backend(),
+        rate_limits = config.rate_limits.len(),
         issuer = %config.issuer,
         "serving"
     );

@@ -7,6 +7,7 @@ use prost_types::value::Kind as ValueKind;
 use serde_json::{Map, Number, Value};
 
 use crate::pb;
+use crate::ratelimit::Decision;
 use crate::tokens::{
     Error, IssueParams, Issued, Kind, MAX_TOKEN_LEN, Reason, RevokeTarget, Verdict,
 };
@@ -104,6 +105,18 @@ impl From<Verdict> for pb::ValidateResponse {
                 reason: pb::InvalidReason::from(reason).into(),
                 ..Default::default()
             },
+        }
+    }
+}
+
+impl From<Decision> for pb::CheckRateLimitResponse {
+    fn from(d: Decision) -> Self {
+        pb::CheckRateLimitResponse {
+            allowed: d.allowed,
+            limit: d.limit,
+            remaining: d.remaining,
+            retry_after: Some(d.retry_after.try_into().unwrap_or_default()),
+            reset_after: Some(d.reset_after.try_into().unwrap_or_default()),
         }
     }
 }

@@ -9,6 +9,7 @@ use tonic::{Request, Response, Status};
 
 use crate::pb;
 use crate::pb::token_service_server::TokenService;
+use crate::ratelimit::{self, RateLimiter};
 use crate::tokens::{self, IssueParams, RevokeTarget, Tokens};
 
 use convert::ValidateParams;
@@ -16,11 +17,12 @@ pub use convert::{json_to_struct, struct_to_json};
 
 pub struct TokenApi {
     tokens: Arc<Tokens>,
+    limits: Arc<RateLimiter>,
 }
 
 impl TokenApi {
-    pub fn new(tokens: Arc<Tokens>) -> TokenApi {
-        TokenApi { tokens }
+    pub fn new(tokens: Arc<Tokens>, limits: Arc<RateLimiter>) -> TokenApi {
+        TokenApi { tokens, limits }
     }
 }
 
@@ -58,22 +60,45 @@ impl TokenService for TokenApi {
 
     async fn check_rate_limit(
         &self,
-        _request: Request<pb::CheckRateLimitRequest>,
+        request: Request<pb::CheckRateLimitRequest>,
     ) -> Result<Response<pb::CheckRateLimitResponse>, Status> {
-        Err(Status::unimplemented(
-            "rate limiting is not implemented yet",
-        ))
+        let req = request.into_inner();
+        let cost = req.cost.unwrap_or(1);
+        let decision = self.limits.check(&req.policy, &req.key, cost).await?;
+        Ok(Response::new(decision.into()))
     }
+
+    async fn reset_rate_limit(
+        &self,
+        request: Request<pb::ResetRateLimitRequest>,
+    ) -> Result<Response<pb::ResetRateLimitResponse>, Status> {
+        let req = request.into_inner();
+        self.limits.reset(&req.policy, &req.key).await?;
+        Ok(Response::new(pb::ResetRateLimitResponse {}))
+    }
+}
+
+impl From<ratelimit::Error> for Status {
+    fn from(err: ratelimit::Error) -> Status {
+        match err {
+            ratelimit::Error::UnknownPolicy(_) => Status::not_found(err.to_string()),
+            ratelimit::Error::InvalidArgument { .. } => Status::invalid_argument(err.to_string()),
+            ratelimit::Error::Store(e) => store_unavailable(e),
+        }
+    }
+}
+
+/// A store that could not answer: the detail to the log, UNAVAILABLE to the caller.
+fn store_unavailable(e: crate::store::StoreError) -> Status {
+    tracing::warn!(backend = e.backend, error = %e.detail, "store call failed");
+    Status::unavailable(format!("{} store unavailable", e.backend))
 }
 
 impl From<tokens::Error> for Status {
     fn from(err: tokens::Error) -> Status {
         match err {
             tokens::Error::InvalidArgument { .. } => Status::invalid_argument(err.to_string()),
-            tokens::Error::Store(e) => {
-                tracing::warn!(backend = e.backend, error = %e.detail, "store call failed");
-                Status::unavailable(format!("{} store unavailable", e.backend))
-            }
+            tokens::Error::Store(e) => store_unavailable(e),
             tokens::Error::Signing(detail) => {
                 tracing::error!(error = %detail, "signing failed");
                 Status::internal("signing failed")

@@ -10,10 +10,13 @@ use dashmap::mapref::entry::Entry;
 
 use super::{Store, StoreError};
 use crate::clock::Clock;
+use crate::ratelimit::{Decision, Gcra, KeyState, gcra};
 
 pub struct MemoryStore {
     clock: Arc<dyn Clock>,
     revoked: DashMap<String, SystemTime>,
+    /// Rate-limit state by (policy, key).
+    limits: DashMap<(String, String), KeyState>,
 }
 
 impl MemoryStore {
@@ -21,6 +24,7 @@ impl MemoryStore {
         MemoryStore {
             clock,
             revoked: DashMap::new(),
+            limits: DashMap::new(),
         }
     }
 }
@@ -57,13 +61,54 @@ impl Store for MemoryStore {
         Ok(())
     }
 
+    async fn rate_limit(
+        &self,
+        policy: &str,
+        key: &str,
+        p: Gcra,
+        cost: u32,
+    ) -> Result<Decision, StoreError> {
+        let now = now_us(self.clock.now());
+        let id = (policy.to_owned(), key.to_owned());
+        // The entry holds its shard's lock: the step is atomic for this key.
+        Ok(match self.limits.entry(id) {
+            Entry::Occupied(mut e) => {
+                let (decision, new) = gcra(*e.get(), now, p, cost as i64);
+                if let Some(new) = new {
+                    e.insert(new);
+                }
+                decision
+            }
+            Entry::Vacant(e) => {
+                let (decision, new) = gcra(KeyState::default(), now, p, cost as i64);
+                if let Some(new) = new {
+                    e.insert(new);
+                }
+                decision
+            }
+        })
+    }
+
+    async fn reset_rate_limit(&self, policy: &str, key: &str) -> Result<(), StoreError> {
+        self.limits.remove(&(policy.to_owned(), key.to_owned()));
+        Ok(())
+    }
+
     async fn purge_expired(&self) -> Result<usize, StoreError> {
         // `retain` locks one shard at a time, so callers on other shards are not held up.
         let now = self.clock.now();
-        let before = self.revoked.len();
+        let before = self.revoked.len() + self.limits.len();
         self.revoked.retain(|_, until| *until > now);
-        Ok(before.saturating_sub(self.revoked.len()))
+        let now = now_us(now);
+        self.limits.retain(|_, state| state.expires_us() > now);
+        Ok(before.saturating_sub(self.revoked.len() + self.limits.len()))
     }
+}
+
+fn now_us(t: SystemTime) -> i64 {
+    t.duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_micros() as i64)
+        .unwrap_or(0)
 }
 
 #[cfg(test)]

@@ -13,6 +13,7 @@ use async_trait::async_trait;
 
 use crate::clock::Clock;
 use crate::config::{Config, Storage};
+use crate::ratelimit::{Decision, Gcra};
 
 pub use memory::MemoryStore;
 pub use postgres::PostgresStore;
@@ -42,6 +43,19 @@ pub trait Store: Send + Sync + 'static {
 
     /// Whether the backend answers. Never writes, never scans.
     async fn ping(&self) -> Result<(), StoreError>;
+
+    /// One rate-limit step for `key` under `policy`, atomic in the backend, on the backend's
+    /// clock (so the nodes' clocks do not matter).
+    async fn rate_limit(
+        &self,
+        policy: &str,
+        key: &str,
+        gcra: Gcra,
+        cost: u32,
+    ) -> Result<Decision, StoreError>;
+
+    /// Forgets `key` under `policy`: full allowance, no lockout.
+    async fn reset_rate_limit(&self, policy: &str, key: &str) -> Result<(), StoreError>;
 
     /// Drops records whose lifetime has passed, in bounded batches; returns how many. Runs
     /// from a background task, never on a request or probe path.

@@ -15,6 +15,7 @@ use sqlx::postgres::{PgConnectOptions, PgPoolOptions};
 use super::{Store, StoreError};
 use crate::clock::Clock;
 use crate::config::Config;
+use crate::ratelimit::{Decision, Gcra};
 
 const BACKEND: &str = "postgres";
 
@@ -187,29 +188,78 @@ impl Store for PostgresStore {
             .map(|_| ())
     }
 
+    async fn rate_limit(
+        &self,
+        policy: &str,
+        key: &str,
+        p: Gcra,
+        cost: u32,
+    ) -> Result<Decision, StoreError> {
+        let (allowed, remaining, retry_us, reset_us): (bool, i64, i64, i64) = self
+            .call(
+                "rate_limit",
+                sqlx::query_as("SELECT * FROM auth_sidecar_rate_limit($1, $2, $3, $4, $5, $6)")
+                    .bind(policy)
+                    .bind(key)
+                    .bind(p.interval_us)
+                    .bind(p.burst)
+                    .bind(p.lockout_us)
+                    .bind(cost as i64)
+                    .fetch_one(&self.pool),
+            )
+            .await?;
+        let micros = |us: i64| Duration::from_micros(us.max(0) as u64);
+        Ok(Decision {
+            allowed,
+            limit: p.burst as u32,
+            remaining: remaining.max(0) as u32,
+            retry_after: micros(retry_us),
+            reset_after: micros(reset_us),
+        })
+    }
+
+    async fn reset_rate_limit(&self, policy: &str, key: &str) -> Result<(), StoreError> {
+        self.call(
+            "delete",
+            sqlx::query("DELETE FROM rate_limits WHERE policy = $1 AND key = $2")
+                .bind(policy)
+                .bind(key)
+                .execute(&self.pool),
+        )
+        .await
+        .map(|_| ())
+    }
+
     async fn purge_expired(&self) -> Result<usize, StoreError> {
         let now = millis(self.clock.now());
         let mut total = 0;
-        loop {
-            let done = self
-                .call(
-                    "purge",
-                    sqlx::query(
-                        "DELETE FROM revoked_tokens WHERE token_id IN \
-                         (SELECT token_id FROM revoked_tokens \
-                          WHERE expires_at <= to_timestamp($1 / 1000.0) LIMIT $2)",
+        // Both tables, each in bounded batches by its expiry index.
+        for sql in [
+            "DELETE FROM revoked_tokens WHERE token_id IN \
+             (SELECT token_id FROM revoked_tokens \
+              WHERE expires_at <= to_timestamp($1 / 1000.0) LIMIT $2)",
+            "DELETE FROM rate_limits WHERE (policy, key) IN \
+             (SELECT policy, key FROM rate_limits \
+              WHERE expires_at <= to_timestamp($1 / 1000.0) LIMIT $2)",
+        ] {
+            loop {
+                let done = self
+                    .call(
+                        "purge",
+                        sqlx::query(sql)
+                            .bind(now)
+                            .bind(PURGE_BATCH)
+                            .execute(&self.pool),
                     )
-                    .bind(now)
-                    .bind(PURGE_BATCH)
-                    .execute(&self.pool),
-                )
-                .await?
-                .rows_affected() as usize;
-            total += done;
-            if done < PURGE_BATCH as usize {
-                return Ok(total);
+                    .await?
+                    .rows_affected() as usize;
+                total += done;
+                if done < PURGE_BATCH as usize {
+                    break;
+                }
             }
         }
+        Ok(total)
     }
 }
 

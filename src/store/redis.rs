@@ -15,6 +15,7 @@ use tokio::sync::OnceCell;
 
 use super::{Store, StoreError};
 use crate::config::Config;
+use crate::ratelimit::{Decision, Gcra};
 
 const BACKEND: &str = "redis";
 
@@ -29,6 +30,48 @@ if redis.call('SET', KEYS[1], '1', 'NX', 'PXAT', ARGV[1]) then
 end
 redis.call('PEXPIREAT', KEYS[1], ARGV[1], 'GT')
 return 0
+"#;
+
+/// One GCRA step on the server's clock (`TIME`), the same arithmetic as `gcra` in
+/// src/ratelimit.rs. One hash per (policy, key) holds `tat` and `lock` (microseconds), so a
+/// step touches one key and works on Redis Cluster. ARGV: interval_us, burst, lockout_us,
+/// cost. Returns {allowed, remaining, retry_after_us, reset_after_us}.
+const RATE_LIMIT: &str = r#"
+local t = redis.call('TIME')
+local now = tonumber(t[1]) * 1000000 + tonumber(t[2])
+local interval, burst = tonumber(ARGV[1]), tonumber(ARGV[2])
+local lockout, cost = tonumber(ARGV[3]), tonumber(ARGV[4])
+local state = redis.call('HMGET', KEYS[1], 'tat', 'lock')
+local tat = tonumber(state[1]) or 0
+local lock = tonumber(state[2]) or 0
+local capacity = burst * interval
+local function remaining(at)
+  return math.max(0, math.min(burst, math.floor((now + capacity - at) / interval)))
+end
+local function expire_at(us)
+  redis.call('PEXPIREAT', KEYS[1], math.ceil(us / 1000) + 1)
+end
+if lock > now then
+  return {0, 0, lock - now, math.max(tat, lock) - now}
+end
+if tat < now then tat = now end
+local new_tat = tat + math.max(cost, 1) * interval
+local allow_at = new_tat - capacity
+if now < allow_at then
+  if lockout > 0 and cost > 0 then
+    local until_us = now + lockout
+    redis.call('HSET', KEYS[1], 'lock', string.format('%d', until_us))
+    expire_at(math.max(tat, until_us))
+    return {0, remaining(tat), lockout, math.max(tat, until_us) - now}
+  end
+  return {0, remaining(tat), allow_at - now, tat - now}
+end
+if cost == 0 then
+  return {1, remaining(tat), 0, tat - now}
+end
+redis.call('HSET', KEYS[1], 'tat', string.format('%d', new_tat), 'lock', '0')
+expire_at(new_tat)
+return {1, remaining(new_tat), 0, new_tat - now}
 "#;
 
 /// A connection to one Redis or to a cluster; cloning shares it.
@@ -72,6 +115,7 @@ pub struct RedisStore {
     prefix: String,
     timeout: Duration,
     revoke: Arc<Script>,
+    rate_limit: Arc<Script>,
 }
 
 impl RedisStore {
@@ -95,6 +139,7 @@ impl RedisStore {
             prefix: config.redis_prefix.clone(),
             timeout,
             revoke: Arc::new(Script::new(REVOKE)),
+            rate_limit: Arc::new(Script::new(RATE_LIMIT)),
         };
         let cell = store.conn.clone();
         tokio::spawn(async move {
@@ -120,6 +165,12 @@ impl RedisStore {
     /// The key of a revoked token id. Every key name is made here.
     fn revoked_key(&self, token_id: &str) -> String {
         format!("{}revoked:{token_id}", self.prefix)
+    }
+
+    /// The key of one (policy, key) rate-limit state. The two parts are length-prefixed, so
+    /// no policy and key pair can name another's state.
+    fn rate_key(&self, policy: &str, key: &str) -> String {
+        format!("{}rl:{}:{policy}:{key}", self.prefix, policy.len())
     }
 
     /// Marks that Redis holds every live revocation that PostgreSQL holds (tiered storage).
@@ -244,6 +295,47 @@ impl Store for RedisStore {
         .await
     }
 
+    async fn rate_limit(
+        &self,
+        policy: &str,
+        key: &str,
+        p: Gcra,
+        cost: u32,
+    ) -> Result<Decision, StoreError> {
+        let redis_key = self.rate_key(policy, key);
+        let script = self.rate_limit.clone();
+        let (allowed, remaining, retry_us, reset_us): (i64, i64, i64, i64) = self
+            .call("rate_limit", |mut c| async move {
+                script
+                    .key(redis_key)
+                    .arg(p.interval_us)
+                    .arg(p.burst)
+                    .arg(p.lockout_us)
+                    .arg(cost)
+                    .invoke_async(&mut c)
+                    .await
+            })
+            .await?;
+        Ok(Decision {
+            allowed: allowed == 1,
+            limit: p.burst as u32,
+            remaining: remaining.max(0) as u32,
+            retry_after: micros(retry_us),
+            reset_after: micros(reset_us),
+        })
+    }
+
+    async fn reset_rate_limit(&self, policy: &str, key: &str) -> Result<(), StoreError> {
+        let redis_key = self.rate_key(policy, key);
+        self.call("del", |mut c| async move {
+            redis::cmd("DEL")
+                .arg(redis_key)
+                .query_async::<()>(&mut c)
+                .await
+        })
+        .await
+    }
+
     async fn purge_expired(&self) -> Result<usize, StoreError> {
         Ok(0) // every key carries its own TTL
     }
@@ -285,6 +377,10 @@ impl Connector {
             ))
         }
     }
+}
+
+fn micros(us: i64) -> Duration {
+    Duration::from_micros(us.max(0) as u64)
 }
 
 fn unix_millis(t: SystemTime) -> u64 {

@@ -15,6 +15,7 @@ use async_trait::async_trait;
 use super::postgres::PostgresStore;
 use super::redis::RedisStore;
 use super::{Store, StoreError};
+use crate::ratelimit::{Decision, Gcra};
 
 /// Rows copied per batch when refilling Redis.
 const REFILL_BATCH: i64 = 1000;
@@ -109,6 +110,21 @@ impl Store for TieredStore {
     async fn ping(&self) -> Result<(), StoreError> {
         let (redis, postgres) = tokio::join!(self.redis.ping(), self.postgres.ping());
         redis.and(postgres)
+    }
+
+    /// Counters are ephemeral: they live in Redis only.
+    async fn rate_limit(
+        &self,
+        policy: &str,
+        key: &str,
+        gcra: Gcra,
+        cost: u32,
+    ) -> Result<Decision, StoreError> {
+        self.redis.rate_limit(policy, key, gcra, cost).await
+    }
+
+    async fn reset_rate_limit(&self, policy: &str, key: &str) -> Result<(), StoreError> {
+        self.redis.reset_rate_limit(policy, key).await
     }
 
     async fn purge_expired(&self) -> Result<usize, StoreError> {

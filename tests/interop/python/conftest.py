@@ -44,7 +44,8 @@ def sidecar():
     env = {k: v for k, v in os.environ.items() if not k.startswith("AUTH_")}
     env.update(AUTH_JWT_SECRET=SECRET, RUST_LOG="info")
     proc = subprocess.Popen(
-        [binary, "serve", "--listen", "127.0.0.1:0", "--ops-listen", "127.0.0.1:0"],
+        [binary, "serve", "--listen", "127.0.0.1:0", "--ops-listen", "127.0.0.1:0",
+         "--rate-limit", "py=2/1h"],
         env=env,
         stdin=subprocess.DEVNULL,
         stdout=subprocess.DEVNULL,

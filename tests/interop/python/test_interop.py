@@ -54,6 +54,28 @@ def test_errors_are_grpc_statuses_naming_the_field(stubs, sidecar):
         assert garbage.reason == pb.INVALID_REASON_MALFORMED
 
 
+def test_rate_limit_cost_unset_counts_one_and_zero_peeks(stubs, sidecar):
+    pb, pb_grpc = stubs
+    with grpc.insecure_channel(sidecar) as channel:
+        api = pb_grpc.TokenServiceStub(channel)
+        peek = api.CheckRateLimit(pb.CheckRateLimitRequest(policy="py", key="k", cost=0))
+        assert peek.allowed and peek.remaining == 2
+        first = api.CheckRateLimit(pb.CheckRateLimitRequest(policy="py", key="k"))
+        assert first.allowed and first.remaining == 1
+        api.CheckRateLimit(pb.CheckRateLimitRequest(policy="py", key="k"))
+        denied = api.CheckRateLimit(pb.CheckRateLimitRequest(policy="py", key="k"))
+        assert not denied.allowed
+        assert denied.retry_after.seconds > 0
+        api.ResetRateLimit(pb.ResetRateLimitRequest(policy="py", key="k"))
+        assert api.CheckRateLimit(pb.CheckRateLimitRequest(policy="py", key="k")).allowed
+        try:
+            api.CheckRateLimit(pb.CheckRateLimitRequest(policy="nope", key="k"))
+        except grpc.RpcError as err:
+            assert err.code() == grpc.StatusCode.NOT_FOUND
+        else:
+            raise AssertionError("an unknown policy was accepted")
+
+
 def test_health_check(sidecar):
     with grpc.insecure_channel(sidecar) as channel:
         health = health_pb2_grpc.HealthStub(channel)
