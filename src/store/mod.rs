@@ -6,8 +6,9 @@ pub mod postgres;
 mod redis;
 mod tiered;
 
+use std::fmt::Display;
 use std::sync::Arc;
-use std::time::SystemTime;
+use std::time::{Duration, SystemTime};
 
 use async_trait::async_trait;
 
@@ -60,6 +61,63 @@ pub trait Store: Send + Sync + 'static {
     /// Drops records whose lifetime has passed, in bounded batches; returns how many. Runs
     /// from a background task, never on a request or probe path.
     async fn purge_expired(&self) -> Result<usize, StoreError>;
+}
+
+/// First and longest wait between attempts of [`retry_in_background`].
+const FIRST_BACKOFF: Duration = Duration::from_millis(100);
+const MAX_BACKOFF: Duration = Duration::from_secs(5);
+
+/// Runs `attempt` in a background task until it succeeds (connecting, migrating), waiting
+/// 100 ms after the first failure and twice as long after each next one, up to 5 s; then
+/// hands the result to `done`. A backend that is down at start thus never stops the sidecar.
+fn retry_in_background<T, E, F, Fut>(
+    backend: &'static str,
+    what: &'static str,
+    mut attempt: F,
+    done: impl FnOnce(T) + Send + 'static,
+) where
+    T: Send + 'static,
+    E: Display + Send + 'static,
+    F: FnMut() -> Fut + Send + 'static,
+    Fut: Future<Output = Result<T, E>> + Send,
+{
+    tokio::spawn(async move {
+        let mut backoff = FIRST_BACKOFF;
+        loop {
+            match attempt().await {
+                Ok(value) => {
+                    tracing::info!(backend, "{what}: done");
+                    return done(value);
+                }
+                Err(e) => {
+                    tracing::warn!(backend, error = %e, retry_in = ?backoff, "{what}: failed");
+                    tokio::time::sleep(backoff).await;
+                    backoff = (backoff * 2).min(MAX_BACKOFF);
+                }
+            }
+        }
+    });
+}
+
+/// Runs one backend call, bounded by `timeout`; a failure or a timeout is a [`StoreError`]
+/// naming the operation.
+async fn bounded<T, E: Display>(
+    backend: &'static str,
+    op: &'static str,
+    timeout: Duration,
+    call: impl Future<Output = Result<T, E>>,
+) -> Result<T, StoreError> {
+    match tokio::time::timeout(timeout, call).await {
+        Ok(Ok(v)) => Ok(v),
+        Ok(Err(e)) => Err(StoreError {
+            backend,
+            detail: format!("{op}: {e}"),
+        }),
+        Err(_) => Err(StoreError {
+            backend,
+            detail: format!("{op}: timed out after {timeout:?}"),
+        }),
+    }
 }
 
 /// The one place that turns the configured backend into a store. Returns at once: shared

@@ -22,9 +22,6 @@ const BACKEND: &str = "postgres";
 /// Rows deleted per purge statement, so a purge never holds locks for long.
 const PURGE_BATCH: i64 = 1000;
 
-/// Longest wait between two attempts to migrate at start.
-const MAX_BACKOFF: Duration = Duration::from_secs(5);
-
 pub static MIGRATOR: Migrator = sqlx::migrate!("./migrations");
 
 #[derive(Clone)]
@@ -65,23 +62,15 @@ impl PostgresStore {
         };
         if config.migrate {
             let (pool, ready) = (store.pool.clone(), store.ready.clone());
-            tokio::spawn(async move {
-                let mut backoff = Duration::from_millis(100);
-                loop {
-                    match MIGRATOR.run(&pool).await {
-                        Ok(()) => {
-                            ready.store(true, Ordering::SeqCst);
-                            tracing::info!(backend = BACKEND, "schema migrated");
-                            return;
-                        }
-                        Err(e) => {
-                            tracing::warn!(backend = BACKEND, error = %e, retry_in = ?backoff, "cannot migrate");
-                            tokio::time::sleep(backoff).await;
-                            backoff = (backoff * 2).min(MAX_BACKOFF);
-                        }
-                    }
-                }
-            });
+            super::retry_in_background(
+                BACKEND,
+                "migrate",
+                move || {
+                    let pool = pool.clone();
+                    async move { MIGRATOR.run(&pool).await }
+                },
+                move |()| ready.store(true, Ordering::SeqCst),
+            );
         }
         Ok(store)
     }
@@ -93,14 +82,7 @@ impl PostgresStore {
         if !self.ready.load(Ordering::SeqCst) {
             return Err(unavailable("schema not migrated yet"));
         }
-        match tokio::time::timeout(self.timeout, f).await {
-            Ok(Ok(v)) => Ok(v),
-            Ok(Err(e)) => Err(unavailable(format!("{op}: {e}"))),
-            Err(_) => Err(unavailable(format!(
-                "{op}: timed out after {:?}",
-                self.timeout
-            ))),
-        }
+        super::bounded(BACKEND, op, self.timeout, f).await
     }
 
     /// Until when `token_id` is revoked, if it is.

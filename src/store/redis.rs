@@ -19,9 +19,6 @@ use crate::ratelimit::{Decision, Gcra};
 
 const BACKEND: &str = "redis";
 
-/// Longest wait between two attempts to connect at start.
-const MAX_BACKOFF: Duration = Duration::from_secs(5);
-
 /// Records a revocation until an absolute instant, extending an existing record's lifetime
 /// but never shortening it. Returns 1 when the token was not revoked before.
 const REVOKE: &str = r#"
@@ -142,23 +139,18 @@ impl RedisStore {
             rate_limit: Arc::new(Script::new(RATE_LIMIT)),
         };
         let cell = store.conn.clone();
-        tokio::spawn(async move {
-            let mut backoff = Duration::from_millis(100);
-            loop {
-                match connect.connect().await {
-                    Ok(conn) => {
-                        let _ = cell.set(conn);
-                        tracing::info!(backend = BACKEND, "connected");
-                        return;
-                    }
-                    Err(e) => {
-                        tracing::warn!(backend = BACKEND, error = %e, retry_in = ?backoff, "cannot connect");
-                        tokio::time::sleep(backoff).await;
-                        backoff = (backoff * 2).min(MAX_BACKOFF);
-                    }
-                }
-            }
-        });
+        let connect = Arc::new(connect);
+        super::retry_in_background(
+            BACKEND,
+            "connect",
+            move || {
+                let connect = connect.clone();
+                async move { connect.connect().await }
+            },
+            move |conn| {
+                let _ = cell.set(conn);
+            },
+        );
         Ok(store)
     }
 
@@ -192,14 +184,7 @@ impl RedisStore {
             .get()
             .cloned()
             .ok_or_else(|| unavailable("not connected yet"))?;
-        match tokio::time::timeout(self.timeout, f(conn)).await {
-            Ok(Ok(v)) => Ok(v),
-            Ok(Err(e)) => Err(unavailable(format!("{op}: {e}"))),
-            Err(_) => Err(unavailable(format!(
-                "{op}: timed out after {:?}",
-                self.timeout
-            ))),
-        }
+        super::bounded(BACKEND, op, self.timeout, f(conn)).await
     }
 
     /// Whether `token_id` is revoked, and whether Redis is known to hold every revocation:
@@ -371,7 +356,7 @@ impl Connector {
             let config = ConnectionManagerConfig::new()
                 .set_connection_timeout(Some(self.timeout))
                 .set_response_timeout(Some(self.timeout))
-                .set_max_delay(MAX_BACKOFF);
+                .set_max_delay(super::MAX_BACKOFF);
             Ok(Connection::Single(
                 ConnectionManager::new_with_config(client, config).await?,
             ))
