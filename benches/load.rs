@@ -424,6 +424,7 @@ fn start_sidecar(backend: &str, pinned: bool) -> (Child, String) {
         "127.0.0.1:0",
     ])
     .args(["--storage", backend, "--redis-prefix", "bench:"])
+    .args(["--rate-limit", "bench=1000000/1s"])
     .env("REDIS_URL", "redis://127.0.0.1:6379")
     .env(
         "DATABASE_URL",
@@ -435,6 +436,14 @@ fn start_sidecar(backend: &str, pinned: bool) -> (Child, String) {
     .stderr(Stdio::piped());
     if pinned {
         cmd.env("TOKIO_WORKER_THREADS", "1");
+    }
+    // SAFETY: prctl only sets the child's parent-death signal: a panicking run leaves no
+    // sidecar behind.
+    unsafe {
+        std::os::unix::process::CommandExt::pre_exec(&mut cmd, || {
+            libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL);
+            Ok(())
+        });
     }
     let mut child = cmd.spawn().expect("spawn auth-sidecar");
     if pinned {
