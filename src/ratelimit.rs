@@ -157,6 +157,26 @@ pub struct Decision {
     pub reset_after: Duration,
 }
 
+impl Decision {
+    /// A decision as the Redis script and the SQL function return it: microseconds.
+    pub fn from_micros(
+        allowed: bool,
+        p: Gcra,
+        remaining: i64,
+        retry_us: i64,
+        reset_us: i64,
+    ) -> Decision {
+        let us = |v: i64| Duration::from_micros(v.max(0) as u64);
+        Decision {
+            allowed,
+            limit: p.burst as u32,
+            remaining: remaining.clamp(0, p.burst) as u32,
+            retry_after: us(retry_us),
+            reset_after: us(reset_us),
+        }
+    }
+}
+
 /// One GCRA step. `cost == 0` peeks: it answers whether a call of cost 1 would pass and
 /// changes nothing. Returns the decision and the state to store (None: leave it as it was).
 pub fn gcra(state: KeyState, now_us: i64, p: Gcra, cost: i64) -> (Decision, Option<KeyState>) {

@@ -190,14 +190,9 @@ impl Store for PostgresStore {
                     .fetch_one(&self.pool),
             )
             .await?;
-        let micros = |us: i64| Duration::from_micros(us.max(0) as u64);
-        Ok(Decision {
-            allowed,
-            limit: p.burst as u32,
-            remaining: remaining.max(0) as u32,
-            retry_after: micros(retry_us),
-            reset_after: micros(reset_us),
-        })
+        Ok(Decision::from_micros(
+            allowed, p, remaining, retry_us, reset_us,
+        ))
     }
 
     async fn reset_rate_limit(&self, policy: &str, key: &str) -> Result<(), StoreError> {

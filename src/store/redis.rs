@@ -301,13 +301,13 @@ impl Store for RedisStore {
                     .await
             })
             .await?;
-        Ok(Decision {
-            allowed: allowed == 1,
-            limit: p.burst as u32,
-            remaining: remaining.max(0) as u32,
-            retry_after: micros(retry_us),
-            reset_after: micros(reset_us),
-        })
+        Ok(Decision::from_micros(
+            allowed == 1,
+            p,
+            remaining,
+            retry_us,
+            reset_us,
+        ))
     }
 
     async fn reset_rate_limit(&self, policy: &str, key: &str) -> Result<(), StoreError> {
@@ -362,10 +362,6 @@ impl Connector {
             ))
         }
     }
-}
-
-fn micros(us: i64) -> Duration {
-    Duration::from_micros(us.max(0) as u64)
 }
 
 fn unix_millis(t: SystemTime) -> u64 {
