@@ -74,10 +74,6 @@ impl SigningKey {
         &self.encoding
     }
 
-    pub fn decoding(&self) -> &DecodingKey {
-        &self.decoding
-    }
-
     /// Whether `signature` (the raw bytes of the third segment) signs `message` under this key
     /// and its algorithm. HMAC tags are compared in constant time.
     pub fn verify(&self, message: &[u8], signature: &[u8]) -> bool {

@@ -103,22 +103,7 @@ fn main() -> ExitCode {
 }
 
 async fn migrate(args: MigrateArgs) -> anyhow::Result<()> {
-    use sqlx::postgres::PgPoolOptions;
-    let options: sqlx::postgres::PgConnectOptions = args
-        .database_url
-        .expose_str()
-        .parse()
-        .map_err(|_| anyhow::anyhow!("invalid DATABASE_URL"))?;
-    let pool = PgPoolOptions::new()
-        .max_connections(1)
-        .acquire_timeout(args.timeout)
-        .connect_with(options)
-        .await
-        .context("cannot connect to DATABASE_URL")?;
-    auth_sidecar::store::postgres::MIGRATOR
-        .run(&pool)
-        .await
-        .context("migration failed")?;
+    auth_sidecar::store::postgres::migrate(&args.database_url, args.timeout).await?;
     tracing::info!("migrations applied");
     Ok(())
 }

@@ -280,3 +280,42 @@ fn shared_storage_without_a_shared_secret_is_refused() {
         assert_eq!(stderr.lines().count(), 1, "{stderr}");
     }
 }
+
+#[tokio::test]
+async fn migrate_subcommand_prepares_the_schema_for_nodes_that_do_not_migrate() {
+    let storage = Storage::new(Backend::Postgres);
+    let url = storage
+        .env
+        .iter()
+        .find(|(k, _)| k == "DATABASE_URL")
+        .map(|(_, v)| v.clone())
+        .unwrap();
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_auth-sidecar"))
+        .arg("migrate")
+        .env("DATABASE_URL", &url)
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let d = Deployment::on(storage, 1, &["--migrate=false"]);
+    let mut c = d.client().await;
+    let issued = c.issue("alice").await;
+    c.revoke(Target::Token(issued.token.clone())).await.unwrap();
+    c.assert_rejected(&issued.token, R::Revoked).await;
+
+    let bad = std::process::Command::new(env!("CARGO_BIN_EXE_auth-sidecar"))
+        .args(["migrate", "--timeout", "1s"])
+        .env(
+            "DATABASE_URL",
+            format!(
+                "postgres://postgres@127.0.0.1:{}/x",
+                support::backends::free_port()
+            ),
+        )
+        .output()
+        .unwrap();
+    assert_eq!(bad.status.code(), Some(1));
+}

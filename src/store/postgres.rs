@@ -14,7 +14,7 @@ use sqlx::postgres::{PgConnectOptions, PgPoolOptions};
 
 use super::{Store, StoreError};
 use crate::clock::Clock;
-use crate::config::Config;
+use crate::config::{Config, Secret};
 use crate::ratelimit::{Decision, Gcra};
 
 const BACKEND: &str = "postgres";
@@ -22,7 +22,28 @@ const BACKEND: &str = "postgres";
 /// Rows deleted per purge statement, so a purge never holds locks for long.
 const PURGE_BATCH: i64 = 1000;
 
-pub static MIGRATOR: Migrator = sqlx::migrate!("./migrations");
+static MIGRATOR: Migrator = sqlx::migrate!("./migrations");
+
+/// How long the background migration waits to connect before it tries again.
+const MIGRATE_CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// Applies the embedded migrations over a connection of their own. Not the serving pool: its
+/// `statement_timeout` is the request path's (`--backend-timeout`), and a migration, or the
+/// wait for another node's migration lock, may rightly take longer than a request may.
+pub async fn migrate(database_url: &Secret, connect_timeout: Duration) -> Result<(), StoreError> {
+    let options = PgConnectOptions::from_str(database_url.expose_str())
+        .map_err(|_| unavailable("invalid DATABASE_URL"))?
+        .application_name("auth-sidecar migrate");
+    let pool = PgPoolOptions::new()
+        .max_connections(1)
+        .acquire_timeout(connect_timeout)
+        .connect_with(options)
+        .await
+        .map_err(|e| unavailable(format!("cannot connect: {e}")))?;
+    let result = MIGRATOR.run(&pool).await;
+    pool.close().await;
+    result.map_err(|e| unavailable(format!("migration failed: {e}")))
+}
 
 #[derive(Clone)]
 pub struct PostgresStore {
@@ -33,8 +54,10 @@ pub struct PostgresStore {
     ready: Arc<AtomicBool>,
 }
 
-/// The pool options the sidecar and `auth-sidecar migrate` share.
-pub fn pool(config: &Config) -> Result<PgPool, StoreError> {
+/// The serving pool: lazy (a database that is down does not stop the start), bounded, every
+/// acquire and statement limited by `--backend-timeout`. (`auth-sidecar migrate` connects
+/// eagerly with one connection and a long timeout instead.)
+fn pool(config: &Config) -> Result<PgPool, StoreError> {
     let url = config
         .database_url
         .as_ref()
@@ -61,13 +84,17 @@ impl PostgresStore {
             ready: Arc::new(AtomicBool::new(!config.migrate)),
         };
         if config.migrate {
-            let (pool, ready) = (store.pool.clone(), store.ready.clone());
+            let ready = store.ready.clone();
+            let url = config
+                .database_url
+                .clone()
+                .ok_or_else(|| unavailable("no DATABASE_URL"))?;
             super::retry_in_background(
                 BACKEND,
                 "migrate",
                 move || {
-                    let pool = pool.clone();
-                    async move { MIGRATOR.run(&pool).await }
+                    let url = url.clone();
+                    async move { migrate(&url, MIGRATE_CONNECT_TIMEOUT).await }
                 },
                 move |()| ready.store(true, Ordering::SeqCst),
             );
