@@ -82,6 +82,17 @@ pub struct ServeArgs {
     )]
     pub jwt_secret: Option<Secret>,
 
+    /// A directory of signing keys (a mounted Kubernetes Secret, say): a `keys.toml` manifest
+    /// naming each key's kid, algorithm, file and state, and one file per key. Re-read when it
+    /// changes and on SIGHUP. Replaces AUTH_JWT_SECRET.
+    #[arg(long, env = "AUTH_KEYS_DIR", value_name = "DIR")]
+    pub keys_dir: Option<PathBuf>,
+
+    /// How long verifiers may cache the JWKS (`Cache-Control: max-age`). A new key must be
+    /// published as `verify` for at least this long before it becomes active.
+    #[arg(long, env = "AUTH_JWKS_MAX_AGE", default_value = "5m", value_parser = parse_duration)]
+    pub jwks_max_age: Duration,
+
     /// The `iss` claim of issued tokens, and the only issuer accepted.
     #[arg(long, env = "AUTH_ISSUER", default_value = "auth-sidecar")]
     pub issuer: String,
@@ -210,6 +221,8 @@ pub struct Config {
     pub backend_timeout: Duration,
     pub backend_check_interval: Duration,
     pub jwt_secret: Option<Secret>,
+    pub keys_dir: Option<PathBuf>,
+    pub jwks_max_age: Duration,
     pub issuer: String,
     pub audience: Option<String>,
     pub access_ttl: Duration,
@@ -265,13 +278,19 @@ impl TryFrom<ServeArgs> for Config {
                 ),
             ));
         }
-        if args.storage != Storage::Memory && args.jwt_secret.is_none() {
+        if args.keys_dir.is_some() && args.jwt_secret.is_some() {
             return Err(ConfigError::new(
-                "AUTH_JWT_SECRET",
+                "AUTH_KEYS_DIR and AUTH_JWT_SECRET",
+                "give one of them: put the secret in the keys directory as an HS256 key",
+            ));
+        }
+        if args.storage != Storage::Memory && args.jwt_secret.is_none() && args.keys_dir.is_none() {
+            return Err(ConfigError::new(
+                "AUTH_KEYS_DIR or AUTH_JWT_SECRET",
                 format!(
-                    "required with --storage {:?}: without it every node signs with its own \
+                    "required with --storage {:?}: without keys every node signs with its own \
                      random key, so a token issued on one node fails validation on the others; \
-                     give every node the same secret",
+                     give every node the same keys",
                     args.storage
                 )
                 .to_lowercase(),
@@ -339,6 +358,8 @@ impl TryFrom<ServeArgs> for Config {
             backend_timeout: args.backend_timeout,
             backend_check_interval: args.backend_check_interval,
             jwt_secret: args.jwt_secret,
+            keys_dir: args.keys_dir,
+            jwks_max_age: args.jwks_max_age,
             issuer: args.issuer,
             audience: args.audience,
             access_ttl: args.access_ttl,
@@ -563,8 +584,11 @@ mod tests {
             Listen::Unix("/tmp/x.sock".into())
         );
         let err = parse(&["--storage", "redis", "--redis-url", "redis://:pw@h"]).unwrap_err();
-        assert_eq!(err.setting, "AUTH_JWT_SECRET");
+        assert_eq!(err.setting, "AUTH_KEYS_DIR or AUTH_JWT_SECRET");
         assert!(err.reason.contains("random key"), "{err}");
+        let secret = "s".repeat(32);
+        let err = parse(&["--keys-dir", "/keys", "--jwt-secret", &secret]).unwrap_err();
+        assert_eq!(err.setting, "AUTH_KEYS_DIR and AUTH_JWT_SECRET");
         let secret = "s".repeat(32);
         let err = parse(&[
             "--storage",

@@ -1,10 +1,13 @@
-//! The `auth-sidecar` binary: `serve`, `health` and `token`.
+//! The `auth-sidecar` binary: `serve`, `health`, `token`, `keys` and `migrate`.
 
 use std::process::ExitCode;
+
+use std::path::PathBuf;
 
 use anyhow::Context;
 use auth_sidecar::client::{self, HealthArgs, TokenArgs};
 use auth_sidecar::config::{self, Config, ServeArgs};
+use auth_sidecar::keys::{self, Alg, KeySet};
 use clap::{CommandFactory, FromArgMatches, Parser, Subcommand};
 
 #[derive(Debug, Parser)]
@@ -27,6 +30,29 @@ enum Command {
     /// Apply the embedded PostgreSQL migrations and exit (for a Kubernetes Job or an init
     /// container; run `serve` with --migrate=false then).
     Migrate(MigrateArgs),
+    /// Make and check signing keys for --keys-dir.
+    #[command(subcommand)]
+    Keys(KeysCommand),
+}
+
+#[derive(Debug, Subcommand)]
+enum KeysCommand {
+    /// Write a new private key (PKCS#8 PEM) or HMAC secret to DIR/KID.pem or DIR/KID.secret,
+    /// readable by its owner only, and print the manifest entry that adds it as `verify`.
+    Generate {
+        #[arg(long, value_parser = clap::value_parser!(Alg))]
+        alg: Alg,
+        #[arg(long)]
+        kid: String,
+        /// The keys directory to write into.
+        #[arg(long, default_value = ".")]
+        dir: PathBuf,
+    },
+    /// Load a keys directory as `serve` would, and print its key set or what is wrong with it.
+    Check {
+        #[arg(long, env = "AUTH_KEYS_DIR")]
+        keys_dir: PathBuf,
+    },
 }
 
 #[derive(Debug, clap::Args)]
@@ -89,6 +115,13 @@ fn main() -> ExitCode {
         }
         Command::Health(args) => ExitCode::from(runtime.block_on(client::health(args)) as u8),
         Command::Token(args) => ExitCode::from(runtime.block_on(client::token(args)) as u8),
+        Command::Keys(command) => match keys_command(command) {
+            Ok(()) => ExitCode::SUCCESS,
+            Err(e) => {
+                eprintln!("error: {e:#}");
+                ExitCode::FAILURE
+            }
+        },
         Command::Migrate(args) => {
             init_logging();
             match runtime.block_on(migrate(args)) {
@@ -106,6 +139,37 @@ async fn migrate(args: MigrateArgs) -> anyhow::Result<()> {
     auth_sidecar::store::postgres::migrate(&args.database_url, args.timeout).await?;
     tracing::info!("migrations applied");
     Ok(())
+}
+
+fn keys_command(command: KeysCommand) -> anyhow::Result<()> {
+    match command {
+        KeysCommand::Generate { alg, kid, dir } => {
+            use std::io::Write;
+            use std::os::unix::fs::OpenOptionsExt;
+            let file = format!("{kid}.{}", if alg.is_hmac() { "secret" } else { "pem" });
+            let text = keys::generate(alg).context("generating the key")?;
+            // Checked by loading it as the sidecar would, before anything is written.
+            keys::check_entry(&kid, &file, alg, text.as_bytes())?;
+            let path = dir.join(&file);
+            std::fs::OpenOptions::new()
+                .write(true)
+                .create_new(true)
+                .mode(0o600)
+                .open(&path)
+                .and_then(|mut f| f.write_all(text.as_bytes()))
+                .with_context(|| format!("cannot write {}", path.display()))?;
+            eprintln!("wrote {}; add it to {}:", path.display(), keys::MANIFEST);
+            println!(
+                "[[key]]\nkid = \"{kid}\"\nalg = \"{alg}\"\nfile = \"{file}\"\nstate = \"verify\""
+            );
+            Ok(())
+        }
+        KeysCommand::Check { keys_dir } => {
+            let set = KeySet::load_dir(&keys_dir)?;
+            println!("{}", set.summary());
+            Ok(())
+        }
+    }
 }
 
 fn init_logging() {

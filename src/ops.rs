@@ -1,34 +1,107 @@
-//! The ops listener: what the cluster may see (grpc.health.v1 and `GET /healthz`), on one
-//! port that speaks HTTP/1.1 and HTTP/2. The token API is never served here.
+//! The ops listener: what the cluster may see (grpc.health.v1, `GET /healthz` and the public
+//! keys at `/.well-known/jwks.json`), on one port that speaks HTTP/1.1 and HTTP/2. The token
+//! API is never served here.
+
+use std::sync::Arc;
+use std::time::Duration;
 
 use axum::Router;
 use axum::body::Body;
 use axum::extract::{Request, State};
-use axum::http::{StatusCode, header};
+use axum::http::{HeaderMap, StatusCode, header};
 use axum::response::{IntoResponse, Response};
 use axum::routing::get;
 use tonic::server::NamedService;
 
+use crate::config::Config;
 use crate::health::{DrainingHealth, Health};
+use crate::keys::Keys;
+use crate::server::App;
 
-pub fn router(health: &Health) -> Router {
+pub const JWKS_PATH: &str = "/.well-known/jwks.json";
+
+#[derive(Clone)]
+struct Ops {
+    health: Health,
+    keys: Arc<Keys>,
+    issuer: Arc<str>,
+    jwks_max_age: Duration,
+}
+
+pub fn router(app: &App, config: &Config) -> Router {
     let grpc_health = format!(
         "/{}/{{*method}}",
         <tonic_health::pb::health_server::HealthServer<DrainingHealth> as NamedService>::NAME
     );
+    let state = Ops {
+        health: app.health.clone(),
+        keys: app.tokens.keys().clone(),
+        issuer: config.issuer.as_str().into(),
+        jwks_max_age: config.jwks_max_age,
+    };
     Router::new()
         .route("/healthz", get(healthz))
-        .with_state(health.clone())
-        .route_service(&grpc_health, health.service())
+        .route(JWKS_PATH, get(jwks))
+        .route(
+            "/.well-known/openid-configuration",
+            get(openid_configuration),
+        )
+        .with_state(state)
+        .route_service(&grpc_health, app.health.service())
         .fallback(not_found)
 }
 
-async fn healthz(State(health): State<Health>) -> (StatusCode, &'static str) {
-    if health.serving() {
-        (StatusCode::OK, "SERVING\n")
+/// The serving state on the first line, which probes read; then what an operator needs to
+/// know, such as a refused key set.
+async fn healthz(State(ops): State<Ops>) -> (StatusCode, String) {
+    let (status, word) = if ops.health.serving() {
+        (StatusCode::OK, "SERVING")
     } else {
-        (StatusCode::SERVICE_UNAVAILABLE, "NOT_SERVING\n")
-    }
+        (StatusCode::SERVICE_UNAVAILABLE, "NOT_SERVING")
+    };
+    (status, format!("{word}\n{}\n", ops.keys.health_detail()))
+}
+
+async fn jwks(State(ops): State<Ops>) -> Response {
+    let document = ops.keys.current().jwks().to_owned();
+    (
+        [
+            (header::CONTENT_TYPE, "application/json".to_owned()),
+            (
+                header::CACHE_CONTROL,
+                format!("public, max-age={}", ops.jwks_max_age.as_secs()),
+            ),
+        ],
+        document,
+    )
+        .into_response()
+}
+
+/// OpenID Connect discovery, enough for verifiers that find the JWKS from the issuer. The
+/// JWKS address is built from the `Host` the caller used.
+async fn openid_configuration(State(ops): State<Ops>, headers: HeaderMap) -> Response {
+    let Some(host) = headers
+        .get(header::HOST)
+        .and_then(|h| h.to_str().ok())
+        .filter(|h| !h.is_empty() && !h.contains(['/', ' ', '"']))
+    else {
+        return (StatusCode::BAD_REQUEST, "a Host header is required\n").into_response();
+    };
+    let body = serde_json::json!({
+        "issuer": &*ops.issuer,
+        "jwks_uri": format!("http://{host}{JWKS_PATH}"),
+    });
+    (
+        [
+            (header::CONTENT_TYPE, "application/json".to_owned()),
+            (
+                header::CACHE_CONTROL,
+                format!("public, max-age={}", ops.jwks_max_age.as_secs()),
+            ),
+        ],
+        body.to_string(),
+    )
+        .into_response()
 }
 
 /// UNIMPLEMENTED for a gRPC call (the token API among them), 404 for anything else.

@@ -16,7 +16,7 @@ use crate::clock::{Clock, SystemClock};
 use crate::config::{Config, Listen};
 use crate::grpc::TokenApi;
 use crate::health::Health;
-use crate::keys::{KeySet, SigningKey};
+use crate::keys::{KeySet, Keys, Reloaded, SigningKey};
 use crate::pb;
 use crate::pb::token_service_server::TokenServiceServer;
 use crate::ratelimit::RateLimiter;
@@ -40,19 +40,23 @@ impl App {
         clock: Arc<dyn Clock>,
         drained: CancellationToken,
     ) -> anyhow::Result<App> {
-        let keys = match &config.jwt_secret {
-            Some(secret) => KeySet::single(SigningKey::hs256(secret)?),
-            None => {
+        let keys = match (&config.keys_dir, &config.jwt_secret) {
+            (Some(dir), _) => Keys::from_dir(dir.clone())
+                .with_context(|| format!("cannot load --keys-dir {}", dir.display()))?,
+            (None, Some(secret)) => Keys::fixed(KeySet::single(SigningKey::hs256(secret)?)),
+            (None, None) => {
                 tracing::warn!(
-                    "AUTH_JWT_SECRET is not set: signing with a random key made at start; \
-                     its tokens will not survive a restart or validate on another node"
+                    "neither AUTH_KEYS_DIR nor AUTH_JWT_SECRET is set: signing with a random \
+                     key made at start; its tokens will not survive a restart or validate on \
+                     another node"
                 );
-                KeySet::ephemeral()
+                Keys::fixed(KeySet::ephemeral())
             }
         };
+        tracing::info!(keys = %keys.current().summary(), "key set loaded");
         let store = store::open(config, clock.clone())?;
         let limits = RateLimiter::new(&config.rate_limits, store.clone());
-        let tokens = Tokens::new(Settings::from(config), keys, store, clock);
+        let tokens = Tokens::new(Settings::from(config), Arc::new(keys), store, clock);
         Ok(App {
             tokens: Arc::new(tokens),
             limits: Arc::new(limits),
@@ -90,7 +94,7 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
         .with_context(|| format!("cannot bind --ops-listen {}", config.ops_listen))?;
     let ops_addr = ops.local_addr()?;
     let ops_task = tokio::spawn(
-        axum::serve(ops, crate::ops::router(&app.health))
+        axum::serve(ops, crate::ops::router(&app, &config))
             .with_graceful_shutdown(drained.clone().cancelled_owned())
             .into_future(),
     );
@@ -117,6 +121,7 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
         }
     };
 
+    watch_keys(app.tokens.clone())?;
     app.health
         .watch_backends(app.tokens.store().clone(), config.backend_check_interval)
         .await;
@@ -172,6 +177,61 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
         let _ = std::fs::remove_file(path);
     }
     tracing::info!("stopped");
+    Ok(())
+}
+
+/// How long a burst of file events (a Kubernetes secret swap is several) settles before the
+/// keys directory is read.
+const KEYS_SETTLE: Duration = Duration::from_millis(200);
+
+/// Re-reads the keys directory when it changes and on SIGHUP. Without a directory, SIGHUP is
+/// logged and otherwise ignored rather than ending the process.
+fn watch_keys(tokens: Arc<Tokens>) -> anyhow::Result<()> {
+    use notify::Watcher;
+    use tokio::signal::unix::{SignalKind, signal};
+    let (changed, mut events) = tokio::sync::mpsc::channel::<()>(1);
+    let mut hangup = signal(SignalKind::hangup())?;
+    let Some(dir) = tokens.keys().dir() else {
+        tokio::spawn(async move {
+            while let Some(()) = hangup.recv().await {
+                tracing::info!("SIGHUP: no keys directory to read");
+            }
+        });
+        return Ok(());
+    };
+    let notify_changed = changed.clone();
+    let mut watcher = notify::recommended_watcher(move |event: notify::Result<notify::Event>| {
+        if event.is_ok_and(|e| !e.kind.is_access()) {
+            let _ = notify_changed.try_send(());
+        }
+    })?;
+    watcher
+        .watch(dir, notify::RecursiveMode::NonRecursive)
+        .with_context(|| format!("cannot watch --keys-dir {}", dir.display()))?;
+    tokio::spawn(async move {
+        while let Some(()) = hangup.recv().await {
+            tracing::info!("SIGHUP: reading the keys directory");
+            let _ = changed.send(()).await;
+        }
+    });
+    tokio::spawn(async move {
+        let _watcher = watcher;
+        while events.recv().await.is_some() {
+            tokio::time::sleep(KEYS_SETTLE).await;
+            while events.try_recv().is_ok() {}
+            match tokens.reload_keys() {
+                Ok(Reloaded::Unchanged) => {}
+                Ok(Reloaded::Changed) => tracing::info!(
+                    keys = %tokens.keys().current().summary(),
+                    "key set changed"
+                ),
+                Err(e) => tracing::error!(
+                    error = %e,
+                    "new key set refused; the one in use is kept"
+                ),
+            }
+        }
+    });
     Ok(())
 }
 

@@ -12,7 +12,6 @@ use std::time::{Duration, SystemTime};
 
 use base64::Engine;
 use base64::engine::general_purpose::URL_SAFE_NO_PAD;
-use jsonwebtoken::{Algorithm, Header};
 use quick_cache::Weighter;
 use serde::Deserialize;
 use serde::de::{self, Deserializer, MapAccess, Visitor};
@@ -21,7 +20,7 @@ use serde_json::{Map, Value};
 
 use crate::clock::{Clock, from_unix_secs, unix_secs};
 use crate::config::Config;
-use crate::keys::KeySet;
+use crate::keys::{KeyError, Keys, Reloaded};
 use crate::store::{Store, StoreError};
 
 /// Longest token Validate and Revoke accept, and so the longest Issue produces.
@@ -196,7 +195,7 @@ impl Weighter<Box<str>, Arc<Decoded>> for VerifiedWeight {
 
 pub struct Tokens {
     settings: Settings,
-    keys: KeySet,
+    keys: Arc<Keys>,
     store: Arc<dyn Store>,
     clock: Arc<dyn Clock>,
     verified: Option<VerifiedCache>,
@@ -205,7 +204,7 @@ pub struct Tokens {
 impl Tokens {
     pub fn new(
         settings: Settings,
-        keys: KeySet,
+        keys: Arc<Keys>,
         store: Arc<dyn Store>,
         clock: Arc<dyn Clock>,
     ) -> Tokens {
@@ -225,6 +224,21 @@ impl Tokens {
 
     pub fn store(&self) -> &Arc<dyn Store> {
         &self.store
+    }
+
+    pub fn keys(&self) -> &Arc<Keys> {
+        &self.keys
+    }
+
+    /// Reads the keys directory again; on a change, forgets every remembered verification.
+    pub fn reload_keys(&self) -> Result<Reloaded, KeyError> {
+        let reloaded = self.keys.reload()?;
+        if reloaded == Reloaded::Changed
+            && let Some(cache) = &self.verified
+        {
+            cache.clear();
+        }
+        Ok(reloaded)
     }
 
     pub fn issue(&self, params: IssueParams) -> Result<Issued, Error> {
@@ -279,11 +293,18 @@ impl Tokens {
         }
         claims.insert("typ".into(), params.kind.claim().into());
 
-        let key = self.keys.active();
-        let mut header = Header::new(key.alg());
-        header.kid = Some(key.kid().to_owned());
-        let token = jsonwebtoken::encode(&header, &claims, key.encoding())
-            .map_err(|e| Error::Signing(e.to_string()))?;
+        let keys = self.keys.current();
+        let key = keys.active();
+        let payload = serde_json::to_vec(&claims).map_err(|e| Error::Signing(e.to_string()))?;
+        let mut token = String::with_capacity(MAX_TOKEN_LEN.min(2 * payload.len() + 512));
+        token.push_str(key.encoded_header());
+        token.push('.');
+        URL_SAFE_NO_PAD.encode_string(&payload, &mut token);
+        let signature = key
+            .sign(token.as_bytes())
+            .ok_or_else(|| Error::Signing(format!("key `{}` cannot sign", key.kid())))?;
+        token.push('.');
+        URL_SAFE_NO_PAD.encode_string(signature, &mut token);
         if token.len() > MAX_TOKEN_LEN {
             return Err(Error::invalid(
                 "claims",
@@ -357,11 +378,14 @@ impl Tokens {
     }
 
     /// [`Tokens::decode`], remembered for tokens that verified.
+    /// An entry decoded under an older key set is decoded again: its key may be retired now.
     fn decode_cached(&self, token: &str) -> Result<Arc<Decoded>, Reason> {
         let Some(cache) = &self.verified else {
             return self.decode(token).map(Arc::new);
         };
-        if let Some(hit) = cache.get(token) {
+        if let Some(hit) = cache.get(token)
+            && hit.generation == self.keys.generation()
+        {
             return Ok(hit);
         }
         let decoded = Arc::new(self.decode(token)?);
@@ -372,6 +396,10 @@ impl Tokens {
     /// Decodes a token and verifies its signature with the key its `kid` names, using that
     /// key's algorithm only.
     fn decode(&self, token: &str) -> Result<Decoded, Reason> {
+        // The generation is read before the set, so a swap in between marks the entry stale
+        // rather than fresh.
+        let generation = self.keys.generation();
+        let keys = self.keys.current();
         let (message, signature) = token.rsplit_once('.').ok_or(Reason::Malformed)?;
         let (header, payload) = message.split_once('.').ok_or(Reason::Malformed)?;
         let header = unbase64(header)?;
@@ -385,15 +413,15 @@ impl Tokens {
         let key = header
             .kid
             .as_deref()
-            .and_then(|kid| self.keys.get(kid))
+            .and_then(|kid| keys.get(kid))
             .ok_or(Reason::UnknownKey)?;
-        if header.alg.parse::<Algorithm>().ok() != Some(key.alg()) {
+        if header.alg != key.alg().as_str() {
             return Err(Reason::BadSignature);
         }
         if !key.verify(message.as_bytes(), &sig[..sig_len]) {
             return Err(Reason::BadSignature);
         }
-        Decoded::from_claims(claims)
+        Decoded::from_claims(claims, generation)
     }
 
     fn check(&self, token: &Decoded, audience: Option<&str>, kind: Kind) -> Result<(), Reason> {
@@ -536,6 +564,8 @@ struct Decoded {
     session_id: Option<String>,
     kind: Kind,
     extra: Map<String, Value>,
+    /// The key set generation it was verified under.
+    generation: u64,
 }
 
 /// `aud`: one string or an array of strings (RFC 7519 section 4.1.3).
@@ -549,7 +579,7 @@ enum Audience {
 impl Decoded {
     /// Takes the registered claims out of `claims`; a claim of the wrong JSON type makes the
     /// token malformed rather than counting as absent.
-    fn from_claims(mut claims: RawClaims<'_>) -> Result<Decoded, Reason> {
+    fn from_claims(mut claims: RawClaims<'_>, generation: u64) -> Result<Decoded, Reason> {
         let issuer = claims.take_string("iss")?.ok_or(Reason::Malformed)?;
         let subject = claims.take_string("sub")?.ok_or(Reason::Malformed)?;
         let audience = match claims.take::<Audience>("aud")? {
@@ -581,6 +611,7 @@ impl Decoded {
             session_id,
             kind,
             extra: claims.rest()?,
+            generation,
         })
     }
 }
@@ -603,7 +634,7 @@ mod tests {
     use super::*;
     use crate::clock::ManualClock;
     use crate::config::Secret;
-    use crate::keys::SigningKey;
+    use crate::keys::{KeySet, SigningKey};
     use crate::store::MemoryStore;
 
     const SECRET: &str = "unit-test-secret-unit-test-secret-0123";
@@ -623,7 +654,9 @@ mod tests {
         let clock = ManualClock::at_unix(unix);
         let arc_clock: Arc<dyn Clock> = Arc::new(clock.clone());
         let settings = Settings::from(&Config::defaults());
-        let keys = KeySet::single(SigningKey::hs256(&Secret::from(SECRET)).unwrap());
+        let keys = Arc::new(Keys::fixed(KeySet::single(
+            SigningKey::hs256(&Secret::from(SECRET)).unwrap(),
+        )));
         let store = Arc::new(MemoryStore::new(arc_clock.clone()));
         Fixture {
             tokens: Tokens::new(settings, keys, store, arc_clock),

@@ -76,6 +76,17 @@ impl TokenService for TokenApi {
         self.limits.reset(&req.policy, &req.key).await?;
         Ok(Response::new(pb::ResetRateLimitResponse {}))
     }
+
+    async fn get_jwks(
+        &self,
+        _: Request<pb::GetJwksRequest>,
+    ) -> Result<Response<pb::GetJwksResponse>, Status> {
+        let keys = self.tokens.keys().current();
+        Ok(Response::new(pb::GetJwksResponse {
+            jwks_json: keys.jwks().to_owned(),
+            active_key_id: keys.active().kid().to_owned(),
+        }))
+    }
 }
 
 impl From<ratelimit::Error> for Status {
