@@ -1,7 +1,8 @@
 //! Load generator: keeps N calls in flight over M connections against real sidecar processes
 //! for a fixed time, and prints requests/s and p50/p99 latency for grpc.health.v1 Check (the
 //! ceiling of a no-op call on this server), and Validate and Issue on every storage backend
-//! (memory, and the machine's Redis and PostgreSQL), in one run. Scenarios run in
+//! (memory, and the machine's Redis and PostgreSQL) and with every family of signing key
+//! (HS256, ES256, EdDSA, RS256), in one run. Scenarios run in
 //! alternating rounds, so drift on a shared machine touches all of them alike; the figures are
 //! medians over the rounds, and each is given as a ratio to Check.
 //!
@@ -12,6 +13,7 @@ use std::process::{Child, Command, Stdio};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
+use auth_sidecar::keys::{self, Alg};
 use auth_sidecar::pb;
 use auth_sidecar::pb::token_service_client::TokenServiceClient;
 use hdrhistogram::Histogram;
@@ -81,8 +83,42 @@ enum Scenario {
     RateLimit,
 }
 
-/// Storage backends measured; each gets a sidecar of its own.
-const BACKENDS: [&str; 4] = ["memory", "redis", "postgres", "tiered"];
+/// A sidecar measured: a storage backend and the algorithm of its signing key.
+struct Target {
+    name: &'static str,
+    storage: &'static str,
+    alg: Alg,
+}
+
+/// Every backend with an HS256 key, then the memory backend with each public-key algorithm.
+const TARGETS: [Target; 7] = [
+    Target::hs256("memory"),
+    Target::hs256("redis"),
+    Target::hs256("postgres"),
+    Target::hs256("tiered"),
+    Target::keyed("memory ES256", Alg::ES256),
+    Target::keyed("memory EdDSA", Alg::EdDSA),
+    Target::keyed("memory RS256", Alg::RS256),
+];
+
+impl Target {
+    const fn hs256(storage: &'static str) -> Target {
+        Target {
+            name: storage,
+            storage,
+            alg: Alg::HS256,
+        }
+    }
+
+    const fn keyed(name: &'static str, alg: Alg) -> Target {
+        Target {
+            name,
+            storage: "memory",
+            alg,
+        }
+    }
+}
+
 const BENCH_DATABASE: &str = "auth_sidecar_bench";
 
 /// A scenario against the sidecar of one backend.
@@ -94,7 +130,7 @@ struct Case {
 
 impl Case {
     fn name(self) -> String {
-        let backend = BACKENDS[self.backend];
+        let backend = TARGETS[self.backend].name;
         match self.scenario {
             Scenario::Check => format!("Check ({backend})"),
             Scenario::Validate => format!("Validate ({backend})"),
@@ -123,8 +159,11 @@ fn main() {
     // the figures measure the server rather than the scheduler's interleaving of the two.
     let pinned = cores >= 2;
     prepare_backends();
-    let sidecars: Vec<(Child, String)> =
-        BACKENDS.iter().map(|b| start_sidecar(b, pinned)).collect();
+    let keys_dir = tempfile::tempdir().unwrap();
+    let sidecars: Vec<(Child, String)> = TARGETS
+        .iter()
+        .map(|t| start_sidecar(t, keys_dir.path(), pinned))
+        .collect();
     if pinned {
         set_affinity(0, (1..cores).collect());
     }
@@ -134,17 +173,19 @@ fn main() {
         .build()
         .unwrap();
     // The ceiling first, then every backend's Validate and Issue; the verify cache's miss
-    // path on memory, where the store adds nothing to it.
+    // path (which verifies a signature on every call) on memory, where the store adds
+    // nothing to it, for each algorithm.
     let mut cases = vec![Case {
         scenario: Scenario::Check,
         backend: 0,
     }];
-    for (backend, name) in BACKENDS.iter().enumerate() {
+    for (backend, target) in TARGETS.iter().enumerate() {
+        let name = target.name;
         cases.push(Case {
             scenario: Scenario::Validate,
             backend,
         });
-        if backend == 0 {
+        if target.storage == "memory" {
             cases.push(Case {
                 scenario: Scenario::ValidateDistinct,
                 backend,
@@ -154,7 +195,7 @@ fn main() {
             scenario: Scenario::Issue,
             backend,
         });
-        if *name == "memory" || *name == "redis" {
+        if name == "memory" || name == "redis" {
             cases.push(Case {
                 scenario: Scenario::RateLimit,
                 backend,
@@ -172,15 +213,22 @@ fn main() {
         for (_, api) in &sidecars {
             channels.push(connect_all(api, opts.connections).await);
         }
-        // The same secret on every sidecar: a token from one validates on all.
-        let tokens = Arc::new(issue_tokens(&channels[0][0], DISTINCT_TOKENS).await);
+        // Tokens of each sidecar's own key; many where the miss path is measured.
+        let mut tokens = Vec::new();
+        for (backend, c) in channels.iter().enumerate() {
+            let misses = cases
+                .iter()
+                .any(|c| c.backend == backend && c.scenario == Scenario::ValidateDistinct);
+            let n = if misses { DISTINCT_TOKENS } else { 1 };
+            tokens.push(Arc::new(issue_tokens(&c[0], n).await));
+        }
         // Warm up connections, allocator and caches.
         for &c in &cases {
             let warmup = Duration::from_millis(500);
             run(
                 c.scenario,
                 &channels[c.backend],
-                &tokens,
+                &tokens[c.backend],
                 opts.concurrency,
                 warmup,
             )
@@ -194,7 +242,7 @@ fn main() {
                 let mut round = run(
                     c.scenario,
                     &channels[c.backend],
-                    &tokens,
+                    &tokens[c.backend],
                     opts.concurrency,
                     d,
                 )
@@ -224,7 +272,7 @@ fn main() {
         }
     );
     println!(
-        "{:<24} {:>10} {:>10} {:>10} {:>9} {:>14}",
+        "{:<30} {:>10} {:>10} {:>10} {:>9} {:>14}",
         "scenario", "req/s", "p50", "p99", "vs Check", "server cpu/call"
     );
     let ceiling = median(results[0].iter().map(|r| r.rps));
@@ -235,7 +283,7 @@ fn main() {
         let p99 = median(rounds.iter().map(|r| r.p99.as_secs_f64() * 1e6));
         let cpu = median(rounds.iter().map(|r| r.server_cpu.as_secs_f64() * 1e6));
         println!(
-            "{:<24} {:>10.0} {:>8.0}us {:>8.0}us {:>8.2}x {:>12.1}us",
+            "{:<30} {:>10.0} {:>8.0}us {:>8.0}us {:>8.2}x {:>12.1}us",
             c.name(),
             rps,
             p50,
@@ -414,7 +462,7 @@ fn prepare_backends() {
     }
 }
 
-fn start_sidecar(backend: &str, pinned: bool) -> (Child, String) {
+fn start_sidecar(target: &Target, keys_root: &std::path::Path, pinned: bool) -> (Child, String) {
     let mut cmd = Command::new(env!("CARGO_BIN_EXE_auth-sidecar"));
     cmd.args([
         "serve",
@@ -423,17 +471,33 @@ fn start_sidecar(backend: &str, pinned: bool) -> (Child, String) {
         "--ops-listen",
         "127.0.0.1:0",
     ])
-    .args(["--storage", backend, "--redis-prefix", "bench:"])
+    .args(["--storage", target.storage, "--redis-prefix", "bench:"])
     .args(["--rate-limit", "bench=1000000/1s"])
     .env("REDIS_URL", "redis://127.0.0.1:6379")
     .env(
         "DATABASE_URL",
         format!("postgres://postgres@127.0.0.1:5432/{BENCH_DATABASE}"),
     )
-    .env("AUTH_JWT_SECRET", SECRET)
     .env("RUST_LOG", "info")
     .stdout(Stdio::null())
     .stderr(Stdio::piped());
+    if target.alg == Alg::HS256 {
+        cmd.env("AUTH_JWT_SECRET", SECRET);
+    } else {
+        let dir = keys_root.join(target.alg.as_str());
+        std::fs::create_dir(&dir).unwrap();
+        let file = format!("{}.pem", target.alg);
+        std::fs::write(dir.join(&file), keys::generate(target.alg).unwrap()).unwrap();
+        std::fs::write(
+            dir.join(keys::MANIFEST),
+            format!(
+                "[[key]]\nkid = \"bench\"\nalg = \"{}\"\nfile = \"{file}\"\nstate = \"active\"\n",
+                target.alg
+            ),
+        )
+        .unwrap();
+        cmd.arg("--keys-dir").arg(dir);
+    }
     if pinned {
         cmd.env("TOKIO_WORKER_THREADS", "1");
     }

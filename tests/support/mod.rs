@@ -94,6 +94,13 @@ impl SidecarBuilder {
         self
     }
 
+    /// Signs with the keys of `dir` rather than the shared test secret.
+    pub fn keys_dir(mut self, dir: &std::path::Path) -> Self {
+        self.env.retain(|(key, _)| key != "AUTH_JWT_SECRET");
+        self.args.push(format!("--keys-dir={}", dir.display()));
+        self
+    }
+
     pub fn listen(mut self, listen: impl Into<String>) -> Self {
         self.listen = listen.into();
         self
@@ -267,6 +274,26 @@ pub async fn connect(addr: &str) -> Channel {
 }
 
 pub fn http_get_status(addr: SocketAddr, path: &str) -> u16 {
+    http_get(addr, path).status
+}
+
+/// An HTTP/1.1 response: status, header lines (names lower-cased) and body.
+pub struct HttpResponse {
+    pub status: u16,
+    pub headers: Vec<(String, String)>,
+    pub body: String,
+}
+
+impl HttpResponse {
+    pub fn header(&self, name: &str) -> Option<&str> {
+        self.headers
+            .iter()
+            .find(|(n, _)| n == name)
+            .map(|(_, v)| v.as_str())
+    }
+}
+
+pub fn http_get(addr: SocketAddr, path: &str) -> HttpResponse {
     let mut stream = TcpStream::connect(addr).expect("connect ops listener");
     stream
         .set_read_timeout(Some(Duration::from_secs(5)))
@@ -278,8 +305,20 @@ pub fn http_get_status(addr: SocketAddr, path: &str) -> u16 {
     .unwrap();
     let mut text = String::new();
     stream.read_to_string(&mut text).unwrap();
-    let status = text.split_whitespace().nth(1).expect("status line");
-    status.parse().expect("numeric status")
+    let (head, body) = text.split_once("\r\n\r\n").expect("a complete response");
+    let mut lines = head.lines();
+    let status = lines.next().and_then(|l| l.split_whitespace().nth(1));
+    HttpResponse {
+        status: status
+            .expect("status line")
+            .parse()
+            .expect("numeric status"),
+        headers: lines
+            .filter_map(|l| l.split_once(':'))
+            .map(|(n, v)| (n.trim().to_lowercase(), v.trim().to_owned()))
+            .collect(),
+        body: body.to_owned(),
+    }
 }
 
 /// A TokenService client with one helper per call the tests make.

@@ -12,6 +12,7 @@ import pytest
 
 ROOT = pathlib.Path(__file__).resolve().parents[3]
 SECRET = "python-interop-secret-0123456789abcdefgh"
+BINARY = os.environ.get("AUTH_SIDECAR_BIN", str(ROOT / "target/debug/auth-sidecar"))
 
 
 @pytest.fixture(scope="session")
@@ -37,15 +38,13 @@ def stubs(tmp_path_factory):
     return token_service_pb2, token_service_pb2_grpc
 
 
-@pytest.fixture()
-def sidecar():
-    """Starts the sidecar and yields its API address; stops it afterwards."""
-    binary = os.environ.get("AUTH_SIDECAR_BIN", str(ROOT / "target/debug/auth-sidecar"))
+def run_sidecar(args, env_extra):
+    """Starts `auth-sidecar serve` with `args` and yields its API and ops addresses; stops it
+    afterwards and checks that it drained and exited 0."""
     env = {k: v for k, v in os.environ.items() if not k.startswith("AUTH_")}
-    env.update(AUTH_JWT_SECRET=SECRET, RUST_LOG="info")
+    env.update(env_extra, RUST_LOG="info")
     proc = subprocess.Popen(
-        [binary, "serve", "--listen", "127.0.0.1:0", "--ops-listen", "127.0.0.1:0",
-         "--rate-limit", "py=2/1h"],
+        [BINARY, "serve", "--listen", "127.0.0.1:0", "--ops-listen", "127.0.0.1:0", *args],
         env=env,
         stdin=subprocess.DEVNULL,
         stdout=subprocess.DEVNULL,
@@ -65,7 +64,28 @@ def sidecar():
     threading.Thread(target=read_logs, daemon=True).start()
     try:
         assert ready.wait(20), "sidecar did not start"
-        yield found["api"]
+        yield found["api"], found["ops"]
     finally:
         proc.terminate()
         assert proc.wait(15) == 0, "sidecar did not drain and exit 0 on SIGTERM"
+
+
+@pytest.fixture()
+def sidecar():
+    """A sidecar with an HS256 secret; yields its API address."""
+    for api, _ in run_sidecar(["--rate-limit", "py=2/1h"], {"AUTH_JWT_SECRET": SECRET}):
+        yield api
+
+
+@pytest.fixture(params=["ES256", "EdDSA"])
+def keyed_sidecar(request, tmp_path):
+    """A sidecar whose active key, made by `auth-sidecar keys generate`, is of the given
+    algorithm; yields (algorithm, API address, ops address)."""
+    alg = request.param
+    entry = subprocess.run(
+        [BINARY, "keys", "generate", "--alg", alg, "--kid", f"py-{alg}", "--dir", str(tmp_path)],
+        check=True, capture_output=True, text=True,
+    ).stdout
+    (tmp_path / "keys.toml").write_text(entry.replace('"verify"', '"active"'))
+    for api, ops in run_sidecar(["--keys-dir", str(tmp_path)], {}):
+        yield alg, api, ops
