@@ -45,6 +45,17 @@ impl Clock for ManualClock {
 }
 
 /// Whole seconds since the Unix epoch, as JWT NumericDate claims count them.
+/// Milliseconds since the epoch: how instants cross into Redis and SQL.
+pub fn unix_millis(t: SystemTime) -> i64 {
+    t.duration_since(UNIX_EPOCH)
+        .map(|d| d.as_millis() as i64)
+        .unwrap_or(0)
+}
+
+pub fn from_unix_millis(ms: i64) -> SystemTime {
+    UNIX_EPOCH + Duration::from_millis(ms.max(0) as u64)
+}
+
 pub fn unix_secs(t: SystemTime) -> i64 {
     match t.duration_since(UNIX_EPOCH) {
         Ok(d) => d.as_secs() as i64,

@@ -131,6 +131,23 @@ pub struct ServeArgs {
     #[arg(long, env = "AUTH_VERIFY_CACHE", default_value = "8MiB", value_parser = parse_size)]
     pub verify_cache: u64,
 
+    /// Lifetime of a session created without a ttl, and the longest one may have.
+    #[arg(long, env = "AUTH_SESSION_TTL", default_value = "24h", value_parser = parse_duration)]
+    pub session_ttl: Duration,
+
+    /// End a session not touched (TouchSession) for this long; 0s turns it off.
+    #[arg(long, env = "AUTH_SESSION_IDLE_TIMEOUT", default_value = "0s", value_parser = parse_duration)]
+    pub session_idle_timeout: Duration,
+
+    /// How long a spent refresh token may be retried and get the same new tokens, for a
+    /// client whose answer was lost; after that a reuse revokes the family. At most 60s.
+    #[arg(long, env = "AUTH_REFRESH_REUSE_GRACE", default_value = "0s", value_parser = parse_duration)]
+    pub refresh_reuse_grace: Duration,
+
+    /// Absolute lifetime of a refresh-token family, from the first refresh token.
+    #[arg(long, env = "AUTH_REFRESH_MAX_LIFETIME", default_value = "30d", value_parser = parse_duration)]
+    pub refresh_max_lifetime: Duration,
+
     /// After SIGTERM, how long to keep answering (while health says NOT_SERVING) before
     /// draining, so that callers and load balancers can move away first.
     #[arg(long, env = "AUTH_SHUTDOWN_DELAY", default_value = "0s", value_parser = parse_duration)]
@@ -229,6 +246,10 @@ pub struct Config {
     pub max_ttl: Duration,
     pub leeway: Duration,
     pub verify_cache: u64,
+    pub session_ttl: Duration,
+    pub session_idle_timeout: Option<Duration>,
+    pub refresh_reuse_grace: Duration,
+    pub refresh_max_lifetime: Duration,
     pub rate_limits: Vec<crate::ratelimit::Policy>,
     pub shutdown_delay: Duration,
     pub shutdown_grace: Duration,
@@ -326,9 +347,17 @@ impl TryFrom<ServeArgs> for Config {
         if args.audience.as_deref() == Some("") {
             return Err(ConfigError::new("--audience", "must not be empty when set"));
         }
+        if args.refresh_reuse_grace > Duration::from_secs(60) {
+            return Err(ConfigError::new(
+                "--refresh-reuse-grace",
+                "must be at most 60s: a longer window lets a stolen refresh token be replayed",
+            ));
+        }
         for (name, value) in [
             ("--access-ttl", args.access_ttl),
             ("--max-ttl", args.max_ttl),
+            ("--session-ttl", args.session_ttl),
+            ("--refresh-max-lifetime", args.refresh_max_lifetime),
             ("--shutdown-grace", args.shutdown_grace),
         ] {
             if value.is_zero() {
@@ -366,6 +395,11 @@ impl TryFrom<ServeArgs> for Config {
             max_ttl: args.max_ttl,
             leeway: args.leeway,
             verify_cache: args.verify_cache,
+            session_ttl: args.session_ttl,
+            session_idle_timeout: (!args.session_idle_timeout.is_zero())
+                .then_some(args.session_idle_timeout),
+            refresh_reuse_grace: args.refresh_reuse_grace,
+            refresh_max_lifetime: args.refresh_max_lifetime,
             rate_limits: args.rate_limits,
             shutdown_delay: args.shutdown_delay,
             shutdown_grace: args.shutdown_grace,

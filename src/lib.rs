@@ -14,5 +14,6 @@ pub mod ops;
 pub mod pb;
 pub mod ratelimit;
 pub mod server;
+pub mod sessions;
 pub mod store;
 pub mod tokens;

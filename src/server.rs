@@ -20,6 +20,7 @@ use crate::keys::{KeySet, Keys, Reloaded, SigningKey};
 use crate::pb;
 use crate::pb::token_service_server::TokenServiceServer;
 use crate::ratelimit::RateLimiter;
+use crate::sessions::Sessions;
 use crate::store;
 use crate::tokens::{Settings, Tokens};
 
@@ -30,6 +31,7 @@ const PURGE_INTERVAL: Duration = Duration::from_secs(60);
 pub struct App {
     pub tokens: Arc<Tokens>,
     pub limits: Arc<RateLimiter>,
+    pub sessions: Arc<Sessions>,
     pub health: Health,
 }
 
@@ -56,10 +58,12 @@ impl App {
         tracing::info!(keys = %keys.current().summary(), "key set loaded");
         let store = store::open(config, clock.clone())?;
         let limits = RateLimiter::new(&config.rate_limits, store.clone());
+        let sessions = Sessions::new(config, store.clone(), clock.clone());
         let tokens = Tokens::new(Settings::from(config), Arc::new(keys), store, clock);
         Ok(App {
             tokens: Arc::new(tokens),
             limits: Arc::new(limits),
+            sessions: Arc::new(sessions),
             health: Health::new(drained).await,
         })
     }
@@ -74,6 +78,7 @@ impl App {
         Ok(Routes::new(TokenServiceServer::new(TokenApi::new(
             self.tokens.clone(),
             self.limits.clone(),
+            self.sessions.clone(),
         )))
         .add_service(self.health.service())
         .add_service(reflection().build_v1()?)

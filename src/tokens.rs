@@ -18,17 +18,19 @@ use serde::de::{self, Deserializer, MapAccess, Visitor};
 use serde_json::value::RawValue;
 use serde_json::{Map, Value};
 
-use crate::clock::{Clock, from_unix_secs, unix_secs};
+use crate::clock::{
+    Clock, from_unix_millis as from_millis, from_unix_secs, unix_millis as millis, unix_secs,
+};
 use crate::config::Config;
 use crate::keys::{KeyError, Keys, Reloaded};
-use crate::store::{Store, StoreError};
+use crate::store::{Family, Rotation, Store, StoreError, Successor, TokenCheck};
 
 /// Longest token Validate and Revoke accept, and so the longest Issue produces.
 pub const MAX_TOKEN_LEN: usize = 8 * 1024;
 
 /// Claims the sidecar sets itself; a caller may not set them through extra claims.
-pub const RESERVED_CLAIMS: [&str; 9] = [
-    "iss", "sub", "aud", "exp", "nbf", "iat", "jti", "sid", "typ",
+pub const RESERVED_CLAIMS: [&str; 10] = [
+    "iss", "sub", "aud", "exp", "nbf", "iat", "jti", "sid", "typ", "fam",
 ];
 
 /// Random bytes in a token id (`jti`) or any other identifier the sidecar makes.
@@ -93,6 +95,12 @@ pub enum Error {
     /// The request cannot be served as asked; `field` names the request field.
     #[error("{field}: {reason}")]
     InvalidArgument { field: &'static str, reason: String },
+    /// What the request names does not exist (or no longer does).
+    #[error("{0}")]
+    NotFound(String),
+    /// A refresh token that cannot be spent: invalid, revoked, reused or past its family's end.
+    #[error("{0}")]
+    Unauthenticated(String),
     #[error(transparent)]
     Store(#[from] StoreError),
     #[error("signing failed: {0}")]
@@ -149,6 +157,22 @@ pub enum Verdict {
 pub enum RevokeTarget {
     Token(String),
     TokenId(String),
+    /// Every token of the subject issued before now, and its sessions.
+    Subject(String),
+}
+
+/// What a Revoke did.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Revoked {
+    pub newly: bool,
+    pub sessions_deleted: u32,
+}
+
+/// The two tokens a Refresh returns.
+#[derive(Debug, Clone)]
+pub struct Refreshed {
+    pub access: Issued,
+    pub refresh: Issued,
 }
 
 /// The settings the token rules depend on.
@@ -161,6 +185,10 @@ pub struct Settings {
     pub leeway: Duration,
     /// Bytes of memory for remembering verified tokens; 0 turns the cache off.
     pub verify_cache: u64,
+    /// How long a spent refresh token may be retried for the same successor.
+    pub refresh_reuse_grace: Duration,
+    /// The absolute lifetime of a refresh-token family.
+    pub refresh_max_lifetime: Duration,
 }
 
 impl From<&Config> for Settings {
@@ -172,6 +200,8 @@ impl From<&Config> for Settings {
             max_ttl: c.max_ttl,
             leeway: c.leeway,
             verify_cache: c.verify_cache,
+            refresh_reuse_grace: c.refresh_reuse_grace,
+            refresh_max_lifetime: c.refresh_max_lifetime,
         }
     }
 }
@@ -241,7 +271,9 @@ impl Tokens {
         Ok(reloaded)
     }
 
-    pub fn issue(&self, params: IssueParams) -> Result<Issued, Error> {
+    /// Signs a token. With a session id the session must be live; a refresh token starts a
+    /// family, stored before the token is returned.
+    pub async fn issue(&self, params: IssueParams) -> Result<Issued, Error> {
         let ttl = params.ttl.unwrap_or(self.settings.access_ttl);
         if ttl < Duration::from_secs(1) {
             return Err(Error::invalid("ttl", "must be at least 1s"));
@@ -264,34 +296,78 @@ impl Tokens {
                 format!("`{name}` is set by the sidecar and cannot be overridden"),
             ));
         }
-
-        let now = unix_secs(self.clock.now());
-        let exp = now + ttl.as_secs() as i64;
-        let token_id = random_id();
-        let mut claims = params.claims;
-        claims.insert("iss".into(), self.settings.issuer.clone().into());
-        claims.insert("sub".into(), params.subject.into());
+        let now = self.clock.now();
+        if let Some(sid) = &params.session_id
+            && self.store.get_session(sid, now).await?.is_none()
+        {
+            return Err(Error::NotFound(format!(
+                "session_id: no live session `{sid}`"
+            )));
+        }
         let audience = if params.audience.is_empty() {
             self.settings.audience.iter().cloned().collect()
         } else {
             params.audience
         };
-        match <[String; 1]>::try_from(audience) {
-            Ok([one]) => {
-                claims.insert("aud".into(), one.into());
-            }
-            Err(many) if !many.is_empty() => {
-                claims.insert("aud".into(), many.into());
-            }
-            Err(_) => {}
+        let mut body = Body {
+            subject: params.subject,
+            audience,
+            extra: params.claims,
+            session_id: params.session_id,
+            family_id: None,
+        };
+        let token_id = random_id();
+        let mut exp = now + ttl;
+        if params.kind == Kind::Refresh {
+            let family = Family {
+                id: random_id(),
+                subject: body.subject.clone(),
+                expires_at: now + self.settings.refresh_max_lifetime,
+                current: token_id.clone(),
+            };
+            exp = exp.min(family.expires_at);
+            body.family_id = Some(family.id.clone());
+            self.store.create_family(&family).await?;
         }
-        claims.insert("iat".into(), now.into());
+        self.mint(&body, params.kind, token_id, millis(now), exp)
+    }
+
+    /// Signs one token of `body`.
+    fn mint(
+        &self,
+        body: &Body,
+        kind: Kind,
+        token_id: String,
+        issued_at_ms: i64,
+        expires_at: SystemTime,
+    ) -> Result<Issued, Error> {
+        let exp = unix_secs(expires_at);
+        let mut claims = body.extra.clone();
+        claims.insert("iss".into(), self.settings.issuer.clone().into());
+        claims.insert("sub".into(), body.subject.clone().into());
+        match body.audience.as_slice() {
+            [] => {}
+            [one] => {
+                claims.insert("aud".into(), one.clone().into());
+            }
+            many => {
+                claims.insert("aud".into(), many.to_vec().into());
+            }
+        }
+        // Milliseconds, so that a logout everywhere tells tokens issued just before it from
+        // those issued just after (RFC 7519 NumericDate allows fractions).
+        let iat =
+            serde_json::Number::from_f64(issued_at_ms as f64 / 1000.0).expect("a finite instant");
+        claims.insert("iat".into(), Value::Number(iat));
         claims.insert("exp".into(), exp.into());
         claims.insert("jti".into(), token_id.clone().into());
-        if let Some(sid) = params.session_id {
-            claims.insert("sid".into(), sid.into());
+        if let Some(sid) = &body.session_id {
+            claims.insert("sid".into(), sid.clone().into());
         }
-        claims.insert("typ".into(), params.kind.claim().into());
+        if let Some(fam) = &body.family_id {
+            claims.insert("fam".into(), fam.clone().into());
+        }
+        claims.insert("typ".into(), kind.claim().into());
 
         let keys = self.keys.current();
         let key = keys.active();
@@ -322,6 +398,92 @@ impl Tokens {
         })
     }
 
+    /// Spends a refresh token for a new access token and a new refresh token of its family.
+    /// A retry of the token spent last, within the grace period, gets the same two tokens
+    /// again (same ids and claims); any other reuse revokes the family.
+    pub async fn refresh(&self, token: &str) -> Result<Refreshed, Error> {
+        let rejected =
+            |reason: Reason| Error::Unauthenticated(format!("refresh_token: {}", reason.as_str()));
+        let decoded = self.decode_cached(token).map_err(rejected)?;
+        self.check(&decoded, None, Kind::Refresh)
+            .map_err(rejected)?;
+        let Some(family_id) = decoded.family_id.as_deref() else {
+            return Err(Error::Unauthenticated(
+                "refresh_token: not of a refresh-token family".into(),
+            ));
+        };
+        let now = self.clock.now();
+        if self.store.is_revoked(&decoded.store_check(now)).await? {
+            return Err(rejected(Reason::Revoked));
+        }
+        let successor = Successor {
+            refresh_id: random_id(),
+            access_id: random_id(),
+            issued_at_ms: millis(now),
+        };
+        let replay_until = now + self.settings.refresh_reuse_grace;
+        let (successor, family_ends) = match self
+            .store
+            .rotate(family_id, &decoded.token_id, &successor, now, replay_until)
+            .await?
+        {
+            Rotation::Rotated { family_ends } => (successor, family_ends),
+            Rotation::Replay {
+                successor,
+                family_ends,
+            } => (successor, family_ends),
+            Rotation::Reused => {
+                tracing::warn!(
+                    family = family_id,
+                    subject = %decoded.subject,
+                    "refresh token reused: family revoked"
+                );
+                return Err(Error::Unauthenticated(
+                    "refresh_token: already spent; its family is now revoked".into(),
+                ));
+            }
+            Rotation::Gone => {
+                return Err(Error::Unauthenticated(
+                    "refresh_token: its family is revoked or has ended".into(),
+                ));
+            }
+        };
+        let body = Body {
+            subject: decoded.subject.clone(),
+            audience: decoded.audience.clone(),
+            extra: decoded.extra.clone(),
+            session_id: decoded.session_id.clone(),
+            family_id: decoded.family_id.clone(),
+        };
+        // Everything below is a function of the successor, the spent token and the family,
+        // so a replay mints the same claims.
+        let issued = from_millis(successor.issued_at_ms);
+        let lifetime = Duration::from_secs(
+            decoded
+                .exp
+                .saturating_sub(decoded.iat.unwrap_or(decoded.exp))
+                .max(1) as u64,
+        );
+        let access_exp = (issued + self.settings.access_ttl).min(family_ends);
+        let refresh_exp = (issued + lifetime).min(family_ends);
+        Ok(Refreshed {
+            access: self.mint(
+                &body,
+                Kind::Access,
+                successor.access_id,
+                successor.issued_at_ms,
+                access_exp,
+            )?,
+            refresh: self.mint(
+                &body,
+                Kind::Refresh,
+                successor.refresh_id,
+                successor.issued_at_ms,
+                refresh_exp,
+            )?,
+        })
+    }
+
     /// Checks a token. `audience` overrides the configured expected audience.
     pub async fn validate(
         &self,
@@ -336,7 +498,11 @@ impl Tokens {
         if let Err(reason) = self.check(&decoded, audience, kind) {
             return Ok(Verdict::Invalid(reason));
         }
-        if self.store.is_revoked(&decoded.token_id).await? {
+        if self
+            .store
+            .is_revoked(&decoded.store_check(self.clock.now()))
+            .await?
+        {
             return Ok(Verdict::Invalid(Reason::Revoked));
         }
         Ok(Verdict::Valid(Verified {
@@ -352,10 +518,24 @@ impl Tokens {
     /// Revokes a token. By token, its signature is verified first, so nobody can fill the
     /// store with made-up ids; the record lives until the token would have expired. By id,
     /// it lives for the longest lifetime a token can have.
-    pub async fn revoke(&self, target: RevokeTarget) -> Result<bool, Error> {
+    pub async fn revoke(&self, target: RevokeTarget) -> Result<Revoked, Error> {
         let leeway = self.settings.leeway;
         let now = self.clock.now();
         let (token_id, until) = match target {
+            RevokeTarget::Subject(subject) => {
+                // Every token of the subject has expired by `until`.
+                let until = now
+                    + self
+                        .settings
+                        .max_ttl
+                        .max(self.settings.refresh_max_lifetime)
+                    + leeway;
+                let sessions_deleted = self.store.revoke_subject(&subject, now, until).await?;
+                return Ok(Revoked {
+                    newly: true,
+                    sessions_deleted,
+                });
+            }
             RevokeTarget::Token(token) => {
                 let decoded = self.decode_cached(&token).map_err(|reason| {
                     Error::invalid(
@@ -372,9 +552,15 @@ impl Tokens {
         };
         if until <= now {
             // Already rejected as expired by every node: nothing to store.
-            return Ok(false);
+            return Ok(Revoked {
+                newly: false,
+                sessions_deleted: 0,
+            });
         }
-        Ok(self.store.revoke(&token_id, until).await?)
+        Ok(Revoked {
+            newly: self.store.revoke(&token_id, until).await?,
+            sessions_deleted: 0,
+        })
     }
 
     /// [`Tokens::decode`], remembered for tokens that verified.
@@ -529,6 +715,18 @@ impl RawClaims<'_> {
         self.take::<String>(name)
     }
 
+    /// A NumericDate in milliseconds, fractions of a second kept.
+    fn take_time_ms(&mut self, name: &str) -> Result<Option<i64>, Reason> {
+        let Some(n) = self.take::<serde_json::Number>(name)? else {
+            return Ok(None);
+        };
+        n.as_i64()
+            .and_then(|s| s.checked_mul(1000))
+            .or_else(|| n.as_f64().map(|f| (f * 1000.0).round() as i64))
+            .map(Some)
+            .ok_or(Reason::Malformed)
+    }
+
     /// A NumericDate: seconds since the epoch, possibly fractional (RFC 7519 section 2).
     fn take_time(&mut self, name: &str) -> Result<Option<i64>, Reason> {
         let Some(n) = self.take::<serde_json::Number>(name)? else {
@@ -560,12 +758,40 @@ struct Decoded {
     exp: i64,
     nbf: Option<i64>,
     iat: Option<i64>,
+    /// `iat` in milliseconds, fractions kept.
+    iat_ms: Option<i64>,
+    family_id: Option<String>,
     token_id: String,
     session_id: Option<String>,
     kind: Kind,
     extra: Map<String, Value>,
     /// The key set generation it was verified under.
     generation: u64,
+}
+
+impl Decoded {
+    /// What the store is asked about this token at every use.
+    fn store_check(&self, now: SystemTime) -> TokenCheck<'_> {
+        TokenCheck {
+            token_id: &self.token_id,
+            subject: &self.subject,
+            // A token without `iat` counts as issued at the start of time: any logout cuts
+            // it off.
+            issued_at_ms: self.iat_ms.unwrap_or(i64::MIN),
+            session_id: self.session_id.as_deref(),
+            family_id: self.family_id.as_deref(),
+            now,
+        }
+    }
+}
+
+/// What a token says, apart from its times, id and kind.
+struct Body {
+    subject: String,
+    audience: Vec<String>,
+    extra: Map<String, Value>,
+    session_id: Option<String>,
+    family_id: Option<String>,
 }
 
 /// `aud`: one string or an array of strings (RFC 7519 section 4.1.3).
@@ -589,12 +815,14 @@ impl Decoded {
         };
         let exp = claims.take_time("exp")?.ok_or(Reason::Malformed)?;
         let nbf = claims.take_time("nbf")?;
-        let iat = claims.take_time("iat")?;
+        let iat_ms = claims.take_time_ms("iat")?;
+        let iat = iat_ms.map(|ms| ms.div_euclid(1000));
         let token_id = claims
             .take_string("jti")?
             .filter(|j| !j.is_empty())
             .ok_or(Reason::Malformed)?;
         let session_id = claims.take_string("sid")?;
+        let family_id = claims.take_string("fam")?;
         let kind = claims
             .take_string("typ")?
             .as_deref()
@@ -607,6 +835,8 @@ impl Decoded {
             exp,
             nbf,
             iat,
+            iat_ms,
+            family_id,
             token_id,
             session_id,
             kind,
@@ -665,15 +895,16 @@ mod tests {
     }
 
     impl Fixture {
-        fn issue(&self, params: IssueParams) -> Issued {
-            self.tokens.issue(params).expect("issue")
+        async fn issue(&self, params: IssueParams) -> Issued {
+            self.tokens.issue(params).await.expect("issue")
         }
 
-        fn issue_for(&self, subject: &str) -> Issued {
+        async fn issue_for(&self, subject: &str) -> Issued {
             self.issue(IssueParams {
                 subject: subject.into(),
                 ..Default::default()
             })
+            .await
         }
 
         async fn verdict(&self, token: &str) -> Verdict {
@@ -694,7 +925,7 @@ mod tests {
     #[tokio::test]
     async fn a_fresh_token_is_valid_until_exp_plus_leeway() {
         let f = fixture();
-        let issued = f.issue_for("alice");
+        let issued = f.issue_for("alice").await;
         assert_eq!(issued.token_id.len(), 22);
         let Verdict::Valid(v) = f.verdict(&issued.token).await else {
             panic!("fresh token rejected")
@@ -711,7 +942,7 @@ mod tests {
     #[tokio::test]
     async fn a_token_from_the_future_is_not_yet_valid() {
         let f = fixture();
-        let issued = f.issue_for("alice");
+        let issued = f.issue_for("alice").await;
         // A node whose clock is behind by more than the leeway (30 s).
         let behind = fixture_at(T0 - 31);
         behind
@@ -727,19 +958,21 @@ mod tests {
     #[tokio::test]
     async fn revocation_by_id_and_by_token() {
         let f = fixture();
-        let a = f.issue_for("alice");
-        let b = f.issue_for("bob");
+        let a = f.issue_for("alice").await;
+        let b = f.issue_for("bob").await;
         assert!(
             f.tokens
                 .revoke(RevokeTarget::TokenId(a.token_id.clone()))
                 .await
                 .unwrap()
+                .newly
         );
         assert!(
             !f.tokens
                 .revoke(RevokeTarget::TokenId(a.token_id))
                 .await
                 .unwrap()
+                .newly
         );
         f.assert_rejected(&a.token, Reason::Revoked).await;
         assert!(
@@ -747,6 +980,7 @@ mod tests {
                 .revoke(RevokeTarget::Token(b.token.clone()))
                 .await
                 .unwrap()
+                .newly
         );
         f.assert_rejected(&b.token, Reason::Revoked).await;
 
@@ -765,20 +999,28 @@ mod tests {
     #[tokio::test]
     async fn revoking_an_expired_token_stores_nothing() {
         let f = fixture();
-        let a = f.issue_for("alice");
+        let a = f.issue_for("alice").await;
         f.clock.advance(Duration::from_secs(3600));
-        assert!(!f.tokens.revoke(RevokeTarget::Token(a.token)).await.unwrap());
+        assert!(
+            !f.tokens
+                .revoke(RevokeTarget::Token(a.token))
+                .await
+                .unwrap()
+                .newly
+        );
     }
 
     #[tokio::test]
     async fn kind_and_audience_are_enforced() {
         let f = fixture();
-        let refresh = f.issue(IssueParams {
-            subject: "alice".into(),
-            kind: Kind::Refresh,
-            audience: vec!["billing".into(), "shop".into()],
-            ..Default::default()
-        });
+        let refresh = f
+            .issue(IssueParams {
+                subject: "alice".into(),
+                kind: Kind::Refresh,
+                audience: vec!["billing".into(), "shop".into()],
+                ..Default::default()
+            })
+            .await;
         f.assert_rejected(&refresh.token, Reason::WrongKind).await;
         let ok = f
             .tokens
@@ -794,8 +1036,8 @@ mod tests {
         assert!(matches!(wrong, Verdict::Invalid(Reason::WrongAudience)));
     }
 
-    #[test]
-    fn issue_refuses_reserved_claims_and_bad_ttls() {
+    #[tokio::test]
+    async fn issue_refuses_reserved_claims_and_bad_ttls() {
         let f = fixture();
         for name in RESERVED_CLAIMS {
             let mut claims = Map::new();
@@ -807,6 +1049,7 @@ mod tests {
                     claims,
                     ..Default::default()
                 })
+                .await
                 .unwrap_err();
             assert!(
                 matches!(
@@ -827,13 +1070,14 @@ mod tests {
                     ttl: Some(ttl),
                     ..Default::default()
                 })
+                .await
                 .unwrap_err();
             assert!(matches!(err, Error::InvalidArgument { field: "ttl", .. }));
         }
     }
 
-    #[test]
-    fn issue_refuses_tokens_validate_would_refuse_for_size() {
+    #[tokio::test]
+    async fn issue_refuses_tokens_validate_would_refuse_for_size() {
         let f = fixture();
         let mut claims = Map::new();
         claims.insert("blob".into(), "x".repeat(MAX_TOKEN_LEN).into());
@@ -844,6 +1088,7 @@ mod tests {
                 claims,
                 ..Default::default()
             })
+            .await
             .unwrap_err();
         assert!(matches!(
             err,

@@ -321,6 +321,16 @@ async fn bad_requests_name_the_field(sidecar: &Sidecar) {
 
 async fn ttl_audience_and_kind(sidecar: &Sidecar) {
     let mut c = sidecar.client().await;
+    let session =
+        c.0.create_session(pb::CreateSessionRequest {
+            subject: "alice".into(),
+            ..Default::default()
+        })
+        .await
+        .unwrap()
+        .into_inner()
+        .session
+        .unwrap();
     let issued = c
         .issue_with(pb::IssueRequest {
             subject: "alice".into(),
@@ -329,7 +339,7 @@ async fn ttl_audience_and_kind(sidecar: &Sidecar) {
                 seconds: 60,
                 nanos: 0,
             }),
-            session_id: "s-1".into(),
+            session_id: session.id.clone(),
             kind: pb::TokenKind::Refresh.into(),
             ..Default::default()
         })
@@ -347,6 +357,6 @@ async fn ttl_audience_and_kind(sidecar: &Sidecar) {
         .await
         .unwrap();
     assert!(resp.valid, "{:?}", resp.reason());
-    assert_eq!(resp.session_id, "s-1");
+    assert_eq!(resp.session_id, session.id);
     assert_eq!(resp.kind(), pb::TokenKind::Refresh);
 }

@@ -208,6 +208,16 @@ async fn postgres_killed_under_load_fails_closed_then_recovers() {
     recovers(&d, &mut c).await;
 }
 
+async fn spend(c: &mut Client, token: &str) -> Result<pb::RefreshResponse, tonic::Status> {
+    c.0.refresh(pb::RefreshRequest {
+        refresh_token: token.into(),
+    })
+    .await
+    .map(|r| r.into_inner())
+}
+
+/// Revocations, logouts, sessions and revoked refresh families all survive Redis losing its
+/// data under tiered storage: PostgreSQL answers until Redis is refilled from it.
 #[tokio::test]
 async fn tiered_keeps_revocations_when_redis_loses_everything() {
     let redis = RedisServer::start();
@@ -218,17 +228,56 @@ async fn tiered_keeps_revocations_when_redis_loses_everything() {
     let issued = a.issue("alice").await;
     let kept = a.issue("bob").await;
     a.revoke(Target::Token(issued.token.clone())).await.unwrap();
+    let logged_out = a.issue("carol").await;
+    a.revoke(Target::Subject("carol".into())).await.unwrap();
+    let session =
+        a.0.create_session(pb::CreateSessionRequest {
+            subject: "dave".into(),
+            ..Default::default()
+        })
+        .await
+        .unwrap()
+        .into_inner()
+        .session
+        .unwrap();
+    let in_session = a
+        .issue_with(pb::IssueRequest {
+            subject: "dave".into(),
+            session_id: session.id.clone(),
+            ..Default::default()
+        })
+        .await
+        .unwrap();
+    let refresh = a
+        .issue_with(pb::IssueRequest {
+            subject: "erin".into(),
+            kind: pb::TokenKind::Refresh.into(),
+            ..Default::default()
+        })
+        .await
+        .unwrap();
+    let rotated = spend(&mut a, &refresh.token).await.unwrap();
+    spend(&mut b, &refresh.token).await.unwrap_err(); // a reuse: the family is revoked
+    let family_access = rotated.access.unwrap().token;
 
     assert_eq!(redis.cli(&["FLUSHALL"]), "OK");
-    b.assert_rejected(&issued.token, R::Revoked).await;
-    a.assert_rejected(&issued.token, R::Revoked).await;
-    b.assert_valid(&kept.token).await;
+    for c in [&mut b, &mut a] {
+        c.assert_rejected(&issued.token, R::Revoked).await;
+        c.assert_rejected(&logged_out.token, R::Revoked).await;
+        c.assert_rejected(&family_access, R::Revoked).await;
+        c.assert_valid(&kept.token).await;
+        c.assert_valid(&in_session.token).await;
+    }
 
     // Redis is refilled from PostgreSQL: the record and the completeness marker are back.
     let deadline = Instant::now() + Duration::from_secs(10);
     loop {
         let keys = redis.cli(&["--scan", "--pattern", "*"]);
-        if keys.contains(&format!("revoked:{}", issued.token_id)) && keys.contains("tier:complete")
+        if keys.contains(&format!("revoked:{}", issued.token_id))
+            && keys.contains("tier:{marker}:complete")
+            && keys.contains(&session.id)
+            && keys.contains("cutoff:")
+            && keys.contains("family:")
         {
             break;
         }
@@ -239,6 +288,9 @@ async fn tiered_keeps_revocations_when_redis_loses_everything() {
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
     b.assert_rejected(&issued.token, R::Revoked).await;
+    b.assert_rejected(&logged_out.token, R::Revoked).await;
+    b.assert_rejected(&family_access, R::Revoked).await;
+    b.assert_valid(&in_session.token).await;
 }
 
 #[tokio::test]

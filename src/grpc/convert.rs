@@ -8,8 +8,9 @@ use serde_json::{Map, Number, Value};
 
 use crate::pb;
 use crate::ratelimit::Decision;
+use crate::store::Session;
 use crate::tokens::{
-    Error, IssueParams, Issued, Kind, MAX_TOKEN_LEN, Reason, RevokeTarget, Verdict,
+    Error, IssueParams, Issued, Kind, MAX_TOKEN_LEN, Reason, Refreshed, RevokeTarget, Verdict,
 };
 
 /// Longest subject, audience, session id or token id accepted.
@@ -71,7 +72,8 @@ impl TryFrom<pb::RevokeRequest> for RevokeTarget {
         match req.target {
             Some(Target::Token(t)) => Ok(RevokeTarget::Token(token("token", t)?)),
             Some(Target::TokenId(id)) => Ok(RevokeTarget::TokenId(required("token_id", id)?)),
-            None => Err(Error::invalid("target", "set token or token_id")),
+            Some(Target::Subject(s)) => Ok(RevokeTarget::Subject(required("subject", s)?)),
+            None => Err(Error::invalid("target", "set token, token_id or subject")),
         }
     }
 }
@@ -83,6 +85,63 @@ impl From<Issued> for pb::IssueResponse {
             token_id: i.token_id,
             expires_at: Some(timestamp(i.expires_at)),
             key_id: i.key_id,
+        }
+    }
+}
+
+/// What CreateSession asks for, checked for shape.
+pub struct CreateSessionParams {
+    pub subject: String,
+    pub ttl: Option<Duration>,
+    pub metadata: std::collections::BTreeMap<String, String>,
+}
+
+impl TryFrom<pb::CreateSessionRequest> for CreateSessionParams {
+    type Error = Error;
+
+    fn try_from(req: pb::CreateSessionRequest) -> Result<Self, Error> {
+        Ok(CreateSessionParams {
+            subject: required("subject", req.subject)?,
+            ttl: req.ttl.map(|d| duration("ttl", d)).transpose()?,
+            metadata: req.metadata.into_iter().collect(),
+        })
+    }
+}
+
+/// A session id from a request: required, and of a sane length.
+pub fn session_id(value: String) -> Result<String, Error> {
+    required("session_id", value)
+}
+
+/// A subject from a request.
+pub fn subject(value: String) -> Result<String, Error> {
+    required("subject", value)
+}
+
+/// A refresh token from a request.
+pub fn refresh_token(value: String) -> Result<String, Error> {
+    token("refresh_token", value)
+}
+
+impl From<Session> for pb::Session {
+    fn from(s: Session) -> Self {
+        pb::Session {
+            id: s.id,
+            subject: s.subject,
+            created_at: Some(timestamp(s.created_at)),
+            expires_at: Some(timestamp(s.expires_at)),
+            last_seen_at: Some(timestamp(s.last_seen_at)),
+            idle_expires_at: s.idle_expires_at.map(timestamp),
+            metadata: s.metadata.into_iter().collect(),
+        }
+    }
+}
+
+impl From<Refreshed> for pb::RefreshResponse {
+    fn from(r: Refreshed) -> Self {
+        pb::RefreshResponse {
+            access: Some(r.access.into()),
+            refresh: Some(r.refresh.into()),
         }
     }
 }

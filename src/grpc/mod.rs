@@ -12,17 +12,23 @@ use crate::pb::token_service_server::TokenService;
 use crate::ratelimit::{self, RateLimiter};
 use crate::tokens::{self, IssueParams, RevokeTarget, Tokens};
 
-use convert::ValidateParams;
+use crate::sessions::Sessions;
+use convert::{CreateSessionParams, ValidateParams};
 pub use convert::{json_to_struct, struct_to_json};
 
 pub struct TokenApi {
     tokens: Arc<Tokens>,
     limits: Arc<RateLimiter>,
+    sessions: Arc<Sessions>,
 }
 
 impl TokenApi {
-    pub fn new(tokens: Arc<Tokens>, limits: Arc<RateLimiter>) -> TokenApi {
-        TokenApi { tokens, limits }
+    pub fn new(tokens: Arc<Tokens>, limits: Arc<RateLimiter>, sessions: Arc<Sessions>) -> TokenApi {
+        TokenApi {
+            tokens,
+            limits,
+            sessions,
+        }
     }
 }
 
@@ -33,7 +39,7 @@ impl TokenService for TokenApi {
         request: Request<pb::IssueRequest>,
     ) -> Result<Response<pb::IssueResponse>, Status> {
         let params = IssueParams::try_from(request.into_inner())?;
-        let issued = self.tokens.issue(params)?;
+        let issued = self.tokens.issue(params).await?;
         Ok(Response::new(issued.into()))
     }
 
@@ -54,8 +60,11 @@ impl TokenService for TokenApi {
         request: Request<pb::RevokeRequest>,
     ) -> Result<Response<pb::RevokeResponse>, Status> {
         let target = RevokeTarget::try_from(request.into_inner())?;
-        let newly_revoked = self.tokens.revoke(target).await?;
-        Ok(Response::new(pb::RevokeResponse { newly_revoked }))
+        let revoked = self.tokens.revoke(target).await?;
+        Ok(Response::new(pb::RevokeResponse {
+            newly_revoked: revoked.newly,
+            sessions_deleted: revoked.sessions_deleted,
+        }))
     }
 
     async fn check_rate_limit(
@@ -87,6 +96,68 @@ impl TokenService for TokenApi {
             active_key_id: keys.active().kid().to_owned(),
         }))
     }
+
+    async fn refresh(
+        &self,
+        request: Request<pb::RefreshRequest>,
+    ) -> Result<Response<pb::RefreshResponse>, Status> {
+        let token = convert::refresh_token(request.into_inner().refresh_token)?;
+        let refreshed = self.tokens.refresh(&token).await?;
+        Ok(Response::new(refreshed.into()))
+    }
+
+    async fn create_session(
+        &self,
+        request: Request<pb::CreateSessionRequest>,
+    ) -> Result<Response<pb::CreateSessionResponse>, Status> {
+        let p = CreateSessionParams::try_from(request.into_inner())?;
+        let session = self.sessions.create(p.subject, p.ttl, p.metadata).await?;
+        Ok(Response::new(pb::CreateSessionResponse {
+            session: Some(session.into()),
+        }))
+    }
+
+    async fn get_session(
+        &self,
+        request: Request<pb::GetSessionRequest>,
+    ) -> Result<Response<pb::GetSessionResponse>, Status> {
+        let id = convert::session_id(request.into_inner().session_id)?;
+        let session = self.sessions.get(&id).await?;
+        Ok(Response::new(pb::GetSessionResponse {
+            session: Some(session.into()),
+        }))
+    }
+
+    async fn touch_session(
+        &self,
+        request: Request<pb::TouchSessionRequest>,
+    ) -> Result<Response<pb::TouchSessionResponse>, Status> {
+        let id = convert::session_id(request.into_inner().session_id)?;
+        let session = self.sessions.touch(&id).await?;
+        Ok(Response::new(pb::TouchSessionResponse {
+            session: Some(session.into()),
+        }))
+    }
+
+    async fn delete_session(
+        &self,
+        request: Request<pb::DeleteSessionRequest>,
+    ) -> Result<Response<pb::DeleteSessionResponse>, Status> {
+        let id = convert::session_id(request.into_inner().session_id)?;
+        let deleted = self.sessions.delete(&id).await?;
+        Ok(Response::new(pb::DeleteSessionResponse { deleted }))
+    }
+
+    async fn list_sessions(
+        &self,
+        request: Request<pb::ListSessionsRequest>,
+    ) -> Result<Response<pb::ListSessionsResponse>, Status> {
+        let subject = convert::subject(request.into_inner().subject)?;
+        let sessions = self.sessions.list(&subject).await?;
+        Ok(Response::new(pb::ListSessionsResponse {
+            sessions: sessions.into_iter().map(Into::into).collect(),
+        }))
+    }
 }
 
 impl From<ratelimit::Error> for Status {
@@ -109,6 +180,8 @@ impl From<tokens::Error> for Status {
     fn from(err: tokens::Error) -> Status {
         match err {
             tokens::Error::InvalidArgument { .. } => Status::invalid_argument(err.to_string()),
+            tokens::Error::NotFound(_) => Status::not_found(err.to_string()),
+            tokens::Error::Unauthenticated(_) => Status::unauthenticated(err.to_string()),
             tokens::Error::Store(e) => store_unavailable(e),
             tokens::Error::Signing(detail) => {
                 tracing::error!(error = %detail, "signing failed");

@@ -8,7 +8,10 @@ use async_trait::async_trait;
 use dashmap::DashMap;
 use dashmap::mapref::entry::Entry;
 
-use super::{Store, StoreError};
+use super::{
+    Family, FamilyState, Rotation, Session, Store, StoreError, Successor, TokenCheck, millis,
+    rotate_step,
+};
 use crate::clock::Clock;
 use crate::ratelimit::{Decision, Gcra, KeyState, gcra};
 
@@ -17,6 +20,10 @@ pub struct MemoryStore {
     revoked: DashMap<String, SystemTime>,
     /// Rate-limit state by (policy, key).
     limits: DashMap<(String, String), KeyState>,
+    /// Logout-everywhere cutoffs by subject: (cutoff, until).
+    cutoffs: DashMap<String, (SystemTime, SystemTime)>,
+    sessions: DashMap<String, Session>,
+    families: DashMap<String, FamilyState>,
 }
 
 impl MemoryStore {
@@ -25,6 +32,9 @@ impl MemoryStore {
             clock,
             revoked: DashMap::new(),
             limits: DashMap::new(),
+            cutoffs: DashMap::new(),
+            sessions: DashMap::new(),
+            families: DashMap::new(),
         }
     }
 }
@@ -52,9 +62,122 @@ impl Store for MemoryStore {
         })
     }
 
-    async fn is_revoked(&self, token_id: &str) -> Result<bool, StoreError> {
-        let now = self.clock.now();
-        Ok(self.revoked.get(token_id).is_some_and(|until| *until > now))
+    async fn is_revoked(&self, t: &TokenCheck<'_>) -> Result<bool, StoreError> {
+        let now = t.now;
+        let by_id = self
+            .revoked
+            .get(t.token_id)
+            .is_some_and(|until| *until > now);
+        let cut_off = self.cutoffs.get(t.subject).is_some_and(|c| {
+            let (cutoff, until) = *c;
+            until > now && millis(cutoff) > t.issued_at_ms
+        });
+        let session_gone = t
+            .session_id
+            .is_some_and(|id| self.sessions.get(id).is_none_or(|s| s.live_until() <= now));
+        let family_gone = t.family_id.is_some_and(|id| {
+            self.families
+                .get(id)
+                .is_none_or(|f| f.revoked || f.expires_ms <= millis(now))
+        });
+        Ok(by_id || cut_off || session_gone || family_gone)
+    }
+
+    async fn revoke_subject(
+        &self,
+        subject: &str,
+        cutoff: SystemTime,
+        until: SystemTime,
+    ) -> Result<u32, StoreError> {
+        self.cutoffs
+            .entry(subject.to_owned())
+            .and_modify(|(c, u)| {
+                *c = (*c).max(cutoff);
+                *u = (*u).max(until);
+            })
+            .or_insert((cutoff, until));
+        let before = self.sessions.len();
+        self.sessions.retain(|_, s| s.subject != subject);
+        Ok(before.saturating_sub(self.sessions.len()) as u32)
+    }
+
+    async fn create_session(&self, session: &Session) -> Result<(), StoreError> {
+        self.sessions.insert(session.id.clone(), session.clone());
+        Ok(())
+    }
+
+    async fn get_session(&self, id: &str, now: SystemTime) -> Result<Option<Session>, StoreError> {
+        Ok(self
+            .sessions
+            .get(id)
+            .filter(|s| s.live_until() > now)
+            .map(|s| s.clone()))
+    }
+
+    async fn touch_session(
+        &self,
+        id: &str,
+        now: SystemTime,
+        idle_until: Option<SystemTime>,
+    ) -> Result<Option<Session>, StoreError> {
+        let Some(mut s) = self.sessions.get_mut(id).filter(|s| s.live_until() > now) else {
+            return Ok(None);
+        };
+        s.last_seen_at = now;
+        if s.idle_expires_at.is_some() {
+            s.idle_expires_at = idle_until.map(|t| t.min(s.expires_at));
+        }
+        Ok(Some(s.clone()))
+    }
+
+    async fn delete_session(&self, id: &str, now: SystemTime) -> Result<bool, StoreError> {
+        Ok(self
+            .sessions
+            .remove(id)
+            .is_some_and(|(_, s)| s.live_until() > now))
+    }
+
+    async fn list_sessions(
+        &self,
+        subject: &str,
+        now: SystemTime,
+    ) -> Result<Vec<Session>, StoreError> {
+        // A scan: the memory store serves one node, and listing is not on a hot path.
+        let mut list: Vec<Session> = self
+            .sessions
+            .iter()
+            .filter(|s| s.subject == subject && s.live_until() > now)
+            .map(|s| s.clone())
+            .collect();
+        list.sort_by(|a, b| (a.created_at, &a.id).cmp(&(b.created_at, &b.id)));
+        Ok(list)
+    }
+
+    async fn create_family(&self, family: &Family) -> Result<(), StoreError> {
+        self.families
+            .insert(family.id.clone(), FamilyState::from(family));
+        Ok(())
+    }
+
+    async fn rotate(
+        &self,
+        family_id: &str,
+        presented: &str,
+        successor: &Successor,
+        now: SystemTime,
+        replay_until: SystemTime,
+    ) -> Result<Rotation, StoreError> {
+        // The entry holds its shard's lock: the step is atomic for this family.
+        let Some(mut state) = self.families.get_mut(family_id) else {
+            return Ok(Rotation::Gone);
+        };
+        Ok(rotate_step(
+            &mut state,
+            presented,
+            successor,
+            millis(now),
+            millis(replay_until),
+        ))
     }
 
     async fn ping(&self) -> Result<(), StoreError> {
@@ -97,11 +220,21 @@ impl Store for MemoryStore {
     async fn purge_expired(&self) -> Result<usize, StoreError> {
         // `retain` locks one shard at a time, so callers on other shards are not held up.
         let now = self.clock.now();
-        let before = self.revoked.len() + self.limits.len();
+        let count = || {
+            self.revoked.len()
+                + self.limits.len()
+                + self.cutoffs.len()
+                + self.sessions.len()
+                + self.families.len()
+        };
+        let before = count();
         self.revoked.retain(|_, until| *until > now);
+        self.cutoffs.retain(|_, (_, until)| *until > now);
+        self.sessions.retain(|_, s| s.live_until() > now);
+        self.families.retain(|_, f| f.expires_ms > millis(now));
         let now = now_us(now);
         self.limits.retain(|_, state| state.expires_us() > now);
-        Ok(before.saturating_sub(self.revoked.len() + self.limits.len()))
+        Ok(before.saturating_sub(count()))
     }
 }
 
@@ -125,11 +258,19 @@ mod tests {
         let until = clock.now() + Duration::from_secs(60);
         assert!(store.revoke("t1", until).await.unwrap());
         assert!(!store.revoke("t1", until).await.unwrap());
-        assert!(store.is_revoked("t1").await.unwrap());
-        assert!(!store.is_revoked("t2").await.unwrap());
+        let check = |id, now| TokenCheck {
+            token_id: id,
+            subject: "s",
+            issued_at_ms: 0,
+            session_id: None,
+            family_id: None,
+            now,
+        };
+        assert!(store.is_revoked(&check("t1", clock.now())).await.unwrap());
+        assert!(!store.is_revoked(&check("t2", clock.now())).await.unwrap());
 
         clock.advance(Duration::from_secs(61));
-        assert!(!store.is_revoked("t1").await.unwrap());
+        assert!(!store.is_revoked(&check("t1", clock.now())).await.unwrap());
         assert_eq!(store.purge_expired().await.unwrap(), 1);
     }
 }

@@ -6,13 +6,14 @@ pub mod postgres;
 mod redis;
 mod tiered;
 
+use std::collections::BTreeMap;
 use std::fmt::Display;
 use std::sync::Arc;
 use std::time::{Duration, SystemTime};
 
 use async_trait::async_trait;
 
-use crate::clock::Clock;
+use crate::clock::{Clock, from_unix_millis as from_millis, unix_millis as millis};
 use crate::config::{Config, Storage};
 use crate::ratelimit::{Decision, Gcra};
 
@@ -29,6 +30,80 @@ pub struct StoreError {
     pub detail: String,
 }
 
+/// What every Validate asks the store about a token whose signature and claims passed, in
+/// one round trip: is it revoked by id, cut off by a logout of its subject, bound to a
+/// session that ended, or of a refresh family that was revoked?
+#[derive(Debug, Clone, Copy)]
+pub struct TokenCheck<'a> {
+    pub token_id: &'a str,
+    pub subject: &'a str,
+    /// When the token was issued, in milliseconds since the epoch.
+    pub issued_at_ms: i64,
+    pub session_id: Option<&'a str>,
+    pub family_id: Option<&'a str>,
+    /// The caller's clock.
+    pub now: SystemTime,
+}
+
+/// A session shared by every node.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Session {
+    pub id: String,
+    pub subject: String,
+    pub created_at: SystemTime,
+    /// The absolute end.
+    pub expires_at: SystemTime,
+    pub last_seen_at: SystemTime,
+    /// With an idle timeout: the end unless touched before. Never after `expires_at`.
+    pub idle_expires_at: Option<SystemTime>,
+    pub metadata: BTreeMap<String, String>,
+}
+
+impl Session {
+    /// When the session stops counting: its idle deadline or its absolute end.
+    pub fn live_until(&self) -> SystemTime {
+        self.idle_expires_at
+            .map_or(self.expires_at, |idle| idle.min(self.expires_at))
+    }
+}
+
+/// A refresh-token family: the refresh tokens that replaced one another since a login.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Family {
+    pub id: String,
+    pub subject: String,
+    /// The absolute end of the chain; no token of the family outlives it.
+    pub expires_at: SystemTime,
+    /// The one refresh token id of the family that may be spent now.
+    pub current: String,
+}
+
+/// The tokens that replace a spent refresh token, remembered so that a retry within the
+/// reuse grace period gets the same ones (same ids and issue time).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Successor {
+    pub refresh_id: String,
+    pub access_id: String,
+    pub issued_at_ms: i64,
+}
+
+/// What spending a refresh token did.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Rotation {
+    /// It was the family's current token: the successor is current now.
+    Rotated { family_ends: SystemTime },
+    /// It was the token spent last, presented again within the grace period: here is the
+    /// successor it got then.
+    Replay {
+        successor: Successor,
+        family_ends: SystemTime,
+    },
+    /// It was spent before: the family is revoked now.
+    Reused,
+    /// The family is revoked, expired or unknown.
+    Gone,
+}
+
 #[async_trait]
 pub trait Store: Send + Sync + 'static {
     /// Short backend name for logs and metrics.
@@ -39,8 +114,56 @@ pub trait Store: Send + Sync + 'static {
     /// once the record is stored.
     async fn revoke(&self, token_id: &str, until: SystemTime) -> Result<bool, StoreError>;
 
-    /// Whether `token_id` is revoked.
-    async fn is_revoked(&self, token_id: &str) -> Result<bool, StoreError>;
+    /// Whether the token is revoked in any of the ways [`TokenCheck`] lists.
+    async fn is_revoked(&self, token: &TokenCheck<'_>) -> Result<bool, StoreError>;
+
+    /// Logout everywhere: tokens of `subject` issued before `cutoff` are revoked (the record
+    /// lives until `until`, when they have all expired), and its sessions are deleted.
+    /// Returns how many sessions were.
+    async fn revoke_subject(
+        &self,
+        subject: &str,
+        cutoff: SystemTime,
+        until: SystemTime,
+    ) -> Result<u32, StoreError>;
+
+    async fn create_session(&self, session: &Session) -> Result<(), StoreError>;
+
+    /// A session that is still live at `now`.
+    async fn get_session(&self, id: &str, now: SystemTime) -> Result<Option<Session>, StoreError>;
+
+    /// Moves `last_seen_at` to `now` and, for a session with an idle deadline, the deadline
+    /// to `idle_until` (capped at the session's end). `None` when the session is not live.
+    async fn touch_session(
+        &self,
+        id: &str,
+        now: SystemTime,
+        idle_until: Option<SystemTime>,
+    ) -> Result<Option<Session>, StoreError>;
+
+    /// Whether a live session was deleted.
+    async fn delete_session(&self, id: &str, now: SystemTime) -> Result<bool, StoreError>;
+
+    /// The live sessions of `subject`, oldest first.
+    async fn list_sessions(
+        &self,
+        subject: &str,
+        now: SystemTime,
+    ) -> Result<Vec<Session>, StoreError>;
+
+    async fn create_family(&self, family: &Family) -> Result<(), StoreError>;
+
+    /// Spends refresh token `presented` of family `family_id`, atomically: of two calls with
+    /// the same token, on any nodes, one rotates and the other replays or revokes.
+    /// `replay_until` is how long the spent token may still be retried for its successor.
+    async fn rotate(
+        &self,
+        family_id: &str,
+        presented: &str,
+        successor: &Successor,
+        now: SystemTime,
+        replay_until: SystemTime,
+    ) -> Result<Rotation, StoreError>;
 
     /// Whether the backend answers. Never writes, never scans.
     async fn ping(&self) -> Result<(), StoreError>;
@@ -61,6 +184,87 @@ pub trait Store: Send + Sync + 'static {
     /// Drops records whose lifetime has passed, in bounded batches; returns how many. Runs
     /// from a background task, never on a request or probe path.
     async fn purge_expired(&self) -> Result<usize, StoreError>;
+}
+
+/// A new session id for `subject`: 128 random bits after a short tag derived from the
+/// subject, so that Redis keeps a session and its subject's index in one hash slot.
+pub fn new_session_id(subject: &str) -> String {
+    format!("{}{}", subject_tag(subject), crate::tokens::random_id())
+}
+
+/// Characters of a session id that are its subject's tag.
+const TAG_LEN: usize = 4;
+
+/// Three bytes of SHA-256 of the subject, base64url: 4 characters, 16 million slots' worth.
+fn subject_tag(subject: &str) -> String {
+    use base64::Engine;
+    let digest = aws_lc_rs::digest::digest(&aws_lc_rs::digest::SHA256, subject.as_bytes());
+    base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(&digest.as_ref()[..3])
+}
+
+/// The subject tag a session id carries, if it is one of ours.
+fn session_tag(id: &str) -> Option<&str> {
+    id.get(..TAG_LEN).filter(|_| id.len() > TAG_LEN)
+}
+
+/// The one decision of a rotation, made by the memory store and restated by the Redis script
+/// and the SQL function. `state` is updated in place.
+fn rotate_step(
+    state: &mut FamilyState,
+    presented: &str,
+    successor: &Successor,
+    now_ms: i64,
+    replay_until_ms: i64,
+) -> Rotation {
+    if state.revoked || state.expires_ms <= now_ms {
+        return Rotation::Gone;
+    }
+    if presented == state.current {
+        state.previous = Some(std::mem::replace(
+            &mut state.current,
+            successor.refresh_id.clone(),
+        ));
+        state.successor = Some(successor.clone());
+        state.replay_until_ms = replay_until_ms;
+        return Rotation::Rotated {
+            family_ends: from_millis(state.expires_ms),
+        };
+    }
+    if state.previous.as_deref() == Some(presented)
+        && now_ms < state.replay_until_ms
+        && let Some(s) = &state.successor
+    {
+        return Rotation::Replay {
+            successor: s.clone(),
+            family_ends: from_millis(state.expires_ms),
+        };
+    }
+    state.revoked = true;
+    Rotation::Reused
+}
+
+/// A family as the memory store keeps it.
+#[derive(Debug, Clone)]
+struct FamilyState {
+    current: String,
+    previous: Option<String>,
+    replay_until_ms: i64,
+    successor: Option<Successor>,
+    revoked: bool,
+    expires_ms: i64,
+}
+
+impl From<&Family> for FamilyState {
+    fn from(f: &Family) -> FamilyState {
+        FamilyState {
+            current: f.current.clone(),
+            previous: None,
+            replay_until_ms: 0,
+            successor: None,
+            revoked: false,
+            expires_ms: millis(f.expires_at),
+        }
+    }
 }
 
 /// First and longest wait between attempts of [`retry_in_background`].

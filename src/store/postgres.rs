@@ -5,19 +5,28 @@
 use std::str::FromStr;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::time::{Duration, SystemTime, UNIX_EPOCH};
+use std::time::{Duration, SystemTime};
 
 use async_trait::async_trait;
 use sqlx::PgPool;
 use sqlx::migrate::Migrator;
 use sqlx::postgres::{PgConnectOptions, PgPoolOptions};
 
-use super::{Store, StoreError};
+use super::{
+    Family, Rotation, Session, Store, StoreError, Successor, TokenCheck, from_millis, millis,
+};
 use crate::clock::Clock;
 use crate::config::{Config, Secret};
 use crate::ratelimit::{Decision, Gcra};
 
 const BACKEND: &str = "postgres";
+
+/// The columns a [`SessionRow`] reads, as a literal for `concat!`.
+macro_rules! session_columns {
+    () => {
+        "id, subject, created_ms, expires_ms, last_seen_ms, idle_expires_ms, metadata"
+    };
+}
 
 /// Rows deleted per purge statement, so a purge never holds locks for long.
 const PURGE_BATCH: i64 = 1000;
@@ -112,25 +121,110 @@ impl PostgresStore {
         super::bounded(BACKEND, op, self.timeout, f).await
     }
 
-    /// Until when `token_id` is revoked, if it is.
-    pub(super) async fn revoked_until(
+    /// Every live session after `after` in id order, at most `limit` of them (tiered refill).
+    pub(super) async fn live_sessions_after(
         &self,
-        token_id: &str,
-    ) -> Result<Option<SystemTime>, StoreError> {
-        let now = millis(self.clock.now());
-        let row: Option<(i64,)> = self
+        after: &str,
+        limit: i64,
+    ) -> Result<Vec<Session>, StoreError> {
+        let rows: Vec<SessionRow> = self
+            .call(
+                "select",
+                sqlx::query_as(concat!(
+                    "SELECT ",
+                    session_columns!(),
+                    " FROM sessions WHERE id > $1 AND live_until_ms > $2 \
+                     ORDER BY id LIMIT $3"
+                ))
+                .bind(after)
+                .bind(millis(self.clock.now()))
+                .bind(limit)
+                .fetch_all(&self.pool),
+            )
+            .await?;
+        Ok(rows.into_iter().map(Session::from).collect())
+    }
+
+    /// Every live cutoff after `after` in subject order: (subject, cutoff, until).
+    pub(super) async fn live_cutoffs_after(
+        &self,
+        after: &str,
+        limit: i64,
+    ) -> Result<Vec<(String, SystemTime, SystemTime)>, StoreError> {
+        let rows: Vec<(String, i64, i64)> = self
             .call(
                 "select",
                 sqlx::query_as(
-                    "SELECT (extract(epoch FROM expires_at) * 1000)::int8 FROM revoked_tokens \
-                     WHERE token_id = $1 AND expires_at > to_timestamp($2 / 1000.0)",
+                    "SELECT subject, cutoff_ms, expires_ms FROM subject_cutoffs \
+                     WHERE subject > $1 AND expires_ms > $2 ORDER BY subject LIMIT $3",
                 )
-                .bind(token_id)
-                .bind(now)
+                .bind(after)
+                .bind(millis(self.clock.now()))
+                .bind(limit)
+                .fetch_all(&self.pool),
+            )
+            .await?;
+        Ok(rows
+            .into_iter()
+            .map(|(s, c, u)| (s, from_millis(c), from_millis(u)))
+            .collect())
+    }
+
+    /// Every live family after `after` in id order, with whether it is revoked.
+    pub(super) async fn live_families_after(
+        &self,
+        after: &str,
+        limit: i64,
+    ) -> Result<Vec<(Family, bool)>, StoreError> {
+        let rows: Vec<(String, String, i64, String, bool)> = self
+            .call(
+                "select",
+                sqlx::query_as(
+                    "SELECT id, subject, expires_ms, current_id, revoked FROM token_families \
+                     WHERE id > $1 AND expires_ms > $2 ORDER BY id LIMIT $3",
+                )
+                .bind(after)
+                .bind(millis(self.clock.now()))
+                .bind(limit)
+                .fetch_all(&self.pool),
+            )
+            .await?;
+        Ok(rows
+            .into_iter()
+            .map(|(id, subject, expires, current, revoked)| {
+                let family = Family {
+                    id,
+                    subject,
+                    expires_at: from_millis(expires),
+                    current,
+                };
+                (family, revoked)
+            })
+            .collect())
+    }
+
+    /// A family's subject, end and whether it is revoked, as the row holds them.
+    pub(super) async fn family(&self, id: &str) -> Result<Option<(Family, bool)>, StoreError> {
+        let row: Option<(String, String, i64, String, bool)> = self
+            .call(
+                "select",
+                sqlx::query_as(
+                    "SELECT id, subject, expires_ms, current_id, revoked FROM token_families \
+                     WHERE id = $1",
+                )
+                .bind(id)
                 .fetch_optional(&self.pool),
             )
             .await?;
-        Ok(row.map(|(t,)| from_millis(t)))
+        Ok(row.map(|(id, subject, expires, current, revoked)| {
+            let family = Family {
+                id,
+                subject,
+                expires_at: from_millis(expires),
+                current,
+            };
+            (family, revoked)
+        }))
     }
 
     /// Every live revocation after `after` in token id order, at most `limit` of them.
@@ -187,8 +281,216 @@ impl Store for PostgresStore {
         Ok(inserted)
     }
 
-    async fn is_revoked(&self, token_id: &str) -> Result<bool, StoreError> {
-        Ok(self.revoked_until(token_id).await?.is_some())
+    async fn is_revoked(&self, t: &TokenCheck<'_>) -> Result<bool, StoreError> {
+        let (revoked,): (bool,) = self
+            .call(
+                "check",
+                sqlx::query_as(
+                    "SELECT EXISTS (SELECT 1 FROM revoked_tokens WHERE token_id = $1 \
+                     AND expires_at > to_timestamp($6 / 1000.0)) \
+                     OR EXISTS (SELECT 1 FROM subject_cutoffs WHERE subject = $2 \
+                     AND cutoff_ms > $3 AND expires_ms > $6) \
+                     OR ($4::text IS NOT NULL AND NOT EXISTS (SELECT 1 FROM sessions \
+                     WHERE id = $4 AND live_until_ms > $6)) \
+                     OR ($5::text IS NOT NULL AND NOT EXISTS (SELECT 1 FROM token_families \
+                     WHERE id = $5 AND NOT revoked AND expires_ms > $6))",
+                )
+                .bind(t.token_id)
+                .bind(t.subject)
+                .bind(t.issued_at_ms)
+                .bind(t.session_id)
+                .bind(t.family_id)
+                .bind(millis(t.now))
+                .fetch_one(&self.pool),
+            )
+            .await?;
+        Ok(revoked)
+    }
+
+    async fn revoke_subject(
+        &self,
+        subject: &str,
+        cutoff: SystemTime,
+        until: SystemTime,
+    ) -> Result<u32, StoreError> {
+        let (deleted,): (i64,) = self
+            .call(
+                "revoke_subject",
+                sqlx::query_as(
+                    "WITH cut AS ( \
+                     INSERT INTO subject_cutoffs (subject, cutoff_ms, expires_ms) \
+                     VALUES ($1, $2, $3) ON CONFLICT (subject) DO UPDATE \
+                     SET cutoff_ms = GREATEST(subject_cutoffs.cutoff_ms, EXCLUDED.cutoff_ms), \
+                     expires_ms = GREATEST(subject_cutoffs.expires_ms, EXCLUDED.expires_ms)), \
+                     gone AS (DELETE FROM sessions WHERE subject = $1 AND live_until_ms > $4 \
+                     RETURNING 1) \
+                     SELECT count(*) FROM gone",
+                )
+                .bind(subject)
+                .bind(millis(cutoff))
+                .bind(millis(until))
+                .bind(millis(cutoff))
+                .fetch_one(&self.pool),
+            )
+            .await?;
+        Ok(deleted as u32)
+    }
+
+    async fn create_session(&self, s: &Session) -> Result<(), StoreError> {
+        self.call(
+            "insert",
+            sqlx::query(
+                "INSERT INTO sessions (id, subject, created_ms, expires_ms, last_seen_ms, \
+                 idle_expires_ms, live_until_ms, metadata) VALUES ($1, $2, $3, $4, $5, $6, $7, $8)",
+            )
+            .bind(&s.id)
+            .bind(&s.subject)
+            .bind(millis(s.created_at))
+            .bind(millis(s.expires_at))
+            .bind(millis(s.last_seen_at))
+            .bind(s.idle_expires_at.map(millis))
+            .bind(millis(s.live_until()))
+            .bind(sqlx::types::Json(&s.metadata))
+            .execute(&self.pool),
+        )
+        .await
+        .map(drop)
+    }
+
+    async fn get_session(&self, id: &str, now: SystemTime) -> Result<Option<Session>, StoreError> {
+        let row: Option<SessionRow> = self
+            .call(
+                "select",
+                sqlx::query_as(concat!(
+                    "SELECT ",
+                    session_columns!(),
+                    " FROM sessions WHERE id = $1 AND live_until_ms > $2"
+                ))
+                .bind(id)
+                .bind(millis(now))
+                .fetch_optional(&self.pool),
+            )
+            .await?;
+        Ok(row.map(Session::from))
+    }
+
+    async fn touch_session(
+        &self,
+        id: &str,
+        now: SystemTime,
+        idle_until: Option<SystemTime>,
+    ) -> Result<Option<Session>, StoreError> {
+        let row: Option<SessionRow> = self
+            .call(
+                "update",
+                sqlx::query_as(concat!(
+                    "UPDATE sessions SET last_seen_ms = $2, \
+                     idle_expires_ms = CASE WHEN idle_expires_ms IS NULL OR $3::int8 IS NULL \
+                     THEN idle_expires_ms ELSE LEAST($3, expires_ms) END, \
+                     live_until_ms = CASE WHEN idle_expires_ms IS NULL THEN expires_ms \
+                     WHEN $3::int8 IS NULL THEN live_until_ms \
+                     ELSE LEAST($3, expires_ms) END \
+                     WHERE id = $1 AND live_until_ms > $2 RETURNING ",
+                    session_columns!(),
+                    ""
+                ))
+                .bind(id)
+                .bind(millis(now))
+                .bind(idle_until.map(millis))
+                .fetch_optional(&self.pool),
+            )
+            .await?;
+        Ok(row.map(Session::from))
+    }
+
+    async fn delete_session(&self, id: &str, now: SystemTime) -> Result<bool, StoreError> {
+        let done = self
+            .call(
+                "delete",
+                sqlx::query("DELETE FROM sessions WHERE id = $1 AND live_until_ms > $2")
+                    .bind(id)
+                    .bind(millis(now))
+                    .execute(&self.pool),
+            )
+            .await?;
+        Ok(done.rows_affected() > 0)
+    }
+
+    async fn list_sessions(
+        &self,
+        subject: &str,
+        now: SystemTime,
+    ) -> Result<Vec<Session>, StoreError> {
+        let rows: Vec<SessionRow> = self
+            .call(
+                "select",
+                sqlx::query_as(concat!(
+                    "SELECT ",
+                    session_columns!(),
+                    " FROM sessions \
+                     WHERE subject = $1 AND live_until_ms > $2 ORDER BY created_ms, id"
+                ))
+                .bind(subject)
+                .bind(millis(now))
+                .fetch_all(&self.pool),
+            )
+            .await?;
+        Ok(rows.into_iter().map(Session::from).collect())
+    }
+
+    async fn create_family(&self, f: &Family) -> Result<(), StoreError> {
+        self.call(
+            "insert",
+            sqlx::query(
+                "INSERT INTO token_families (id, subject, expires_ms, current_id) \
+                 VALUES ($1, $2, $3, $4)",
+            )
+            .bind(&f.id)
+            .bind(&f.subject)
+            .bind(millis(f.expires_at))
+            .bind(&f.current)
+            .execute(&self.pool),
+        )
+        .await
+        .map(drop)
+    }
+
+    async fn rotate(
+        &self,
+        family_id: &str,
+        presented: &str,
+        successor: &Successor,
+        now: SystemTime,
+        replay_until: SystemTime,
+    ) -> Result<Rotation, StoreError> {
+        let (outcome, ends, refresh, access, iat): Rotated = self
+            .call(
+                "rotate",
+                sqlx::query_as("SELECT * FROM auth_sidecar_rotate($1, $2, $3, $4, $5, $6, $7)")
+                    .bind(family_id)
+                    .bind(presented)
+                    .bind(&successor.refresh_id)
+                    .bind(&successor.access_id)
+                    .bind(successor.issued_at_ms)
+                    .bind(millis(now))
+                    .bind(millis(replay_until))
+                    .fetch_one(&self.pool),
+            )
+            .await?;
+        let family_ends = from_millis(ends.unwrap_or(0));
+        Ok(match (outcome.as_str(), refresh, access, iat) {
+            ("rotated", ..) => Rotation::Rotated { family_ends },
+            ("replay", Some(refresh_id), Some(access_id), Some(issued_at_ms)) => Rotation::Replay {
+                successor: Successor {
+                    refresh_id,
+                    access_id,
+                    issued_at_ms,
+                },
+                family_ends,
+            },
+            ("reused", ..) => Rotation::Reused,
+            _ => Rotation::Gone,
+        })
     }
 
     async fn ping(&self) -> Result<(), StoreError> {
@@ -237,8 +539,14 @@ impl Store for PostgresStore {
     async fn purge_expired(&self) -> Result<usize, StoreError> {
         let now = millis(self.clock.now());
         let mut total = 0;
-        // Both tables, each in bounded batches by its expiry index.
+        // Every table, each in bounded batches by its expiry index.
         for sql in [
+            "DELETE FROM sessions WHERE id IN (SELECT id FROM sessions \
+             WHERE live_until_ms <= $1 LIMIT $2)",
+            "DELETE FROM subject_cutoffs WHERE subject IN (SELECT subject FROM subject_cutoffs \
+             WHERE expires_ms <= $1 LIMIT $2)",
+            "DELETE FROM token_families WHERE id IN (SELECT id FROM token_families \
+             WHERE expires_ms <= $1 LIMIT $2)",
             "DELETE FROM revoked_tokens WHERE token_id IN \
              (SELECT token_id FROM revoked_tokens \
               WHERE expires_at <= to_timestamp($1 / 1000.0) LIMIT $2)",
@@ -267,15 +575,38 @@ impl Store for PostgresStore {
     }
 }
 
-/// Milliseconds since the epoch: how instants cross into SQL (`to_timestamp($n / 1000.0)`).
-fn millis(t: SystemTime) -> i64 {
-    t.duration_since(UNIX_EPOCH)
-        .map(|d| d.as_millis() as i64)
-        .unwrap_or(0)
+/// The answer of `auth_sidecar_rotate`: outcome, family end, and the successor on a replay.
+type Rotated = (
+    String,
+    Option<i64>,
+    Option<String>,
+    Option<String>,
+    Option<i64>,
+);
+
+#[derive(sqlx::FromRow)]
+struct SessionRow {
+    id: String,
+    subject: String,
+    created_ms: i64,
+    expires_ms: i64,
+    last_seen_ms: i64,
+    idle_expires_ms: Option<i64>,
+    metadata: sqlx::types::Json<std::collections::BTreeMap<String, String>>,
 }
 
-fn from_millis(ms: i64) -> SystemTime {
-    UNIX_EPOCH + Duration::from_millis(ms.max(0) as u64)
+impl From<SessionRow> for Session {
+    fn from(r: SessionRow) -> Session {
+        Session {
+            id: r.id,
+            subject: r.subject,
+            created_at: from_millis(r.created_ms),
+            expires_at: from_millis(r.expires_ms),
+            last_seen_at: from_millis(r.last_seen_ms),
+            idle_expires_at: r.idle_expires_ms.map(from_millis),
+            metadata: r.metadata.0,
+        }
+    }
 }
 
 fn unavailable(detail: impl Into<String>) -> StoreError {

@@ -1,0 +1,469 @@
+//! Sessions, logout everywhere and refresh-token rotation, on every backend. On the shared
+//! backends each scenario runs on two nodes and crosses between them ("node A" does one
+//! thing, "node B" sees it); on memory both are the same node.
+
+mod support;
+
+use std::collections::BTreeSet;
+use std::time::Duration;
+
+use auth_sidecar::pb;
+use pb::InvalidReason as R;
+use pb::revoke_request::Target;
+use support::backends::Backend;
+use support::{Client, Deployment, parts};
+use tonic::Code;
+
+macro_rules! suite {
+    ($name:ident, $backend:expr, $nodes:expr) => {
+        mod $name {
+            use super::*;
+
+            fn start(args: &[&str]) -> Deployment {
+                Deployment::start($backend, $nodes, args)
+            }
+
+            #[tokio::test]
+            async fn session_lifecycle() {
+                super::session_lifecycle(&start(&[])).await
+            }
+
+            #[tokio::test]
+            async fn idle_timeout_and_expiry() {
+                super::idle_timeout_and_expiry(&start(&["--session-idle-timeout=2s"])).await
+            }
+
+            #[tokio::test]
+            async fn logout_everywhere() {
+                super::logout_everywhere(&start(&[])).await
+            }
+
+            #[tokio::test]
+            async fn refresh_chain_and_reuse() {
+                super::refresh_chain_and_reuse(&start(&[])).await
+            }
+
+            #[tokio::test]
+            async fn parallel_refreshes() {
+                super::parallel_refreshes(&start(&[])).await
+            }
+
+            #[tokio::test]
+            async fn parallel_refreshes_within_grace() {
+                super::parallel_refreshes_within_grace(&start(&["--refresh-reuse-grace=30s"])).await
+            }
+
+            #[tokio::test]
+            async fn family_lifetime_ends_the_chain() {
+                super::family_lifetime_ends_the_chain(&start(&["--refresh-max-lifetime=3s"])).await
+            }
+        }
+    };
+}
+
+suite!(memory, Backend::Memory, 1);
+suite!(redis, Backend::Redis, 2);
+suite!(redis_cluster, Backend::RedisCluster, 2);
+suite!(postgres, Backend::Postgres, 2);
+suite!(tiered, Backend::Tiered, 2);
+
+/// Clients of the first and the last node.
+async fn clients(d: &Deployment) -> (Client, Client) {
+    (
+        d.nodes[0].client().await,
+        d.nodes[d.nodes.len() - 1].client().await,
+    )
+}
+
+async fn create_session(c: &mut Client, subject: &str, metadata: &[(&str, &str)]) -> pb::Session {
+    c.0.create_session(pb::CreateSessionRequest {
+        subject: subject.into(),
+        ttl: None,
+        metadata: metadata
+            .iter()
+            .map(|(k, v)| (k.to_string(), v.to_string()))
+            .collect(),
+    })
+    .await
+    .expect("create session")
+    .into_inner()
+    .session
+    .unwrap()
+}
+
+async fn get_session(c: &mut Client, id: &str) -> Result<pb::Session, tonic::Status> {
+    c.0.get_session(pb::GetSessionRequest {
+        session_id: id.into(),
+    })
+    .await
+    .map(|r| r.into_inner().session.unwrap())
+}
+
+async fn issue_in(
+    c: &mut Client,
+    subject: &str,
+    session_id: &str,
+    kind: pb::TokenKind,
+) -> pb::IssueResponse {
+    c.issue_with(pb::IssueRequest {
+        subject: subject.into(),
+        session_id: session_id.into(),
+        kind: kind.into(),
+        ..Default::default()
+    })
+    .await
+    .expect("issue")
+}
+
+async fn refresh(c: &mut Client, token: &str) -> Result<pb::RefreshResponse, tonic::Status> {
+    c.0.refresh(pb::RefreshRequest {
+        refresh_token: token.into(),
+    })
+    .await
+    .map(|r| r.into_inner())
+}
+
+async fn assert_valid_refresh(c: &mut Client, token: &str) {
+    let v = c
+        .validate_with(pb::ValidateRequest {
+            token: token.into(),
+            kind: pb::TokenKind::Refresh.into(),
+            ..Default::default()
+        })
+        .await
+        .unwrap();
+    assert!(v.valid, "refresh token rejected: {:?}", v.reason());
+}
+
+async fn assert_rejected_refresh(c: &mut Client, token: &str, reason: R) {
+    let v = c
+        .validate_with(pb::ValidateRequest {
+            token: token.into(),
+            kind: pb::TokenKind::Refresh.into(),
+            ..Default::default()
+        })
+        .await
+        .unwrap();
+    assert!(!v.valid, "refresh token accepted");
+    assert_eq!(v.reason(), reason);
+}
+
+async fn session_lifecycle(d: &Deployment) {
+    let (mut a, mut b) = clients(d).await;
+    let first = create_session(&mut a, "alice", &[("device", "phone")]).await;
+    assert!(first.id.len() >= 26, "{}", first.id);
+    assert_eq!(first.metadata["device"], "phone");
+    let second = create_session(&mut b, "alice", &[]).await;
+    create_session(&mut a, "bob", &[]).await;
+
+    // Seen from the other node.
+    let got = get_session(&mut b, &first.id).await.unwrap();
+    assert_eq!(got, first);
+    let listed =
+        b.0.list_sessions(pb::ListSessionsRequest {
+            subject: "alice".into(),
+        })
+        .await
+        .unwrap()
+        .into_inner()
+        .sessions;
+    let ids: Vec<_> = listed.iter().map(|s| s.id.as_str()).collect();
+    assert_eq!(ids, [first.id.as_str(), second.id.as_str()], "oldest first");
+
+    let touched =
+        b.0.touch_session(pb::TouchSessionRequest {
+            session_id: first.id.clone(),
+        })
+        .await
+        .unwrap()
+        .into_inner()
+        .session
+        .unwrap();
+    let seen = |s: &pb::Session| {
+        let t = s.last_seen_at.unwrap();
+        (t.seconds, t.nanos)
+    };
+    assert!(seen(&touched) >= seen(&first));
+    assert_eq!(
+        touched.expires_at, first.expires_at,
+        "a touch never extends the end"
+    );
+
+    // A token of the session lives with it, on every node.
+    let token = issue_in(&mut a, "alice", &first.id, pb::TokenKind::Access).await;
+    b.assert_valid(&token.token).await;
+    let deleted =
+        a.0.delete_session(pb::DeleteSessionRequest {
+            session_id: first.id.clone(),
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    assert!(deleted.deleted);
+    b.assert_rejected(&token.token, R::Revoked).await;
+    a.assert_rejected(&token.token, R::Revoked).await;
+    assert_eq!(
+        get_session(&mut b, &first.id).await.unwrap_err().code(),
+        Code::NotFound
+    );
+    let again =
+        b.0.delete_session(pb::DeleteSessionRequest {
+            session_id: first.id.clone(),
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    assert!(!again.deleted);
+
+    // No token for a session that does not exist; bad requests name the field.
+    let err = a
+        .issue_with(pb::IssueRequest {
+            subject: "alice".into(),
+            session_id: first.id.clone(),
+            ..Default::default()
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(err.code(), Code::NotFound);
+    assert!(err.message().contains("session_id"), "{}", err.message());
+    let err = get_session(&mut a, "").await.unwrap_err();
+    assert_eq!(err.code(), Code::InvalidArgument);
+    assert!(err.message().contains("session_id"), "{}", err.message());
+    let err = get_session(&mut a, "made-up").await.unwrap_err();
+    assert_eq!(err.code(), Code::NotFound);
+    let err =
+        a.0.create_session(pb::CreateSessionRequest {
+            subject: "alice".into(),
+            ttl: Some(prost_types::Duration {
+                seconds: 25 * 3600,
+                nanos: 0,
+            }),
+            ..Default::default()
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(err.code(), Code::InvalidArgument);
+    assert!(err.message().starts_with("ttl"), "{}", err.message());
+    let list_left =
+        a.0.list_sessions(pb::ListSessionsRequest {
+            subject: "alice".into(),
+        })
+        .await
+        .unwrap()
+        .into_inner()
+        .sessions;
+    assert_eq!(list_left.len(), 1);
+    assert_eq!(list_left[0].id, second.id);
+}
+
+async fn idle_timeout_and_expiry(d: &Deployment) {
+    let (mut a, mut b) = clients(d).await;
+    let idle = create_session(&mut a, "carol", &[]).await;
+    assert!(idle.idle_expires_at.is_some());
+    let short =
+        a.0.create_session(pb::CreateSessionRequest {
+            subject: "carol".into(),
+            ttl: Some(prost_types::Duration {
+                seconds: 3,
+                nanos: 0,
+            }),
+            ..Default::default()
+        })
+        .await
+        .unwrap()
+        .into_inner()
+        .session
+        .unwrap();
+    let token = issue_in(&mut a, "carol", &short.id, pb::TokenKind::Access).await;
+    // Touched every half second, the idle session outlives its 2 s idle timeout, but the
+    // 3 s session does not outlive its end however often it is touched.
+    for _ in 0..8 {
+        tokio::time::sleep(Duration::from_millis(500)).await;
+        for id in [&idle.id, &short.id] {
+            let _ =
+                b.0.touch_session(pb::TouchSessionRequest {
+                    session_id: id.clone(),
+                })
+                .await;
+        }
+    }
+    get_session(&mut b, &idle.id)
+        .await
+        .expect("touched session lives");
+    assert_eq!(
+        get_session(&mut a, &short.id).await.unwrap_err().code(),
+        Code::NotFound
+    );
+    b.assert_rejected(&token.token, R::Revoked).await;
+    // Left alone, the idle session ends.
+    tokio::time::sleep(Duration::from_millis(2500)).await;
+    assert_eq!(
+        get_session(&mut a, &idle.id).await.unwrap_err().code(),
+        Code::NotFound
+    );
+}
+
+async fn logout_everywhere(d: &Deployment) {
+    let (mut a, mut b) = clients(d).await;
+    let session = create_session(&mut a, "dave", &[]).await;
+    let plain = a.issue("dave").await;
+    let in_session = issue_in(&mut b, "dave", &session.id, pb::TokenKind::Access).await;
+    let refresh_token = issue_in(&mut a, "dave", "", pb::TokenKind::Refresh).await;
+    let other = a.issue("erin").await;
+
+    let r = a.revoke(Target::Subject("dave".into())).await.unwrap();
+    assert!(r.newly_revoked);
+    assert_eq!(r.sessions_deleted, 1);
+    for c in [&mut a, &mut b] {
+        c.assert_rejected(&plain.token, R::Revoked).await;
+        c.assert_rejected(&in_session.token, R::Revoked).await;
+        c.assert_valid(&other.token).await;
+    }
+    assert_rejected_refresh(&mut b, &refresh_token.token, R::Revoked).await;
+    assert_eq!(
+        refresh(&mut b, &refresh_token.token)
+            .await
+            .unwrap_err()
+            .code(),
+        Code::Unauthenticated
+    );
+    assert_eq!(
+        get_session(&mut b, &session.id).await.unwrap_err().code(),
+        Code::NotFound
+    );
+    // Issued after the call, at once: valid everywhere.
+    let after = b.issue("dave").await;
+    a.assert_valid(&after.token).await;
+    b.assert_valid(&after.token).await;
+}
+
+async fn refresh_chain_and_reuse(d: &Deployment) {
+    let (mut a, mut b) = clients(d).await;
+    let session = create_session(&mut a, "frank", &[]).await;
+    let first = issue_in(&mut a, "frank", &session.id, pb::TokenKind::Refresh).await;
+    let (_, claims) = parts(&first.token);
+    let family = claims["fam"].as_str().expect("a family").to_owned();
+
+    // Generations 1 to 6, alternating nodes; each access token valid on the other node.
+    let mut refresh_tokens = vec![first.token.clone()];
+    let mut access_tokens = Vec::new();
+    for generation in 0..5 {
+        let (from, to) = if generation % 2 == 0 {
+            (&mut a, &mut b)
+        } else {
+            (&mut b, &mut a)
+        };
+        let r = refresh(from, refresh_tokens.last().unwrap()).await.unwrap();
+        let (access, next) = (r.access.unwrap(), r.refresh.unwrap());
+        to.assert_valid(&access.token).await;
+        assert_valid_refresh(to, &next.token).await;
+        let (_, claims) = parts(&next.token);
+        assert_eq!(claims["fam"], family.as_str());
+        assert_eq!(claims["sid"], session.id.as_str());
+        assert_eq!(claims["sub"], "frank");
+        access_tokens.push(access.token);
+        refresh_tokens.push(next.token);
+    }
+    assert_eq!(refresh_tokens.len(), 6);
+
+    // Generation 2 again: the whole family is revoked, on every node.
+    let err = refresh(&mut b, &refresh_tokens[1]).await.unwrap_err();
+    assert_eq!(err.code(), Code::Unauthenticated);
+    assert!(err.message().contains("already spent"), "{}", err.message());
+    for c in [&mut a, &mut b] {
+        for token in &refresh_tokens {
+            assert_rejected_refresh(c, token, R::Revoked).await;
+        }
+        for token in &access_tokens {
+            c.assert_rejected(token, R::Revoked).await;
+        }
+    }
+    // Even the newest refresh token is spent.
+    let err = refresh(&mut a, refresh_tokens.last().unwrap())
+        .await
+        .unwrap_err();
+    assert_eq!(err.code(), Code::Unauthenticated);
+    // The session itself is untouched: a new login in it starts a new family.
+    let fresh = issue_in(&mut b, "frank", &session.id, pb::TokenKind::Refresh).await;
+    refresh(&mut a, &fresh.token).await.expect("a new family");
+
+    // An access token is not a refresh token.
+    let access = a.issue("frank").await;
+    assert_eq!(
+        refresh(&mut a, &access.token).await.unwrap_err().code(),
+        Code::Unauthenticated
+    );
+    assert_eq!(
+        refresh(&mut a, "").await.unwrap_err().code(),
+        Code::InvalidArgument
+    );
+}
+
+/// 20 refreshes of one token at once, half on each node.
+async fn race(d: &Deployment, token: &str) -> Vec<Result<pb::RefreshResponse, tonic::Status>> {
+    let mut calls = Vec::new();
+    for i in 0..20 {
+        let mut c = d.nodes[i % d.nodes.len()].client().await;
+        let token = token.to_owned();
+        calls.push(tokio::spawn(async move { refresh(&mut c, &token).await }));
+    }
+    let mut results = Vec::new();
+    for call in calls {
+        results.push(call.await.unwrap());
+    }
+    results
+}
+
+async fn parallel_refreshes(d: &Deployment) {
+    let mut a = d.nodes[0].client().await;
+    let first = issue_in(&mut a, "grace", "", pb::TokenKind::Refresh).await;
+    let results = race(d, &first.token).await;
+    let won: Vec<_> = results.iter().filter_map(|r| r.as_ref().ok()).collect();
+    assert_eq!(won.len(), 1, "exactly one refresh succeeds: {results:?}");
+    for r in &results {
+        if let Err(status) = r {
+            assert_eq!(status.code(), Code::Unauthenticated, "{status:?}");
+        }
+    }
+    // Without a grace period the losers are reuses: the family, and with it the winner's
+    // new tokens, is revoked (RFC 9700: a reuse cannot be told from a theft).
+    let winner = won[0].refresh.as_ref().unwrap();
+    assert_rejected_refresh(&mut a, &winner.token, R::Revoked).await;
+}
+
+async fn parallel_refreshes_within_grace(d: &Deployment) {
+    let mut a = d.nodes[0].client().await;
+    let first = issue_in(&mut a, "heidi", "", pb::TokenKind::Refresh).await;
+    let results = race(d, &first.token).await;
+    // One rotation; every other call is a replay of it: the same token ids.
+    let mut refresh_ids = BTreeSet::new();
+    let mut access_ids = BTreeSet::new();
+    for r in &results {
+        let r = r
+            .as_ref()
+            .expect("within the grace period every retry succeeds");
+        refresh_ids.insert(r.refresh.as_ref().unwrap().token_id.clone());
+        access_ids.insert(r.access.as_ref().unwrap().token_id.clone());
+    }
+    assert_eq!(refresh_ids.len(), 1, "{refresh_ids:?}");
+    assert_eq!(access_ids.len(), 1, "{access_ids:?}");
+    let successor = results[0].as_ref().unwrap().refresh.clone().unwrap();
+    assert_valid_refresh(&mut a, &successor.token).await;
+    // Spending the successor moves on; the first token is two generations old now: reuse.
+    refresh(&mut a, &successor.token).await.expect("rotate on");
+    let err = refresh(&mut a, &first.token).await.unwrap_err();
+    assert!(err.message().contains("already spent"), "{}", err.message());
+}
+
+async fn family_lifetime_ends_the_chain(d: &Deployment) {
+    let (mut a, mut b) = clients(d).await;
+    let first = issue_in(&mut a, "ivan", "", pb::TokenKind::Refresh).await;
+    let r = refresh(&mut b, &first.token).await.unwrap();
+    let next = r.refresh.unwrap();
+    // No token of the family outlives it.
+    assert!(next.expires_at.unwrap().seconds <= first.expires_at.unwrap().seconds + 3);
+    assert!(r.access.unwrap().expires_at.unwrap().seconds <= support::now() + 4);
+    tokio::time::sleep(Duration::from_millis(3500)).await;
+    let err = refresh(&mut a, &next.token).await.unwrap_err();
+    assert_eq!(err.code(), Code::Unauthenticated);
+}
