@@ -1,8 +1,9 @@
 //! Load generator: keeps N calls in flight over M connections against real sidecar processes
 //! for a fixed time, and prints requests/s and p50/p99 latency for grpc.health.v1 Check (the
 //! ceiling of a no-op call on this server), and Validate and Issue on every storage backend
-//! (memory, and the machine's Redis and PostgreSQL) and with every family of signing key
-//! (HS256, ES256, EdDSA, RS256), in one run. Scenarios run in
+//! (memory, and the machine's Redis and PostgreSQL), Validate of a token bound to a session
+//! on redis and tiered, and Validate and Issue with every family of signing key (HS256,
+//! ES256, EdDSA, RS256), in one run. Scenarios run in
 //! alternating rounds, so drift on a shared machine touches all of them alike; the figures are
 //! medians over the rounds, and each is given as a ratio to Check.
 //!
@@ -78,6 +79,8 @@ const DISTINCT_TOKENS: usize = 20_000;
 enum Scenario {
     Check,
     Validate,
+    /// Validate of a token bound to a session: the store also checks the session.
+    ValidateSession,
     ValidateDistinct,
     Issue,
     RateLimit,
@@ -134,6 +137,7 @@ impl Case {
         match self.scenario {
             Scenario::Check => format!("Check ({backend})"),
             Scenario::Validate => format!("Validate ({backend})"),
+            Scenario::ValidateSession => format!("Validate in session ({backend})"),
             Scenario::ValidateDistinct => format!("Validate misses ({backend})"),
             Scenario::Issue => format!("Issue ({backend})"),
             Scenario::RateLimit => format!("CheckRateLimit ({backend})"),
@@ -185,6 +189,12 @@ fn main() {
             scenario: Scenario::Validate,
             backend,
         });
+        if name == "redis" || name == "tiered" {
+            cases.push(Case {
+                scenario: Scenario::ValidateSession,
+                backend,
+            });
+        }
         if target.storage == "memory" {
             cases.push(Case {
                 scenario: Scenario::ValidateDistinct,
@@ -220,7 +230,10 @@ fn main() {
                 .iter()
                 .any(|c| c.backend == backend && c.scenario == Scenario::ValidateDistinct);
             let n = if misses { DISTINCT_TOKENS } else { 1 };
-            tokens.push(Arc::new(issue_tokens(&c[0], n).await));
+            let mut pool = issue_tokens(&c[0], n).await;
+            // The last one is bound to a session, for ValidateSession.
+            pool.push(issue_in_session(&c[0]).await);
+            tokens.push(Arc::new(pool));
         }
         // Warm up connections, allocator and caches.
         for &c in &cases {
@@ -316,6 +329,31 @@ async fn issue_tokens(channel: &Channel, n: usize) -> Vec<String> {
     tokens
 }
 
+/// A token bound to a new session.
+async fn issue_in_session(channel: &Channel) -> String {
+    let mut client = TokenServiceClient::new(channel.clone());
+    let session = client
+        .create_session(pb::CreateSessionRequest {
+            subject: "bench".into(),
+            ..Default::default()
+        })
+        .await
+        .unwrap()
+        .into_inner()
+        .session
+        .unwrap();
+    client
+        .issue(pb::IssueRequest {
+            subject: "bench".into(),
+            session_id: session.id,
+            ..Default::default()
+        })
+        .await
+        .unwrap()
+        .into_inner()
+        .token
+}
+
 async fn run(
     scenario: Scenario,
     channels: &[Channel],
@@ -346,12 +384,14 @@ async fn run(
                             .await
                             .unwrap();
                     }
-                    Scenario::Validate | Scenario::ValidateDistinct => {
-                        let token = if scenario == Scenario::Validate {
-                            tokens[0].clone()
-                        } else {
-                            next = (next + concurrency) % tokens.len();
-                            tokens[next].clone()
+                    Scenario::Validate | Scenario::ValidateSession | Scenario::ValidateDistinct => {
+                        let token = match scenario {
+                            Scenario::Validate => tokens[0].clone(),
+                            Scenario::ValidateSession => tokens[tokens.len() - 1].clone(),
+                            _ => {
+                                next = (next + concurrency) % (tokens.len() - 1);
+                                tokens[next].clone()
+                            }
                         };
                         let r = api
                             .validate(pb::ValidateRequest {
