@@ -84,16 +84,16 @@ pub enum TokenCommand {
         #[arg(long)]
         refresh: bool,
     },
-    /// Revoke a token ("-" reads it from standard input) or a token id.
+    /// Revoke a token ("-" reads it from standard input), a token id, or every token of a
+    /// subject (logout everywhere).
+    #[command(group = clap::ArgGroup::new("target").required(true).multiple(false))]
     Revoke {
-        #[arg(
-            long,
-            conflicts_with = "token_id",
-            required_unless_present = "token_id"
-        )]
+        #[arg(long, group = "target")]
         token: Option<String>,
-        #[arg(long)]
+        #[arg(long, group = "target")]
         token_id: Option<String>,
+        #[arg(long, group = "target")]
+        subject: Option<String>,
         #[arg(long, default_value = "")]
         reason: String,
     },
@@ -292,14 +292,18 @@ async fn run_token(
         TokenCommand::Revoke {
             token,
             token_id,
+            subject,
             reason,
         } => {
             use pb::revoke_request::Target;
-            let target = match (token, token_id) {
-                (Some(t), _) => Target::Token(read_arg(t)?),
-                (None, Some(id)) => Target::TokenId(id),
-                (None, None) => {
-                    return Err(TokenCliError::Usage("give --token or --token-id".into()));
+            let target = match (token, token_id, subject) {
+                (Some(t), _, _) => Target::Token(read_arg(t)?),
+                (None, Some(id), _) => Target::TokenId(id),
+                (None, None, Some(s)) => Target::Subject(s),
+                (None, None, None) => {
+                    return Err(TokenCliError::Usage(
+                        "give --token, --token-id or --subject".into(),
+                    ));
                 }
             };
             let resp = client
@@ -309,7 +313,13 @@ async fn run_token(
                 })
                 .await?
                 .into_inner();
-            Ok((json!({ "newly_revoked": resp.newly_revoked }), 0))
+            Ok((
+                json!({
+                    "newly_revoked": resp.newly_revoked,
+                    "sessions_deleted": resp.sessions_deleted,
+                }),
+                0,
+            ))
         }
     }
 }

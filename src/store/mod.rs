@@ -337,3 +337,82 @@ pub fn open(config: &Config, clock: Arc<dyn Clock>) -> Result<Arc<dyn Store>, St
         )),
     })
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn successor(n: u32) -> Successor {
+        Successor {
+            refresh_id: format!("r{n}"),
+            access_id: format!("a{n}"),
+            issued_at_ms: n as i64,
+        }
+    }
+
+    fn family() -> FamilyState {
+        FamilyState::from(&Family {
+            id: "f".into(),
+            subject: "s".into(),
+            expires_at: from_millis(10_000),
+            current: "r0".into(),
+        })
+    }
+
+    #[test]
+    fn a_refresh_token_rotates_once_then_replays_within_grace_then_revokes() {
+        let mut f = family();
+        let ends = from_millis(10_000);
+        assert_eq!(
+            rotate_step(&mut f, "r0", &successor(1), 100, 200),
+            Rotation::Rotated { family_ends: ends }
+        );
+        assert_eq!(f.current, "r1");
+        // The spent token again, within grace: the same successor, not a new one.
+        assert_eq!(
+            rotate_step(&mut f, "r0", &successor(9), 150, 250),
+            Rotation::Replay {
+                successor: successor(1),
+                family_ends: ends
+            }
+        );
+        assert_eq!(f.current, "r1");
+        // After the grace period: a reuse, and the family is gone for everyone.
+        assert_eq!(
+            rotate_step(&mut f, "r0", &successor(9), 200, 300),
+            Rotation::Reused
+        );
+        assert_eq!(
+            rotate_step(&mut f, "r1", &successor(2), 201, 301),
+            Rotation::Gone
+        );
+    }
+
+    #[test]
+    fn an_older_token_or_an_ended_family_is_never_spent() {
+        let mut f = family();
+        rotate_step(&mut f, "r0", &successor(1), 100, 100);
+        rotate_step(&mut f, "r1", &successor(2), 101, 101);
+        // Two generations back is a reuse even within a grace period.
+        let mut g = f.clone();
+        g.replay_until_ms = i64::MAX;
+        assert_eq!(
+            rotate_step(&mut g, "r0", &successor(9), 102, 102),
+            Rotation::Reused
+        );
+        assert!(g.revoked);
+        assert_eq!(
+            rotate_step(&mut f, "r2", &successor(3), 10_000, 10_000),
+            Rotation::Gone
+        );
+    }
+
+    #[test]
+    fn a_session_id_carries_its_subjects_tag() {
+        let id = new_session_id("alice");
+        assert_eq!(id.len(), TAG_LEN + 22);
+        assert_eq!(session_tag(&id), Some(subject_tag("alice").as_str()));
+        assert_ne!(subject_tag("alice"), subject_tag("bob"));
+        assert_eq!(session_tag("abcd"), None);
+    }
+}
