@@ -421,7 +421,14 @@ impl Tokens {
             access_id: random_id(),
             issued_at_ms: millis(now),
         };
-        let replay_until = now + self.settings.refresh_reuse_grace;
+        // Without a grace period nothing replays, not even a call whose clock read an instant
+        // before the rotating call's did.
+        let grace = self.settings.refresh_reuse_grace;
+        let replay_until = if grace.is_zero() {
+            std::time::UNIX_EPOCH
+        } else {
+            now + grace
+        };
         let (successor, family_ends) = match self
             .store
             .rotate(family_id, &decoded.token_id, &successor, now, replay_until)
