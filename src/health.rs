@@ -1,7 +1,9 @@
 //! Health composed from parts: whether every backend answered its last ping, and whether the
-//! process is shutting down. They feed one answer to grpc.health.v1 (service "" and
-//! `authsidecar.v1.TokenService`) and to `GET /healthz`. Probes only read this state; the
-//! backend checker is the one that talks to the backends.
+//! process is shutting down. They feed grpc.health.v1 and `GET /healthz`: service "",
+//! `authsidecar.v1.TokenService` and `readiness` are SERVING while every part is well;
+//! `liveness` is SERVING while the process answers at all, so that a backend outage never
+//! makes Kubernetes restart the pod. Probes only read this state; the backend checker is the
+//! one that talks to the backends.
 
 use std::pin::Pin;
 use std::sync::Arc;
@@ -24,8 +26,15 @@ use crate::store::Store;
 /// How long the start waits for the backends to answer before serving anyway (NOT_SERVING).
 const STARTUP_WAIT: Duration = Duration::from_secs(2);
 
-/// The service names whose status this sidecar reports.
-pub const SERVICES: [&str; 2] = ["", <TokenServiceServer<TokenApi> as NamedService>::NAME];
+/// The service for liveness probes: SERVING whenever the process can answer.
+pub const LIVENESS: &str = "liveness";
+
+/// The service names that report readiness: backends answer and the process is not leaving.
+pub const READINESS: [&str; 3] = [
+    "",
+    <TokenServiceServer<TokenApi> as NamedService>::NAME,
+    "readiness",
+];
 
 #[derive(Clone)]
 pub struct Health {
@@ -114,9 +123,12 @@ impl Health {
         } else {
             ServingStatus::NotServing
         };
-        for name in SERVICES {
+        for name in READINESS {
             self.reporter.set_service_status(name, status).await;
         }
+        self.reporter
+            .set_service_status(LIVENESS, ServingStatus::Serving)
+            .await;
     }
 
     /// The grpc.health.v1 service, for the API and the ops listener alike.

@@ -41,6 +41,8 @@ pub fn router(app: &App, config: &Config) -> Router {
     };
     Router::new()
         .route("/healthz", get(healthz))
+        .route("/readyz", get(healthz))
+        .route("/livez", get(livez))
         .route(JWKS_PATH, get(jwks))
         .route(
             "/.well-known/openid-configuration",
@@ -60,6 +62,11 @@ async fn healthz(State(ops): State<Ops>) -> (StatusCode, String) {
         (StatusCode::SERVICE_UNAVAILABLE, "NOT_SERVING")
     };
     (status, format!("{word}\n{}\n", ops.keys.health_detail()))
+}
+
+/// The process answers: that is all liveness asks.
+async fn livez() -> &'static str {
+    "SERVING\n"
 }
 
 async fn jwks(State(ops): State<Ops>) -> Response {

@@ -52,6 +52,34 @@ async fn health_reports_serving_for_the_server_and_the_token_service() {
     assert_eq!(sidecar.ops_get("/healthz"), 200);
 }
 
+/// The probes of the Helm chart, as the kubelet and `auth-sidecar health` make them: with its
+/// backend down, a sidecar is not ready but alive, so Kubernetes takes it out of endpoints
+/// and does not restart it; once the backend answers, it is ready again.
+#[tokio::test]
+async fn liveness_stays_serving_while_a_backend_is_down_and_readiness_does_not() {
+    let port = support::backends::free_port();
+    let sidecar = Sidecar::builder()
+        .arg("--storage=redis")
+        .arg("--backend-check-interval=100ms")
+        .env("REDIS_URL", format!("redis://127.0.0.1:{port}"))
+        .start();
+    let ops = sidecar.ops.to_string();
+    for addr in [ops.as_str(), sidecar.api.as_str()] {
+        assert_eq!(health_cli(addr, &["--service", "liveness"]), 0);
+        assert_eq!(health_cli(addr, &["--service", "readiness"]), 4);
+    }
+    assert_eq!(sidecar.ops_get("/livez"), 200);
+    assert_eq!(sidecar.ops_get("/readyz"), 503);
+
+    let _redis = support::backends::RedisServer::on_port(port);
+    sidecar.wait_ops_status(200, Duration::from_secs(15));
+    for addr in [ops.as_str(), sidecar.api.as_str()] {
+        assert_eq!(health_cli(addr, &["--service", "readiness"]), 0);
+        assert_eq!(health_cli(addr, &["--service", "liveness"]), 0);
+    }
+    assert_eq!(sidecar.ops_get("/readyz"), 200);
+}
+
 #[tokio::test]
 async fn shutdown_turns_health_not_serving_then_drains_and_exits_zero() {
     let mut sidecar = Sidecar::builder().arg("--shutdown-delay=2s").start();

@@ -1,0 +1,207 @@
+{{/*
+Names and the sidecar container. "auth-sidecar.container" and "auth-sidecar.volumes" take a
+context with `.Values` (this chart's values) and `.Release`, so an app chart that lists this
+chart as a dependency (with `auth-sidecar.deployment.enabled: false` and
+`auth-sidecar.image.tag` set) can add the sidecar to its own pods:
+
+  {{- $sidecar := dict "Values" (index .Values "auth-sidecar") "Release" .Release }}
+  containers:
+    - name: my-app
+      ...
+    {{- include "auth-sidecar.container" $sidecar | nindent 4 }}
+  volumes:
+    {{- include "auth-sidecar.volumes" $sidecar | nindent 4 }}
+
+tests/chart/parent is such a chart.
+*/}}
+
+{{- define "auth-sidecar.fullname" -}}
+{{- printf "%s-auth-sidecar" .Release.Name | trunc 63 | trimSuffix "-" -}}
+{{- end -}}
+
+{{- define "auth-sidecar.labels" -}}
+app.kubernetes.io/name: auth-sidecar
+app.kubernetes.io/instance: {{ .Release.Name }}
+app.kubernetes.io/version: {{ .Chart.AppVersion | quote }}
+app.kubernetes.io/managed-by: {{ .Release.Service }}
+helm.sh/chart: {{ printf "%s-%s" .Chart.Name .Chart.Version | replace "+" "_" }}
+{{- end -}}
+
+{{- define "auth-sidecar.selectorLabels" -}}
+app.kubernetes.io/name: auth-sidecar
+app.kubernetes.io/instance: {{ .Release.Name }}
+{{- end -}}
+
+{{/* The Secret the settings come from: the existing one, or the one this chart makes. */}}
+{{- define "auth-sidecar.secretName" -}}
+{{- .Values.secrets.existingSecret | default (include "auth-sidecar.fullname" .) -}}
+{{- end -}}
+
+{{/* The image; its tag defaults to this chart's appVersion when rendered by this chart. */}}
+{{- define "auth-sidecar.image" -}}
+{{- $tag := .Values.image.tag -}}
+{{- if and (not $tag) .Chart -}}{{- $tag = .Chart.AppVersion -}}{{- end -}}
+{{- printf "%s:%s" .Values.image.repository (required "auth-sidecar: set image.tag" $tag) -}}
+{{- end -}}
+
+{{/* Whether a setting is available from a Secret (the existing one is trusted to hold it). */}}
+{{- define "auth-sidecar.hasSecret" -}}
+{{- $ctx := index . 0 -}}{{- $value := index . 1 -}}
+{{- if or $ctx.Values.secrets.existingSecret $value -}}true{{- end -}}
+{{- end -}}
+
+{{/* Render-time checks of the multi-node rules. */}}
+{{- define "auth-sidecar.validate" -}}
+{{- $s := .Values.sidecar -}}
+{{- if and (gt (int .Values.replicas) 1) (eq $s.storage "memory") .Values.deployment.enabled -}}
+{{- fail (printf "replicas: %d with sidecar.storage: memory cannot work: each pod would keep its own revocations, sessions and rate-limit counters, so a token revoked on one pod stays valid on the others. Use storage redis, postgres or tiered, or replicas: 1." (int .Values.replicas)) -}}
+{{- end -}}
+{{- if and (ne $s.storage "memory") (not $s.keysSecret) (not (include "auth-sidecar.hasSecret" (list . .Values.secrets.jwtSecret))) -}}
+{{- fail "shared storage needs the same signing key on every pod: set secrets.jwtSecret, secrets.existingSecret or sidecar.keysSecret" -}}
+{{- end -}}
+{{- if and (has $s.storage (list "redis" "tiered")) (not (include "auth-sidecar.hasSecret" (list . .Values.secrets.redisUrl))) -}}
+{{- fail (printf "sidecar.storage: %s needs a Redis URL: set secrets.redisUrl or secrets.existingSecret" $s.storage) -}}
+{{- end -}}
+{{- if and (has $s.storage (list "postgres" "tiered")) (not (include "auth-sidecar.hasSecret" (list . .Values.secrets.databaseUrl))) -}}
+{{- fail (printf "sidecar.storage: %s needs a PostgreSQL URL: set secrets.databaseUrl or secrets.existingSecret" $s.storage) -}}
+{{- end -}}
+{{- end -}}
+
+{{/* One probe of the given service name, native gRPC or exec. */}}
+{{- define "auth-sidecar.probe" -}}
+{{- $ctx := index . 0 -}}{{- $service := index . 1 -}}
+{{- if eq $ctx.Values.sidecar.probes.mode "grpc" }}
+grpc:
+  port: {{ $ctx.Values.sidecar.healthPort }}
+  service: {{ $service }}
+{{- else }}
+exec:
+  command:
+    - /usr/local/bin/auth-sidecar
+    - health
+    - --addr
+    - {{ printf "127.0.0.1:%v" $ctx.Values.sidecar.healthPort }}
+    - --service
+    - {{ $service }}
+{{- end }}
+{{- end -}}
+
+{{/* A setting from the Secret. */}}
+{{- define "auth-sidecar.secretEnv" -}}
+{{- $ctx := index . 0 -}}{{- $name := index . 1 -}}{{- $key := index . 2 -}}
+- name: {{ $name }}
+  valueFrom:
+    secretKeyRef:
+      name: {{ include "auth-sidecar.secretName" $ctx }}
+      key: {{ $key }}
+{{- end -}}
+
+{{/* The sidecar container, for this chart's Deployment and for any app chart's pod spec. */}}
+{{- define "auth-sidecar.container" -}}
+{{- include "auth-sidecar.validate" . -}}
+{{- $s := .Values.sidecar -}}
+- name: auth-sidecar
+  image: {{ include "auth-sidecar.image" . }}
+  imagePullPolicy: {{ .Values.image.pullPolicy }}
+  args: ["serve"]
+  ports:
+    - name: health
+      containerPort: {{ $s.healthPort }}
+      protocol: TCP
+  env:
+    - name: AUTH_LISTEN
+      value: {{ $s.listen | quote }}
+    - name: AUTH_OPS_LISTEN
+      value: {{ printf "0.0.0.0:%v" $s.healthPort | quote }}
+    - name: AUTH_STORAGE
+      value: {{ $s.storage | quote }}
+    - name: AUTH_ISSUER
+      value: {{ $s.issuer | quote }}
+    {{- with $s.audience }}
+    - name: AUTH_AUDIENCE
+      value: {{ . | quote }}
+    {{- end }}
+    - name: AUTH_ACCESS_TTL
+      value: {{ $s.accessTtl | quote }}
+    - name: AUTH_MAX_TTL
+      value: {{ $s.maxTtl | quote }}
+    - name: AUTH_SESSION_TTL
+      value: {{ $s.sessionTtl | quote }}
+    - name: AUTH_REFRESH_MAX_LIFETIME
+      value: {{ $s.refreshMaxLifetime | quote }}
+    - name: AUTH_SHUTDOWN_DELAY
+      value: {{ $s.shutdownDelay | quote }}
+    - name: AUTH_SHUTDOWN_GRACE
+      value: {{ $s.shutdownGrace | quote }}
+    {{- with $s.rateLimits }}
+    - name: AUTH_RATE_LIMITS
+      value: {{ join "," . | quote }}
+    {{- end }}
+    - name: RUST_LOG
+      value: {{ $s.logLevel | quote }}
+    {{- if has $s.storage (list "redis" "tiered") }}
+    - name: AUTH_REDIS_CLUSTER
+      value: {{ $s.redis.cluster | quote }}
+    - name: AUTH_REDIS_PREFIX
+      value: {{ $s.redis.prefix | quote }}
+    {{- include "auth-sidecar.secretEnv" (list . "REDIS_URL" .Values.secrets.keys.redisUrl) | nindent 4 }}
+    {{- end }}
+    {{- if has $s.storage (list "postgres" "tiered") }}
+    - name: AUTH_DB_MAX_CONNECTIONS
+      value: {{ $s.postgres.maxConnections | quote }}
+    - name: AUTH_MIGRATE
+      value: {{ $s.postgres.migrate | quote }}
+    {{- include "auth-sidecar.secretEnv" (list . "DATABASE_URL" .Values.secrets.keys.databaseUrl) | nindent 4 }}
+    {{- end }}
+    {{- if $s.keysSecret }}
+    - name: AUTH_KEYS_DIR
+      value: /etc/auth-sidecar/keys
+    {{- else if include "auth-sidecar.hasSecret" (list . .Values.secrets.jwtSecret) }}
+    {{- include "auth-sidecar.secretEnv" (list . "AUTH_JWT_SECRET" .Values.secrets.keys.jwtSecret) | nindent 4 }}
+    {{- end }}
+    {{- if ($s.resources.limits).cpu }}
+    - name: TOKIO_WORKER_THREADS
+      valueFrom:
+        resourceFieldRef:
+          containerName: auth-sidecar
+          resource: limits.cpu
+          divisor: "1"
+    {{- end }}
+    {{- with $s.extraEnv }}
+    {{- toYaml . | nindent 4 }}
+    {{- end }}
+  {{- if $s.keysSecret }}
+  volumeMounts:
+    - name: auth-sidecar-keys
+      mountPath: /etc/auth-sidecar/keys
+      readOnly: true
+  {{- end }}
+  startupProbe:
+    {{- include "auth-sidecar.probe" (list . "liveness") | trim | nindent 4 }}
+    periodSeconds: 1
+    failureThreshold: {{ $s.probes.startupFailureThreshold }}
+  livenessProbe:
+    {{- include "auth-sidecar.probe" (list . "liveness") | trim | nindent 4 }}
+    periodSeconds: {{ $s.probes.periodSeconds }}
+    failureThreshold: {{ $s.probes.failureThreshold }}
+    timeoutSeconds: 2
+  readinessProbe:
+    {{- include "auth-sidecar.probe" (list . "readiness") | trim | nindent 4 }}
+    periodSeconds: {{ $s.probes.periodSeconds }}
+    failureThreshold: {{ $s.probes.failureThreshold }}
+    timeoutSeconds: 2
+  resources:
+    {{- toYaml $s.resources | nindent 4 }}
+  securityContext:
+    {{- toYaml .Values.securityContext | nindent 4 }}
+{{- end -}}
+
+{{/* The pod volumes the sidecar needs (none unless a keys Secret is mounted). */}}
+{{- define "auth-sidecar.volumes" -}}
+{{- if .Values.sidecar.keysSecret }}
+- name: auth-sidecar-keys
+  secret:
+    secretName: {{ .Values.sidecar.keysSecret }}
+    defaultMode: 0400
+{{- end }}
+{{- end -}}
