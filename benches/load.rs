@@ -86,15 +86,18 @@ enum Scenario {
     RateLimit,
 }
 
-/// A sidecar measured: a storage backend and the algorithm of its signing key.
+/// A sidecar measured: a storage backend, the algorithm of its signing key, and whether it
+/// exports traces.
 struct Target {
     name: &'static str,
     storage: &'static str,
     alg: Alg,
+    traced: bool,
 }
 
-/// Every backend with an HS256 key, then the memory backend with each public-key algorithm.
-const TARGETS: [Target; 7] = [
+/// Every backend with an HS256 key, the memory backend with each public-key algorithm, and
+/// the memory backend exporting every span to an OTLP collector.
+const TARGETS: [Target; 8] = [
     Target::hs256("memory"),
     Target::hs256("redis"),
     Target::hs256("postgres"),
@@ -102,6 +105,12 @@ const TARGETS: [Target; 7] = [
     Target::keyed("memory ES256", Alg::ES256),
     Target::keyed("memory EdDSA", Alg::EdDSA),
     Target::keyed("memory RS256", Alg::RS256),
+    Target {
+        name: "memory traced",
+        storage: "memory",
+        alg: Alg::HS256,
+        traced: true,
+    },
 ];
 
 impl Target {
@@ -110,6 +119,7 @@ impl Target {
             name: storage,
             storage,
             alg: Alg::HS256,
+            traced: false,
         }
     }
 
@@ -118,6 +128,7 @@ impl Target {
             name,
             storage: "memory",
             alg,
+            traced: false,
         }
     }
 }
@@ -164,9 +175,10 @@ fn main() {
     let pinned = cores >= 2;
     prepare_backends();
     let keys_dir = tempfile::tempdir().unwrap();
+    let collector = start_collector();
     let sidecars: Vec<(Child, String)> = TARGETS
         .iter()
-        .map(|t| start_sidecar(t, keys_dir.path(), pinned))
+        .map(|t| start_sidecar(t, keys_dir.path(), &collector, pinned))
         .collect();
     if pinned {
         set_affinity(0, (1..cores).collect());
@@ -194,6 +206,9 @@ fn main() {
                 scenario: Scenario::ValidateSession,
                 backend,
             });
+        }
+        if target.traced {
+            continue;
         }
         if target.storage == "memory" {
             cases.push(Case {
@@ -502,7 +517,53 @@ fn prepare_backends() {
     }
 }
 
-fn start_sidecar(target: &Target, keys_root: &std::path::Path, pinned: bool) -> (Child, String) {
+/// An OTLP trace collector that accepts and drops every span, on a thread of its own; returns
+/// its endpoint.
+fn start_collector() -> String {
+    use opentelemetry_proto::tonic::collector::trace::v1::trace_service_server::{
+        TraceService, TraceServiceServer,
+    };
+    use opentelemetry_proto::tonic::collector::trace::v1::{
+        ExportTraceServiceRequest, ExportTraceServiceResponse,
+    };
+    struct Drop;
+    #[tonic::async_trait]
+    impl TraceService for Drop {
+        async fn export(
+            &self,
+            _: tonic::Request<ExportTraceServiceRequest>,
+        ) -> Result<tonic::Response<ExportTraceServiceResponse>, tonic::Status> {
+            Ok(tonic::Response::new(ExportTraceServiceResponse {
+                partial_success: None,
+            }))
+        }
+    }
+    let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    listener.set_nonblocking(true).unwrap();
+    let endpoint = format!("http://{}", listener.local_addr().unwrap());
+    std::thread::spawn(move || {
+        let rt = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .unwrap();
+        rt.block_on(async move {
+            let listener = tokio::net::TcpListener::from_std(listener).unwrap();
+            tonic::transport::Server::builder()
+                .add_service(TraceServiceServer::new(Drop))
+                .serve_with_incoming(tonic::transport::server::TcpIncoming::from(listener))
+                .await
+                .unwrap();
+        });
+    });
+    endpoint
+}
+
+fn start_sidecar(
+    target: &Target,
+    keys_root: &std::path::Path,
+    collector: &str,
+    pinned: bool,
+) -> (Child, String) {
     let mut cmd = Command::new(env!("CARGO_BIN_EXE_auth-sidecar"));
     cmd.args([
         "serve",
@@ -521,6 +582,11 @@ fn start_sidecar(target: &Target, keys_root: &std::path::Path, pinned: bool) -> 
     .env("RUST_LOG", "info")
     .stdout(Stdio::null())
     .stderr(Stdio::piped());
+    if target.traced {
+        cmd.env("OTEL_EXPORTER_OTLP_ENDPOINT", collector);
+    } else {
+        cmd.env_remove("OTEL_EXPORTER_OTLP_ENDPOINT");
+    }
     if target.alg == Alg::HS256 {
         cmd.env("AUTH_JWT_SECRET", SECRET);
     } else {

@@ -156,6 +156,14 @@ pub struct ServeArgs {
     /// How long in-flight calls may take to finish once draining starts.
     #[arg(long, env = "AUTH_SHUTDOWN_GRACE", default_value = "10s", value_parser = parse_duration)]
     pub shutdown_grace: Duration,
+
+    /// Log lines as human-readable text or as one JSON object per line.
+    #[arg(long, env = "AUTH_LOG_FORMAT", value_enum, default_value = "text")]
+    pub log_format: crate::telemetry::LogFormat,
+
+    /// Log filter, such as info or auth_sidecar=debug; overrides RUST_LOG.
+    #[arg(long, env = "AUTH_LOG_LEVEL", value_name = "FILTER")]
+    pub log_level: Option<String>,
 }
 
 /// Where the token API listens.
@@ -253,6 +261,8 @@ pub struct Config {
     pub rate_limits: Vec<crate::ratelimit::Policy>,
     pub shutdown_delay: Duration,
     pub shutdown_grace: Duration,
+    pub log_format: crate::telemetry::LogFormat,
+    pub log_level: Option<String>,
 }
 
 /// A setting that cannot be used, named as on the command line. `setting` is empty when the
@@ -403,6 +413,8 @@ impl TryFrom<ServeArgs> for Config {
             rate_limits: args.rate_limits,
             shutdown_delay: args.shutdown_delay,
             shutdown_grace: args.shutdown_grace,
+            log_format: args.log_format,
+            log_level: args.log_level,
         })
     }
 }

@@ -108,6 +108,7 @@ impl Health {
             Err(e) => tracing::debug!(backend = store.backend(), error = %e, "backend still down"),
             Ok(()) => {}
         }
+        crate::telemetry::record_backend_up(store.backend(), result.is_ok());
         self.set_backends_up(result.is_ok()).await;
     }
 

@@ -8,6 +8,7 @@ use anyhow::Context;
 use auth_sidecar::client::{self, HealthArgs, TokenArgs};
 use auth_sidecar::config::{self, Config, ServeArgs};
 use auth_sidecar::keys::{self, Alg, KeySet};
+use auth_sidecar::telemetry::{self, LogFormat};
 use clap::{CommandFactory, FromArgMatches, Parser, Subcommand};
 
 #[derive(Debug, Parser)]
@@ -101,7 +102,17 @@ fn main() -> ExitCode {
                     return ExitCode::from(USAGE);
                 }
             };
-            init_logging();
+            // Inside the runtime: the trace exporter's channel needs one.
+            let telemetry = runtime.block_on(async {
+                telemetry::init(config.log_format, config.log_level.as_deref())
+            });
+            let _telemetry = match telemetry {
+                Ok(t) => t,
+                Err(e) => {
+                    eprintln!("error: cannot set up logging or tracing: {e:#}");
+                    return ExitCode::from(USAGE);
+                }
+            };
             match runtime
                 .block_on(auth_sidecar::server::run(config))
                 .context("serve")
@@ -123,7 +134,7 @@ fn main() -> ExitCode {
             }
         },
         Command::Migrate(args) => {
-            init_logging();
+            let _telemetry = telemetry::init(LogFormat::Text, None);
             match runtime.block_on(migrate(args)) {
                 Ok(()) => ExitCode::SUCCESS,
                 Err(e) => {
@@ -170,15 +181,4 @@ fn keys_command(command: KeysCommand) -> anyhow::Result<()> {
             Ok(())
         }
     }
-}
-
-fn init_logging() {
-    use std::io::IsTerminal;
-    use tracing_subscriber::EnvFilter;
-    let filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("info"));
-    tracing_subscriber::fmt()
-        .with_env_filter(filter)
-        .with_writer(std::io::stderr)
-        .with_ansi(std::io::stderr().is_terminal())
-        .init();
 }

@@ -44,6 +44,7 @@ pub fn router(app: &App, config: &Config) -> Router {
         .route("/readyz", get(healthz))
         .route("/livez", get(livez))
         .route(JWKS_PATH, get(jwks))
+        .route("/metrics", get(metrics))
         .route(
             "/.well-known/openid-configuration",
             get(openid_configuration),
@@ -67,6 +68,20 @@ async fn healthz(State(ops): State<Ops>) -> (StatusCode, String) {
 /// The process answers: that is all liveness asks.
 async fn livez() -> &'static str {
     "SERVING\n"
+}
+
+/// Prometheus text exposition of every metric this process records.
+async fn metrics() -> Response {
+    let handle = crate::telemetry::metrics();
+    handle.run_upkeep();
+    (
+        [(
+            header::CONTENT_TYPE,
+            "text/plain; version=0.0.4; charset=utf-8",
+        )],
+        handle.render(),
+    )
+        .into_response()
 }
 
 async fn jwks(State(ops): State<Ops>) -> Response {

@@ -22,6 +22,7 @@ use crate::pb::token_service_server::TokenServiceServer;
 use crate::ratelimit::RateLimiter;
 use crate::sessions::Sessions;
 use crate::store;
+use crate::telemetry;
 use crate::tokens::{Settings, Tokens};
 
 /// How often expired store records are purged.
@@ -56,6 +57,9 @@ impl App {
             }
         };
         tracing::info!(keys = %keys.current().summary(), "key set loaded");
+        telemetry::metrics();
+        telemetry::record_build_info();
+        telemetry::record_keys_loaded(None, keys.current().active().kid());
         let store = store::open(config, clock.clone())?;
         let limits = RateLimiter::new(&config.rate_limits, store.clone());
         let sessions = Sessions::new(config, store.clone(), clock.clone());
@@ -104,7 +108,9 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
             .into_future(),
     );
 
-    let server = Server::builder().add_routes(routes);
+    let server = Server::builder()
+        .layer(telemetry::RpcLayer)
+        .add_routes(routes);
     let stop = drained.clone().cancelled_owned();
     let (api_addr, api_task) = match &config.listen {
         Listen::Tcp(addr) => {
@@ -146,6 +152,11 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
         storage = %app.tokens.store().backend(),
         rate_limits = config.rate_limits.len(),
         issuer = %config.issuer,
+        access_ttl = %humantime::format_duration(config.access_ttl),
+        max_ttl = %humantime::format_duration(config.max_ttl),
+        backend_timeout = %humantime::format_duration(config.backend_timeout),
+        tracing = if telemetry::tracing_enabled() { "otlp" } else { "off" },
+        version = env!("CARGO_PKG_VERSION"),
         "serving"
     );
 
@@ -224,16 +235,18 @@ fn watch_keys(tokens: Arc<Tokens>) -> anyhow::Result<()> {
         while events.recv().await.is_some() {
             tokio::time::sleep(KEYS_SETTLE).await;
             while events.try_recv().is_ok() {}
+            let before = tokens.keys().current().active().kid().to_owned();
             match tokens.reload_keys() {
                 Ok(Reloaded::Unchanged) => {}
-                Ok(Reloaded::Changed) => tracing::info!(
-                    keys = %tokens.keys().current().summary(),
-                    "key set changed"
-                ),
-                Err(e) => tracing::error!(
-                    error = %e,
-                    "new key set refused; the one in use is kept"
-                ),
+                Ok(Reloaded::Changed) => {
+                    let keys = tokens.keys().current();
+                    tracing::info!(keys = %keys.summary(), "key set changed");
+                    telemetry::record_keys_loaded(Some(&before), keys.active().kid());
+                }
+                Err(e) => {
+                    tracing::error!(error = %e, "new key set refused; the one in use is kept");
+                    telemetry::record_keys_reload_failure();
+                }
             }
         }
     });

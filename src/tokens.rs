@@ -75,6 +75,21 @@ pub enum Reason {
 }
 
 impl Reason {
+    /// The reason as a metric label or span attribute value.
+    pub fn label(self) -> &'static str {
+        match self {
+            Reason::Malformed => "malformed",
+            Reason::BadSignature => "bad_signature",
+            Reason::Expired => "expired",
+            Reason::NotYetValid => "not_yet_valid",
+            Reason::Revoked => "revoked",
+            Reason::WrongAudience => "wrong_audience",
+            Reason::WrongIssuer => "wrong_issuer",
+            Reason::UnknownKey => "unknown_key",
+            Reason::WrongKind => "wrong_kind",
+        }
+    }
+
     pub fn as_str(self) -> &'static str {
         match self {
             Reason::Malformed => "malformed",

@@ -10,7 +10,8 @@ use tonic::{Request, Response, Status};
 use crate::pb;
 use crate::pb::token_service_server::TokenService;
 use crate::ratelimit::{self, RateLimiter};
-use crate::tokens::{self, IssueParams, RevokeTarget, Tokens};
+use crate::telemetry;
+use crate::tokens::{self, IssueParams, RevokeTarget, Tokens, Verdict};
 
 use crate::sessions::Sessions;
 use convert::{CreateSessionParams, ValidateParams};
@@ -52,6 +53,10 @@ impl TokenService for TokenApi {
             .tokens
             .validate(&p.token, p.audience.as_deref(), p.kind)
             .await?;
+        telemetry::record_validation(match &verdict {
+            Verdict::Valid(_) => "valid",
+            Verdict::Invalid(reason) => reason.label(),
+        });
         Ok(Response::new(verdict.into()))
     }
 
@@ -74,6 +79,7 @@ impl TokenService for TokenApi {
         let req = request.into_inner();
         let cost = req.cost.unwrap_or(1);
         let decision = self.limits.check(&req.policy, &req.key, cost).await?;
+        telemetry::record_rate_limit(&req.policy, decision.allowed);
         Ok(Response::new(decision.into()))
     }
 

@@ -311,7 +311,12 @@ async fn bounded<T, E: Display>(
     timeout: Duration,
     call: impl Future<Output = Result<T, E>>,
 ) -> Result<T, StoreError> {
-    match tokio::time::timeout(timeout, call).await {
+    use tracing::Instrument;
+    let started = std::time::Instant::now();
+    let span = tracing::info_span!("store", otel.name = op, otel.kind = "client", backend, op);
+    let result = tokio::time::timeout(timeout, call).instrument(span).await;
+    crate::telemetry::record_backend_call(backend, op, started, matches!(result, Ok(Ok(_))));
+    match result {
         Ok(Ok(v)) => Ok(v),
         Ok(Err(e)) => Err(StoreError {
             backend,

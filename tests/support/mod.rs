@@ -118,7 +118,8 @@ impl SidecarBuilder {
             .stdin(Stdio::null())
             .stdout(Stdio::null())
             .stderr(Stdio::piped())
-            .env("RUST_LOG", "info");
+            // Debug for the sidecar's own lines, so that the scan at drop covers them too.
+            .env("RUST_LOG", "info,auth_sidecar=debug");
         for (key, _) in std::env::vars() {
             if key.starts_with("AUTH_") {
                 cmd.env_remove(key);
@@ -142,7 +143,7 @@ impl SidecarBuilder {
         std::thread::spawn(move || {
             for line in BufReader::new(stderr).lines() {
                 let Ok(line) = line else { break };
-                if line.contains(" serving ") {
+                if line.contains(" serving ") || line.contains(r#""message":"serving""#) {
                     let _ = ready_tx.send(line.clone());
                 }
                 sink.lock().unwrap().push(line);
@@ -167,8 +168,15 @@ impl SidecarBuilder {
     }
 }
 
-/// The value of `name=` in a log line.
+/// The value of `name=` in a text log line, or of `name` in a JSON one.
 fn field(line: &str, name: &str) -> String {
+    if line.starts_with('{') {
+        let value: Value = serde_json::from_str(line).expect("a JSON log line");
+        return value[name]
+            .as_str()
+            .unwrap_or_else(|| panic!("no {name} in {line:?}"))
+            .to_owned();
+    }
     let prefix = format!("{name}=");
     line.split_whitespace()
         .find_map(|w| w.strip_prefix(&prefix))
@@ -259,10 +267,43 @@ impl Sidecar {
 }
 
 impl Drop for Sidecar {
+    /// Stops the process, then scans everything it wrote: no token, no test secret and no
+    /// key material may appear in a log, in any test.
     fn drop(&mut self) {
         let _ = self.child.kill();
         let _ = self.child.wait();
+        if std::thread::panicking() {
+            return;
+        }
+        for line in self.logs.lock().unwrap().iter() {
+            assert!(
+                !line.contains(SECRET),
+                "the signing secret in a log line: {line}"
+            );
+            assert!(
+                !line.contains("PRIVATE KEY"),
+                "key material in a log line: {line}"
+            );
+            if let Some(jwt) = find_jwt(line) {
+                panic!("a token in a log line: {jwt} in {line}");
+            }
+        }
     }
+}
+
+/// A JWT-shaped word in `text`: three non-empty base64url segments, the first a JSON object
+/// (`eyJ`).
+pub fn find_jwt(text: &str) -> Option<&str> {
+    let b64 = |s: &str| {
+        !s.is_empty()
+            && s.bytes()
+                .all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_')
+    };
+    text.split(|c: char| !(c.is_ascii_alphanumeric() || matches!(c, '-' | '_' | '.')))
+        .find(|word| {
+            let parts: Vec<&str> = word.split('.').collect();
+            parts.len() == 3 && parts[0].starts_with("eyJ") && parts.iter().all(|p| b64(p))
+        })
 }
 
 pub async fn connect(addr: &str) -> Channel {

@@ -139,6 +139,14 @@ exec:
     {{- end }}
     - name: RUST_LOG
       value: {{ $s.logLevel | quote }}
+    - name: AUTH_LOG_FORMAT
+      value: {{ $s.logFormat | quote }}
+    {{- with $s.otlpEndpoint }}
+    - name: OTEL_EXPORTER_OTLP_ENDPOINT
+      value: {{ . | quote }}
+    - name: OTEL_SERVICE_NAME
+      value: {{ $.Release.Name | printf "%s-auth-sidecar" | quote }}
+    {{- end }}
     {{- if has $s.storage (list "redis" "tiered") }}
     - name: AUTH_REDIS_CLUSTER
       value: {{ $s.redis.cluster | quote }}

@@ -71,10 +71,16 @@ def run_sidecar(args, env_extra):
 
 
 @pytest.fixture()
-def sidecar():
-    """A sidecar with an HS256 secret; yields its API address."""
-    for api, _ in run_sidecar(["--rate-limit", "py=2/1h"], {"AUTH_JWT_SECRET": SECRET}):
-        yield api
+def sidecar_addrs():
+    """A sidecar with an HS256 secret and a rate-limit policy `py` of 2 an hour; yields its API
+    and ops addresses."""
+    yield from run_sidecar(["--rate-limit", "py=2/1h"], {"AUTH_JWT_SECRET": SECRET})
+
+
+@pytest.fixture()
+def sidecar(sidecar_addrs):
+    """The same sidecar; yields its API address."""
+    return sidecar_addrs[0]
 
 
 @pytest.fixture(params=["ES256", "EdDSA"])

@@ -1,0 +1,359 @@
+//! Logs, traces and metrics. Logs go to stderr as text or JSON lines. Traces are exported over
+//! OTLP/gRPC only when `OTEL_EXPORTER_OTLP_ENDPOINT` is set, and cost nothing otherwise. Metrics
+//! are kept in a Prometheus recorder that the ops listener renders at `/metrics`.
+//!
+//! The API server's [`RpcLayer`] gives every call a span (continuing the caller's W3C trace
+//! context), a request counter and a latency histogram; the domain code adds its outcome to the
+//! current span and counts it here. Nothing here ever records a token, a secret or a claim.
+
+use std::future::Future;
+use std::pin::Pin;
+use std::sync::OnceLock;
+use std::task::{Context, Poll};
+use std::time::Instant;
+
+use metrics_exporter_prometheus::{PrometheusBuilder, PrometheusHandle};
+use opentelemetry::propagation::{Extractor, TextMapPropagator};
+use opentelemetry::trace::TracerProvider as _;
+use opentelemetry_sdk::propagation::TraceContextPropagator;
+use opentelemetry_sdk::trace::SdkTracerProvider;
+use tracing::Instrument;
+use tracing_opentelemetry::OpenTelemetrySpanExt;
+use tracing_subscriber::EnvFilter;
+use tracing_subscriber::layer::SubscriberExt;
+use tracing_subscriber::util::SubscriberInitExt;
+
+/// How logs are written.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, clap::ValueEnum)]
+pub enum LogFormat {
+    /// Human-readable lines.
+    #[default]
+    Text,
+    /// One JSON object per line, for log pipelines.
+    Json,
+}
+
+/// Keeps the trace exporter alive; flushes it when dropped.
+pub struct Telemetry {
+    tracer: Option<SdkTracerProvider>,
+}
+
+impl Drop for Telemetry {
+    fn drop(&mut self) {
+        if let Some(provider) = self.tracer.take() {
+            let _ = provider.shutdown();
+        }
+    }
+}
+
+/// Sets up logging and, when `OTEL_EXPORTER_OTLP_ENDPOINT` is set, trace export. `level`
+/// overrides `RUST_LOG`; without either, `info`. Call inside the tokio runtime.
+pub fn init(format: LogFormat, level: Option<&str>) -> anyhow::Result<Telemetry> {
+    use std::io::IsTerminal;
+    let filter = match level {
+        Some(level) => EnvFilter::try_new(level)?,
+        None => EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("info")),
+    };
+    let tracer = otlp_tracer()?;
+    let otel = tracer
+        .as_ref()
+        .map(|p| tracing_opentelemetry::layer().with_tracer(p.tracer("auth-sidecar")));
+    let registry = tracing_subscriber::registry().with(filter).with(otel);
+    let fmt = tracing_subscriber::fmt::layer().with_writer(std::io::stderr);
+    match format {
+        LogFormat::Text => registry
+            .with(fmt.with_ansi(std::io::stderr().is_terminal()))
+            .try_init()?,
+        LogFormat::Json => registry
+            .with(fmt.json().flatten_event(true).with_current_span(false))
+            .try_init()?,
+    }
+    Ok(Telemetry { tracer })
+}
+
+/// Whether the standard environment asks for trace export.
+pub fn tracing_enabled() -> bool {
+    let endpoint = [
+        "OTEL_EXPORTER_OTLP_ENDPOINT",
+        "OTEL_EXPORTER_OTLP_TRACES_ENDPOINT",
+    ]
+    .iter()
+    .any(|name| std::env::var_os(name).is_some_and(|v| !v.is_empty()));
+    endpoint && std::env::var("OTEL_SDK_DISABLED").as_deref() != Ok("true")
+}
+
+/// The OTLP exporter the standard environment asks for, if any.
+fn otlp_tracer() -> anyhow::Result<Option<SdkTracerProvider>> {
+    if !tracing_enabled() {
+        return Ok(None);
+    }
+    let exporter = opentelemetry_otlp::SpanExporter::builder()
+        .with_tonic()
+        .build()?;
+    // OTEL_SERVICE_NAME and OTEL_RESOURCE_ATTRIBUTES are read by the default resource.
+    let mut resource = opentelemetry_sdk::Resource::builder();
+    if std::env::var_os("OTEL_SERVICE_NAME").is_none() {
+        resource = resource.with_service_name("auth-sidecar");
+    }
+    let provider = SdkTracerProvider::builder()
+        .with_batch_exporter(exporter)
+        .with_resource(resource.build())
+        .build();
+    Ok(Some(provider))
+}
+
+/// The process-wide metrics recorder, installed at the first call.
+pub fn metrics() -> &'static PrometheusHandle {
+    static HANDLE: OnceLock<PrometheusHandle> = OnceLock::new();
+    HANDLE.get_or_init(|| {
+        let recorder = PrometheusBuilder::new()
+            .set_buckets(&[
+                0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5,
+                1.0,
+            ])
+            .expect("bucket bounds are not empty")
+            .build_recorder();
+        let handle = recorder.handle();
+        // Fails only if a recorder is already set; the handle still renders then.
+        let _ = metrics::set_global_recorder(recorder);
+        describe();
+        handle
+    })
+}
+
+fn describe() {
+    use metrics::{describe_counter, describe_gauge, describe_histogram};
+    describe_counter!(
+        "authsidecar_rpc_requests_total",
+        "RPCs served, by method and gRPC code"
+    );
+    describe_histogram!("authsidecar_rpc_duration_seconds", "RPC latency, by method");
+    describe_counter!(
+        "authsidecar_validations_total",
+        "Validate answers, by result"
+    );
+    describe_counter!(
+        "authsidecar_rate_limit_decisions_total",
+        "CheckRateLimit answers, by policy and decision"
+    );
+    describe_histogram!(
+        "authsidecar_backend_duration_seconds",
+        "Store call latency, by backend and operation"
+    );
+    describe_counter!(
+        "authsidecar_backend_errors_total",
+        "Store calls that failed or timed out, by backend and operation"
+    );
+    describe_gauge!(
+        "authsidecar_backend_up",
+        "1 while the store answers its pings"
+    );
+    describe_gauge!(
+        "authsidecar_keys_active",
+        "1 for the kid that signs new tokens"
+    );
+    describe_gauge!(
+        "authsidecar_keys_last_reload_timestamp_seconds",
+        "When the key set in use was loaded"
+    );
+    describe_counter!(
+        "authsidecar_keys_reload_failures_total",
+        "Key set reloads refused (the old set stays in use)"
+    );
+    describe_gauge!(
+        "authsidecar_build_info",
+        "Version and git commit of this binary"
+    );
+}
+
+/// Records the build once.
+pub fn record_build_info() {
+    metrics::gauge!(
+        "authsidecar_build_info",
+        "version" => env!("CARGO_PKG_VERSION"),
+        "git_commit" => option_env!("AUTH_SIDECAR_GIT_COMMIT").unwrap_or("unknown"),
+    )
+    .set(1.0);
+}
+
+/// Records a Validate answer on the current span and in the counters.
+pub fn record_validation(result: &'static str) {
+    tracing::Span::current().record("outcome", result);
+    metrics::counter!("authsidecar_validations_total", "result" => result).increment(1);
+}
+
+/// Records a rate-limit decision on the current span and in the counters.
+pub fn record_rate_limit(policy: &str, allowed: bool) {
+    let decision = if allowed { "allowed" } else { "denied" };
+    tracing::Span::current().record("outcome", decision);
+    metrics::counter!(
+        "authsidecar_rate_limit_decisions_total",
+        "policy" => policy.to_owned(),
+        "decision" => decision,
+    )
+    .increment(1);
+}
+
+/// Records a store call's latency and, when it failed, the error.
+pub fn record_backend_call(backend: &'static str, op: &'static str, started: Instant, ok: bool) {
+    metrics::histogram!(
+        "authsidecar_backend_duration_seconds",
+        "backend" => backend,
+        "op" => op,
+    )
+    .record(started.elapsed().as_secs_f64());
+    if !ok {
+        metrics::counter!("authsidecar_backend_errors_total", "backend" => backend, "op" => op)
+            .increment(1);
+    }
+}
+
+pub fn record_backend_up(backend: &'static str, up: bool) {
+    metrics::gauge!("authsidecar_backend_up", "backend" => backend).set(if up { 1.0 } else { 0.0 });
+}
+
+/// Records the key set now in use (after a start or a reload).
+pub fn record_keys_loaded(previous_kid: Option<&str>, active_kid: &str) {
+    if let Some(previous) = previous_kid.filter(|p| *p != active_kid) {
+        metrics::gauge!("authsidecar_keys_active", "kid" => previous.to_owned()).set(0.0);
+    }
+    metrics::gauge!("authsidecar_keys_active", "kid" => active_kid.to_owned()).set(1.0);
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_secs_f64())
+        .unwrap_or(0.0);
+    metrics::gauge!("authsidecar_keys_last_reload_timestamp_seconds").set(now);
+}
+
+pub fn record_keys_reload_failure() {
+    metrics::counter!("authsidecar_keys_reload_failures_total").increment(1);
+}
+
+/// W3C trace context from gRPC metadata (HTTP/2 headers).
+struct HeaderExtractor<'a>(&'a http::HeaderMap);
+
+impl Extractor for HeaderExtractor<'_> {
+    fn get(&self, key: &str) -> Option<&str> {
+        self.0.get(key).and_then(|v| v.to_str().ok())
+    }
+
+    fn keys(&self) -> Vec<&str> {
+        self.0.keys().map(|k| k.as_str()).collect()
+    }
+}
+
+/// A tower layer for the API server: a span per call (child of the caller's `traceparent`),
+/// the per-method request counter and latency histogram, and a debug line per call.
+#[derive(Clone, Default)]
+pub struct RpcLayer;
+
+impl<S> tower::Layer<S> for RpcLayer {
+    type Service = RpcService<S>;
+
+    fn layer(&self, inner: S) -> RpcService<S> {
+        RpcService { inner }
+    }
+}
+
+#[derive(Clone)]
+pub struct RpcService<S> {
+    inner: S,
+}
+
+type BoxFuture<T> = Pin<Box<dyn Future<Output = T> + Send>>;
+
+impl<S, B, R> tower::Service<http::Request<B>> for RpcService<S>
+where
+    S: tower::Service<http::Request<B>, Response = http::Response<R>> + Clone + Send + 'static,
+    S::Future: Send + 'static,
+    S::Error: Send + 'static,
+    B: Send + 'static,
+{
+    type Response = S::Response;
+    type Error = S::Error;
+    type Future = BoxFuture<Result<S::Response, S::Error>>;
+
+    fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), Self::Error>> {
+        self.inner.poll_ready(cx)
+    }
+
+    fn call(&mut self, request: http::Request<B>) -> Self::Future {
+        let path = request.uri().path();
+        // "/package.Service/Method": the method names the metric series; anything else (a
+        // probe of an unknown path) is counted as "other", so a caller cannot mint series.
+        let (service, method) = path.rsplit_once('/').unwrap_or(("", path));
+        let method: &'static str = KNOWN_METHODS
+            .iter()
+            .find(|known| **known == method)
+            .copied()
+            .unwrap_or("other");
+        let service = service.trim_start_matches('/').to_owned();
+        let span = tracing::info_span!(
+            "rpc",
+            otel.name = %format_args!("{service}/{method}"),
+            otel.kind = "server",
+            rpc.system = "grpc",
+            rpc.service = %service,
+            rpc.method = method,
+            rpc.grpc.status_code = tracing::field::Empty,
+            outcome = tracing::field::Empty,
+        );
+        let parent = TraceContextPropagator::new().extract(&HeaderExtractor(request.headers()));
+        let _ = span.set_parent(parent);
+        let started = Instant::now();
+        // The clone is ready (tower's usual swap), and this one takes the call.
+        let clone = self.inner.clone();
+        let mut inner = std::mem::replace(&mut self.inner, clone);
+        let fut = inner.call(request);
+        Box::pin(
+            async move {
+                let result = fut.await;
+                // A unary error is a trailers-only response: its status is in the headers. A
+                // response without one carries OK in its trailers.
+                let code = match &result {
+                    Ok(response) => response
+                        .headers()
+                        .get("grpc-status")
+                        .and_then(|v| v.to_str().ok())
+                        .and_then(|v| v.parse::<i32>().ok())
+                        .unwrap_or(0),
+                    Err(_) => tonic::Code::Unknown as i32,
+                };
+                let code_name = format!("{:?}", tonic::Code::from(code));
+                tracing::Span::current().record("rpc.grpc.status_code", code);
+                let elapsed = started.elapsed();
+                metrics::counter!(
+                    "authsidecar_rpc_requests_total",
+                    "method" => method,
+                    "code" => code_name.clone(),
+                )
+                .increment(1);
+                metrics::histogram!("authsidecar_rpc_duration_seconds", "method" => method)
+                    .record(elapsed.as_secs_f64());
+                tracing::debug!(code = %code_name, elapsed_us = elapsed.as_micros() as u64, "rpc");
+                result
+            }
+            .instrument(span),
+        )
+    }
+}
+
+/// Methods of the API listener's services, the only values the `method` label takes.
+const KNOWN_METHODS: [&str; 16] = [
+    "Issue",
+    "Validate",
+    "Revoke",
+    "CheckRateLimit",
+    "ResetRateLimit",
+    "GetJwks",
+    "Refresh",
+    "CreateSession",
+    "GetSession",
+    "TouchSession",
+    "DeleteSession",
+    "ListSessions",
+    "Check",
+    "Watch",
+    "ServerReflectionInfo",
+    "List",
+];
