@@ -1,6 +1,6 @@
-//! The ops listener: what the cluster may see (grpc.health.v1, `GET /healthz` and the public
-//! keys at `/.well-known/jwks.json`), on one port that speaks HTTP/1.1 and HTTP/2. The token
-//! API is never served here.
+//! The ops listener: what the cluster may see (grpc.health.v1, `/healthz`, `/livez`,
+//! `/readyz`, `/metrics` and the public keys at `/.well-known/jwks.json`), on one port that
+//! speaks HTTP/1.1 and HTTP/2. The token API is never served here.
 
 use std::sync::Arc;
 use std::time::Duration;

@@ -57,6 +57,7 @@ impl App {
             }
         };
         tracing::info!(keys = %keys.current().summary(), "key set loaded");
+        // The recorder first, so that nothing recorded from here on is lost.
         telemetry::metrics();
         telemetry::record_build_info();
         telemetry::record_keys_loaded(None, keys.current().active().kid());

@@ -9,6 +9,7 @@
 use std::future::Future;
 use std::pin::Pin;
 use std::sync::OnceLock;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::task::{Context, Poll};
 use std::time::Instant;
 
@@ -33,6 +34,15 @@ pub enum LogFormat {
     Json,
 }
 
+/// Whether spans are exported. Without an exporter the per-call and per-store-call spans are
+/// not made at all: with only the log layer they would cost a formatting of their fields on
+/// every call and show nowhere.
+static EXPORTING: AtomicBool = AtomicBool::new(false);
+
+pub fn exporting() -> bool {
+    EXPORTING.load(Ordering::Relaxed)
+}
+
 /// Keeps the trace exporter alive; flushes it when dropped.
 pub struct Telemetry {
     tracer: Option<SdkTracerProvider>,
@@ -55,6 +65,7 @@ pub fn init(format: LogFormat, level: Option<&str>) -> anyhow::Result<Telemetry>
         None => EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("info")),
     };
     let tracer = otlp_tracer()?;
+    EXPORTING.store(tracer.is_some(), Ordering::Relaxed);
     let otel = tracer
         .as_ref()
         .map(|p| tracing_opentelemetry::layer().with_tracer(p.tracer("auth-sidecar")));
@@ -287,19 +298,24 @@ where
             .find(|known| **known == method)
             .copied()
             .unwrap_or("other");
-        let service = service.trim_start_matches('/').to_owned();
-        let span = tracing::info_span!(
-            "rpc",
-            otel.name = %format_args!("{service}/{method}"),
-            otel.kind = "server",
-            rpc.system = "grpc",
-            rpc.service = %service,
-            rpc.method = method,
-            rpc.grpc.status_code = tracing::field::Empty,
-            outcome = tracing::field::Empty,
-        );
-        let parent = TraceContextPropagator::new().extract(&HeaderExtractor(request.headers()));
-        let _ = span.set_parent(parent);
+        let span = if exporting() {
+            let service = service.trim_start_matches('/');
+            let span = tracing::info_span!(
+                "rpc",
+                otel.name = %format_args!("{service}/{method}"),
+                otel.kind = "server",
+                rpc.system = "grpc",
+                rpc.service = %service,
+                rpc.method = method,
+                rpc.grpc.status_code = tracing::field::Empty,
+                outcome = tracing::field::Empty,
+            );
+            let parent = TraceContextPropagator::new().extract(&HeaderExtractor(request.headers()));
+            let _ = span.set_parent(parent);
+            span
+        } else {
+            tracing::Span::none()
+        };
         let started = Instant::now();
         // The clone is ready (tower's usual swap), and this one takes the call.
         let clone = self.inner.clone();
@@ -319,23 +335,55 @@ where
                         .unwrap_or(0),
                     Err(_) => tonic::Code::Unknown as i32,
                 };
-                let code_name = format!("{:?}", tonic::Code::from(code));
+                let code_name = code_name(code);
                 tracing::Span::current().record("rpc.grpc.status_code", code);
                 let elapsed = started.elapsed();
                 metrics::counter!(
                     "authsidecar_rpc_requests_total",
                     "method" => method,
-                    "code" => code_name.clone(),
+                    "code" => code_name,
                 )
                 .increment(1);
                 metrics::histogram!("authsidecar_rpc_duration_seconds", "method" => method)
                     .record(elapsed.as_secs_f64());
-                tracing::debug!(code = %code_name, elapsed_us = elapsed.as_micros() as u64, "rpc");
+                tracing::debug!(
+                    method,
+                    code = code_name,
+                    elapsed_us = elapsed.as_micros() as u64,
+                    "rpc"
+                );
                 result
             }
             .instrument(span),
         )
     }
+}
+
+/// A gRPC status code's name, as the `code` label.
+fn code_name(code: i32) -> &'static str {
+    const NAMES: [&str; 17] = [
+        "Ok",
+        "Cancelled",
+        "Unknown",
+        "InvalidArgument",
+        "DeadlineExceeded",
+        "NotFound",
+        "AlreadyExists",
+        "PermissionDenied",
+        "ResourceExhausted",
+        "FailedPrecondition",
+        "Aborted",
+        "OutOfRange",
+        "Unimplemented",
+        "Internal",
+        "Unavailable",
+        "DataLoss",
+        "Unauthenticated",
+    ];
+    usize::try_from(code)
+        .ok()
+        .and_then(|i| NAMES.get(i).copied())
+        .unwrap_or("Unknown")
 }
 
 /// Methods of the API listener's services, the only values the `method` label takes.

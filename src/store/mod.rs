@@ -313,7 +313,11 @@ async fn bounded<T, E: Display>(
 ) -> Result<T, StoreError> {
     use tracing::Instrument;
     let started = std::time::Instant::now();
-    let span = tracing::info_span!("store", otel.name = op, otel.kind = "client", backend, op);
+    let span = if crate::telemetry::exporting() {
+        tracing::info_span!("store", otel.name = op, otel.kind = "client", backend, op)
+    } else {
+        tracing::Span::none()
+    };
     let result = tokio::time::timeout(timeout, call).instrument(span).await;
     crate::telemetry::record_backend_call(backend, op, started, matches!(result, Ok(Ok(_))));
     match result {
