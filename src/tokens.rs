@@ -545,13 +545,9 @@ impl Tokens {
         let now = self.clock.now();
         let (token_id, until) = match target {
             RevokeTarget::Subject(subject) => {
-                // Every token of the subject has expired by `until`.
-                let until = now
-                    + self
-                        .settings
-                        .max_ttl
-                        .max(self.settings.refresh_max_lifetime)
-                    + leeway;
+                // Every token of the subject has expired by `until`: none, a refresh token
+                // included, lives longer than the maximum TTL.
+                let until = now + self.settings.max_ttl + leeway;
                 let sessions_deleted = self.store.revoke_subject(&subject, now, until).await?;
                 return Ok(Revoked {
                     newly: true,
