@@ -134,6 +134,9 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
     };
 
     watch_keys(app.tokens.clone())?;
+    // aws-lc seeds its random generator from CPU jitter at first use, which takes tens of
+    // milliseconds: pay it now, beside the start, rather than in the first Issue.
+    tokio::task::spawn_blocking(|| aws_lc_rs::rand::fill(&mut [0u8; 1]));
     app.health
         .watch_backends(app.tokens.store().clone(), config.backend_check_interval)
         .await;
