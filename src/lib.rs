@@ -1,8 +1,9 @@
 //! auth-sidecar: a gRPC token service that runs beside an application in its pod.
 //!
-//! Layers, one direction: `grpc` (wire types, statuses) → `tokens` (the rules) → `store`
-//! (state every node agrees on). `ops` and `health` serve what the cluster sees; `server`
-//! composes it all; `client` is the binary's client side. See ARCHITECTURE.md.
+//! Layers, one direction: `grpc` (wire types, statuses) → `tokens`, `sessions`, `ratelimit`
+//! (the rules; `keys` for signing) → `store` (state every node agrees on). `ops` and `health`
+//! serve what the cluster sees; `telemetry` logs, traces and counts; `server` composes it
+//! all; `client` is the binary's client side. See ARCHITECTURE.md.
 
 pub mod client;
 pub mod clock;

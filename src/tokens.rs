@@ -1,4 +1,5 @@
-//! Issuing, validating and revoking tokens: the rules, apart from gRPC and from the store.
+//! Issuing, validating, revoking and refreshing tokens: the rules, apart from gRPC and from
+//! the store.
 //!
 //! Validation decodes the token itself rather than trusting a library's claim checks, so that
 //! the algorithm comes from the key, a claim of the wrong type is malformed rather than
