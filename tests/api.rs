@@ -321,16 +321,7 @@ async fn bad_requests_name_the_field(sidecar: &Sidecar) {
 
 async fn ttl_audience_and_kind(sidecar: &Sidecar) {
     let mut c = sidecar.client().await;
-    let session =
-        c.0.create_session(pb::CreateSessionRequest {
-            subject: "alice".into(),
-            ..Default::default()
-        })
-        .await
-        .unwrap()
-        .into_inner()
-        .session
-        .unwrap();
+    let session = c.create_session("alice").await;
     let issued = c
         .issue_with(pb::IssueRequest {
             subject: "alice".into(),

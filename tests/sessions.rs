@@ -115,14 +115,6 @@ async fn issue_in(
     .expect("issue")
 }
 
-async fn refresh(c: &mut Client, token: &str) -> Result<pb::RefreshResponse, tonic::Status> {
-    c.0.refresh(pb::RefreshRequest {
-        refresh_token: token.into(),
-    })
-    .await
-    .map(|r| r.into_inner())
-}
-
 async fn assert_valid_refresh(c: &mut Client, token: &str) {
     let v = c
         .validate_with(pb::ValidateRequest {
@@ -321,10 +313,7 @@ async fn logout_everywhere(d: &Deployment) {
     }
     assert_rejected_refresh(&mut b, &refresh_token.token, R::Revoked).await;
     assert_eq!(
-        refresh(&mut b, &refresh_token.token)
-            .await
-            .unwrap_err()
-            .code(),
+        b.refresh(&refresh_token.token).await.unwrap_err().code(),
         Code::Unauthenticated
     );
     assert_eq!(
@@ -353,7 +342,7 @@ async fn refresh_chain_and_reuse(d: &Deployment) {
         } else {
             (&mut b, &mut a)
         };
-        let r = refresh(from, refresh_tokens.last().unwrap()).await.unwrap();
+        let r = from.refresh(refresh_tokens.last().unwrap()).await.unwrap();
         let (access, next) = (r.access.unwrap(), r.refresh.unwrap());
         to.assert_valid(&access.token).await;
         assert_valid_refresh(to, &next.token).await;
@@ -367,7 +356,7 @@ async fn refresh_chain_and_reuse(d: &Deployment) {
     assert_eq!(refresh_tokens.len(), 6);
 
     // Generation 2 again: the whole family is revoked, on every node.
-    let err = refresh(&mut b, &refresh_tokens[1]).await.unwrap_err();
+    let err = b.refresh(&refresh_tokens[1]).await.unwrap_err();
     assert_eq!(err.code(), Code::Unauthenticated);
     assert!(err.message().contains("already spent"), "{}", err.message());
     for c in [&mut a, &mut b] {
@@ -379,22 +368,20 @@ async fn refresh_chain_and_reuse(d: &Deployment) {
         }
     }
     // Even the newest refresh token is spent.
-    let err = refresh(&mut a, refresh_tokens.last().unwrap())
-        .await
-        .unwrap_err();
+    let err = a.refresh(refresh_tokens.last().unwrap()).await.unwrap_err();
     assert_eq!(err.code(), Code::Unauthenticated);
     // The session itself is untouched: a new login in it starts a new family.
     let fresh = issue_in(&mut b, "frank", &session.id, pb::TokenKind::Refresh).await;
-    refresh(&mut a, &fresh.token).await.expect("a new family");
+    a.refresh(&fresh.token).await.expect("a new family");
 
     // An access token is not a refresh token.
     let access = a.issue("frank").await;
     assert_eq!(
-        refresh(&mut a, &access.token).await.unwrap_err().code(),
+        a.refresh(&access.token).await.unwrap_err().code(),
         Code::Unauthenticated
     );
     assert_eq!(
-        refresh(&mut a, "").await.unwrap_err().code(),
+        a.refresh("").await.unwrap_err().code(),
         Code::InvalidArgument
     );
 }
@@ -405,7 +392,7 @@ async fn race(d: &Deployment, token: &str) -> Vec<Result<pb::RefreshResponse, to
     for i in 0..20 {
         let mut c = d.nodes[i % d.nodes.len()].client().await;
         let token = token.to_owned();
-        calls.push(tokio::spawn(async move { refresh(&mut c, &token).await }));
+        calls.push(tokio::spawn(async move { c.refresh(&token).await }));
     }
     let mut results = Vec::new();
     for call in calls {
@@ -450,20 +437,20 @@ async fn parallel_refreshes_within_grace(d: &Deployment) {
     let successor = results[0].as_ref().unwrap().refresh.clone().unwrap();
     assert_valid_refresh(&mut a, &successor.token).await;
     // Spending the successor moves on; the first token is two generations old now: reuse.
-    refresh(&mut a, &successor.token).await.expect("rotate on");
-    let err = refresh(&mut a, &first.token).await.unwrap_err();
+    a.refresh(&successor.token).await.expect("rotate on");
+    let err = a.refresh(&first.token).await.unwrap_err();
     assert!(err.message().contains("already spent"), "{}", err.message());
 }
 
 async fn family_lifetime_ends_the_chain(d: &Deployment) {
     let (mut a, mut b) = clients(d).await;
     let first = issue_in(&mut a, "ivan", "", pb::TokenKind::Refresh).await;
-    let r = refresh(&mut b, &first.token).await.unwrap();
+    let r = b.refresh(&first.token).await.unwrap();
     let next = r.refresh.unwrap();
     // No token of the family outlives it.
     assert!(next.expires_at.unwrap().seconds <= first.expires_at.unwrap().seconds + 3);
     assert!(r.access.unwrap().expires_at.unwrap().seconds <= support::now() + 4);
     tokio::time::sleep(Duration::from_millis(3500)).await;
-    let err = refresh(&mut a, &next.token).await.unwrap_err();
+    let err = a.refresh(&next.token).await.unwrap_err();
     assert_eq!(err.code(), Code::Unauthenticated);
 }

@@ -208,14 +208,6 @@ async fn postgres_killed_under_load_fails_closed_then_recovers() {
     recovers(&d, &mut c).await;
 }
 
-async fn spend(c: &mut Client, token: &str) -> Result<pb::RefreshResponse, tonic::Status> {
-    c.0.refresh(pb::RefreshRequest {
-        refresh_token: token.into(),
-    })
-    .await
-    .map(|r| r.into_inner())
-}
-
 /// Revocations, logouts, sessions and revoked refresh families all survive Redis losing its
 /// data under tiered storage: PostgreSQL answers until Redis is refilled from it.
 #[tokio::test]
@@ -230,16 +222,7 @@ async fn tiered_keeps_revocations_when_redis_loses_everything() {
     a.revoke(Target::Token(issued.token.clone())).await.unwrap();
     let logged_out = a.issue("carol").await;
     a.revoke(Target::Subject("carol".into())).await.unwrap();
-    let session =
-        a.0.create_session(pb::CreateSessionRequest {
-            subject: "dave".into(),
-            ..Default::default()
-        })
-        .await
-        .unwrap()
-        .into_inner()
-        .session
-        .unwrap();
+    let session = a.create_session("dave").await;
     let in_session = a
         .issue_with(pb::IssueRequest {
             subject: "dave".into(),
@@ -256,8 +239,8 @@ async fn tiered_keeps_revocations_when_redis_loses_everything() {
         })
         .await
         .unwrap();
-    let rotated = spend(&mut a, &refresh.token).await.unwrap();
-    spend(&mut b, &refresh.token).await.unwrap_err(); // a reuse: the family is revoked
+    let rotated = a.refresh(&refresh.token).await.unwrap();
+    b.refresh(&refresh.token).await.unwrap_err(); // a reuse: the family is revoked
     let family_access = rotated.access.unwrap().token;
 
     assert_eq!(redis.cli(&["FLUSHALL"]), "OK");

@@ -427,6 +427,29 @@ impl Client {
             .await
             .map(|r| r.into_inner())
     }
+
+    /// A new session of `subject` with the configured lifetime.
+    pub async fn create_session(&mut self, subject: &str) -> pb::Session {
+        self.0
+            .create_session(pb::CreateSessionRequest {
+                subject: subject.into(),
+                ..Default::default()
+            })
+            .await
+            .expect("create session")
+            .into_inner()
+            .session
+            .expect("a session")
+    }
+
+    pub async fn refresh(&mut self, token: &str) -> Result<pb::RefreshResponse, tonic::Status> {
+        self.0
+            .refresh(pb::RefreshRequest {
+                refresh_token: token.into(),
+            })
+            .await
+            .map(|r| r.into_inner())
+    }
 }
 
 /// Asserts a call failed with `code` and a message that names `field`.
