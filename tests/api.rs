@@ -84,6 +84,9 @@ async fn issue_validate_revoke(sidecar: &Sidecar) {
     let (header, _) = parts(&issued.token);
     assert_eq!(header["kid"], json!(issued.key_id));
     assert_eq!(header["alg"], json!("HS256"));
+    // The log scan every test sidecar gets when dropped would see this token in a log line.
+    let line = format!(r#"{{"message":"oops","token":"{}"}}"#, issued.token);
+    assert_eq!(support::find_jwt(&line), Some(issued.token.as_str()));
 
     let v = c.assert_valid(&issued.token).await;
     assert_eq!(v.subject, "alice");
