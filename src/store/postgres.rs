@@ -176,7 +176,7 @@ impl PostgresStore {
         after: &str,
         limit: i64,
     ) -> Result<Vec<(Family, bool)>, StoreError> {
-        let rows: Vec<(String, String, i64, String, bool)> = self
+        let rows: Vec<FamilyRow> = self
             .call(
                 "select",
                 sqlx::query_as(
@@ -189,23 +189,12 @@ impl PostgresStore {
                 .fetch_all(&self.pool),
             )
             .await?;
-        Ok(rows
-            .into_iter()
-            .map(|(id, subject, expires, current, revoked)| {
-                let family = Family {
-                    id,
-                    subject,
-                    expires_at: from_millis(expires),
-                    current,
-                };
-                (family, revoked)
-            })
-            .collect())
+        Ok(rows.into_iter().map(FamilyRow::into_parts).collect())
     }
 
     /// A family's subject, end and whether it is revoked, as the row holds them.
     pub(super) async fn family(&self, id: &str) -> Result<Option<(Family, bool)>, StoreError> {
-        let row: Option<(String, String, i64, String, bool)> = self
+        let row: Option<FamilyRow> = self
             .call(
                 "select",
                 sqlx::query_as(
@@ -216,15 +205,7 @@ impl PostgresStore {
                 .fetch_optional(&self.pool),
             )
             .await?;
-        Ok(row.map(|(id, subject, expires, current, revoked)| {
-            let family = Family {
-                id,
-                subject,
-                expires_at: from_millis(expires),
-                current,
-            };
-            (family, revoked)
-        }))
+        Ok(row.map(FamilyRow::into_parts))
     }
 
     /// Every live revocation after `after` in token id order, at most `limit` of them.
@@ -583,6 +564,28 @@ type Rotated = (
     Option<String>,
     Option<i64>,
 );
+
+/// A family as Validate needs it (for a tiered mirror), and whether it is revoked.
+#[derive(sqlx::FromRow)]
+struct FamilyRow {
+    id: String,
+    subject: String,
+    expires_ms: i64,
+    current_id: String,
+    revoked: bool,
+}
+
+impl FamilyRow {
+    fn into_parts(self) -> (Family, bool) {
+        let family = Family {
+            id: self.id,
+            subject: self.subject,
+            expires_at: from_millis(self.expires_ms),
+            current: self.current_id,
+        };
+        (family, self.revoked)
+    }
+}
 
 #[derive(sqlx::FromRow)]
 struct SessionRow {
