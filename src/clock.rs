@@ -52,8 +52,12 @@ pub fn unix_millis(t: SystemTime) -> i64 {
         .unwrap_or(0)
 }
 
+/// Latest instant a token time may name: the end of year 9999, as far as JWT libraries count.
+/// Every conversion below clamps into [epoch, this], so no arithmetic on a time can overflow.
+pub const MAX_UNIX_SECS: i64 = 253_402_300_799;
+
 pub fn from_unix_millis(ms: i64) -> SystemTime {
-    UNIX_EPOCH + Duration::from_millis(ms.max(0) as u64)
+    UNIX_EPOCH + Duration::from_millis(ms.clamp(0, MAX_UNIX_SECS * 1000) as u64)
 }
 
 pub fn unix_secs(t: SystemTime) -> i64 {
@@ -63,11 +67,7 @@ pub fn unix_secs(t: SystemTime) -> i64 {
     }
 }
 
-/// The instant `secs` seconds after the Unix epoch (before it when negative).
+/// The instant `secs` seconds after the Unix epoch, clamped to [epoch, [`MAX_UNIX_SECS`]].
 pub fn from_unix_secs(secs: i64) -> SystemTime {
-    if secs >= 0 {
-        UNIX_EPOCH + Duration::from_secs(secs as u64)
-    } else {
-        UNIX_EPOCH - Duration::from_secs(secs.unsigned_abs())
-    }
+    UNIX_EPOCH + Duration::from_secs(secs.clamp(0, MAX_UNIX_SECS) as u64)
 }

@@ -9,6 +9,8 @@ use std::time::Duration;
 
 use clap::{Args, FromArgMatches};
 
+pub use crate::units::{parse_duration, parse_size};
+
 /// Shortest HMAC secret accepted: 256 bits, the strength of HS256.
 pub const MIN_SECRET_LEN: usize = 32;
 
@@ -198,6 +200,37 @@ impl Storage {
     pub fn uses_postgres(self) -> bool {
         matches!(self, Storage::Postgres | Storage::Tiered)
     }
+}
+
+/// What the store layer is given: each backend its own part of the settings, never the whole
+/// [`Config`].
+#[derive(Debug, Clone)]
+pub enum StoreConfig {
+    Memory,
+    Redis(RedisConfig),
+    Postgres(PostgresConfig),
+    Tiered(RedisConfig, PostgresConfig),
+}
+
+#[derive(Debug, Clone)]
+pub struct RedisConfig {
+    /// One URL, or with `cluster` comma-separated seed nodes.
+    pub url: Secret,
+    pub cluster: bool,
+    /// Prefix of every key.
+    pub prefix: String,
+    /// Longest a call may take.
+    pub timeout: Duration,
+}
+
+#[derive(Debug, Clone)]
+pub struct PostgresConfig {
+    pub url: Secret,
+    pub max_connections: u32,
+    /// Apply the migrations and functions at start, in the background.
+    pub migrate: bool,
+    /// Longest a call may take (also the serving pool's `statement_timeout`).
+    pub timeout: Duration,
 }
 
 /// A secret value: never printed, not even by `Debug`.
@@ -444,6 +477,37 @@ impl Config {
         Config::try_from(args)
     }
 
+    /// The store's part of the settings.
+    pub fn store(&self) -> Result<StoreConfig, ConfigError> {
+        let redis = || {
+            Ok(RedisConfig {
+                url: self
+                    .redis_url
+                    .clone()
+                    .ok_or_else(|| ConfigError::new("REDIS_URL", "required by this --storage"))?,
+                cluster: self.redis_cluster,
+                prefix: self.redis_prefix.clone(),
+                timeout: self.backend_timeout,
+            })
+        };
+        let postgres = || {
+            Ok(PostgresConfig {
+                url: self.database_url.clone().ok_or_else(|| {
+                    ConfigError::new("DATABASE_URL", "required by this --storage")
+                })?,
+                max_connections: self.db_max_connections,
+                migrate: self.migrate,
+                timeout: self.backend_timeout,
+            })
+        };
+        Ok(match self.storage {
+            Storage::Memory => StoreConfig::Memory,
+            Storage::Redis => StoreConfig::Redis(redis()?),
+            Storage::Postgres => StoreConfig::Postgres(postgres()?),
+            Storage::Tiered => StoreConfig::Tiered(redis()?, postgres()?),
+        })
+    }
+
     /// A configuration with every default, for tests.
     pub fn defaults() -> Config {
         Config::load(["serve"]).expect("defaults are valid")
@@ -505,30 +569,6 @@ pub fn one_line(err: &clap::Error) -> String {
     let text = err.to_string();
     let line = text.lines().next().unwrap_or("invalid arguments");
     line.strip_prefix("error: ").unwrap_or(line).to_owned()
-}
-
-pub fn parse_duration(s: &str) -> Result<Duration, String> {
-    humantime::parse_duration(s).map_err(|e| format!("{e} (examples: 500ms, 30s, 15m, 24h)"))
-}
-
-/// A size in bytes: a whole number with an optional KiB, MiB or GiB suffix.
-pub fn parse_size(s: &str) -> Result<u64, String> {
-    let (digits, unit) = match s.find(|c: char| !c.is_ascii_digit()) {
-        Some(i) => s.split_at(i),
-        None => (s, ""),
-    };
-    let multiplier: u64 = match unit {
-        "" | "B" => 1,
-        "KiB" => 1 << 10,
-        "MiB" => 1 << 20,
-        "GiB" => 1 << 30,
-        _ => return Err("expected a size such as 0, 512KiB, 8MiB or 1GiB".into()),
-    };
-    digits
-        .parse::<u64>()
-        .ok()
-        .and_then(|n| n.checked_mul(multiplier))
-        .ok_or_else(|| "expected a size such as 0, 512KiB, 8MiB or 1GiB".into())
 }
 
 fn parse_listen(s: &str) -> Result<Listen, String> {

@@ -16,7 +16,6 @@ use tonic::server::NamedService;
 use crate::config::Config;
 use crate::health::{DrainingHealth, Health};
 use crate::keys::Keys;
-use crate::server::App;
 
 pub const JWKS_PATH: &str = "/.well-known/jwks.json";
 
@@ -28,14 +27,15 @@ struct Ops {
     jwks_max_age: Duration,
 }
 
-pub fn router(app: &App, config: &Config) -> Router {
+/// The ops routes over the node's health and key set.
+pub fn router(health: &Health, keys: &Arc<Keys>, config: &Config) -> Router {
     let grpc_health = format!(
         "/{}/{{*method}}",
         <tonic_health::pb::health_server::HealthServer<DrainingHealth> as NamedService>::NAME
     );
     let state = Ops {
-        health: app.health.clone(),
-        keys: app.tokens.keys().clone(),
+        health: health.clone(),
+        keys: keys.clone(),
         issuer: config.issuer.as_str().into(),
         jwks_max_age: config.jwks_max_age,
     };
@@ -50,7 +50,7 @@ pub fn router(app: &App, config: &Config) -> Router {
             get(openid_configuration),
         )
         .with_state(state)
-        .route_service(&grpc_health, app.health.service())
+        .route_service(&grpc_health, health.service())
         .fallback(not_found)
 }
 

@@ -61,7 +61,7 @@ impl App {
         telemetry::metrics();
         telemetry::record_build_info();
         telemetry::record_keys_loaded(None, keys.current().active().kid());
-        let store = store::open(config, clock.clone())?;
+        let store = store::open(&config.store()?, clock.clone())?;
         let limits = RateLimiter::new(&config.rate_limits, store.clone());
         let sessions = Sessions::new(config, store.clone(), clock.clone());
         let tokens = Tokens::new(Settings::from(config), Arc::new(keys), store, clock);
@@ -104,7 +104,7 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
         .with_context(|| format!("cannot bind --ops-listen {}", config.ops_listen))?;
     let ops_addr = ops.local_addr()?;
     let ops_task = tokio::spawn(
-        axum::serve(ops, crate::ops::router(&app, &config))
+        axum::serve(ops, crate::ops::router(&app.health, app.tokens.keys(), &config))
             .with_graceful_shutdown(drained.clone().cancelled_owned())
             .into_future(),
     );

@@ -20,9 +20,11 @@ use serde_json::value::RawValue;
 use serde_json::{Map, Value};
 
 use crate::clock::{
-    Clock, from_unix_millis as from_millis, from_unix_secs, unix_millis as millis, unix_secs,
+    Clock, MAX_UNIX_SECS, from_unix_millis as from_millis, from_unix_secs, unix_millis as millis,
+    unix_secs,
 };
 use crate::config::Config;
+pub use crate::ids::random_id;
 use crate::keys::{KeyError, Keys, Reloaded};
 use crate::store::{Family, Rotation, Store, StoreError, Successor, TokenCheck};
 
@@ -33,9 +35,6 @@ pub const MAX_TOKEN_LEN: usize = 8 * 1024;
 pub const RESERVED_CLAIMS: [&str; 10] = [
     "iss", "sub", "aud", "exp", "nbf", "iat", "jti", "sid", "typ", "fam",
 ];
-
-/// Random bytes in a token id (`jti`) or any other identifier the sidecar makes.
-const ID_BYTES: usize = 16;
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
 pub enum Kind {
@@ -562,9 +561,12 @@ impl Tokens {
                         format!("not a token of this sidecar: {}", reason.as_str()),
                     )
                 })?;
+                // A token the sidecar would call malformed for its `exp` needs no record past
+                // the longest life.
+                let longest = now + self.settings.max_ttl + leeway;
                 (
                     decoded.token_id.clone(),
-                    from_unix_secs(decoded.exp) + leeway,
+                    (from_unix_secs(decoded.exp) + leeway).min(longest),
                 )
             }
             RevokeTarget::TokenId(id) => (id, now + self.settings.max_ttl + leeway),
@@ -629,11 +631,21 @@ impl Tokens {
         Decoded::from_claims(claims, generation)
     }
 
+    /// The maximum TTL plus leeway, in seconds: the furthest from now a token's `exp` may be.
+    fn longest_life_secs(&self) -> i64 {
+        (self.settings.max_ttl + self.settings.leeway).as_secs() as i64
+    }
+
     fn check(&self, token: &Decoded, audience: Option<&str>, kind: Kind) -> Result<(), Reason> {
         let now = unix_secs(self.clock.now());
         let leeway = self.settings.leeway.as_secs() as i64;
         if now >= token.exp.saturating_add(leeway) {
             return Err(Reason::Expired);
+        }
+        // No token of this sidecar lives longer than the maximum TTL, and no revocation
+        // record outlives that: a later `exp` was not issued here as it stands.
+        if token.exp > now.saturating_add(self.longest_life_secs()) {
+            return Err(Reason::Malformed);
         }
         let not_before = token.nbf.into_iter().chain(token.iat).max();
         if not_before.is_some_and(|t| t > now.saturating_add(leeway)) {
@@ -739,20 +751,25 @@ impl RawClaims<'_> {
         let Some(n) = self.take::<serde_json::Number>(name)? else {
             return Ok(None);
         };
-        n.as_i64()
-            .and_then(|s| s.checked_mul(1000))
-            .or_else(|| n.as_f64().map(|f| (f * 1000.0).round() as i64))
+        let ms = match n.as_i64() {
+            Some(s) => s.checked_mul(1000),
+            None => n.as_f64().map(|f| (f * 1000.0).round() as i64),
+        };
+        ms.filter(|ms| (0..=MAX_UNIX_SECS * 1000).contains(ms))
             .map(Some)
             .ok_or(Reason::Malformed)
     }
 
-    /// A NumericDate: seconds since the epoch, possibly fractional (RFC 7519 section 2).
+    /// A NumericDate: seconds since the epoch, possibly fractional (RFC 7519 section 2). One
+    /// before the epoch or after year 9999 makes the token malformed, so no time arithmetic
+    /// on a token's claims can overflow.
     fn take_time(&mut self, name: &str) -> Result<Option<i64>, Reason> {
         let Some(n) = self.take::<serde_json::Number>(name)? else {
             return Ok(None);
         };
         n.as_i64()
             .or_else(|| n.as_f64().map(|f| f.floor() as i64))
+            .filter(|s| (0..=MAX_UNIX_SECS).contains(s))
             .map(Some)
             .ok_or(Reason::Malformed)
     }
@@ -869,13 +886,6 @@ fn unbase64(segment: &str) -> Result<Vec<u8>, Reason> {
     URL_SAFE_NO_PAD
         .decode(segment)
         .map_err(|_| Reason::Malformed)
-}
-
-/// An identifier of 128 random bits, base64url without padding (22 characters).
-pub fn random_id() -> String {
-    let mut bytes = [0u8; ID_BYTES];
-    aws_lc_rs::rand::fill(&mut bytes).expect("the system random source works");
-    URL_SAFE_NO_PAD.encode(bytes)
 }
 
 #[cfg(test)]
@@ -1116,5 +1126,155 @@ mod tests {
                 ..
             }
         ));
+    }
+}
+
+/// Whatever a signed token's header and claims hold, every entry point answers and none
+/// panics: the decoder reads untrusted JSON and does arithmetic on its times.
+#[cfg(test)]
+mod decoder_properties {
+    use proptest::prelude::*;
+    use serde_json::json;
+
+    use super::*;
+    use crate::clock::ManualClock;
+    use crate::config::Secret;
+    use crate::keys::{KeySet, SigningKey};
+    use crate::store::MemoryStore;
+
+    /// A JSON number a hostile signer might put in a time claim.
+    fn number() -> impl Strategy<Value = Value> {
+        prop_oneof![
+            any::<i64>().prop_map(Value::from),
+            any::<u64>().prop_map(Value::from),
+            any::<f64>().prop_map(|f| serde_json::Number::from_f64(f).map_or(Value::Null, Value::Number)),
+            Just(json!(1e300)),
+            Just(json!(-1e300)),
+            Just(json!(18446744073709551615u64)),
+            (1_700_000_000i64..1_900_000_000).prop_map(Value::from),
+        ]
+    }
+
+    fn value() -> impl Strategy<Value = Value> {
+        prop_oneof![
+            number(),
+            ".{0,12}".prop_map(Value::from),
+            Just(Value::Null),
+            Just(json!(true)),
+            Just(json!(["a", 1])),
+            Just(json!({"k": {"k": [1e300]}})),
+        ]
+    }
+
+    fn claims() -> impl Strategy<Value = Map<String, Value>> {
+        let names = prop_oneof![
+            Just("iss"),
+            Just("sub"),
+            Just("aud"),
+            Just("exp"),
+            Just("nbf"),
+            Just("iat"),
+            Just("jti"),
+            Just("sid"),
+            Just("typ"),
+            Just("fam"),
+            Just("x"),
+        ];
+        proptest::collection::vec((names, value()), 0..12).prop_map(|pairs| {
+            // Mostly well-formed, so the checks past the decoder run too.
+            let mut m = base_claims();
+            for (name, v) in pairs {
+                m.insert(name.to_owned(), v);
+            }
+            m
+        })
+    }
+
+    fn header() -> impl Strategy<Value = Map<String, Value>> {
+        (
+            prop_oneof![Just(json!("HS256")), Just(json!("none")), value()],
+            prop_oneof![Just(json!("default")), value()],
+            proptest::option::of(value()),
+        )
+            .prop_map(|(alg, kid, crit)| {
+                let mut m = Map::new();
+                m.insert("alg".into(), alg);
+                m.insert("kid".into(), kid);
+                if let Some(crit) = crit {
+                    m.insert("crit".into(), crit);
+                }
+                m
+            })
+    }
+
+    /// Signs `header.claims` with a valid key (the key's kid unless `header` names "default"
+    /// for another) and feeds it to Validate, Revoke and Refresh.
+    fn answer_all(mut header: Map<String, Value>, claims: Map<String, Value>) {
+        let clock: Arc<dyn Clock> = Arc::new(ManualClock::at_unix(1_800_000_000));
+        let key =
+            SigningKey::hs256(&Secret::from("unit-test-secret-unit-test-secret-0123")).unwrap();
+        if header.get("kid") == Some(&json!("default")) {
+            header.insert("kid".into(), key.kid().into());
+        }
+        let keys = Arc::new(Keys::fixed(KeySet::single(key)));
+        let store = Arc::new(MemoryStore::new(clock.clone()));
+        let tokens = Tokens::new(Settings::from(&Config::defaults()), keys, store, clock);
+        let message = format!(
+            "{}.{}",
+            URL_SAFE_NO_PAD.encode(serde_json::to_vec(&header).unwrap()),
+            URL_SAFE_NO_PAD.encode(serde_json::to_vec(&claims).unwrap())
+        );
+        let signature = tokens.keys.current().active().sign(message.as_bytes()).unwrap();
+        let token = format!("{message}.{}", URL_SAFE_NO_PAD.encode(signature));
+        let runtime = tokio::runtime::Builder::new_current_thread().build().unwrap();
+        runtime.block_on(async {
+            for kind in [Kind::Access, Kind::Refresh] {
+                tokens.validate(&token, None, kind).await.unwrap();
+            }
+            let _ = tokens.revoke(RevokeTarget::Token(token.clone())).await;
+            let _ = tokens.refresh(&token).await;
+        });
+    }
+
+    fn base_claims() -> Map<String, Value> {
+        let Value::Object(m) = json!({
+            "iss": "auth-sidecar", "sub": "alice", "jti": "j", "typ": "refresh",
+            "fam": "f", "exp": 1_800_000_600i64, "iat": 1_800_000_000i64
+        }) else {
+            unreachable!()
+        };
+        m
+    }
+
+    #[test]
+    fn absurd_times_are_answered() {
+        let header = || {
+            let Value::Object(h) = json!({"alg": "HS256", "kid": "default"}) else {
+                unreachable!()
+            };
+            h
+        };
+        for name in ["exp", "iat", "nbf"] {
+            for v in [
+                json!(1e300),
+                json!(-1e300),
+                json!(18446744073709551615u64),
+                json!(i64::MAX),
+                json!(i64::MIN),
+                json!(-1),
+            ] {
+                let mut claims = base_claims();
+                claims.insert(name.into(), v);
+                answer_all(header(), claims);
+            }
+        }
+    }
+
+    proptest! {
+        #![proptest_config(ProptestConfig::with_cases(512))]
+        #[test]
+        fn every_signed_token_gets_an_answer(header in header(), claims in claims()) {
+            answer_all(header, claims);
+        }
     }
 }

@@ -8,20 +8,19 @@ use async_trait::async_trait;
 use dashmap::DashMap;
 use dashmap::mapref::entry::Entry;
 
-use super::{
-    Family, FamilyState, Rotation, Session, Store, StoreError, Successor, TokenCheck, millis,
-    rotate_step,
-};
+use super::{Family, Rotation, Session, Store, StoreError, Successor, TokenCheck, micros, millis};
 use crate::clock::Clock;
-use crate::ratelimit::{Decision, Gcra, KeyState, gcra};
+use crate::rules::gcra::{Decision, Gcra, KeyState, gcra};
+use crate::rules::rotation::{self, FamilyState};
+use crate::rules::session::{self as session_rules, Cutoff};
 
 pub struct MemoryStore {
     clock: Arc<dyn Clock>,
     revoked: DashMap<String, SystemTime>,
     /// Rate-limit state by (policy, key).
     limits: DashMap<(String, String), KeyState>,
-    /// Logout-everywhere cutoffs by subject: (cutoff, until).
-    cutoffs: DashMap<String, (SystemTime, SystemTime)>,
+    /// Logout-everywhere cutoffs by subject.
+    cutoffs: DashMap<String, Cutoff>,
     sessions: DashMap<String, Session>,
     families: DashMap<String, FamilyState>,
 }
@@ -68,17 +67,18 @@ impl Store for MemoryStore {
             .revoked
             .get(t.token_id)
             .is_some_and(|until| *until > now);
-        let cut_off = self.cutoffs.get(t.subject).is_some_and(|c| {
-            let (cutoff, until) = *c;
-            until > now && millis(cutoff) > t.issued_at_ms
-        });
+        let now_ms = millis(now);
+        let cut_off = self
+            .cutoffs
+            .get(t.subject)
+            .is_some_and(|c| c.until_ms > now_ms && c.cutoff_ms > t.issued_at_ms);
         let session_gone = t
             .session_id
             .is_some_and(|id| self.sessions.get(id).is_none_or(|s| s.live_until() <= now));
         let family_gone = t.family_id.is_some_and(|id| {
             self.families
                 .get(id)
-                .is_none_or(|f| f.revoked || f.expires_ms <= millis(now))
+                .is_none_or(|f| !f.is_live(now_ms))
         });
         Ok(by_id || cut_off || session_gone || family_gone)
     }
@@ -89,16 +89,23 @@ impl Store for MemoryStore {
         cutoff: SystemTime,
         until: SystemTime,
     ) -> Result<u32, StoreError> {
+        let new = Cutoff {
+            cutoff_ms: millis(cutoff),
+            until_ms: millis(until),
+        };
         self.cutoffs
             .entry(subject.to_owned())
-            .and_modify(|(c, u)| {
-                *c = (*c).max(cutoff);
-                *u = (*u).max(until);
-            })
-            .or_insert((cutoff, until));
-        let before = self.sessions.len();
-        self.sessions.retain(|_, s| s.subject != subject);
-        Ok(before.saturating_sub(self.sessions.len()) as u32)
+            .and_modify(|old| *old = session_rules::raise(Some(*old), new))
+            .or_insert(new);
+        let mut ended = Vec::new();
+        self.sessions.retain(|_, s| {
+            let gone = s.subject == subject;
+            if gone {
+                ended.push(s.times());
+            }
+            !gone
+        });
+        Ok(session_rules::ended_by_logout(ended, millis(cutoff)))
     }
 
     async fn create_session(&self, session: &Session) -> Result<(), StoreError> {
@@ -120,21 +127,20 @@ impl Store for MemoryStore {
         now: SystemTime,
         idle_until: Option<SystemTime>,
     ) -> Result<Option<Session>, StoreError> {
-        let Some(mut s) = self.sessions.get_mut(id).filter(|s| s.live_until() > now) else {
+        let Some(mut s) = self.sessions.get_mut(id) else {
             return Ok(None);
         };
-        s.last_seen_at = now;
-        if s.idle_expires_at.is_some() {
-            s.idle_expires_at = idle_until.map(|t| t.min(s.expires_at));
-        }
+        let Some(times) = session_rules::touch(s.times(), millis(now), idle_until.map(millis))
+        else {
+            return Ok(None);
+        };
+        s.set_times(times);
         Ok(Some(s.clone()))
     }
 
     async fn delete_session(&self, id: &str, now: SystemTime) -> Result<bool, StoreError> {
-        Ok(self
-            .sessions
-            .remove(id)
-            .is_some_and(|(_, s)| s.live_until() > now))
+        let removed = self.sessions.remove(id).map(|(_, s)| s.times());
+        Ok(session_rules::end(removed, millis(now)))
     }
 
     async fn list_sessions(
@@ -154,8 +160,10 @@ impl Store for MemoryStore {
     }
 
     async fn create_family(&self, family: &Family) -> Result<(), StoreError> {
-        self.families
-            .insert(family.id.clone(), FamilyState::from(family));
+        self.families.insert(
+            family.id.clone(),
+            FamilyState::new(family.current.clone(), millis(family.expires_at)),
+        );
         Ok(())
     }
 
@@ -171,7 +179,7 @@ impl Store for MemoryStore {
         let Some(mut state) = self.families.get_mut(family_id) else {
             return Ok(Rotation::Gone);
         };
-        Ok(rotate_step(
+        Ok(rotation::step(
             &mut state,
             presented,
             successor,
@@ -190,8 +198,9 @@ impl Store for MemoryStore {
         key: &str,
         p: Gcra,
         cost: u32,
+        at: Option<SystemTime>,
     ) -> Result<Decision, StoreError> {
-        let now = now_us(self.clock.now());
+        let now = micros(at.unwrap_or_else(|| self.clock.now()));
         let id = (policy.to_owned(), key.to_owned());
         // The entry holds its shard's lock: the step is atomic for this key.
         Ok(match self.limits.entry(id) {
@@ -229,19 +238,14 @@ impl Store for MemoryStore {
         };
         let before = count();
         self.revoked.retain(|_, until| *until > now);
-        self.cutoffs.retain(|_, (_, until)| *until > now);
+        let now_ms = millis(now);
+        self.cutoffs.retain(|_, c| c.until_ms > now_ms);
         self.sessions.retain(|_, s| s.live_until() > now);
-        self.families.retain(|_, f| f.expires_ms > millis(now));
-        let now = now_us(now);
+        self.families.retain(|_, f| f.expires_ms > now_ms);
+        let now = micros(now);
         self.limits.retain(|_, state| state.expires_us() > now);
         Ok(before.saturating_sub(count()))
     }
-}
-
-fn now_us(t: SystemTime) -> i64 {
-    t.duration_since(std::time::UNIX_EPOCH)
-        .map(|d| d.as_micros() as i64)
-        .unwrap_or(0)
 }
 
 #[cfg(test)]

@@ -14,8 +14,10 @@ use std::time::{Duration, SystemTime};
 use async_trait::async_trait;
 
 use crate::clock::{Clock, from_unix_millis as from_millis, unix_millis as millis};
-use crate::config::{Config, Storage};
-use crate::ratelimit::{Decision, Gcra};
+use crate::config::StoreConfig;
+use crate::rules::gcra::{Decision, Gcra};
+use crate::rules::session::SessionTimes;
+pub use crate::rules::rotation::{Rotation, Successor};
 
 pub use memory::MemoryStore;
 pub use postgres::PostgresStore;
@@ -65,6 +67,22 @@ impl Session {
         self.idle_expires_at
             .map_or(self.expires_at, |idle| idle.min(self.expires_at))
     }
+
+    /// The times its atomic steps (`rules::session`) read and write.
+    pub fn times(&self) -> SessionTimes {
+        SessionTimes {
+            expires_ms: millis(self.expires_at),
+            last_seen_ms: millis(self.last_seen_at),
+            idle_ms: self.idle_expires_at.map(millis),
+        }
+    }
+
+    /// Takes the times a step computed.
+    pub fn set_times(&mut self, t: SessionTimes) {
+        self.expires_at = from_millis(t.expires_ms);
+        self.last_seen_at = from_millis(t.last_seen_ms);
+        self.idle_expires_at = t.idle_ms.map(from_millis);
+    }
 }
 
 /// A refresh-token family: the refresh tokens that replaced one another since a login.
@@ -76,32 +94,6 @@ pub struct Family {
     pub expires_at: SystemTime,
     /// The one refresh token id of the family that may be spent now.
     pub current: String,
-}
-
-/// The tokens that replace a spent refresh token, remembered so that a retry within the
-/// reuse grace period gets the same ones (same ids and issue time).
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct Successor {
-    pub refresh_id: String,
-    pub access_id: String,
-    pub issued_at_ms: i64,
-}
-
-/// What spending a refresh token did.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub enum Rotation {
-    /// It was the family's current token: the successor is current now.
-    Rotated { family_ends: SystemTime },
-    /// It was the token spent last, presented again within the grace period: here is the
-    /// successor it got then.
-    Replay {
-        successor: Successor,
-        family_ends: SystemTime,
-    },
-    /// It was spent before: the family is revoked now.
-    Reused,
-    /// The family is revoked, expired or unknown.
-    Gone,
 }
 
 #[async_trait]
@@ -168,14 +160,16 @@ pub trait Store: Send + Sync + 'static {
     /// Whether the backend answers. Never writes, never scans.
     async fn ping(&self) -> Result<(), StoreError>;
 
-    /// One rate-limit step for `key` under `policy`, atomic in the backend, on the backend's
-    /// clock (so the nodes' clocks do not matter).
+    /// One rate-limit step for `key` under `policy`, atomic in the backend. `at: None` runs
+    /// it on the backend's clock, as serving does (so the nodes' clocks do not matter);
+    /// `Some` at that instant, as the conformance traces do.
     async fn rate_limit(
         &self,
         policy: &str,
         key: &str,
         gcra: Gcra,
         cost: u32,
+        at: Option<SystemTime>,
     ) -> Result<Decision, StoreError>;
 
     /// Forgets `key` under `policy`: full allowance, no lockout.
@@ -189,7 +183,7 @@ pub trait Store: Send + Sync + 'static {
 /// A new session id for `subject`: 128 random bits after a short tag derived from the
 /// subject, so that Redis keeps a session and its subject's index in one hash slot.
 pub fn new_session_id(subject: &str) -> String {
-    format!("{}{}", subject_tag(subject), crate::tokens::random_id())
+    format!("{}{}", subject_tag(subject), crate::ids::random_id())
 }
 
 /// Characters of a session id that are its subject's tag.
@@ -205,66 +199,6 @@ fn subject_tag(subject: &str) -> String {
 /// The subject tag a session id carries, if it is one of ours.
 fn session_tag(id: &str) -> Option<&str> {
     id.get(..TAG_LEN).filter(|_| id.len() > TAG_LEN)
-}
-
-/// The one decision of a rotation, made by the memory store and restated by the Redis script
-/// and the SQL function. `state` is updated in place.
-fn rotate_step(
-    state: &mut FamilyState,
-    presented: &str,
-    successor: &Successor,
-    now_ms: i64,
-    replay_until_ms: i64,
-) -> Rotation {
-    if state.revoked || state.expires_ms <= now_ms {
-        return Rotation::Gone;
-    }
-    if presented == state.current {
-        state.previous = Some(std::mem::replace(
-            &mut state.current,
-            successor.refresh_id.clone(),
-        ));
-        state.successor = Some(successor.clone());
-        state.replay_until_ms = replay_until_ms;
-        return Rotation::Rotated {
-            family_ends: from_millis(state.expires_ms),
-        };
-    }
-    if state.previous.as_deref() == Some(presented)
-        && now_ms < state.replay_until_ms
-        && let Some(s) = &state.successor
-    {
-        return Rotation::Replay {
-            successor: s.clone(),
-            family_ends: from_millis(state.expires_ms),
-        };
-    }
-    state.revoked = true;
-    Rotation::Reused
-}
-
-/// A family as the memory store keeps it.
-#[derive(Debug, Clone)]
-struct FamilyState {
-    current: String,
-    previous: Option<String>,
-    replay_until_ms: i64,
-    successor: Option<Successor>,
-    revoked: bool,
-    expires_ms: i64,
-}
-
-impl From<&Family> for FamilyState {
-    fn from(f: &Family) -> FamilyState {
-        FamilyState {
-            current: f.current.clone(),
-            previous: None,
-            replay_until_ms: 0,
-            successor: None,
-            revoked: false,
-            expires_ms: millis(f.expires_at),
-        }
-    }
 }
 
 /// First and longest wait between attempts of [`retry_in_background`].
@@ -335,86 +269,28 @@ async fn bounded<T, E: Display>(
 
 /// The one place that turns the configured backend into a store. Returns at once: shared
 /// backends connect in the background, and calls fail with UNAVAILABLE until they have.
-pub fn open(config: &Config, clock: Arc<dyn Clock>) -> Result<Arc<dyn Store>, StoreError> {
-    Ok(match config.storage {
-        Storage::Memory => Arc::new(MemoryStore::new(clock)),
-        Storage::Redis => Arc::new(RedisStore::open(config)?),
-        Storage::Postgres => Arc::new(PostgresStore::open(config, clock)?),
-        Storage::Tiered => Arc::new(TieredStore::new(
-            RedisStore::open(config)?,
-            PostgresStore::open(config, clock)?,
+pub fn open(config: &StoreConfig, clock: Arc<dyn Clock>) -> Result<Arc<dyn Store>, StoreError> {
+    Ok(match config {
+        StoreConfig::Memory => Arc::new(MemoryStore::new(clock)),
+        StoreConfig::Redis(redis) => Arc::new(RedisStore::open(redis)?),
+        StoreConfig::Postgres(postgres) => Arc::new(PostgresStore::open(postgres, clock)?),
+        StoreConfig::Tiered(redis, postgres) => Arc::new(TieredStore::new(
+            RedisStore::open(redis)?,
+            PostgresStore::open(postgres, clock)?,
         )),
     })
+}
+
+/// Microseconds since the epoch: how the rate-limit steps count time.
+fn micros(t: SystemTime) -> i64 {
+    t.duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_micros() as i64)
+        .unwrap_or(0)
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    fn successor(n: u32) -> Successor {
-        Successor {
-            refresh_id: format!("r{n}"),
-            access_id: format!("a{n}"),
-            issued_at_ms: n as i64,
-        }
-    }
-
-    fn family() -> FamilyState {
-        FamilyState::from(&Family {
-            id: "f".into(),
-            subject: "s".into(),
-            expires_at: from_millis(10_000),
-            current: "r0".into(),
-        })
-    }
-
-    #[test]
-    fn a_refresh_token_rotates_once_then_replays_within_grace_then_revokes() {
-        let mut f = family();
-        let ends = from_millis(10_000);
-        assert_eq!(
-            rotate_step(&mut f, "r0", &successor(1), 100, 200),
-            Rotation::Rotated { family_ends: ends }
-        );
-        assert_eq!(f.current, "r1");
-        // The spent token again, within grace: the same successor, not a new one.
-        assert_eq!(
-            rotate_step(&mut f, "r0", &successor(9), 150, 250),
-            Rotation::Replay {
-                successor: successor(1),
-                family_ends: ends
-            }
-        );
-        assert_eq!(f.current, "r1");
-        // After the grace period: a reuse, and the family is gone for everyone.
-        assert_eq!(
-            rotate_step(&mut f, "r0", &successor(9), 200, 300),
-            Rotation::Reused
-        );
-        assert_eq!(
-            rotate_step(&mut f, "r1", &successor(2), 201, 301),
-            Rotation::Gone
-        );
-    }
-
-    #[test]
-    fn an_older_token_or_an_ended_family_is_never_spent() {
-        let mut f = family();
-        rotate_step(&mut f, "r0", &successor(1), 100, 100);
-        rotate_step(&mut f, "r1", &successor(2), 101, 101);
-        // Two generations back is a reuse even within a grace period.
-        let mut g = f.clone();
-        g.replay_until_ms = i64::MAX;
-        assert_eq!(
-            rotate_step(&mut g, "r0", &successor(9), 102, 102),
-            Rotation::Reused
-        );
-        assert!(g.revoked);
-        assert_eq!(
-            rotate_step(&mut f, "r2", &successor(3), 10_000, 10_000),
-            Rotation::Gone
-        );
-    }
 
     #[test]
     fn a_session_id_carries_its_subjects_tag() {

@@ -4,13 +4,23 @@
 //! to Redis, and is acknowledged only when both hold it. Session reads and refresh rotations
 //! go to PostgreSQL; Validate reads Redis. Redis answers "not revoked" (and "the session
 //! lives") only while it carries the *complete* marker, which a refill from PostgreSQL sets.
-//! If Redis loses its data (FLUSHALL, a restart without persistence) the marker goes with it,
-//! reads fall back to PostgreSQL, and a refill starts; a loss during a refill takes the
-//! refill's ticket too, so that refill cannot set the marker. If Redis does not answer at
-//! all, reads go to PostgreSQL. So an acknowledged revocation is never forgotten.
+//!
+//! Three rules keep Redis from ever vouching for less than PostgreSQL holds:
+//! - **Monotone mirror.** Every write to Redis only moves state forward (a cutoff only rises,
+//!   a family only goes from live to revoked, an ended session leaves a tombstone, a
+//!   revocation only adds), so a refill's copy and a live write end in the newest state in
+//!   either order.
+//! - **A lost ticket voids the refill.** A refill sets the marker only if the ticket it wrote
+//!   at its start survived; a loss of Redis data takes the ticket, and so does the next rule.
+//! - **A failed mirror write voids trust.** When PostgreSQL took a write and Redis did not, the
+//!   marker and any refill's ticket are deleted (retried in the background until Redis takes
+//!   it, while this node trusts no marker), so every node reads PostgreSQL until a refill that
+//!   started after the failure, and so read the write, has run.
+//!
+//! ARCHITECTURE.md argues why these hold in every interleaving.
 
 use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::time::{Duration, SystemTime};
 
 use async_trait::async_trait;
@@ -18,7 +28,7 @@ use async_trait::async_trait;
 use super::postgres::PostgresStore;
 use super::redis::RedisStore;
 use super::{Family, Rotation, Session, Store, StoreError, Successor, TokenCheck};
-use crate::ratelimit::{Decision, Gcra};
+use crate::rules::gcra::{Decision, Gcra};
 
 /// Rows copied per batch when refilling Redis.
 const REFILL_BATCH: i64 = 1000;
@@ -30,6 +40,25 @@ pub struct TieredStore {
     redis: RedisStore,
     postgres: PostgresStore,
     refilling: Arc<AtomicBool>,
+    trust: Arc<Trust>,
+}
+
+/// Whether this node may believe Redis's complete marker: not while a failed mirror write has
+/// not yet been followed by a successful void of the marker.
+#[derive(Default)]
+struct Trust {
+    /// Mirror writes that failed, counted.
+    failed: AtomicU64,
+    /// The count of failures the last successful void came after.
+    voided: AtomicU64,
+    /// A void task is running.
+    voiding: AtomicBool,
+}
+
+impl Trust {
+    fn trusted(&self) -> bool {
+        self.voided.load(Ordering::SeqCst) >= self.failed.load(Ordering::SeqCst)
+    }
 }
 
 impl TieredStore {
@@ -38,6 +67,7 @@ impl TieredStore {
             redis,
             postgres,
             refilling: Arc::new(AtomicBool::new(false)),
+            trust: Arc::new(Trust::default()),
         }
     }
 
@@ -63,11 +93,65 @@ impl TieredStore {
             flag.store(false, Ordering::SeqCst);
         });
     }
+
+    /// Mirrors a write PostgreSQL has taken to Redis. If Redis does not take it, Redis must
+    /// stop vouching for completeness: see [`TieredStore::void_trust`].
+    async fn mirror<T>(
+        &self,
+        write: impl Future<Output = Result<T, StoreError>>,
+    ) -> Result<T, StoreError> {
+        let result = write.await;
+        if let Err(e) = &result {
+            tracing::warn!(
+                backend = "tiered",
+                error = %e,
+                "redis missed a write postgres took: voiding the complete marker"
+            );
+            self.void_trust();
+        }
+        result
+    }
+
+    /// Counts a failed mirror write and makes sure a task deletes the marker after it. Until
+    /// a void that began after the last failure has succeeded, this node trusts no marker; a
+    /// void deletes every refill's ticket too, so no refill that might have missed the write
+    /// can set the marker again.
+    fn void_trust(&self) {
+        self.trust.failed.fetch_add(1, Ordering::SeqCst);
+        if self.trust.voiding.swap(true, Ordering::SeqCst) {
+            return;
+        }
+        let (redis, trust) = (self.redis.clone(), self.trust.clone());
+        tokio::spawn(async move {
+            let mut backoff = super::FIRST_BACKOFF;
+            loop {
+                let failed = trust.failed.load(Ordering::SeqCst);
+                match redis.void_marker().await {
+                    Ok(()) => {
+                        trust.voided.fetch_max(failed, Ordering::SeqCst);
+                        trust.voiding.store(false, Ordering::SeqCst);
+                        // A failure counted since the load above needs a void after it: keep
+                        // going, unless a task started for it has taken over.
+                        if trust.trusted() || trust.voiding.swap(true, Ordering::SeqCst) {
+                            return;
+                        }
+                        backoff = super::FIRST_BACKOFF;
+                    }
+                    Err(e) => {
+                        tracing::warn!(backend = "tiered", error = %e, retry_in = ?backoff,
+                            "voiding the complete marker failed");
+                        tokio::time::sleep(backoff).await;
+                        backoff = (backoff * 2).min(super::MAX_BACKOFF);
+                    }
+                }
+            }
+        });
+    }
 }
 
 /// Copies every live revocation, cutoff, session and family to Redis, then marks Redis
-/// complete. A write made while this runs goes to Redis by its own call, so nothing falls
-/// between the two.
+/// complete if its ticket survived. A write made while this runs goes to Redis by its own
+/// call; the copies only move state forward, so neither undoes the other.
 async fn refill(redis: &RedisStore, postgres: &PostgresStore) -> Result<usize, StoreError> {
     let ticket = redis.begin_refill(COMPLETE_FOR).await?;
     let mut copied = 0;
@@ -120,7 +204,9 @@ async fn refill(redis: &RedisStore, postgres: &PostgresStore) -> Result<usize, S
     if !redis.mark_complete(&ticket, COMPLETE_FOR).await? {
         return Err(StoreError {
             backend: "redis",
-            detail: "redis lost data during the refill; the next read starts another".into(),
+            detail: "redis lost data or missed a write during the refill; the next read \
+                     starts another"
+                .into(),
         });
     }
     Ok(copied)
@@ -134,7 +220,7 @@ impl Store for TieredStore {
 
     async fn revoke(&self, token_id: &str, until: SystemTime) -> Result<bool, StoreError> {
         let newly = self.postgres.revoke(token_id, until).await?;
-        self.redis.revoke(token_id, until).await?;
+        self.mirror(self.redis.revoke(token_id, until)).await?;
         Ok(newly)
     }
 
@@ -142,8 +228,9 @@ impl Store for TieredStore {
         match self.redis.evidence(t, true).await {
             Ok(e) if e.revoked => return Ok(true),
             // Absent from a complete Redis: absent from PostgreSQL too.
-            Ok(e) if e.complete => return Ok(e.missing),
-            Ok(_) => self.start_refill(),
+            Ok(e) if e.complete && self.trust.trusted() => return Ok(e.missing),
+            Ok(e) if !e.complete => self.start_refill(),
+            Ok(_) => {} // a void of the marker is under way
             Err(e) => tracing::debug!(error = %e, "redis unavailable, reading postgres"),
         }
         self.postgres.is_revoked(t).await
@@ -155,14 +242,22 @@ impl Store for TieredStore {
         cutoff: SystemTime,
         until: SystemTime,
     ) -> Result<u32, StoreError> {
-        let deleted = self.postgres.revoke_subject(subject, cutoff, until).await?;
-        self.redis.revoke_subject(subject, cutoff, until).await?;
-        Ok(deleted)
+        let ended = self.postgres.logout(subject, cutoff, until).await?;
+        let tombstones: Vec<(String, SystemTime)> = ended
+            .iter()
+            .map(|e| (e.id.clone(), e.expires_at))
+            .collect();
+        self.mirror(
+            self.redis
+                .logout(subject, cutoff, until, cutoff, &tombstones),
+        )
+        .await?;
+        Ok(ended.iter().filter(|e| e.live).count() as u32)
     }
 
     async fn create_session(&self, session: &Session) -> Result<(), StoreError> {
         self.postgres.create_session(session).await?;
-        self.redis.create_session(session).await
+        self.mirror(self.redis.create_session(session)).await
     }
 
     async fn get_session(&self, id: &str, now: SystemTime) -> Result<Option<Session>, StoreError> {
@@ -177,15 +272,15 @@ impl Store for TieredStore {
     ) -> Result<Option<Session>, StoreError> {
         let touched = self.postgres.touch_session(id, now, idle_until).await?;
         if let Some(session) = &touched {
-            self.redis.put_session(session, now).await?;
+            self.mirror(self.redis.put_session(session, now)).await?;
         }
         Ok(touched)
     }
 
     async fn delete_session(&self, id: &str, now: SystemTime) -> Result<bool, StoreError> {
-        let deleted = self.postgres.delete_session(id, now).await?;
-        self.redis.delete_session(id, now).await?;
-        Ok(deleted)
+        let (live, ends) = self.postgres.end_session(id, now).await?;
+        self.mirror(self.redis.end_session(id, now, ends)).await?;
+        Ok(live)
     }
 
     async fn list_sessions(
@@ -198,7 +293,7 @@ impl Store for TieredStore {
 
     async fn create_family(&self, family: &Family) -> Result<(), StoreError> {
         self.postgres.create_family(family).await?;
-        self.redis.create_family(family).await
+        self.mirror(self.redis.create_family(family)).await
     }
 
     /// Atomic in PostgreSQL; a revoked family is then marked in Redis before the answer.
@@ -217,7 +312,7 @@ impl Store for TieredStore {
         if rotation == Rotation::Reused
             && let Some((family, revoked)) = self.postgres.family(family_id).await?
         {
-            self.redis.put_family(&family, revoked).await?;
+            self.mirror(self.redis.put_family(&family, revoked)).await?;
         }
         Ok(rotation)
     }
@@ -234,8 +329,9 @@ impl Store for TieredStore {
         key: &str,
         gcra: Gcra,
         cost: u32,
+        at: Option<SystemTime>,
     ) -> Result<Decision, StoreError> {
-        self.redis.rate_limit(policy, key, gcra, cost).await
+        self.redis.rate_limit(policy, key, gcra, cost, at).await
     }
 
     async fn reset_rate_limit(&self, policy: &str, key: &str) -> Result<(), StoreError> {

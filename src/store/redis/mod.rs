@@ -5,7 +5,7 @@
 
 use std::collections::HashMap;
 use std::sync::Arc;
-use std::time::{Duration, SystemTime, UNIX_EPOCH};
+use std::time::{Duration, SystemTime};
 
 use async_trait::async_trait;
 use redis::aio::{ConnectionLike, ConnectionManager, ConnectionManagerConfig};
@@ -15,164 +15,16 @@ use redis::{Cmd, Pipeline, RedisFuture, Script, Value};
 use tokio::sync::OnceCell;
 
 use super::{
-    Family, Rotation, Session, Store, StoreError, Successor, TokenCheck, from_millis, millis,
-    session_tag, subject_tag,
+    Family, Rotation, Session, Store, StoreError, Successor, TokenCheck, from_millis, micros,
+    millis, session_tag, subject_tag,
 };
-use crate::config::Config;
-use crate::ratelimit::{Decision, Gcra};
+use crate::config::RedisConfig;
+use crate::rules::gcra::{Decision, Gcra};
 
 const BACKEND: &str = "redis";
 
-/// Records a revocation until an absolute instant, extending an existing record's lifetime
-/// but never shortening it. Returns 1 when the token was not revoked before.
-const REVOKE: &str = r#"
-if redis.call('SET', KEYS[1], '1', 'NX', 'PXAT', ARGV[1]) then
-  return 1
-end
-redis.call('PEXPIREAT', KEYS[1], ARGV[1], 'GT')
-return 0
-"#;
-
-/// One GCRA step on the server's clock (`TIME`), the same arithmetic as `gcra` in
-/// src/ratelimit.rs. One hash per (policy, key) holds `tat` and `lock` (microseconds), so a
-/// step touches one key and works on Redis Cluster. ARGV: interval_us, burst, lockout_us,
-/// cost. Returns {allowed, remaining, retry_after_us, reset_after_us}.
-const RATE_LIMIT: &str = r#"
-local t = redis.call('TIME')
-local now = tonumber(t[1]) * 1000000 + tonumber(t[2])
-local interval, burst = tonumber(ARGV[1]), tonumber(ARGV[2])
-local lockout, cost = tonumber(ARGV[3]), tonumber(ARGV[4])
-local state = redis.call('HMGET', KEYS[1], 'tat', 'lock')
-local tat = tonumber(state[1]) or 0
-local lock = tonumber(state[2]) or 0
-local capacity = burst * interval
-local function remaining(at)
-  return math.max(0, math.min(burst, math.floor((now + capacity - at) / interval)))
-end
-local function expire_at(us)
-  redis.call('PEXPIREAT', KEYS[1], math.ceil(us / 1000) + 1)
-end
-if lock > now then
-  return {0, 0, lock - now, math.max(tat, lock) - now}
-end
-if tat < now then tat = now end
-local new_tat = tat + math.max(cost, 1) * interval
-local allow_at = new_tat - capacity
-if now < allow_at then
-  if lockout > 0 and cost > 0 then
-    local until_us = now + lockout
-    redis.call('HSET', KEYS[1], 'lock', string.format('%d', until_us))
-    expire_at(math.max(tat, until_us))
-    return {0, remaining(tat), lockout, math.max(tat, until_us) - now}
-  end
-  return {0, remaining(tat), allow_at - now, tat - now}
-end
-if cost == 0 then
-  return {1, remaining(tat), 0, tat - now}
-end
-redis.call('HSET', KEYS[1], 'tat', string.format('%d', new_tat), 'lock', '0')
-expire_at(new_tat)
-return {1, remaining(new_tat), 0, new_tat - now}
-"#;
-
-/// Sets a subject's sessions index to expire with its longest-lived member.
-const EXPIRE_INDEX: &str = r#"
-local function expire_index(key)
-  local last = redis.call('ZRANGE', key, -1, -1, 'WITHSCORES')
-  if last[2] then redis.call('PEXPIREAT', key, last[2]) end
-end
-"#;
-
-/// A session: a hash that expires when the session stops being live, and its id in the
-/// subject's index scored by its absolute end (which a touch never moves), both under the
-/// subject's hash tag. ARGV: id, subject, created, expires, last_seen, idle ('' for none),
-/// metadata, live_until, now.
-const CREATE_SESSION: &str = r#"
-redis.call('HSET', KEYS[1], 's', ARGV[2], 'c', ARGV[3], 'e', ARGV[4], 'l', ARGV[5],
-  'i', ARGV[6], 'm', ARGV[7])
-redis.call('PEXPIREAT', KEYS[1], ARGV[8])
-redis.call('ZADD', KEYS[2], ARGV[4], ARGV[1])
-redis.call('ZREMRANGEBYSCORE', KEYS[2], '-inf', '(' .. ARGV[9])
-expire_index(KEYS[2])
-return 1
-"#;
-
-/// ARGV: now, new idle deadline ('' to keep it). Returns the session's fields, or nil.
-const TOUCH_SESSION: &str = r#"
-if redis.call('EXISTS', KEYS[1]) == 0 then return false end
-local f = redis.call('HMGET', KEYS[1], 'e', 'i')
-local live = tonumber(f[1])
-if f[2] ~= '' then
-  local idle = tonumber(f[2])
-  if ARGV[2] ~= '' then idle = math.min(tonumber(ARGV[2]), live) end
-  redis.call('HSET', KEYS[1], 'i', string.format('%d', idle))
-  live = math.min(idle, live)
-end
-redis.call('HSET', KEYS[1], 'l', ARGV[1])
-redis.call('PEXPIREAT', KEYS[1], live)
-return redis.call('HGETALL', KEYS[1])
-"#;
-
-/// A subject's live sessions, pruning ids whose session is gone. The session keys share the
-/// index's hash tag (ARGV[2] is their common prefix), so they live on the same node.
-const LIST_SESSIONS: &str = r#"
-redis.call('ZREMRANGEBYSCORE', KEYS[1], '-inf', ARGV[1])
-local out = {}
-for _, id in ipairs(redis.call('ZRANGE', KEYS[1], 0, -1)) do
-  local fields = redis.call('HGETALL', ARGV[2] .. id)
-  if #fields == 0 then
-    redis.call('ZREM', KEYS[1], id)
-  else
-    table.insert(out, id)
-    table.insert(out, fields)
-  end
-end
-return out
-"#;
-
-/// Logout everywhere: raises the subject's cutoff (never lowers it) and deletes its
-/// sessions. KEYS: cutoff, index. ARGV: cutoff_ms, until_ms, session key prefix.
-const REVOKE_SUBJECT: &str = r#"
-local old = tonumber(redis.call('GET', KEYS[1]) or '0')
-if tonumber(ARGV[1]) > old then
-  redis.call('SET', KEYS[1], ARGV[1], 'PXAT', ARGV[2])
-else
-  redis.call('PEXPIREAT', KEYS[1], ARGV[2], 'GT')
-end
-local n = 0
-for _, id in ipairs(redis.call('ZRANGE', KEYS[2], 0, -1)) do
-  n = n + redis.call('DEL', ARGV[3] .. id)
-end
-redis.call('DEL', KEYS[2])
-return n
-"#;
-
-/// Spends a refresh token: the same decision as `rotate_step` in src/store/mod.rs. ARGV:
-/// presented, successor refresh id, successor access id, successor issued_at_ms, now,
-/// replay_until.
-const ROTATE: &str = r#"
-local f = redis.call('HMGET', KEYS[1], 'cur', 'prev', 'ru', 'sr', 'sa', 'si', 'rv', 'ex')
-if not f[1] or f[7] == '1' then return {'gone'} end
-if ARGV[1] == f[1] then
-  redis.call('HSET', KEYS[1], 'cur', ARGV[2], 'prev', ARGV[1], 'ru', ARGV[6],
-    'sr', ARGV[2], 'sa', ARGV[3], 'si', ARGV[4])
-  return {'rotated', f[8]}
-end
-if f[2] and ARGV[1] == f[2] and tonumber(ARGV[5]) < tonumber(f[3]) then
-  return {'replay', f[8], f[4], f[5], f[6]}
-end
-redis.call('HSET', KEYS[1], 'rv', '1')
-return {'reused'}
-"#;
-
-/// Sets the tiered completeness marker only if the refill's ticket survived. KEYS: filling,
-/// complete. ARGV: ticket, ttl_ms.
-const MARK_COMPLETE: &str = r#"
-if redis.call('GET', KEYS[1]) ~= ARGV[1] then return 0 end
-redis.call('SET', KEYS[2], '1', 'PX', ARGV[2])
-redis.call('DEL', KEYS[1])
-return 1
-"#;
+/// Prepended to the scripts that work on sessions and cutoffs.
+const SESSION_LIB: &str = include_str!("session_lib.lua");
 
 /// A connection to one Redis or to a cluster; cloning shares it.
 #[derive(Clone)]
@@ -220,26 +72,32 @@ pub struct RedisStore {
 struct Scripts {
     revoke: Script,
     rate_limit: Script,
-    create_session: Script,
+    put_session: Script,
     touch_session: Script,
+    end_session: Script,
     list_sessions: Script,
-    revoke_subject: Script,
+    logout: Script,
+    put_cutoff: Script,
+    put_family: Script,
     rotate: Script,
     mark_complete: Script,
 }
 
 impl Scripts {
     fn new() -> Scripts {
-        let with_index = |body: &str| Script::new(&format!("{EXPIRE_INDEX}{body}"));
+        let with_lib = |body: &str| Script::new(&format!("{SESSION_LIB}{body}"));
         Scripts {
-            revoke: Script::new(REVOKE),
-            rate_limit: Script::new(RATE_LIMIT),
-            create_session: with_index(CREATE_SESSION),
-            touch_session: Script::new(TOUCH_SESSION),
-            list_sessions: Script::new(LIST_SESSIONS),
-            revoke_subject: Script::new(REVOKE_SUBJECT),
-            rotate: Script::new(ROTATE),
-            mark_complete: Script::new(MARK_COMPLETE),
+            revoke: Script::new(include_str!("revoke.lua")),
+            rate_limit: Script::new(include_str!("rate_limit.lua")),
+            put_session: with_lib(include_str!("session_put.lua")),
+            touch_session: with_lib(include_str!("session_touch.lua")),
+            end_session: with_lib(include_str!("session_end.lua")),
+            list_sessions: Script::new(include_str!("list_sessions.lua")),
+            logout: with_lib(include_str!("logout.lua")),
+            put_cutoff: with_lib(include_str!("cutoff_put.lua")),
+            put_family: Script::new(include_str!("family_put.lua")),
+            rotate: Script::new(include_str!("rotate.lua")),
+            mark_complete: Script::new(include_str!("mark_complete.lua")),
         }
     }
 }
@@ -255,23 +113,23 @@ pub(super) struct Evidence {
 
 impl RedisStore {
     /// Starts connecting in the background; returns at once.
-    pub fn open(config: &Config) -> Result<RedisStore, StoreError> {
-        let url = config
-            .redis_url
-            .as_ref()
-            .map(|u| u.expose_str().to_owned())
-            .ok_or_else(|| unavailable("no REDIS_URL"))?;
-        let timeout = config.backend_timeout;
+    pub fn open(config: &RedisConfig) -> Result<RedisStore, StoreError> {
+        let timeout = config.timeout;
         let connect = Connector {
-            urls: url.split(',').map(|u| u.trim().to_owned()).collect(),
-            cluster: config.redis_cluster,
+            urls: config
+                .url
+                .expose_str()
+                .split(',')
+                .map(|u| u.trim().to_owned())
+                .collect(),
+            cluster: config.cluster,
             timeout,
         };
         // Parse now, so that a malformed URL is reported at start rather than retried forever.
         connect.validate()?;
         let store = RedisStore {
             conn: Arc::new(OnceCell::new()),
-            prefix: config.redis_prefix.clone(),
+            prefix: config.prefix.clone(),
             timeout,
             scripts: Arc::new(Scripts::new()),
         };
@@ -321,6 +179,15 @@ impl RedisStore {
         session_tag(id).map(|tag| format!("{}{id}", self.session_prefix(tag)))
     }
 
+    /// The tombstone an ended session leaves, under the same hash tag as the session.
+    fn tombstone_prefix(&self, tag: &str) -> String {
+        format!("{}ended:{{{tag}}}:", self.prefix)
+    }
+
+    fn tombstone_key(&self, id: &str) -> Option<String> {
+        session_tag(id).map(|tag| format!("{}{id}", self.tombstone_prefix(tag)))
+    }
+
     /// The index of a subject's session ids.
     fn sessions_key(&self, subject: &str) -> String {
         format!(
@@ -360,6 +227,16 @@ impl RedisStore {
             .cloned()
             .ok_or_else(|| unavailable("not connected yet"))?;
         super::bounded(BACKEND, op, self.timeout, f(conn)).await
+    }
+
+    /// Runs one script invocation, bounded by the backend timeout.
+    async fn invoke<T: redis::FromRedisValue>(
+        &self,
+        op: &'static str,
+        invocation: redis::ScriptInvocation<'_>,
+    ) -> Result<T, StoreError> {
+        self.call(op, |mut c| async move { invocation.invoke_async(&mut c).await })
+            .await
     }
 
     /// Everything Redis knows about a token: one round trip. The commands go out together
@@ -431,93 +308,110 @@ impl RedisStore {
         .await
     }
 
-    /// Writes a session as it is (create, and the tiered mirror of a touch or a refill).
-    pub(super) async fn put_session(
-        &self,
-        session: &Session,
-        now: SystemTime,
-    ) -> Result<(), StoreError> {
-        let key = self
-            .session_key(&session.id)
+    /// Writes a session as it is (a create, and the tiered mirror of a touch or a refill):
+    /// never over a newer state, never over its tombstone.
+    pub(super) async fn put_session(&self, s: &Session, now: SystemTime) -> Result<(), StoreError> {
+        let (key, tombstone) = self
+            .session_key(&s.id)
+            .zip(self.tombstone_key(&s.id))
             .ok_or_else(|| unavailable("not a session id of this sidecar"))?;
-        let index = self.sessions_key(&session.subject);
-        let metadata = serde_json::to_string(&session.metadata).expect("a map serializes");
-        let idle = session
+        let index = self.sessions_key(&s.subject);
+        let metadata = serde_json::to_string(&s.metadata).expect("a map serializes");
+        let idle = s
             .idle_expires_at
             .map(|t| millis(t).to_string())
             .unwrap_or_default();
-        let script = self.scripts.create_session.clone();
-        let s = session.clone();
-        self.call("create_session", |mut c| async move {
-            script
-                .key(key)
-                .key(index)
-                .arg(&s.id)
-                .arg(&s.subject)
-                .arg(millis(s.created_at))
-                .arg(millis(s.expires_at))
-                .arg(millis(s.last_seen_at))
-                .arg(idle)
-                .arg(metadata)
-                .arg(millis(s.live_until()))
-                .arg(millis(now))
-                .invoke_async::<i64>(&mut c)
-                .await
-        })
-        .await
-        .map(drop)
+        let mut invocation = self.scripts.put_session.prepare_invoke();
+        invocation
+            .key(key)
+            .key(index)
+            .key(tombstone)
+            .arg(&s.id)
+            .arg(&s.subject)
+            .arg(millis(s.created_at))
+            .arg(millis(s.expires_at))
+            .arg(millis(s.last_seen_at))
+            .arg(idle)
+            .arg(metadata)
+            .arg(millis(now));
+        self.invoke::<i64>("put_session", invocation).await.map(drop)
     }
 
-    /// Writes a family's rotation state as PostgreSQL holds it (tiered).
-    pub(super) async fn put_family(
+    /// Ends a session, leaving a tombstone until its absolute end (`ends` when Redis may not
+    /// hold the session). Whether it was live.
+    pub(super) async fn end_session(
         &self,
-        family: &Family,
-        revoked: bool,
-    ) -> Result<(), StoreError> {
-        let key = self.family_key(&family.id);
-        let f = family.clone();
-        self.call("create_family", |mut c| async move {
-            redis::pipe()
-                .atomic()
-                .cmd("HSET")
-                .arg(&key)
-                .arg("sub")
-                .arg(&f.subject)
-                .arg("cur")
-                .arg(&f.current)
-                .arg("rv")
-                .arg(if revoked { "1" } else { "0" })
-                .arg("ex")
-                .arg(millis(f.expires_at))
-                .ignore()
-                .cmd("PEXPIREAT")
-                .arg(&key)
-                .arg(millis(f.expires_at))
-                .ignore()
-                .query_async::<()>(&mut c)
-                .await
-        })
-        .await
+        id: &str,
+        now: SystemTime,
+        ends: Option<SystemTime>,
+    ) -> Result<bool, StoreError> {
+        let Some((key, tombstone)) = self.session_key(id).zip(self.tombstone_key(id)) else {
+            return Ok(false);
+        };
+        let mut invocation = self.scripts.end_session.prepare_invoke();
+        invocation
+            .key(key)
+            .key(tombstone)
+            .arg(millis(now))
+            .arg(ends.map(|t| millis(t).to_string()).unwrap_or_default());
+        self.invoke::<i64>("end_session", invocation)
+            .await
+            .map(|n| n == 1)
     }
 
-    /// Records a cutoff without touching sessions (tiered refill).
+    /// Logout everywhere: raises the cutoff and ends the subject's sessions, those Redis
+    /// indexes and those of `also` (id, absolute end), each with a tombstone. How many live
+    /// sessions it ended.
+    pub(super) async fn logout(
+        &self,
+        subject: &str,
+        cutoff: SystemTime,
+        until: SystemTime,
+        now: SystemTime,
+        also: &[(String, SystemTime)],
+    ) -> Result<u32, StoreError> {
+        let tag = subject_tag(subject);
+        let mut invocation = self.scripts.logout.prepare_invoke();
+        invocation
+            .key(self.cutoff_key(subject))
+            .key(self.sessions_key(subject))
+            .arg(millis(cutoff))
+            .arg(millis(until))
+            .arg(self.session_prefix(&tag))
+            .arg(self.tombstone_prefix(&tag))
+            .arg(millis(now));
+        // Only ids of this subject's tag share the slot the script runs on.
+        for (id, ends) in also.iter().filter(|(id, _)| session_tag(id) == Some(&tag)) {
+            invocation.arg(id).arg(millis(*ends));
+        }
+        self.invoke("logout", invocation).await
+    }
+
+    /// Writes a family's state as PostgreSQL holds it (tiered): a revoked family stays revoked.
+    pub(super) async fn put_family(&self, f: &Family, revoked: bool) -> Result<(), StoreError> {
+        let mut invocation = self.scripts.put_family.prepare_invoke();
+        invocation
+            .key(self.family_key(&f.id))
+            .arg(&f.subject)
+            .arg(&f.current)
+            .arg(if revoked { "1" } else { "0" })
+            .arg(millis(f.expires_at));
+        self.invoke::<i64>("put_family", invocation).await.map(drop)
+    }
+
+    /// Copies a cutoff (tiered refill): it only rises.
     pub(super) async fn put_cutoff(
         &self,
         subject: &str,
         cutoff: SystemTime,
         until: SystemTime,
     ) -> Result<(), StoreError> {
-        let key = self.cutoff_key(subject);
-        self.call("set", |mut c| async move {
-            redis::cmd("SET")
-                .arg(key)
-                .arg(millis(cutoff))
-                .arg("PXAT")
-                .arg(millis(until))
-                .query_async::<()>(&mut c)
-                .await
-        })
-        .await
+        let mut invocation = self.scripts.put_cutoff.prepare_invoke();
+        invocation
+            .key(self.cutoff_key(subject))
+            .arg(millis(cutoff))
+            .arg(millis(until));
+        self.invoke::<i64>("put_cutoff", invocation).await.map(drop)
     }
 
     /// Stores many revocations, a chunk of calls in flight at a time (tiered refill).
@@ -537,10 +431,25 @@ impl RedisStore {
         Ok(())
     }
 
+    /// Stops Redis vouching for completeness (tiered): deletes the complete marker and any
+    /// refill's ticket, in one command (they share a hash tag), so that reads go to PostgreSQL
+    /// until a refill that starts after this has run.
+    pub(super) async fn void_marker(&self) -> Result<(), StoreError> {
+        let (filling, complete) = (self.filling_key(), self.complete_key());
+        self.call("void_marker", |mut c| async move {
+            redis::cmd("DEL")
+                .arg(complete)
+                .arg(filling)
+                .query_async::<()>(&mut c)
+                .await
+        })
+        .await
+    }
+
     /// Notes that a refill starts; returns its ticket for [`RedisStore::mark_complete`].
     pub(super) async fn begin_refill(&self, ttl: Duration) -> Result<String, StoreError> {
         let key = self.filling_key();
-        let ticket = crate::tokens::random_id();
+        let ticket = crate::ids::random_id();
         let value = ticket.clone();
         self.call("set", |mut c| async move {
             redis::cmd("SET")
@@ -562,19 +471,13 @@ impl RedisStore {
         ticket: &str,
         ttl: Duration,
     ) -> Result<bool, StoreError> {
-        let (filling, complete) = (self.filling_key(), self.complete_key());
-        let script = self.scripts.mark_complete.clone();
-        let ticket = ticket.to_owned();
-        self.call("mark_complete", |mut c| async move {
-            script
-                .key(filling)
-                .key(complete)
-                .arg(ticket)
-                .arg(ttl.as_millis() as u64)
-                .invoke_async::<bool>(&mut c)
-                .await
-        })
-        .await
+        let mut invocation = self.scripts.mark_complete.prepare_invoke();
+        invocation
+            .key(self.filling_key())
+            .key(self.complete_key())
+            .arg(ticket)
+            .arg(ttl.as_millis() as u64);
+        self.invoke("mark_complete", invocation).await
     }
 }
 
@@ -585,14 +488,11 @@ impl Store for RedisStore {
     }
 
     async fn revoke(&self, token_id: &str, until: SystemTime) -> Result<bool, StoreError> {
-        let key = self.revoked_key(token_id);
-        let at = unix_millis(until);
-        let script = self.scripts.revoke.clone();
-        self.call("revoke", |mut c| async move {
-            script.key(key).arg(at).invoke_async::<i64>(&mut c).await
-        })
-        .await
-        .map(|n| n == 1)
+        let mut invocation = self.scripts.revoke.prepare_invoke();
+        invocation.key(self.revoked_key(token_id)).arg(millis(until));
+        self.invoke::<i64>("revoke", invocation)
+            .await
+            .map(|n| n == 1)
     }
 
     async fn is_revoked(&self, t: &TokenCheck<'_>) -> Result<bool, StoreError> {
@@ -606,20 +506,7 @@ impl Store for RedisStore {
         cutoff: SystemTime,
         until: SystemTime,
     ) -> Result<u32, StoreError> {
-        let (key, index) = (self.cutoff_key(subject), self.sessions_key(subject));
-        let prefix = self.session_prefix(&subject_tag(subject));
-        let script = self.scripts.revoke_subject.clone();
-        self.call("revoke_subject", |mut c| async move {
-            script
-                .key(key)
-                .key(index)
-                .arg(millis(cutoff))
-                .arg(millis(until))
-                .arg(prefix)
-                .invoke_async::<u32>(&mut c)
-                .await
-        })
-        .await
+        self.logout(subject, cutoff, until, cutoff, &[]).await
     }
 
     async fn create_session(&self, session: &Session) -> Result<(), StoreError> {
@@ -647,32 +534,19 @@ impl Store for RedisStore {
         let Some(key) = self.session_key(id) else {
             return Ok(None);
         };
-        let script = self.scripts.touch_session.clone();
         let idle = idle_until
             .map(|t| millis(t).to_string())
             .unwrap_or_default();
-        let fields: Option<HashMap<String, String>> = self
-            .call("touch_session", |mut c| async move {
-                script
-                    .key(key)
-                    .arg(millis(now))
-                    .arg(idle)
-                    .invoke_async(&mut c)
-                    .await
-            })
-            .await?;
+        let mut invocation = self.scripts.touch_session.prepare_invoke();
+        invocation.key(key).arg(millis(now)).arg(idle);
+        let fields: Option<HashMap<String, String>> =
+            self.invoke("touch_session", invocation).await?;
         Ok(fields.and_then(|f| session_from(id, f)))
     }
 
-    async fn delete_session(&self, id: &str, _now: SystemTime) -> Result<bool, StoreError> {
+    async fn delete_session(&self, id: &str, now: SystemTime) -> Result<bool, StoreError> {
         // The index entry goes when the subject's sessions are next listed.
-        let Some(key) = self.session_key(id) else {
-            return Ok(false);
-        };
-        self.call("del", |mut c| async move {
-            redis::cmd("DEL").arg(key).query_async::<bool>(&mut c).await
-        })
-        .await
+        self.end_session(id, now, None).await
     }
 
     async fn list_sessions(
@@ -722,23 +596,16 @@ impl Store for RedisStore {
         now: SystemTime,
         replay_until: SystemTime,
     ) -> Result<Rotation, StoreError> {
-        let key = self.family_key(family_id);
-        let script = self.scripts.rotate.clone();
-        let (presented, s) = (presented.to_owned(), successor.clone());
-        let answer: Vec<String> = self
-            .call("rotate", |mut c| async move {
-                script
-                    .key(key)
-                    .arg(presented)
-                    .arg(&s.refresh_id)
-                    .arg(&s.access_id)
-                    .arg(s.issued_at_ms)
-                    .arg(millis(now))
-                    .arg(millis(replay_until))
-                    .invoke_async(&mut c)
-                    .await
-            })
-            .await?;
+        let mut invocation = self.scripts.rotate.prepare_invoke();
+        invocation
+            .key(self.family_key(family_id))
+            .arg(presented)
+            .arg(&successor.refresh_id)
+            .arg(&successor.access_id)
+            .arg(successor.issued_at_ms)
+            .arg(millis(now))
+            .arg(millis(replay_until));
+        let answer: Vec<String> = self.invoke("rotate", invocation).await?;
         let ends = |i: usize| from_millis(answer[i].parse().unwrap_or(0));
         Ok(match answer.first().map(String::as_str) {
             Some("rotated") if answer.len() == 2 => Rotation::Rotated {
@@ -770,21 +637,18 @@ impl Store for RedisStore {
         key: &str,
         p: Gcra,
         cost: u32,
+        at: Option<SystemTime>,
     ) -> Result<Decision, StoreError> {
-        let redis_key = self.rate_key(policy, key);
-        let script = self.scripts.rate_limit.clone();
-        let (allowed, remaining, retry_us, reset_us): (i64, i64, i64, i64) = self
-            .call("rate_limit", |mut c| async move {
-                script
-                    .key(redis_key)
-                    .arg(p.interval_us)
-                    .arg(p.burst)
-                    .arg(p.lockout_us)
-                    .arg(cost)
-                    .invoke_async(&mut c)
-                    .await
-            })
-            .await?;
+        let mut invocation = self.scripts.rate_limit.prepare_invoke();
+        invocation
+            .key(self.rate_key(policy, key))
+            .arg(p.interval_us)
+            .arg(p.burst)
+            .arg(p.lockout_us)
+            .arg(cost)
+            .arg(at.map(|t| micros(t).to_string()).unwrap_or_default());
+        let (allowed, remaining, retry_us, reset_us): (i64, i64, i64, i64) =
+            self.invoke("rate_limit", invocation).await?;
         Ok(Decision::from_micros(
             allowed == 1,
             p,
@@ -846,12 +710,6 @@ impl Connector {
             ))
         }
     }
-}
-
-fn unix_millis(t: SystemTime) -> u64 {
-    t.duration_since(UNIX_EPOCH)
-        .map(|d| d.as_millis() as u64)
-        .unwrap_or(0)
 }
 
 /// A session from its hash's fields; `None` for an absent or damaged one.

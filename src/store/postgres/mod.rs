@@ -16,8 +16,8 @@ use super::{
     Family, Rotation, Session, Store, StoreError, Successor, TokenCheck, from_millis, millis,
 };
 use crate::clock::Clock;
-use crate::config::{Config, Secret};
-use crate::ratelimit::{Decision, Gcra};
+use crate::config::{PostgresConfig, Secret};
+use crate::rules::gcra::{Decision, Gcra};
 
 const BACKEND: &str = "postgres";
 
@@ -32,6 +32,9 @@ macro_rules! session_columns {
 const PURGE_BATCH: i64 = 1000;
 
 static MIGRATOR: Migrator = sqlx::migrate!("./migrations");
+
+/// The functions that restate `rules/`, replaced at every start (see the file's header).
+const FUNCTIONS: &str = include_str!("functions.sql");
 
 /// How long the background migration waits to connect before it tries again.
 const MIGRATE_CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
@@ -49,9 +52,28 @@ pub async fn migrate(database_url: &Secret, connect_timeout: Duration) -> Result
         .connect_with(options)
         .await
         .map_err(|e| unavailable(format!("cannot connect: {e}")))?;
-    let result = MIGRATOR.run(&pool).await;
+    let result = match MIGRATOR.run(&pool).await {
+        Ok(()) => apply_functions(&pool).await,
+        Err(e) => Err(unavailable(format!("migration failed: {e}"))),
+    };
     pool.close().await;
-    result.map_err(|e| unavailable(format!("migration failed: {e}")))
+    result
+}
+
+/// Replaces the functions in one transaction, under an advisory lock so that nodes starting
+/// together do not trip over each other's `CREATE OR REPLACE`.
+async fn apply_functions(pool: &PgPool) -> Result<(), StoreError> {
+    let failed = |e: sqlx::Error| unavailable(format!("applying functions failed: {e}"));
+    let mut tx = pool.begin().await.map_err(failed)?;
+    sqlx::query("SELECT pg_advisory_xact_lock(hashtext('auth_sidecar_functions'))")
+        .execute(&mut *tx)
+        .await
+        .map_err(failed)?;
+    sqlx::raw_sql(FUNCTIONS)
+        .execute(&mut *tx)
+        .await
+        .map_err(failed)?;
+    tx.commit().await.map_err(failed)
 }
 
 #[derive(Clone)]
@@ -66,38 +88,34 @@ pub struct PostgresStore {
 /// The serving pool: lazy (a database that is down does not stop the start), bounded, every
 /// acquire and statement limited by `--backend-timeout`. (`auth-sidecar migrate` connects
 /// eagerly with one connection and a long timeout instead.)
-fn pool(config: &Config) -> Result<PgPool, StoreError> {
-    let url = config
-        .database_url
-        .as_ref()
-        .ok_or_else(|| unavailable("no DATABASE_URL"))?;
-    let statement_timeout = config.backend_timeout.as_millis().to_string();
-    let options = PgConnectOptions::from_str(url.expose_str())
+fn pool(config: &PostgresConfig) -> Result<PgPool, StoreError> {
+    let statement_timeout = config.timeout.as_millis().to_string();
+    let options = PgConnectOptions::from_str(config.url.expose_str())
         .map_err(|_| unavailable("invalid DATABASE_URL"))?
         .application_name("auth-sidecar")
         .options([("statement_timeout", statement_timeout.as_str())]);
     Ok(PgPoolOptions::new()
-        .max_connections(config.db_max_connections)
-        .acquire_timeout(config.backend_timeout)
+        .max_connections(config.max_connections)
+        .acquire_timeout(config.timeout)
         .connect_lazy_with(options))
 }
 
 impl PostgresStore {
     /// Returns at once; with `--migrate`, a background task applies the migrations, retrying
     /// with backoff until the database answers.
-    pub fn open(config: &Config, clock: Arc<dyn Clock>) -> Result<PostgresStore, StoreError> {
+    pub fn open(
+        config: &PostgresConfig,
+        clock: Arc<dyn Clock>,
+    ) -> Result<PostgresStore, StoreError> {
         let store = PostgresStore {
             pool: pool(config)?,
             clock,
-            timeout: config.backend_timeout,
+            timeout: config.timeout,
             ready: Arc::new(AtomicBool::new(!config.migrate)),
         };
         if config.migrate {
             let ready = store.ready.clone();
-            let url = config
-                .database_url
-                .clone()
-                .ok_or_else(|| unavailable("no DATABASE_URL"))?;
+            let url = config.url.clone();
             super::retry_in_background(
                 BACKEND,
                 "migrate",
@@ -208,6 +226,52 @@ impl PostgresStore {
         Ok(row.map(FamilyRow::into_parts))
     }
 
+    /// Ends a session: whether it was live, and its absolute end if there was one.
+    pub(super) async fn end_session(
+        &self,
+        id: &str,
+        now: SystemTime,
+    ) -> Result<(bool, Option<SystemTime>), StoreError> {
+        let (live, ends): (bool, Option<i64>) = self
+            .call(
+                "end_session",
+                sqlx::query_as("SELECT * FROM auth_sidecar_end_session($1, $2)")
+                    .bind(id)
+                    .bind(millis(now))
+                    .fetch_one(&self.pool),
+            )
+            .await?;
+        Ok((live, ends.map(from_millis)))
+    }
+
+    /// Logout everywhere at `cutoff`: the sessions it ended.
+    pub(super) async fn logout(
+        &self,
+        subject: &str,
+        cutoff: SystemTime,
+        until: SystemTime,
+    ) -> Result<Vec<EndedSession>, StoreError> {
+        let rows: Vec<(String, i64, bool)> = self
+            .call(
+                "logout",
+                sqlx::query_as("SELECT * FROM auth_sidecar_logout($1, $2, $3, $4)")
+                    .bind(subject)
+                    .bind(millis(cutoff))
+                    .bind(millis(until))
+                    .bind(millis(cutoff))
+                    .fetch_all(&self.pool),
+            )
+            .await?;
+        Ok(rows
+            .into_iter()
+            .map(|(id, expires_ms, live)| EndedSession {
+                id,
+                expires_at: from_millis(expires_ms),
+                live,
+            })
+            .collect())
+    }
+
     /// Every live revocation after `after` in token id order, at most `limit` of them.
     pub(super) async fn live_after(
         &self,
@@ -294,27 +358,8 @@ impl Store for PostgresStore {
         cutoff: SystemTime,
         until: SystemTime,
     ) -> Result<u32, StoreError> {
-        let (deleted,): (i64,) = self
-            .call(
-                "revoke_subject",
-                sqlx::query_as(
-                    "WITH cut AS ( \
-                     INSERT INTO subject_cutoffs (subject, cutoff_ms, expires_ms) \
-                     VALUES ($1, $2, $3) ON CONFLICT (subject) DO UPDATE \
-                     SET cutoff_ms = GREATEST(subject_cutoffs.cutoff_ms, EXCLUDED.cutoff_ms), \
-                     expires_ms = GREATEST(subject_cutoffs.expires_ms, EXCLUDED.expires_ms)), \
-                     gone AS (DELETE FROM sessions WHERE subject = $1 AND live_until_ms > $4 \
-                     RETURNING 1) \
-                     SELECT count(*) FROM gone",
-                )
-                .bind(subject)
-                .bind(millis(cutoff))
-                .bind(millis(until))
-                .bind(millis(cutoff))
-                .fetch_one(&self.pool),
-            )
-            .await?;
-        Ok(deleted as u32)
+        let ended = self.logout(subject, cutoff, until).await?;
+        Ok(ended.iter().filter(|e| e.live).count() as u32)
     }
 
     async fn create_session(&self, s: &Session) -> Result<(), StoreError> {
@@ -363,17 +408,11 @@ impl Store for PostgresStore {
     ) -> Result<Option<Session>, StoreError> {
         let row: Option<SessionRow> = self
             .call(
-                "update",
+                "touch_session",
                 sqlx::query_as(concat!(
-                    "UPDATE sessions SET last_seen_ms = $2, \
-                     idle_expires_ms = CASE WHEN idle_expires_ms IS NULL OR $3::int8 IS NULL \
-                     THEN idle_expires_ms ELSE LEAST($3, expires_ms) END, \
-                     live_until_ms = CASE WHEN idle_expires_ms IS NULL THEN expires_ms \
-                     WHEN $3::int8 IS NULL THEN live_until_ms \
-                     ELSE LEAST($3, expires_ms) END \
-                     WHERE id = $1 AND live_until_ms > $2 RETURNING ",
+                    "SELECT ",
                     session_columns!(),
-                    ""
+                    " FROM auth_sidecar_touch_session($1, $2, $3)"
                 ))
                 .bind(id)
                 .bind(millis(now))
@@ -385,16 +424,7 @@ impl Store for PostgresStore {
     }
 
     async fn delete_session(&self, id: &str, now: SystemTime) -> Result<bool, StoreError> {
-        let done = self
-            .call(
-                "delete",
-                sqlx::query("DELETE FROM sessions WHERE id = $1 AND live_until_ms > $2")
-                    .bind(id)
-                    .bind(millis(now))
-                    .execute(&self.pool),
-            )
-            .await?;
-        Ok(done.rows_affected() > 0)
+        Ok(self.end_session(id, now).await?.0)
     }
 
     async fn list_sessions(
@@ -486,18 +516,22 @@ impl Store for PostgresStore {
         key: &str,
         p: Gcra,
         cost: u32,
+        at: Option<SystemTime>,
     ) -> Result<Decision, StoreError> {
         let (allowed, remaining, retry_us, reset_us): (bool, i64, i64, i64) = self
             .call(
                 "rate_limit",
-                sqlx::query_as("SELECT * FROM auth_sidecar_rate_limit($1, $2, $3, $4, $5, $6)")
-                    .bind(policy)
-                    .bind(key)
-                    .bind(p.interval_us)
-                    .bind(p.burst)
-                    .bind(p.lockout_us)
-                    .bind(cost as i64)
-                    .fetch_one(&self.pool),
+                sqlx::query_as(
+                    "SELECT * FROM auth_sidecar_rate_limit($1, $2, $3, $4, $5, $6, $7)",
+                )
+                .bind(policy)
+                .bind(key)
+                .bind(p.interval_us)
+                .bind(p.burst)
+                .bind(p.lockout_us)
+                .bind(cost as i64)
+                .bind(at.map(super::micros))
+                .fetch_one(&self.pool),
             )
             .await?;
         Ok(Decision::from_micros(
@@ -554,6 +588,15 @@ impl Store for PostgresStore {
         }
         Ok(total)
     }
+}
+
+/// A session a logout ended.
+pub(super) struct EndedSession {
+    pub id: String,
+    /// Its absolute end: how long its tombstone must live.
+    pub expires_at: SystemTime,
+    /// Whether it was live at the logout (`rules::session::ended_by_logout` counts those).
+    pub live: bool,
 }
 
 /// The answer of `auth_sidecar_rotate`: outcome, family end, and the successor on a replay.

@@ -1,0 +1,14 @@
+//! Identifiers the sidecar makes: token ids, session ids, family ids, refill tickets.
+
+use base64::Engine;
+use base64::engine::general_purpose::URL_SAFE_NO_PAD;
+
+/// Random bytes in an identifier.
+const ID_BYTES: usize = 16;
+
+/// An identifier of 128 random bits, base64url without padding (22 characters).
+pub fn random_id() -> String {
+    let mut bytes = [0u8; ID_BYTES];
+    aws_lc_rs::rand::fill(&mut bytes).expect("the system random source works");
+    URL_SAFE_NO_PAD.encode(bytes)
+}

@@ -1,0 +1,153 @@
+//! Spending a refresh token: the decision the memory store runs and the Redis script
+//! (`store/redis/rotate.lua`) and the SQL function (`store/postgres/functions.sql`) restate.
+
+use std::time::SystemTime;
+
+/// The tokens that replace a spent refresh token, remembered so that a retry within the
+/// reuse grace period gets the same ones (same ids and issue time).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Successor {
+    pub refresh_id: String,
+    pub access_id: String,
+    pub issued_at_ms: i64,
+}
+
+/// What spending a refresh token did.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Rotation {
+    /// It was the family's current token: the successor is current now.
+    Rotated { family_ends: SystemTime },
+    /// It was the token spent last, presented again within the grace period: here is the
+    /// successor it got then.
+    Replay {
+        successor: Successor,
+        family_ends: SystemTime,
+    },
+    /// It was spent before: the family is revoked now.
+    Reused,
+    /// The family is revoked, expired or unknown.
+    Gone,
+}
+
+/// A family's rotation state, as every backend keeps it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct FamilyState {
+    pub current: String,
+    pub previous: Option<String>,
+    pub replay_until_ms: i64,
+    pub successor: Option<Successor>,
+    pub revoked: bool,
+    pub expires_ms: i64,
+}
+
+impl FamilyState {
+    /// A family whose first refresh token is `current`.
+    pub fn new(current: String, expires_ms: i64) -> FamilyState {
+        FamilyState {
+            current,
+            previous: None,
+            replay_until_ms: 0,
+            successor: None,
+            revoked: false,
+            expires_ms,
+        }
+    }
+
+    /// Whether tokens of the family are still good at `now_ms`.
+    pub fn is_live(&self, now_ms: i64) -> bool {
+        !self.revoked && self.expires_ms > now_ms
+    }
+}
+
+/// Spends `presented`: the current token rotates; the token spent last, before
+/// `replay_until_ms` of its spend, replays its successor; anything else revokes the family. A
+/// revoked or ended family is gone. `state` is updated in place.
+pub fn step(
+    state: &mut FamilyState,
+    presented: &str,
+    successor: &Successor,
+    now_ms: i64,
+    replay_until_ms: i64,
+) -> Rotation {
+    if !state.is_live(now_ms) {
+        return Rotation::Gone;
+    }
+    let family_ends = super::from_millis(state.expires_ms);
+    if presented == state.current {
+        state.previous = Some(std::mem::replace(
+            &mut state.current,
+            successor.refresh_id.clone(),
+        ));
+        state.successor = Some(successor.clone());
+        state.replay_until_ms = replay_until_ms;
+        return Rotation::Rotated { family_ends };
+    }
+    if state.previous.as_deref() == Some(presented)
+        && now_ms < state.replay_until_ms
+        && let Some(s) = &state.successor
+    {
+        return Rotation::Replay {
+            successor: s.clone(),
+            family_ends,
+        };
+    }
+    state.revoked = true;
+    Rotation::Reused
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::rules::from_millis;
+
+    fn successor(n: u32) -> Successor {
+        Successor {
+            refresh_id: format!("r{n}"),
+            access_id: format!("a{n}"),
+            issued_at_ms: n as i64,
+        }
+    }
+
+    fn family() -> FamilyState {
+        FamilyState::new("r0".into(), 10_000)
+    }
+
+    #[test]
+    fn a_refresh_token_rotates_once_then_replays_within_grace_then_revokes() {
+        let mut f = family();
+        let ends = from_millis(10_000);
+        assert_eq!(
+            step(&mut f, "r0", &successor(1), 100, 200),
+            Rotation::Rotated { family_ends: ends }
+        );
+        assert_eq!(f.current, "r1");
+        // The spent token again, within grace: the same successor, not a new one.
+        assert_eq!(
+            step(&mut f, "r0", &successor(9), 150, 250),
+            Rotation::Replay {
+                successor: successor(1),
+                family_ends: ends
+            }
+        );
+        assert_eq!(f.current, "r1");
+        // After the grace period: a reuse, and the family is gone for everyone.
+        assert_eq!(step(&mut f, "r0", &successor(9), 200, 300), Rotation::Reused);
+        assert_eq!(step(&mut f, "r1", &successor(2), 201, 301), Rotation::Gone);
+    }
+
+    #[test]
+    fn an_older_token_or_an_ended_family_is_never_spent() {
+        let mut f = family();
+        step(&mut f, "r0", &successor(1), 100, 100);
+        step(&mut f, "r1", &successor(2), 101, 101);
+        // Two generations back is a reuse even within a grace period.
+        let mut g = f.clone();
+        g.replay_until_ms = i64::MAX;
+        assert_eq!(step(&mut g, "r0", &successor(9), 102, 102), Rotation::Reused);
+        assert!(g.revoked);
+        assert_eq!(
+            step(&mut f, "r2", &successor(3), 10_000, 10_000),
+            Rotation::Gone
+        );
+    }
+}

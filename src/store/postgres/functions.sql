@@ -1,0 +1,161 @@
+-- The atomic steps of shared state, restated from `src/rules/`. Applied at every start (and by
+-- `auth-sidecar migrate`) with CREATE OR REPLACE, under an advisory lock, after the migrations:
+-- fixing an algorithm needs no migration of table data. The conformance suite
+-- (tests/conformance.rs) holds each function to the Rust rule it restates. Times are passed in
+-- (milliseconds, or microseconds for rate limits); a NULL `p_now_us` means the database's
+-- clock, which is what serving uses for rate limits.
+
+-- One GCRA step under the row lock: `rules::gcra::gcra`. A cost of 0 peeks: it answers for a
+-- cost of 1 and changes nothing. (The six-argument `auth_sidecar_rate_limit` of the first
+-- migration stays for nodes of an older version during a rolling upgrade.)
+CREATE OR REPLACE FUNCTION auth_sidecar_rate_limit(
+    p_policy TEXT, p_key TEXT, p_interval_us BIGINT, p_burst BIGINT, p_lockout_us BIGINT,
+    p_cost BIGINT, p_now_us BIGINT,
+    OUT allowed BOOLEAN, OUT remaining BIGINT, OUT retry_after_us BIGINT,
+    OUT reset_after_us BIGINT)
+LANGUAGE plpgsql AS $$
+DECLARE
+    now_us   BIGINT := coalesce(p_now_us,
+                                (extract(epoch FROM clock_timestamp()) * 1000000)::BIGINT);
+    capacity BIGINT := p_burst * p_interval_us;
+    v_tat    BIGINT;
+    v_lock   BIGINT;
+    new_tat  BIGINT;
+    allow_at BIGINT;
+    until_us BIGINT;
+BEGIN
+    INSERT INTO rate_limits (policy, key, tat_us, expires_at)
+    VALUES (p_policy, p_key, 0, to_timestamp(now_us / 1000000.0))
+    ON CONFLICT DO NOTHING;
+    SELECT tat_us, locked_until_us INTO v_tat, v_lock
+    FROM rate_limits WHERE policy = p_policy AND key = p_key FOR UPDATE;
+
+    IF v_lock > now_us THEN
+        allowed := false;
+        remaining := 0;
+        retry_after_us := v_lock - now_us;
+        reset_after_us := greatest(v_tat, v_lock) - now_us;
+        RETURN;
+    END IF;
+
+    v_tat := greatest(v_tat, now_us);
+    new_tat := v_tat + greatest(p_cost, 1) * p_interval_us;
+    allow_at := new_tat - capacity;
+    IF now_us < allow_at THEN
+        allowed := false;
+        remaining := least(greatest((now_us + capacity - v_tat) / p_interval_us, 0), p_burst);
+        IF p_lockout_us > 0 AND p_cost > 0 THEN
+            until_us := now_us + p_lockout_us;
+            UPDATE rate_limits
+            SET locked_until_us = until_us,
+                expires_at = to_timestamp(greatest(tat_us, until_us) / 1000000.0)
+            WHERE policy = p_policy AND key = p_key;
+            retry_after_us := p_lockout_us;
+            reset_after_us := greatest(v_tat, until_us) - now_us;
+        ELSE
+            retry_after_us := allow_at - now_us;
+            reset_after_us := v_tat - now_us;
+        END IF;
+        RETURN;
+    END IF;
+
+    allowed := true;
+    retry_after_us := 0;
+    IF p_cost = 0 THEN
+        remaining := least(greatest((now_us + capacity - v_tat) / p_interval_us, 0), p_burst);
+        reset_after_us := v_tat - now_us;
+        RETURN;
+    END IF;
+    UPDATE rate_limits
+    SET tat_us = new_tat, locked_until_us = 0, expires_at = to_timestamp(new_tat / 1000000.0)
+    WHERE policy = p_policy AND key = p_key;
+    remaining := least(greatest((now_us + capacity - new_tat) / p_interval_us, 0), p_burst);
+    reset_after_us := new_tat - now_us;
+END
+$$;
+
+-- Spends a refresh token under the family's row lock: `rules::rotation::step`. outcome:
+-- rotated, replay (with the successor), reused or gone.
+CREATE OR REPLACE FUNCTION auth_sidecar_rotate(
+    p_family TEXT, p_presented TEXT, p_refresh TEXT, p_access TEXT, p_iat_ms BIGINT,
+    p_now_ms BIGINT, p_replay_until_ms BIGINT,
+    OUT outcome TEXT, OUT family_ends_ms BIGINT, OUT s_refresh TEXT, OUT s_access TEXT,
+    OUT s_iat_ms BIGINT)
+LANGUAGE plpgsql AS $$
+DECLARE
+    f token_families%ROWTYPE;
+BEGIN
+    SELECT * INTO f FROM token_families WHERE id = p_family FOR UPDATE;
+    IF NOT FOUND OR f.revoked OR f.expires_ms <= p_now_ms THEN
+        outcome := 'gone';
+        RETURN;
+    END IF;
+    family_ends_ms := f.expires_ms;
+    IF p_presented = f.current_id THEN
+        UPDATE token_families
+        SET previous_id = p_presented, current_id = p_refresh,
+            replay_until_ms = p_replay_until_ms, successor_refresh = p_refresh,
+            successor_access = p_access, successor_iat_ms = p_iat_ms
+        WHERE id = p_family;
+        outcome := 'rotated';
+        RETURN;
+    END IF;
+    IF p_presented = f.previous_id AND p_now_ms < f.replay_until_ms THEN
+        outcome := 'replay';
+        s_refresh := f.successor_refresh;
+        s_access := f.successor_access;
+        s_iat_ms := f.successor_iat_ms;
+        RETURN;
+    END IF;
+    UPDATE token_families SET revoked = true WHERE id = p_family;
+    outcome := 'reused';
+END
+$$;
+
+-- A touch: `rules::session::touch`. Returns the session as it is now, or no row when it is not
+-- live at p_now_ms.
+CREATE OR REPLACE FUNCTION auth_sidecar_touch_session(
+    p_id TEXT, p_now_ms BIGINT, p_idle_until_ms BIGINT)
+RETURNS SETOF sessions
+LANGUAGE sql AS $$
+    UPDATE sessions
+    SET last_seen_ms = p_now_ms,
+        idle_expires_ms = CASE WHEN idle_expires_ms IS NULL OR p_idle_until_ms IS NULL
+                               THEN idle_expires_ms
+                               ELSE least(p_idle_until_ms, expires_ms) END,
+        live_until_ms = CASE WHEN idle_expires_ms IS NULL OR p_idle_until_ms IS NULL
+                             THEN live_until_ms
+                             ELSE least(p_idle_until_ms, expires_ms) END
+    WHERE id = p_id AND live_until_ms > p_now_ms
+    RETURNING *
+$$;
+
+-- Ends a session: `rules::session::end`. The row goes whatever its state; `live` says whether
+-- it was live at p_now_ms; `expires_ms` is its absolute end (NULL when there was none), for the
+-- tombstone a Redis mirror keeps.
+CREATE OR REPLACE FUNCTION auth_sidecar_end_session(
+    p_id TEXT, p_now_ms BIGINT, OUT live BOOLEAN, OUT expires_ms BIGINT)
+LANGUAGE sql AS $$
+    WITH gone AS (DELETE FROM sessions WHERE id = p_id RETURNING live_until_ms, expires_ms)
+    SELECT coalesce(bool_or(live_until_ms > p_now_ms), false), max(expires_ms) FROM gone
+$$;
+
+-- Logout everywhere: the cutoff only rises and its record only lives longer
+-- (`rules::session::raise`); every session of the subject goes. Returns each ended session
+-- with its absolute end and whether it was live at p_now_ms (`rules::session::ended_by_logout`
+-- counts those).
+CREATE OR REPLACE FUNCTION auth_sidecar_logout(
+    p_subject TEXT, p_cutoff_ms BIGINT, p_until_ms BIGINT, p_now_ms BIGINT)
+RETURNS TABLE (id TEXT, expires_ms BIGINT, live BOOLEAN)
+LANGUAGE plpgsql AS $$
+BEGIN
+    INSERT INTO subject_cutoffs AS c (subject, cutoff_ms, expires_ms)
+    VALUES (p_subject, p_cutoff_ms, p_until_ms)
+    ON CONFLICT (subject) DO UPDATE
+    SET cutoff_ms = greatest(c.cutoff_ms, EXCLUDED.cutoff_ms),
+        expires_ms = greatest(c.expires_ms, EXCLUDED.expires_ms);
+    RETURN QUERY
+    DELETE FROM sessions s WHERE s.subject = p_subject
+    RETURNING s.id, s.expires_ms, s.live_until_ms > p_now_ms;
+END
+$$;
