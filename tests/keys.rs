@@ -392,7 +392,10 @@ async fn rotation_rejects_no_valid_token_and_retires_the_old_key() {
         ),
     ];
     let k1 = dirs[0].signer("k1");
-    let k1_forged = sign(&k1, &json!({"alg": "ES256", "kid": "k1"}), &fresh_claims());
+    // Within the nodes' --max-ttl: a later `exp` is malformed whatever the key.
+    let mut claims = fresh_claims();
+    claims["exp"] = json!(now() + MAX_TTL as i64);
+    let k1_forged = sign(&k1, &json!({"alg": "ES256", "kid": "k1"}), &claims);
     let early = watch[0].issue("early").await;
     assert_eq!(early.key_id, "k1");
     let let_load_run = || tokio::time::sleep(Duration::from_millis(300));

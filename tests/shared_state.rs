@@ -302,8 +302,8 @@ fn shared_storage_without_a_shared_secret_is_refused() {
         let out = std::process::Command::new(env!("CARGO_BIN_EXE_auth-sidecar"))
             .args(["serve", "--storage", backend])
             .env_remove("AUTH_JWT_SECRET")
-            .env("REDIS_URL", support::backends::SHARED_REDIS)
-            .env("DATABASE_URL", support::backends::SHARED_POSTGRES)
+            .env("REDIS_URL", "redis://127.0.0.1:1")
+            .env("DATABASE_URL", "postgres://postgres@127.0.0.1:1/none")
             .output()
             .unwrap();
         assert_eq!(out.status.code(), Some(2), "{backend}");

@@ -97,8 +97,9 @@ pub fn step(
 
 #[cfg(test)]
 mod tests {
+    use std::time::{Duration, UNIX_EPOCH};
+
     use super::*;
-    use crate::rules::from_millis;
 
     fn successor(n: u32) -> Successor {
         Successor {
@@ -115,7 +116,7 @@ mod tests {
     #[test]
     fn a_refresh_token_rotates_once_then_replays_within_grace_then_revokes() {
         let mut f = family();
-        let ends = from_millis(10_000);
+        let ends = UNIX_EPOCH + Duration::from_millis(10_000);
         assert_eq!(
             step(&mut f, "r0", &successor(1), 100, 200),
             Rotation::Rotated { family_ends: ends }

@@ -1,7 +1,8 @@
-//! Real backends for the tests. The behaviour suites share the machine's Redis and PostgreSQL,
-//! each test under names of its own (a key prefix, a fresh database). Tests that stop, kill or
-//! flush a backend start a throwaway server on a free port. A six-node Redis Cluster is
-//! started once per test binary.
+//! Real backends for the tests, none of them the machine's own: each test binary starts one
+//! Redis and one PostgreSQL (initdb with trust auth, in a temporary directory) on free ports,
+//! which its behaviour suites share, each test under names of its own (a key prefix, a fresh
+//! database). Tests that stop, kill or flush a backend start a throwaway server of their own.
+//! A six-node Redis Cluster is started once per test binary too.
 
 use std::net::TcpListener;
 use std::os::unix::process::CommandExt;
@@ -12,8 +13,43 @@ use std::time::{Duration, Instant};
 
 use super::now_nanos;
 
-pub const SHARED_REDIS: &str = "redis://127.0.0.1:6379";
-pub const SHARED_POSTGRES: &str = "postgres://postgres@127.0.0.1:5432";
+/// The URL of this test binary's shared Redis, started on first use.
+pub fn shared_redis() -> &'static str {
+    static URL: OnceLock<String> = OnceLock::new();
+    URL.get_or_init(|| {
+        kept_alive(|| {
+            let server = RedisServer::start();
+            (server.url(), server)
+        })
+    })
+}
+
+/// The URL (without a database) of this test binary's shared PostgreSQL, started on first use.
+pub fn shared_postgres() -> &'static str {
+    static URL: OnceLock<String> = OnceLock::new();
+    URL.get_or_init(|| {
+        kept_alive(|| {
+            let server = PostgresServer::start();
+            (format!("postgres://postgres@127.0.0.1:{}", server.port), server)
+        })
+    })
+}
+
+/// Starts a server from a thread that lives as long as the test binary, so that the server
+/// (which dies with the thread that spawned it) serves every test and dies with the binary.
+fn kept_alive<T: 'static>(start: impl FnOnce() -> (String, T) + Send + 'static) -> String {
+    let (tx, rx) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        let (url, server) = start();
+        tx.send(url).unwrap();
+        let _keep = server;
+        loop {
+            std::thread::park();
+        }
+    });
+    rx.recv_timeout(Duration::from_secs(60))
+        .expect("shared server started")
+}
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Backend {
@@ -44,7 +80,7 @@ impl Storage {
             Backend::Memory => {
                 s.args = vec!["--storage".into(), "memory".into()];
             }
-            Backend::Redis => s.redis(SHARED_REDIS, &id),
+            Backend::Redis => s.redis(shared_redis(), &id),
             Backend::RedisCluster => {
                 s.args = vec!["--storage".into(), "redis".into()];
                 s.redis(&cluster().urls, &id);
@@ -53,7 +89,7 @@ impl Storage {
             Backend::Postgres => s.postgres(&id),
             Backend::Tiered => {
                 s.args = vec!["--storage".into(), "tiered".into()];
-                s.redis(SHARED_REDIS, &id);
+                s.redis(shared_redis(), &id);
                 s.postgres(&id);
             }
         }
@@ -71,7 +107,8 @@ impl Storage {
         s
     }
 
-    /// Tiered storage on a throwaway Redis in front of the shared PostgreSQL.
+    /// Tiered storage on a throwaway Redis in front of the shared PostgreSQL, in a database
+    /// of its own.
     pub fn tiered_on(server: &RedisServer) -> Storage {
         let id = format!("t{}", now_nanos());
         let mut s = Storage {
@@ -93,6 +130,15 @@ impl Storage {
         }
     }
 
+    /// The DATABASE_URL its sidecars get.
+    pub fn database_url(&self) -> String {
+        self.env
+            .iter()
+            .find(|(k, _)| k == "DATABASE_URL")
+            .map(|(_, v)| v.clone())
+            .expect("storage with a database")
+    }
+
     fn redis(&mut self, url: &str, prefix: &str) {
         self.env.push(("REDIS_URL".into(), url.into()));
         self.args.push(format!("--redis-prefix={prefix}:"));
@@ -100,8 +146,10 @@ impl Storage {
 
     fn postgres(&mut self, name: &str) {
         psql(&format!("CREATE DATABASE {name}"));
-        self.env
-            .push(("DATABASE_URL".into(), format!("{SHARED_POSTGRES}/{name}")));
+        self.env.push((
+            "DATABASE_URL".into(),
+            format!("{}/{name}", shared_postgres()),
+        ));
         self.database = Some(name.to_owned());
     }
 }
@@ -114,18 +162,15 @@ impl Drop for Storage {
     }
 }
 
-fn psql(sql: &str) {
-    let out = Command::new("psql")
-        .args([
-            "-h",
-            "127.0.0.1",
-            "-U",
-            "postgres",
-            "-d",
-            "postgres",
-            "-qc",
-            sql,
-        ])
+/// Runs `sql` on the shared PostgreSQL's `postgres` database.
+pub fn psql(sql: &str) -> String {
+    psql_on(&format!("{}/postgres", shared_postgres()), sql)
+}
+
+/// Runs `sql` on the database at `url`; its output, unaligned and without headers.
+pub fn psql_on(url: &str, sql: &str) -> String {
+    let out = Command::new(pg_bin().join("psql"))
+        .args([url, "-qtAc", sql])
         .output()
         .expect("run psql (PostgreSQL client)");
     assert!(
@@ -133,6 +178,7 @@ fn psql(sql: &str) {
         "psql {sql}: {}",
         String::from_utf8_lossy(&out.stderr)
     );
+    String::from_utf8_lossy(&out.stdout).trim().to_owned()
 }
 
 /// A port nobody listens on now.

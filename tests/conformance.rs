@@ -1,0 +1,726 @@
+//! One table of traces for every atomic step that a backend restates (the GCRA step, a refresh
+//! rotation, a session touch and end, a logout), with explicit times and expected answers. Each
+//! trace runs against the pure rule in `src/rules/` and against every store: memory (which runs
+//! the rule), Redis (the Lua scripts), PostgreSQL (the SQL functions) and tiered. So the
+//! restatements answer the same, case by case, and cannot drift apart unnoticed.
+
+mod support;
+
+use std::collections::HashMap;
+use std::sync::Arc;
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use auth_sidecar::clock::{Clock, ManualClock};
+use auth_sidecar::config::{PostgresConfig, RedisConfig, Secret, StoreConfig};
+use auth_sidecar::rules::gcra::{Decision, Gcra, KeyState, gcra};
+use auth_sidecar::rules::rotation::{self, FamilyState, Rotation, Successor};
+use auth_sidecar::rules::session::{self, Cutoff, SessionTimes};
+use auth_sidecar::store::{self, Store, TokenCheck};
+use support::backends::{self, Storage};
+
+/// Every trace starts here: late enough that no Redis key the traces write (expiring at
+/// absolute instants after it) expires while the test runs.
+const T: i64 = 4_000_000_000_000;
+
+/// One step of a trace and the answer it must get. Times are milliseconds after [`T`].
+#[derive(Debug, Clone)]
+enum Step {
+    /// A GCRA step at `at` ms with `cost`: (allowed, remaining, retry_after ms, reset_after ms).
+    Rate {
+        at: i64,
+        cost: u32,
+        expect: (bool, u32, i64, i64),
+    },
+    /// A family whose current token is `r0`, ending at `ends`.
+    Family { ends: i64 },
+    /// Spends refresh token `presented` for successor `n` at `now`, replayable until
+    /// `replay_until` (absolute: 0 is "no grace", as the domain passes it).
+    Rotate {
+        presented: &'static str,
+        n: u32,
+        now: i64,
+        replay_until: i64,
+        expect: Expect,
+    },
+    /// A session of `subject` number `id`, created at 0, ending at `ends`, idle deadline `idle`.
+    Session {
+        id: usize,
+        subject: &'static str,
+        ends: i64,
+        idle: Option<i64>,
+    },
+    /// Touches session `id` at `now`: the (last_seen, idle) it has then, or None.
+    Touch {
+        id: usize,
+        now: i64,
+        idle_until: Option<i64>,
+        expect: Option<(i64, Option<i64>)>,
+    },
+    /// Ends session `id` at `now`: whether it was live.
+    End { id: usize, now: i64, expect: bool },
+    /// Whether session `id` is live at `now`.
+    Live { id: usize, now: i64, expect: bool },
+    /// Logs `subject` out at `cutoff`: how many live sessions ended.
+    Logout {
+        subject: &'static str,
+        cutoff: i64,
+        expect: u32,
+    },
+    /// Whether a token of `subject` issued at `issued` is cut off, asked at `now`.
+    CutOff {
+        subject: &'static str,
+        issued: i64,
+        now: i64,
+        expect: bool,
+    },
+}
+
+/// A rotation's expected outcome, with family ends and successors by number.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Expect {
+    Rotated,
+    Replay(u32),
+    Reused,
+    Gone,
+}
+
+use Expect::*;
+use Step::*;
+
+/// The rate-limit policy of every rate trace: 100 ms per unit, a burst of 3 (or 2 with a 1 s
+/// lockout for the lockout trace).
+const SMOOTH: Gcra = Gcra {
+    interval_us: 100_000,
+    burst: 3,
+    lockout_us: 0,
+};
+const LOCKING: Gcra = Gcra {
+    interval_us: 100_000,
+    burst: 2,
+    lockout_us: 1_000_000,
+};
+
+fn traces() -> Vec<(&'static str, Gcra, Vec<Step>)> {
+    let rate = |at, cost, expect| Rate { at, cost, expect };
+    let rotate = |presented, n, now, replay_until, expect| Rotate {
+        presented,
+        n,
+        now,
+        replay_until,
+        expect,
+    };
+    let touch = |id, now, idle_until, expect| Touch {
+        id,
+        now,
+        idle_until,
+        expect,
+    };
+    vec![
+        (
+            "gcra: the burst, then one per interval, peeks, a cost above the burst",
+            SMOOTH,
+            vec![
+                rate(0, 1, (true, 2, 0, 100)),
+                rate(0, 1, (true, 1, 0, 200)),
+                rate(0, 1, (true, 0, 0, 300)),
+                rate(0, 1, (false, 0, 100, 300)),
+                rate(50, 1, (false, 0, 50, 250)),
+                rate(100, 1, (true, 0, 0, 300)),
+                rate(350, 0, (true, 2, 0, 50)),
+                rate(350, 2, (true, 0, 0, 250)),
+                rate(350, 5, (false, 0, 450, 250)),
+                rate(2_000, 0, (true, 3, 0, 0)),
+            ],
+        ),
+        (
+            "gcra: a lockout starts at the first costly denial, a peek never locks",
+            LOCKING,
+            vec![
+                rate(0, 1, (true, 1, 0, 100)),
+                rate(0, 1, (true, 0, 0, 200)),
+                rate(0, 0, (false, 0, 100, 200)),
+                rate(0, 1, (false, 0, 1_000, 1_000)),
+                rate(500, 1, (false, 0, 500, 500)),
+                rate(500, 0, (false, 0, 500, 500)),
+                rate(1_000, 1, (true, 1, 0, 100)),
+            ],
+        ),
+        (
+            "rotation: rotates, replays within grace, then a reuse revokes the family",
+            SMOOTH,
+            vec![
+                Family { ends: 10_000 },
+                rotate("r0", 1, 100, T + 200, Rotated),
+                rotate("r0", 9, 150, T + 250, Replay(1)),
+                rotate("r0", 9, 200, T + 300, Reused),
+                rotate("r1", 2, 201, T + 301, Gone),
+            ],
+        ),
+        (
+            "rotation: zero grace replays nothing",
+            SMOOTH,
+            vec![
+                Family { ends: 10_000 },
+                rotate("r0", 1, 100, 0, Rotated),
+                rotate("r0", 9, 100, 0, Reused),
+                rotate("r1", 2, 101, 0, Gone),
+            ],
+        ),
+        (
+            "rotation: an expired family is gone, by the caller's time",
+            SMOOTH,
+            vec![
+                Family { ends: 10_000 },
+                rotate("r0", 1, 10_000, T + 20_000, Gone),
+                rotate("r0", 1, 9_999, T + 20_000, Rotated),
+                rotate("r1", 2, 10_001, T + 20_000, Gone),
+            ],
+        ),
+        (
+            "rotation: two generations back is a reuse even within grace; unknown tokens too",
+            SMOOTH,
+            vec![
+                Family { ends: 10_000 },
+                rotate("r0", 1, 100, T + 5_000, Rotated),
+                rotate("r1", 2, 101, T + 5_000, Rotated),
+                rotate("r0", 9, 102, T + 5_000, Reused),
+                rotate("r2", 3, 103, T + 5_000, Gone),
+            ],
+        ),
+        (
+            "session: a touch moves the idle deadline, capped at the end, and keeps it without one",
+            SMOOTH,
+            vec![
+                Session {
+                    id: 0,
+                    subject: "s1",
+                    ends: 1_000,
+                    idle: Some(100),
+                },
+                touch(0, 50, Some(150), Some((50, Some(150)))),
+                touch(0, 60, Some(5_000), Some((60, Some(1_000)))),
+                touch(0, 70, None, Some((70, Some(1_000)))),
+                Live {
+                    id: 0,
+                    now: 999,
+                    expect: true,
+                },
+                touch(0, 1_000, Some(1_100), None),
+                End {
+                    id: 0,
+                    now: 1_000,
+                    expect: false,
+                },
+            ],
+        ),
+        (
+            "session: without an idle timeout a touch adds none; an end is final",
+            SMOOTH,
+            vec![
+                Session {
+                    id: 0,
+                    subject: "s2",
+                    ends: 1_000,
+                    idle: None,
+                },
+                touch(0, 10, Some(20), Some((10, None))),
+                Live {
+                    id: 0,
+                    now: 500,
+                    expect: true,
+                },
+                End {
+                    id: 0,
+                    now: 20,
+                    expect: true,
+                },
+                End {
+                    id: 0,
+                    now: 21,
+                    expect: false,
+                },
+                touch(0, 22, None, None),
+                Live {
+                    id: 0,
+                    now: 23,
+                    expect: false,
+                },
+            ],
+        ),
+        (
+            "session: past its idle deadline a session is not touched, and ending it counts nothing",
+            SMOOTH,
+            vec![
+                Session {
+                    id: 0,
+                    subject: "s3",
+                    ends: 1_000,
+                    idle: Some(100),
+                },
+                touch(0, 100, Some(200), None),
+                End {
+                    id: 0,
+                    now: 100,
+                    expect: false,
+                },
+            ],
+        ),
+        (
+            "logout: ends and counts the live sessions, spares others', the cutoff only rises",
+            SMOOTH,
+            vec![
+                Session {
+                    id: 0,
+                    subject: "s4",
+                    ends: 1_000,
+                    idle: None,
+                },
+                Session {
+                    id: 1,
+                    subject: "s4",
+                    ends: 1_000,
+                    idle: Some(100),
+                },
+                Session {
+                    id: 2,
+                    subject: "s5",
+                    ends: 1_000,
+                    idle: None,
+                },
+                Logout {
+                    subject: "s4",
+                    cutoff: 150,
+                    expect: 1,
+                },
+                Live {
+                    id: 0,
+                    now: 151,
+                    expect: false,
+                },
+                Live {
+                    id: 2,
+                    now: 151,
+                    expect: true,
+                },
+                CutOff {
+                    subject: "s4",
+                    issued: 149,
+                    now: 200,
+                    expect: true,
+                },
+                CutOff {
+                    subject: "s4",
+                    issued: 150,
+                    now: 200,
+                    expect: false,
+                },
+                CutOff {
+                    subject: "s5",
+                    issued: 149,
+                    now: 200,
+                    expect: false,
+                },
+                Logout {
+                    subject: "s4",
+                    cutoff: 100,
+                    expect: 0,
+                },
+                CutOff {
+                    subject: "s4",
+                    issued: 149,
+                    now: 200,
+                    expect: true,
+                },
+            ],
+        ),
+    ]
+}
+
+/// What a step answered, in one comparable form.
+#[derive(Debug, Clone, PartialEq, Eq)]
+enum Answer {
+    Rate(bool, u32, i64, i64),
+    Rotation(Expect),
+    Session(Option<(i64, Option<i64>)>),
+    Bool(bool),
+    Count(u32),
+    Done,
+}
+
+fn expected(step: &Step) -> Answer {
+    match step {
+        Rate { expect: e, .. } => Answer::Rate(e.0, e.1, e.2, e.3),
+        Rotate { expect, .. } => Answer::Rotation(*expect),
+        Touch { expect, .. } => Answer::Session(*expect),
+        End { expect, .. } | Live { expect, .. } | CutOff { expect, .. } => Answer::Bool(*expect),
+        Logout { expect, .. } => Answer::Count(*expect),
+        Family { .. } | Session { .. } => Answer::Done,
+    }
+}
+
+fn at(ms: i64) -> SystemTime {
+    UNIX_EPOCH + Duration::from_millis((T + ms) as u64)
+}
+
+fn successor(n: u32) -> Successor {
+    Successor {
+        refresh_id: format!("r{n}"),
+        access_id: format!("a{n}"),
+        issued_at_ms: T + n as i64,
+    }
+}
+
+fn decision(d: Decision) -> Answer {
+    Answer::Rate(
+        d.allowed,
+        d.remaining,
+        d.retry_after.as_millis() as i64,
+        d.reset_after.as_millis() as i64,
+    )
+}
+
+fn rotation_answer(r: Rotation, ends: i64) -> Answer {
+    Answer::Rotation(match r {
+        Rotation::Rotated { family_ends } => {
+            assert_eq!(family_ends, at(ends));
+            Rotated
+        }
+        Rotation::Replay {
+            successor: s,
+            family_ends,
+        } => {
+            assert_eq!(family_ends, at(ends));
+            let n: u32 = s.refresh_id[1..].parse().unwrap();
+            assert_eq!(s, successor(n));
+            Replay(n)
+        }
+        Rotation::Reused => Reused,
+        Rotation::Gone => Gone,
+    })
+}
+
+/// The names one run of a trace uses, unique to that run.
+struct Names {
+    run: String,
+    sessions: Vec<String>,
+    family_ends: i64,
+}
+
+impl Names {
+    fn new() -> Names {
+        Names {
+            run: format!("{}", support::now_nanos()),
+            sessions: Vec::new(),
+            family_ends: 0,
+        }
+    }
+
+    fn subject(&self, s: &str) -> String {
+        format!("{s}-{}", self.run)
+    }
+}
+
+/// The pure rules, run directly: the specification itself.
+#[derive(Default)]
+struct Model {
+    rate: KeyState,
+    family: Option<FamilyState>,
+    sessions: HashMap<usize, (String, SessionTimes)>,
+    cutoffs: HashMap<&'static str, Cutoff>,
+}
+
+impl Model {
+    fn apply(&mut self, p: Gcra, step: &Step) -> Answer {
+        match *step {
+            Rate { at: t, cost, .. } => {
+                let (d, new) = gcra(self.rate, (T + t) * 1000, p, cost as i64);
+                if let Some(new) = new {
+                    self.rate = new;
+                }
+                decision(d)
+            }
+            Family { ends } => {
+                self.family = Some(FamilyState::new("r0".into(), T + ends));
+                Answer::Done
+            }
+            Rotate {
+                presented,
+                n,
+                now,
+                replay_until,
+                ..
+            } => {
+                let f = self.family.as_mut().unwrap();
+                let ends = f.expires_ms - T;
+                let r = rotation::step(f, presented, &successor(n), T + now, replay_until);
+                rotation_answer(r, ends)
+            }
+            Session {
+                id,
+                subject,
+                ends,
+                idle,
+            } => {
+                let times = SessionTimes {
+                    expires_ms: T + ends,
+                    last_seen_ms: T,
+                    idle_ms: idle.map(|i| T + i),
+                };
+                self.sessions.insert(id, (subject.to_owned(), times));
+                Answer::Done
+            }
+            Touch {
+                id, now, idle_until, ..
+            } => {
+                let Some((_, s)) = self.sessions.get_mut(&id) else {
+                    return Answer::Session(None);
+                };
+                let touched = session::touch(*s, T + now, idle_until.map(|i| T + i));
+                if let Some(t) = touched {
+                    *s = t;
+                }
+                Answer::Session(touched.map(|t| (t.last_seen_ms - T, t.idle_ms.map(|i| i - T))))
+            }
+            End { id, now, .. } => Answer::Bool(session::end(
+                self.sessions.remove(&id).map(|(_, s)| s),
+                T + now,
+            )),
+            Live { id, now, .. } => Answer::Bool(
+                self.sessions
+                    .get(&id)
+                    .is_some_and(|(_, s)| s.is_live(T + now)),
+            ),
+            Logout {
+                subject, cutoff, ..
+            } => {
+                let old = self.cutoffs.get(subject).copied();
+                let new = Cutoff {
+                    cutoff_ms: T + cutoff,
+                    until_ms: T + 100_000,
+                };
+                self.cutoffs.insert(subject, session::raise(old, new));
+                let ended: Vec<SessionTimes> = self
+                    .sessions
+                    .iter()
+                    .filter(|(_, (s, _))| s == subject)
+                    .map(|(_, (_, t))| *t)
+                    .collect();
+                self.sessions.retain(|_, (s, _)| s != subject);
+                Answer::Count(session::ended_by_logout(ended, T + cutoff))
+            }
+            CutOff {
+                subject,
+                issued,
+                now,
+                ..
+            } => Answer::Bool(
+                self.cutoffs
+                    .get(subject)
+                    .is_some_and(|c| c.until_ms > T + now && c.cutoff_ms > T + issued),
+            ),
+        }
+    }
+}
+
+/// Runs one step against a store, through the `Store` trait the domain uses.
+async fn apply(store: &dyn Store, names: &mut Names, p: Gcra, step: &Step) -> Answer {
+    let family = format!("fam-{}", names.run);
+    match *step {
+        Rate { at: t, cost, .. } => decision(
+            store
+                .rate_limit("conformance", &names.run, p, cost, Some(at(t)))
+                .await
+                .unwrap(),
+        ),
+        Family { ends } => {
+            names.family_ends = ends;
+            store
+                .create_family(&store::Family {
+                    id: family,
+                    subject: names.subject("f"),
+                    expires_at: at(ends),
+                    current: "r0".into(),
+                })
+                .await
+                .unwrap();
+            Answer::Done
+        }
+        Rotate {
+            presented,
+            n,
+            now,
+            replay_until,
+            ..
+        } => {
+            let replay_until = UNIX_EPOCH + Duration::from_millis(replay_until as u64);
+            let r = store
+                .rotate(&family, presented, &successor(n), at(now), replay_until)
+                .await
+                .unwrap();
+            rotation_answer(r, names.family_ends)
+        }
+        Session {
+            id,
+            subject,
+            ends,
+            idle,
+        } => {
+            let subject = names.subject(subject);
+            let sid = store::new_session_id(&subject);
+            assert_eq!(names.sessions.len(), id);
+            names.sessions.push(sid.clone());
+            store
+                .create_session(&store::Session {
+                    id: sid,
+                    subject,
+                    created_at: at(0),
+                    expires_at: at(ends),
+                    last_seen_at: at(0),
+                    idle_expires_at: idle.map(at),
+                    metadata: Default::default(),
+                })
+                .await
+                .unwrap();
+            Answer::Done
+        }
+        Touch {
+            id, now, idle_until, ..
+        } => {
+            let touched = store
+                .touch_session(&names.sessions[id], at(now), idle_until.map(at))
+                .await
+                .unwrap();
+            let ms = |t: SystemTime| t.duration_since(at(0)).unwrap().as_millis() as i64;
+            Answer::Session(touched.map(|s| (ms(s.last_seen_at), s.idle_expires_at.map(ms))))
+        }
+        End { id, now, .. } => Answer::Bool(
+            store
+                .delete_session(&names.sessions[id], at(now))
+                .await
+                .unwrap(),
+        ),
+        Live { id, now, .. } => {
+            // Asked the way Validate asks, and the way GetSession does: they must agree.
+            let check = TokenCheck {
+                token_id: "none",
+                subject: "nobody",
+                issued_at_ms: T,
+                session_id: Some(&names.sessions[id]),
+                family_id: None,
+                now: at(now),
+            };
+            let revoked = store.is_revoked(&check).await.unwrap();
+            let got = store
+                .get_session(&names.sessions[id], at(now))
+                .await
+                .unwrap();
+            assert_eq!(got.is_some(), !revoked, "GetSession and Validate disagree");
+            Answer::Bool(!revoked)
+        }
+        Logout {
+            subject, cutoff, ..
+        } => Answer::Count(
+            store
+                .revoke_subject(&names.subject(subject), at(cutoff), at(100_000))
+                .await
+                .unwrap(),
+        ),
+        CutOff {
+            subject,
+            issued,
+            now,
+            ..
+        } => {
+            let subject = names.subject(subject);
+            let check = TokenCheck {
+                token_id: "none",
+                subject: &subject,
+                issued_at_ms: T + issued,
+                session_id: None,
+                family_id: None,
+                now: at(now),
+            };
+            Answer::Bool(store.is_revoked(&check).await.unwrap())
+        }
+    }
+}
+
+/// Opens a store on the given settings and waits until it answers (connected, migrated).
+async fn ready(config: StoreConfig) -> Arc<dyn Store> {
+    let clock: Arc<dyn Clock> = Arc::new(ManualClock::at_unix((T / 1000) as u64));
+    let store = store::open(&config, clock).unwrap();
+    let deadline = std::time::Instant::now() + Duration::from_secs(30);
+    while store.ping().await.is_err() {
+        assert!(std::time::Instant::now() < deadline, "store never answered");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    store
+}
+
+fn redis_config() -> RedisConfig {
+    RedisConfig {
+        url: Secret::from(backends::shared_redis()),
+        cluster: false,
+        prefix: format!("conformance{}:", support::now_nanos()),
+        timeout: Duration::from_secs(5),
+    }
+}
+
+fn postgres_config(storage: &Storage) -> PostgresConfig {
+    PostgresConfig {
+        url: Secret::from(storage.database_url().as_str()),
+        max_connections: 4,
+        migrate: true,
+        timeout: Duration::from_secs(5),
+    }
+}
+
+/// Runs every trace against `store`, and against the rules themselves, and checks every
+/// answer against the table.
+async fn conforms(name: &str, store: &dyn Store) {
+    for (trace, policy, steps) in traces() {
+        let mut model = Model::default();
+        let mut names = Names::new();
+        for (i, step) in steps.iter().enumerate() {
+            let want = expected(step);
+            assert_eq!(
+                model.apply(policy, step),
+                want,
+                "the rule itself, {trace}, step {i}: {step:?}"
+            );
+            assert_eq!(
+                apply(store, &mut names, policy, step).await,
+                want,
+                "{name}, {trace}, step {i}: {step:?}"
+            );
+        }
+    }
+}
+
+#[tokio::test]
+async fn memory_conforms() {
+    conforms("memory", ready(StoreConfig::Memory).await.as_ref()).await;
+}
+
+#[tokio::test]
+async fn redis_scripts_conform() {
+    conforms("redis", ready(StoreConfig::Redis(redis_config())).await.as_ref()).await;
+}
+
+#[tokio::test]
+async fn postgres_functions_conform() {
+    let storage = Storage::new(backends::Backend::Postgres);
+    let store = ready(StoreConfig::Postgres(postgres_config(&storage))).await;
+    conforms("postgres", store.as_ref()).await;
+}
+
+#[tokio::test]
+async fn tiered_conforms() {
+    let storage = Storage::new(backends::Backend::Postgres);
+    let store = ready(StoreConfig::Tiered(
+        redis_config(),
+        postgres_config(&storage),
+    ))
+    .await;
+    conforms("tiered", store.as_ref()).await;
+}
