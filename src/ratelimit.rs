@@ -172,7 +172,10 @@ impl RateLimiter {
                 ),
             });
         }
-        Ok(self.store.rate_limit(&p.name, key, *gcra, cost, None).await?)
+        Ok(self
+            .store
+            .rate_limit(&p.name, key, *gcra, cost, None)
+            .await?)
     }
 
     /// Clears `key` under `policy`: full allowance, no lockout.

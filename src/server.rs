@@ -104,9 +104,12 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
         .with_context(|| format!("cannot bind --ops-listen {}", config.ops_listen))?;
     let ops_addr = ops.local_addr()?;
     let ops_task = tokio::spawn(
-        axum::serve(ops, crate::ops::router(&app.health, app.tokens.keys(), &config))
-            .with_graceful_shutdown(drained.clone().cancelled_owned())
-            .into_future(),
+        axum::serve(
+            ops,
+            crate::ops::router(&app.health, app.tokens.keys(), &config),
+        )
+        .with_graceful_shutdown(drained.clone().cancelled_owned())
+        .into_future(),
     );
 
     let server = Server::builder()

@@ -555,18 +555,18 @@ impl Tokens {
                 });
             }
             RevokeTarget::Token(token) => {
-                let decoded = self.decode_cached(&token).map_err(|reason| {
-                    Error::invalid(
-                        "token",
-                        format!("not a token of this sidecar: {}", reason.as_str()),
-                    )
-                })?;
-                // A token the sidecar would call malformed for its `exp` needs no record past
-                // the longest life.
-                let longest = now + self.settings.max_ttl + leeway;
+                let decoded = self
+                    .decode_cached(&token)
+                    .and_then(|d| self.within_longest_life(&d, unix_secs(now)).map(|()| d))
+                    .map_err(|reason| {
+                        Error::invalid(
+                            "token",
+                            format!("not a token of this sidecar: {}", reason.as_str()),
+                        )
+                    })?;
                 (
                     decoded.token_id.clone(),
-                    (from_unix_secs(decoded.exp) + leeway).min(longest),
+                    from_unix_secs(decoded.exp) + leeway,
                 )
             }
             RevokeTarget::TokenId(id) => (id, now + self.settings.max_ttl + leeway),
@@ -631,9 +631,15 @@ impl Tokens {
         Decoded::from_claims(claims, generation)
     }
 
-    /// The maximum TTL plus leeway, in seconds: the furthest from now a token's `exp` may be.
-    fn longest_life_secs(&self) -> i64 {
-        (self.settings.max_ttl + self.settings.leeway).as_secs() as i64
+    /// No token of this sidecar lives longer than the maximum TTL, and no revocation record
+    /// outlives that plus the leeway: an `exp` further from `now` was not issued here as it
+    /// stands, and the token is malformed.
+    fn within_longest_life(&self, token: &Decoded, now: i64) -> Result<(), Reason> {
+        let longest = (self.settings.max_ttl + self.settings.leeway).as_secs() as i64;
+        if token.exp > now.saturating_add(longest) {
+            return Err(Reason::Malformed);
+        }
+        Ok(())
     }
 
     fn check(&self, token: &Decoded, audience: Option<&str>, kind: Kind) -> Result<(), Reason> {
@@ -642,11 +648,7 @@ impl Tokens {
         if now >= token.exp.saturating_add(leeway) {
             return Err(Reason::Expired);
         }
-        // No token of this sidecar lives longer than the maximum TTL, and no revocation
-        // record outlives that: a later `exp` was not issued here as it stands.
-        if token.exp > now.saturating_add(self.longest_life_secs()) {
-            return Err(Reason::Malformed);
-        }
+        self.within_longest_life(token, now)?;
         let not_before = token.nbf.into_iter().chain(token.iat).max();
         if not_before.is_some_and(|t| t > now.saturating_add(leeway)) {
             return Err(Reason::NotYetValid);
@@ -1147,7 +1149,8 @@ mod decoder_properties {
         prop_oneof![
             any::<i64>().prop_map(Value::from),
             any::<u64>().prop_map(Value::from),
-            any::<f64>().prop_map(|f| serde_json::Number::from_f64(f).map_or(Value::Null, Value::Number)),
+            any::<f64>()
+                .prop_map(|f| serde_json::Number::from_f64(f).map_or(Value::Null, Value::Number)),
             Just(json!(1e300)),
             Just(json!(-1e300)),
             Just(json!(18446744073709551615u64)),
@@ -1224,9 +1227,16 @@ mod decoder_properties {
             URL_SAFE_NO_PAD.encode(serde_json::to_vec(&header).unwrap()),
             URL_SAFE_NO_PAD.encode(serde_json::to_vec(&claims).unwrap())
         );
-        let signature = tokens.keys.current().active().sign(message.as_bytes()).unwrap();
+        let signature = tokens
+            .keys
+            .current()
+            .active()
+            .sign(message.as_bytes())
+            .unwrap();
         let token = format!("{message}.{}", URL_SAFE_NO_PAD.encode(signature));
-        let runtime = tokio::runtime::Builder::new_current_thread().build().unwrap();
+        let runtime = tokio::runtime::Builder::new_current_thread()
+            .build()
+            .unwrap();
         runtime.block_on(async {
             for kind in [Kind::Access, Kind::Refresh] {
                 tokens.validate(&token, None, kind).await.unwrap();

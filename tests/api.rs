@@ -44,6 +44,11 @@ macro_rules! suite {
             async fn ttl_audience_and_kind() {
                 super::ttl_audience_and_kind(&start()).await
             }
+
+            #[tokio::test]
+            async fn absurd_times_are_answered() {
+                super::absurd_times_are_answered(&start()).await
+            }
         }
     };
 }
@@ -353,4 +358,30 @@ async fn ttl_audience_and_kind(sidecar: &Sidecar) {
     assert!(resp.valid, "{:?}", resp.reason());
     assert_eq!(resp.session_id, session.id);
     assert_eq!(resp.kind(), pb::TokenKind::Refresh);
+}
+
+/// A signed token with a time no clock reaches (or one beyond the longest lifetime) is
+/// MALFORMED to Validate, and refused by Revoke as not a token of this sidecar: an answer,
+/// never a dropped call.
+async fn absurd_times_are_answered(sidecar: &Sidecar) {
+    let mut c = sidecar.client().await;
+    let issued = c.issue("alice").await;
+    for (claim, value) in [
+        ("exp", json!(1e300)),
+        ("exp", json!(18446744073709551615u64)),
+        ("exp", json!(-1e300)),
+        ("exp", json!(now() + 25 * 3600)),
+        ("iat", json!(1e300)),
+        ("nbf", json!(-1)),
+    ] {
+        let token = forge(&issued.token, SECRET, with_claim(claim, value.clone()));
+        c.assert_rejected(&token, R::Malformed).await;
+        assert_status(
+            c.revoke(Target::Token(token)).await,
+            Code::InvalidArgument,
+            "token",
+        );
+    }
+    // The call after still works: nothing was dropped.
+    c.assert_valid(&issued.token).await;
 }

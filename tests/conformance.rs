@@ -470,7 +470,10 @@ impl Model {
                 Answer::Done
             }
             Touch {
-                id, now, idle_until, ..
+                id,
+                now,
+                idle_until,
+                ..
             } => {
                 let Some((_, s)) = self.sessions.get_mut(&id) else {
                     return Answer::Session(None);
@@ -584,7 +587,10 @@ async fn apply(store: &dyn Store, names: &mut Names, p: Gcra, step: &Step) -> An
             Answer::Done
         }
         Touch {
-            id, now, idle_until, ..
+            id,
+            now,
+            idle_until,
+            ..
         } => {
             let touched = store
                 .touch_session(&names.sessions[id], at(now), idle_until.map(at))
@@ -704,7 +710,11 @@ async fn memory_conforms() {
 
 #[tokio::test]
 async fn redis_scripts_conform() {
-    conforms("redis", ready(StoreConfig::Redis(redis_config())).await.as_ref()).await;
+    conforms(
+        "redis",
+        ready(StoreConfig::Redis(redis_config())).await.as_ref(),
+    )
+    .await;
 }
 
 #[tokio::test]

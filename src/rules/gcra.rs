@@ -15,7 +15,6 @@ pub struct Gcra {
     pub lockout_us: i64,
 }
 
-
 /// A key's state: its theoretical arrival time and lockout deadline, in microseconds since
 /// the epoch.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
@@ -134,4 +133,3 @@ pub fn gcra(state: KeyState, now_us: i64, p: Gcra, cost: i64) -> (Decision, Opti
         }),
     )
 }
-

@@ -132,7 +132,10 @@ mod tests {
         );
         assert_eq!(f.current, "r1");
         // After the grace period: a reuse, and the family is gone for everyone.
-        assert_eq!(step(&mut f, "r0", &successor(9), 200, 300), Rotation::Reused);
+        assert_eq!(
+            step(&mut f, "r0", &successor(9), 200, 300),
+            Rotation::Reused
+        );
         assert_eq!(step(&mut f, "r1", &successor(2), 201, 301), Rotation::Gone);
     }
 
@@ -144,7 +147,10 @@ mod tests {
         // Two generations back is a reuse even within a grace period.
         let mut g = f.clone();
         g.replay_until_ms = i64::MAX;
-        assert_eq!(step(&mut g, "r0", &successor(9), 102, 102), Rotation::Reused);
+        assert_eq!(
+            step(&mut g, "r0", &successor(9), 102, 102),
+            Rotation::Reused
+        );
         assert!(g.revoked);
         assert_eq!(
             step(&mut f, "r2", &successor(3), 10_000, 10_000),

@@ -75,11 +75,9 @@ impl Store for MemoryStore {
         let session_gone = t
             .session_id
             .is_some_and(|id| self.sessions.get(id).is_none_or(|s| s.live_until() <= now));
-        let family_gone = t.family_id.is_some_and(|id| {
-            self.families
-                .get(id)
-                .is_none_or(|f| !f.is_live(now_ms))
-        });
+        let family_gone = t
+            .family_id
+            .is_some_and(|id| self.families.get(id).is_none_or(|f| !f.is_live(now_ms)));
         Ok(by_id || cut_off || session_gone || family_gone)
     }
 

@@ -16,8 +16,8 @@ use async_trait::async_trait;
 use crate::clock::{Clock, from_unix_millis as from_millis, unix_millis as millis};
 use crate::config::StoreConfig;
 use crate::rules::gcra::{Decision, Gcra};
-use crate::rules::session::SessionTimes;
 pub use crate::rules::rotation::{Rotation, Successor};
+use crate::rules::session::SessionTimes;
 
 pub use memory::MemoryStore;
 pub use postgres::PostgresStore;

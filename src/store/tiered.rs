@@ -243,10 +243,8 @@ impl Store for TieredStore {
         until: SystemTime,
     ) -> Result<u32, StoreError> {
         let ended = self.postgres.logout(subject, cutoff, until).await?;
-        let tombstones: Vec<(String, SystemTime)> = ended
-            .iter()
-            .map(|e| (e.id.clone(), e.expires_at))
-            .collect();
+        let tombstones: Vec<(String, SystemTime)> =
+            ended.iter().map(|e| (e.id.clone(), e.expires_at)).collect();
         self.mirror(
             self.redis
                 .logout(subject, cutoff, until, cutoff, &tombstones),

@@ -30,7 +30,10 @@ pub fn shared_postgres() -> &'static str {
     URL.get_or_init(|| {
         kept_alive(|| {
             let server = PostgresServer::start();
-            (format!("postgres://postgres@127.0.0.1:{}", server.port), server)
+            (
+                format!("postgres://postgres@127.0.0.1:{}", server.port),
+                server,
+            )
         })
     })
 }
@@ -128,6 +131,15 @@ impl Storage {
             env: vec![("DATABASE_URL".into(), server.url())],
             database: None,
         }
+    }
+
+    /// The prefix of its Redis keys.
+    pub fn redis_prefix(&self) -> String {
+        self.args
+            .iter()
+            .find_map(|a| a.strip_prefix("--redis-prefix="))
+            .expect("storage on Redis")
+            .to_owned()
     }
 
     /// The DATABASE_URL its sidecars get.
@@ -514,4 +526,57 @@ fn id(flag: &str) -> u32 {
 
 fn chown(path: &Path, uid: u32, gid: u32) {
     std::os::unix::fs::chown(path, Some(uid), Some(gid)).expect("chown");
+}
+
+/// A TCP proxy to a local port that holds every chunk it forwards for `delay`: a slow link
+/// to a backend, for one node only. Runs until the test binary exits.
+pub struct SlowLink {
+    pub port: u16,
+}
+
+impl SlowLink {
+    pub fn to(upstream: u16, delay: Duration) -> SlowLink {
+        let listener = TcpListener::bind("127.0.0.1:0").unwrap();
+        let port = listener.local_addr().unwrap().port();
+        listener.set_nonblocking(true).unwrap();
+        std::thread::spawn(move || {
+            let runtime = tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()
+                .unwrap();
+            runtime.block_on(async move {
+                let listener = tokio::net::TcpListener::from_std(listener).unwrap();
+                loop {
+                    let (client, _) = listener.accept().await.unwrap();
+                    tokio::spawn(async move {
+                        let Ok(server) =
+                            tokio::net::TcpStream::connect(("127.0.0.1", upstream)).await
+                        else {
+                            return;
+                        };
+                        let (cr, cw) = client.into_split();
+                        let (sr, sw) = server.into_split();
+                        tokio::join!(slow_copy(cr, sw, delay), slow_copy(sr, cw, delay));
+                    });
+                }
+            });
+        });
+        SlowLink { port }
+    }
+}
+
+async fn slow_copy(
+    mut from: tokio::net::tcp::OwnedReadHalf,
+    mut to: tokio::net::tcp::OwnedWriteHalf,
+    delay: Duration,
+) {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let mut buf = vec![0u8; 64 * 1024];
+    while let Ok(n @ 1..) = from.read(&mut buf).await {
+        tokio::time::sleep(delay).await;
+        if to.write_all(&buf[..n]).await.is_err() {
+            break;
+        }
+    }
+    let _ = to.shutdown().await;
 }

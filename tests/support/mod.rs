@@ -363,6 +363,7 @@ pub fn http_get(addr: SocketAddr, path: &str) -> HttpResponse {
 }
 
 /// A TokenService client with one helper per call the tests make.
+#[derive(Clone)]
 pub struct Client(pub TokenServiceClient<Channel>);
 
 impl Client {

@@ -521,17 +521,15 @@ impl Store for PostgresStore {
         let (allowed, remaining, retry_us, reset_us): (bool, i64, i64, i64) = self
             .call(
                 "rate_limit",
-                sqlx::query_as(
-                    "SELECT * FROM auth_sidecar_rate_limit($1, $2, $3, $4, $5, $6, $7)",
-                )
-                .bind(policy)
-                .bind(key)
-                .bind(p.interval_us)
-                .bind(p.burst)
-                .bind(p.lockout_us)
-                .bind(cost as i64)
-                .bind(at.map(super::micros))
-                .fetch_one(&self.pool),
+                sqlx::query_as("SELECT * FROM auth_sidecar_rate_limit($1, $2, $3, $4, $5, $6, $7)")
+                    .bind(policy)
+                    .bind(key)
+                    .bind(p.interval_us)
+                    .bind(p.burst)
+                    .bind(p.lockout_us)
+                    .bind(cost as i64)
+                    .bind(at.map(super::micros))
+                    .fetch_one(&self.pool),
             )
             .await?;
         Ok(Decision::from_micros(

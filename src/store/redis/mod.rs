@@ -235,8 +235,11 @@ impl RedisStore {
         op: &'static str,
         invocation: redis::ScriptInvocation<'_>,
     ) -> Result<T, StoreError> {
-        self.call(op, |mut c| async move { invocation.invoke_async(&mut c).await })
-            .await
+        self.call(
+            op,
+            |mut c| async move { invocation.invoke_async(&mut c).await },
+        )
+        .await
     }
 
     /// Everything Redis knows about a token: one round trip. The commands go out together
@@ -334,7 +337,9 @@ impl RedisStore {
             .arg(idle)
             .arg(metadata)
             .arg(millis(now));
-        self.invoke::<i64>("put_session", invocation).await.map(drop)
+        self.invoke::<i64>("put_session", invocation)
+            .await
+            .map(drop)
     }
 
     /// Ends a session, leaving a tombstone until its absolute end (`ends` when Redis may not
@@ -489,7 +494,9 @@ impl Store for RedisStore {
 
     async fn revoke(&self, token_id: &str, until: SystemTime) -> Result<bool, StoreError> {
         let mut invocation = self.scripts.revoke.prepare_invoke();
-        invocation.key(self.revoked_key(token_id)).arg(millis(until));
+        invocation
+            .key(self.revoked_key(token_id))
+            .arg(millis(until));
         self.invoke::<i64>("revoke", invocation)
             .await
             .map(|n| n == 1)
