@@ -29,6 +29,7 @@ pub fn shared_postgres() -> &'static str {
     static URL: OnceLock<String> = OnceLock::new();
     URL.get_or_init(|| {
         kept_alive(|| {
+            remove_stale_postgres_dirs();
             let server = PostgresServer::start();
             (
                 format!("postgres://postgres@127.0.0.1:{}", server.port),
@@ -36,6 +37,33 @@ pub fn shared_postgres() -> &'static str {
             )
         })
     })
+}
+
+/// Removes the directories of throwaway PostgreSQL servers that are gone: a kept-alive server
+/// dies with its test binary, and its `Drop`, which would remove the directory, never runs.
+fn remove_stale_postgres_dirs() {
+    let Ok(entries) = std::fs::read_dir(std::env::temp_dir()) else {
+        return;
+    };
+    for entry in entries.flatten() {
+        let path = entry.path();
+        let ours = path
+            .file_name()
+            .and_then(|n| n.to_str())
+            .is_some_and(|n| n.starts_with(PG_DIR_PREFIX));
+        let pid = std::fs::read_to_string(path.join("data/postmaster.pid"))
+            .ok()
+            .and_then(|s| s.lines().next()?.trim().parse::<u32>().ok());
+        let running = pid.is_some_and(|pid| Path::new(&format!("/proc/{pid}")).exists());
+        // A directory without a pid file may be one being made now: leave it unless it is old.
+        let old = entry
+            .metadata()
+            .and_then(|m| m.modified())
+            .is_ok_and(|t| t.elapsed().unwrap_or_default() > Duration::from_secs(3600));
+        if ours && !running && (pid.is_some() || old) {
+            let _ = std::fs::remove_dir_all(&path);
+        }
+    }
 }
 
 /// Starts a server from a thread that lives as long as the test binary, so that the server
@@ -399,6 +427,8 @@ fn wait_cluster_ok(ports: &[u16]) {
     panic!("redis cluster did not reach cluster_state:ok");
 }
 
+const PG_DIR_PREFIX: &str = "auth-sidecar-pg-";
+
 /// A throwaway PostgreSQL in a temporary directory, run as the `postgres` user.
 pub struct PostgresServer {
     pub port: u16,
@@ -412,7 +442,7 @@ impl PostgresServer {
     pub fn start() -> PostgresServer {
         let uid = id("-u");
         let gid = id("-g");
-        let dir = std::env::temp_dir().join(format!("auth-sidecar-pg-{}", now_nanos()));
+        let dir = std::env::temp_dir().join(format!("{PG_DIR_PREFIX}{}", now_nanos()));
         std::fs::create_dir_all(&dir).unwrap();
         chown(&dir, uid, gid);
         let out = Command::new(pg_bin().join("initdb"))
@@ -423,6 +453,7 @@ impl PostgresServer {
                 "postgres",
                 "-A",
                 "trust",
+                "--no-sync",
             ])
             .uid(uid)
             .gid(gid)
