@@ -392,10 +392,14 @@ async fn rotation_rejects_no_valid_token_and_retires_the_old_key() {
         ),
     ];
     let k1 = dirs[0].signer("k1");
-    // Within the nodes' --max-ttl: a later `exp` is malformed whatever the key.
-    let mut claims = fresh_claims();
-    claims["exp"] = json!(now() + MAX_TTL as i64);
-    let k1_forged = sign(&k1, &json!({"alg": "ES256", "kid": "k1"}), &claims);
+    // A token k1 signs now, its `exp` within the nodes' --max-ttl (a later one is malformed
+    // whatever the key): made when it is checked, so that a slow machine does not see it
+    // expire first.
+    let k1_forge = || {
+        let mut claims = fresh_claims();
+        claims["exp"] = json!(now() + MAX_TTL as i64);
+        sign(&k1, &json!({"alg": "ES256", "kid": "k1"}), &claims)
+    };
     let early = watch[0].issue("early").await;
     assert_eq!(early.key_id, "k1");
     let let_load_run = || tokio::time::sleep(Duration::from_millis(300));
@@ -419,7 +423,7 @@ async fn rotation_rejects_no_valid_token_and_retires_the_old_key() {
         let_load_run().await;
     }
     for client in &mut watch {
-        client.assert_valid(&k1_forged).await;
+        client.assert_valid(&k1_forge()).await;
     }
     // 3. After the longest token lifetime and the leeway, the old key retired.
     tokio::time::sleep(Duration::from_secs(MAX_TTL + 1)).await;
@@ -455,7 +459,7 @@ async fn rotation_rejects_no_valid_token_and_retires_the_old_key() {
         "{signed_by:?}"
     );
     for client in &mut watch {
-        client.assert_rejected(&k1_forged, R::UnknownKey).await;
+        client.assert_rejected(&k1_forge(), R::UnknownKey).await;
         client.assert_rejected(&early.token, R::UnknownKey).await;
         assert_eq!(client.issue("late").await.key_id, "k2");
     }
