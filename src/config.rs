@@ -159,6 +159,31 @@ pub struct ServeArgs {
     #[arg(long, env = "AUTH_SHUTDOWN_GRACE", default_value = "10s", value_parser = parse_duration)]
     pub shutdown_grace: Duration,
 
+    /// Connections the token API listener keeps open at once; past it, it stops accepting until
+    /// one closes.
+    #[arg(long, env = "AUTH_MAX_CONNECTIONS", default_value_t = 256, value_parser = clap::value_parser!(u32).range(1..=65536))]
+    pub max_connections: u32,
+
+    /// Connections the ops listener keeps open at once.
+    #[arg(long, env = "AUTH_OPS_MAX_CONNECTIONS", default_value_t = 64, value_parser = clap::value_parser!(u32).range(1..=65536))]
+    pub ops_max_connections: u32,
+
+    /// Calls in flight at once on one connection to the token API (HTTP/2
+    /// SETTINGS_MAX_CONCURRENT_STREAMS); a client's further calls wait for a free stream.
+    #[arg(long, env = "AUTH_MAX_CONCURRENT_STREAMS", default_value_t = 128, value_parser = clap::value_parser!(u32).range(1..=10000))]
+    pub max_concurrent_streams: u32,
+
+    /// How long a new connection, on either listener, may take to send its first bytes (and an
+    /// HTTP/1.1 request its headers) before it is closed.
+    #[arg(long, env = "AUTH_HANDSHAKE_TIMEOUT", default_value = "10s", value_parser = parse_duration)]
+    pub handshake_timeout: Duration,
+
+    /// How long a connection may send nothing before it is closed. Clients answer the
+    /// listeners' keepalive pings (every 20s), so only dead or stalled peers reach it; at
+    /// least 30s.
+    #[arg(long, env = "AUTH_IDLE_TIMEOUT", default_value = "60s", value_parser = parse_duration)]
+    pub idle_timeout: Duration,
+
     /// Log lines as human-readable text or as one JSON object per line.
     #[arg(long, env = "AUTH_LOG_FORMAT", value_enum, default_value = "text")]
     pub log_format: crate::telemetry::LogFormat,
@@ -296,6 +321,11 @@ pub struct Config {
     pub shutdown_grace: Duration,
     pub log_format: crate::telemetry::LogFormat,
     pub log_level: Option<String>,
+    /// Limits of the token API listener's connections.
+    pub api_connections: crate::conn::Limits,
+    /// Limits of the ops listener's connections.
+    pub ops_connections: crate::conn::Limits,
+    pub max_concurrent_streams: u32,
 }
 
 /// A setting that cannot be used, named as on the command line. `setting` is empty when the
@@ -407,6 +437,18 @@ impl TryFrom<ServeArgs> for Config {
                 return Err(ConfigError::new(name, "must be greater than zero"));
             }
         }
+        if args.handshake_timeout.is_zero() {
+            return Err(ConfigError::new(
+                "--handshake-timeout",
+                "must be greater than zero",
+            ));
+        }
+        if args.idle_timeout < Duration::from_secs(30) {
+            return Err(ConfigError::new(
+                "--idle-timeout",
+                "must be at least 30s: healthy clients answer a keepalive ping every 20s",
+            ));
+        }
         if args.access_ttl > args.max_ttl {
             return Err(ConfigError::new(
                 "--access-ttl",
@@ -448,6 +490,17 @@ impl TryFrom<ServeArgs> for Config {
             shutdown_grace: args.shutdown_grace,
             log_format: args.log_format,
             log_level: args.log_level,
+            api_connections: crate::conn::Limits {
+                max_connections: args.max_connections as usize,
+                handshake_timeout: args.handshake_timeout,
+                idle_timeout: args.idle_timeout,
+            },
+            ops_connections: crate::conn::Limits {
+                max_connections: args.ops_max_connections as usize,
+                handshake_timeout: args.handshake_timeout,
+                idle_timeout: args.idle_timeout,
+            },
+            max_concurrent_streams: args.max_concurrent_streams,
         })
     }
 }

@@ -132,14 +132,20 @@ impl Health {
             .await;
     }
 
-    /// The grpc.health.v1 service, for the API and the ops listener alike.
+    /// The grpc.health.v1 service, for the API and the ops listener alike. A health request
+    /// names a service and nothing more: anything larger than [`MAX_REQUEST`] is refused
+    /// before it is buffered.
     pub fn service(&self) -> HealthServer<DrainingHealth> {
         HealthServer::new(DrainingHealth {
             inner: HealthService::from_health_reporter(self.reporter.clone()),
             drained: self.drained.clone(),
         })
+        .max_decoding_message_size(MAX_REQUEST)
     }
 }
+
+/// Largest grpc.health.v1 request decoded, in bytes.
+pub const MAX_REQUEST: usize = 1024;
 
 /// tonic-health's service, with Watch streams that end when the server drains.
 pub struct DrainingHealth {

@@ -8,6 +8,7 @@
 pub mod client;
 pub mod clock;
 pub mod config;
+pub mod conn;
 pub mod grpc;
 pub mod health;
 pub mod ids;

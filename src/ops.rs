@@ -50,7 +50,13 @@ pub fn router(health: &Health, keys: &Arc<Keys>, config: &Config) -> Router {
             get(openid_configuration),
         )
         .with_state(state)
-        .route_service(&grpc_health, health.service())
+        .route_service(
+            &grpc_health,
+            tower::Layer::layer(
+                &tower::util::MapResponseLayer::new(crate::grpc::request_errors),
+                health.service(),
+            ),
+        )
         .fallback(not_found)
 }
 

@@ -5,15 +5,15 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use anyhow::Context;
+use futures_util::StreamExt;
 use tokio::net::{TcpListener, UnixListener};
-use tokio_stream::wrappers::UnixListenerStream;
 use tokio_util::sync::CancellationToken;
 use tonic::service::Routes;
 use tonic::transport::Server;
-use tonic::transport::server::TcpIncoming;
 
 use crate::clock::{Clock, SystemClock};
 use crate::config::{Config, Listen};
+use crate::conn::{self, KEEPALIVE_INTERVAL, KEEPALIVE_TIMEOUT, MAX_HEADER_LIST};
 use crate::grpc::TokenApi;
 use crate::health::Health;
 use crate::keys::{KeySet, Keys, Reloaded, SigningKey};
@@ -27,6 +27,14 @@ use crate::tokens::{Settings, Tokens};
 
 /// How often expired store records are purged.
 const PURGE_INTERVAL: Duration = Duration::from_secs(60);
+
+/// Largest TokenService (and reflection) request decoded, in bytes: the largest valid request
+/// (an 8 KiB token, or an Issue whose claims make one, or 4 KiB of session metadata) with room
+/// to spare. A larger one is refused before it is buffered.
+const MAX_API_REQUEST: usize = 32 * 1024;
+
+/// Calls in flight at once on one ops connection: probes, scrapes and JWKS fetches are few.
+const OPS_MAX_CONCURRENT_STREAMS: u32 = 16;
 
 /// The state every service is built from.
 pub struct App {
@@ -80,14 +88,25 @@ impl App {
                 .register_encoded_file_descriptor_set(pb::FILE_DESCRIPTOR_SET)
                 .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
         };
-        Ok(Routes::new(TokenServiceServer::new(TokenApi::new(
-            self.tokens.clone(),
-            self.limits.clone(),
-            self.sessions.clone(),
-        )))
+        Ok(Routes::new(
+            TokenServiceServer::new(TokenApi::new(
+                self.tokens.clone(),
+                self.limits.clone(),
+                self.sessions.clone(),
+            ))
+            .max_decoding_message_size(MAX_API_REQUEST),
+        )
         .add_service(self.health.service())
-        .add_service(reflection().build_v1()?)
-        .add_service(reflection().build_v1alpha()?))
+        .add_service(
+            reflection()
+                .build_v1()?
+                .max_decoding_message_size(MAX_API_REQUEST),
+        )
+        .add_service(
+            reflection()
+                .build_v1alpha()?
+                .max_decoding_message_size(MAX_API_REQUEST),
+        ))
     }
 }
 
@@ -103,26 +122,32 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
         .await
         .with_context(|| format!("cannot bind --ops-listen {}", config.ops_listen))?;
     let ops_addr = ops.local_addr()?;
-    let ops_task = tokio::spawn(
-        axum::serve(
-            ops,
-            crate::ops::router(&app.health, app.tokens.keys(), &config),
-        )
-        .with_graceful_shutdown(drained.clone().cancelled_owned())
-        .into_future(),
-    );
+    let ops_task = tokio::spawn(serve_ops(
+        ops,
+        crate::ops::router(&app.health, app.tokens.keys(), &config),
+        config.ops_connections,
+        drained.clone(),
+    ));
 
     let server = Server::builder()
+        .max_concurrent_streams(config.max_concurrent_streams)
+        .http2_keepalive_interval(Some(KEEPALIVE_INTERVAL))
+        .http2_keepalive_timeout(Some(KEEPALIVE_TIMEOUT))
+        .http2_max_header_list_size(MAX_HEADER_LIST)
         .layer(telemetry::RpcLayer)
+        .layer(tower::util::MapResponseLayer::new(
+            crate::grpc::request_errors,
+        ))
         .add_routes(routes);
     let stop = drained.clone().cancelled_owned();
+    let limits = config.api_connections;
     let (api_addr, api_task) = match &config.listen {
         Listen::Tcp(addr) => {
             let listener = TcpListener::bind(addr)
                 .await
                 .with_context(|| format!("cannot bind --listen {addr}"))?;
             let bound = Listen::Tcp(listener.local_addr()?);
-            let incoming = TcpIncoming::from(listener).with_nodelay(Some(true));
+            let incoming = conn::incoming(listener, limits);
             let task = tokio::spawn(server.serve_with_incoming_shutdown(incoming, stop));
             (bound, task)
         }
@@ -130,13 +155,14 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
             remove_stale_socket(path)?;
             let listener = UnixListener::bind(path)
                 .with_context(|| format!("cannot bind --listen unix:{}", path.display()))?;
-            let incoming = UnixListenerStream::new(listener);
+            let incoming = conn::incoming(listener, limits);
             let task = tokio::spawn(server.serve_with_incoming_shutdown(incoming, stop));
             (config.listen.clone(), task)
         }
     };
 
     watch_keys(app.tokens.clone())?;
+    telemetry::spawn_upkeep();
     // aws-lc seeds its random generator from CPU jitter at first use, which takes tens of
     // milliseconds: pay it now, beside the start, rather than in the first Issue.
     tokio::task::spawn_blocking(|| aws_lc_rs::rand::fill(&mut [0u8; 1]));
@@ -200,6 +226,52 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
         let _ = std::fs::remove_file(path);
     }
     tracing::info!("stopped");
+    Ok(())
+}
+
+/// Serves the ops router (HTTP/1.1 and HTTP/2 on one port) under the connection limits, until
+/// `drained` is cancelled; then lets open requests finish.
+async fn serve_ops(
+    listener: TcpListener,
+    router: axum::Router,
+    limits: conn::Limits,
+    drained: CancellationToken,
+) -> std::io::Result<()> {
+    use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
+    use hyper_util::server::conn::auto::Builder;
+    use hyper_util::service::TowerToHyperService;
+
+    let mut builder = Builder::new(TokioExecutor::new());
+    builder
+        .http1()
+        .timer(TokioTimer::new())
+        .header_read_timeout(limits.handshake_timeout);
+    builder
+        .http2()
+        .timer(TokioTimer::new())
+        .max_concurrent_streams(OPS_MAX_CONCURRENT_STREAMS)
+        .max_header_list_size(MAX_HEADER_LIST)
+        .keep_alive_interval(KEEPALIVE_INTERVAL)
+        .keep_alive_timeout(KEEPALIVE_TIMEOUT);
+    let builder = Arc::new(builder);
+    let graceful = hyper_util::server::graceful::GracefulShutdown::new();
+    let mut incoming = std::pin::pin!(conn::incoming(listener, limits));
+    loop {
+        let io = tokio::select! {
+            next = incoming.next() => match next {
+                Some(io) => io?,
+                None => break,
+            },
+            () = drained.cancelled() => break,
+        };
+        let (builder, watcher) = (builder.clone(), graceful.watcher());
+        let service = TowerToHyperService::new(router.clone());
+        tokio::spawn(async move {
+            let conn = builder.serve_connection_with_upgrades(TokioIo::new(io), service);
+            let _ = watcher.watch(conn.into_owned()).await;
+        });
+    }
+    graceful.shutdown().await;
     Ok(())
 }
 

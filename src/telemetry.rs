@@ -11,7 +11,7 @@ use std::pin::Pin;
 use std::sync::OnceLock;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::task::{Context, Poll};
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
 use metrics_exporter_prometheus::{PrometheusBuilder, PrometheusHandle};
 use opentelemetry::propagation::{Extractor, TextMapPropagator};
@@ -73,13 +73,40 @@ pub fn init(format: LogFormat, level: Option<&str>) -> anyhow::Result<Telemetry>
     let fmt = tracing_subscriber::fmt::layer().with_writer(std::io::stderr);
     match format {
         LogFormat::Text => registry
-            .with(fmt.with_ansi(std::io::stderr().is_terminal()))
+            .with(
+                fmt.fmt_fields(escaped_fields())
+                    .with_ansi(std::io::stderr().is_terminal()),
+            )
             .try_init()?,
         LogFormat::Json => registry
             .with(fmt.json().flatten_event(true).with_current_span(false))
             .try_init()?,
     }
     Ok(Telemetry { tracer })
+}
+
+/// The text formatter's fields, `name=value` apart from the message, with every control
+/// character escaped: a caller's string (a subject, a key) holding a newline or a terminal
+/// escape cannot start a forged line or drive the operator's terminal. (JSON escapes them.)
+fn escaped_fields() -> impl for<'w> tracing_subscriber::fmt::FormatFields<'w> + Send + Sync {
+    use std::fmt::Write;
+    use tracing_subscriber::field::MakeExt;
+    tracing_subscriber::fmt::format::debug_fn(|w, field, value| {
+        if field.name() != "message" {
+            write!(w, "{field}=")?;
+        }
+        let mut text = String::new();
+        write!(text, "{value:?}")?;
+        for c in text.chars() {
+            if c.is_control() {
+                write!(w, "{}", c.escape_debug())?;
+            } else {
+                w.write_char(c)?;
+            }
+        }
+        Ok(())
+    })
+    .delimited(" ")
 }
 
 /// Whether the standard environment asks for trace export.
@@ -130,6 +157,24 @@ pub fn metrics() -> &'static PrometheusHandle {
         describe();
         handle
     })
+}
+
+/// How often histogram samples are folded into their buckets when nobody scrapes.
+const UPKEEP_INTERVAL: Duration = Duration::from_secs(5);
+
+/// Drains the recorder's histogram samples into buckets on a schedule. Without it, samples
+/// pile up until a scrape renders them: memory grows with every call on a sidecar nobody
+/// scrapes. Call inside the runtime.
+pub fn spawn_upkeep() {
+    let handle = metrics();
+    tokio::spawn(async move {
+        let mut every = tokio::time::interval(UPKEEP_INTERVAL);
+        every.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        loop {
+            every.tick().await;
+            handle.run_upkeep();
+        }
+    });
 }
 
 fn describe() {

@@ -32,8 +32,8 @@ use crate::store::{Family, Rotation, Store, StoreError, Successor, TokenCheck};
 pub const MAX_TOKEN_LEN: usize = 8 * 1024;
 
 /// Claims the sidecar sets itself; a caller may not set them through extra claims.
-pub const RESERVED_CLAIMS: [&str; 10] = [
-    "iss", "sub", "aud", "exp", "nbf", "iat", "jti", "sid", "typ", "fam",
+pub const RESERVED_CLAIMS: [&str; 11] = [
+    "iss", "sub", "aud", "exp", "nbf", "iat", "jti", "sid", "typ", "fam", "auth_ms",
 ];
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
@@ -312,11 +312,17 @@ impl Tokens {
             ));
         }
         let now = self.clock.now();
+        // A session binds tokens of its own subject only. Another subject's session answers
+        // as a missing one does, so the answer tells nothing of other subjects' sessions.
         if let Some(sid) = &params.session_id
-            && self.store.get_session(sid, now).await?.is_none()
+            && self
+                .store
+                .get_session(sid, now)
+                .await?
+                .is_none_or(|s| s.subject != params.subject)
         {
             return Err(Error::NotFound(format!(
-                "session_id: no live session `{sid}`"
+                "session_id: no live session `{sid}` of this subject"
             )));
         }
         let audience = if params.audience.is_empty() {
@@ -330,6 +336,7 @@ impl Tokens {
             extra: params.claims,
             session_id: params.session_id,
             family_id: None,
+            login_ms: millis(now),
         };
         let token_id = random_id();
         let mut exp = now + ttl;
@@ -369,11 +376,10 @@ impl Tokens {
                 claims.insert("aud".into(), many.to_vec().into());
             }
         }
-        // Milliseconds, so that a logout everywhere tells tokens issued just before it from
-        // those issued just after (RFC 7519 NumericDate allows fractions).
-        let iat =
-            serde_json::Number::from_f64(issued_at_ms as f64 / 1000.0).expect("a finite instant");
-        claims.insert("iat".into(), Value::Number(iat));
+        // Whole seconds, as every JWT library reads a NumericDate. What a logout compares,
+        // to the millisecond, is the login instant in `auth_ms`.
+        claims.insert("iat".into(), issued_at_ms.div_euclid(1000).into());
+        claims.insert("auth_ms".into(), body.login_ms.into());
         claims.insert("exp".into(), exp.into());
         claims.insert("jti".into(), token_id.clone().into());
         if let Some(sid) = &body.session_id {
@@ -476,6 +482,9 @@ impl Tokens {
             extra: decoded.extra.clone(),
             session_id: decoded.session_id.clone(),
             family_id: decoded.family_id.clone(),
+            // The family's login: a logout after it ends the whole chain, however often it
+            // is refreshed.
+            login_ms: decoded.login_ms(),
         };
         // Everything below is a function of the successor, the spent token and the family,
         // so a replay mints the same claims.
@@ -548,7 +557,9 @@ impl Tokens {
                 // Every token of the subject has expired by `until`: none, a refresh token
                 // included, lives longer than the maximum TTL.
                 let until = now + self.settings.max_ttl + leeway;
-                let sessions_deleted = self.store.revoke_subject(&subject, now, until).await?;
+                let cutoff = from_millis(millis(now));
+                let sessions_deleted = self.store.revoke_subject(&subject, cutoff, until).await?;
+                self.wait_past(cutoff).await;
                 return Ok(Revoked {
                     newly: true,
                     sessions_deleted,
@@ -584,6 +595,16 @@ impl Tokens {
         })
     }
 
+    /// Returns once this node's clock reads a later millisecond than `instant`, so that any
+    /// login after a logout returns is later than its cutoff (which revokes logins in its own
+    /// millisecond). At most a millisecond.
+    async fn wait_past(&self, instant: SystemTime) {
+        let next = from_millis(millis(instant) + 1);
+        if let Ok(wait) = next.duration_since(self.clock.now()) {
+            tokio::time::sleep(wait).await;
+        }
+    }
+
     /// [`Tokens::decode`], remembered for tokens that verified.
     /// An entry decoded under an older key set is decoded again: its key may be retired now.
     fn decode_cached(&self, token: &str) -> Result<Arc<Decoded>, Reason> {
@@ -611,6 +632,9 @@ impl Tokens {
         let (header, payload) = message.split_once('.').ok_or(Reason::Malformed)?;
         let header = unbase64(header)?;
         let header: RawHeader = serde_json::from_slice(&header).map_err(|_| Reason::Malformed)?;
+        if header.crit.is_some() {
+            return Err(Reason::Malformed);
+        }
         let payload = unbase64(payload)?;
         let claims: RawClaims = serde_json::from_slice(&payload).map_err(|_| Reason::Malformed)?;
         let mut sig = [0u8; MAX_SIGNATURE_LEN];
@@ -677,6 +701,10 @@ struct RawHeader<'a> {
     alg: Cow<'a, str>,
     #[serde(borrow)]
     kid: Option<Cow<'a, str>>,
+    /// Extensions the token says a verifier must understand (RFC 7515 section 4.1.11). This
+    /// sidecar understands none, so a token that names any is refused as malformed.
+    #[serde(borrow)]
+    crit: Option<&'a RawValue>,
 }
 
 /// The claims of a payload, left unparsed until asked for: Validate parses only the registered
@@ -796,8 +824,10 @@ struct Decoded {
     exp: i64,
     nbf: Option<i64>,
     iat: Option<i64>,
-    /// `iat` in milliseconds, fractions kept.
+    /// `iat` in milliseconds, fractions kept (tokens of earlier versions carry them).
     iat_ms: Option<i64>,
+    /// `auth_ms`: the login instant a logout compares.
+    auth_ms: Option<i64>,
     family_id: Option<String>,
     token_id: String,
     session_id: Option<String>,
@@ -808,14 +838,18 @@ struct Decoded {
 }
 
 impl Decoded {
+    /// The login instant a logout compares: `auth_ms`; for a token of an earlier version, its
+    /// `iat`; without either, the start of time, so that any logout cuts it off.
+    fn login_ms(&self) -> i64 {
+        self.auth_ms.or(self.iat_ms).unwrap_or(i64::MIN)
+    }
+
     /// What the store is asked about this token at every use.
     fn store_check(&self, now: SystemTime) -> TokenCheck<'_> {
         TokenCheck {
             token_id: &self.token_id,
             subject: &self.subject,
-            // A token without `iat` counts as issued at the start of time: any logout cuts
-            // it off.
-            issued_at_ms: self.iat_ms.unwrap_or(i64::MIN),
+            issued_at_ms: self.login_ms(),
             session_id: self.session_id.as_deref(),
             family_id: self.family_id.as_deref(),
             now,
@@ -830,6 +864,8 @@ struct Body {
     extra: Map<String, Value>,
     session_id: Option<String>,
     family_id: Option<String>,
+    /// When the login it descends from happened (`auth_ms`), in milliseconds.
+    login_ms: i64,
 }
 
 /// `aud`: one string or an array of strings (RFC 7519 section 4.1.3).
@@ -855,6 +891,14 @@ impl Decoded {
         let nbf = claims.take_time("nbf")?;
         let iat_ms = claims.take_time_ms("iat")?;
         let iat = iat_ms.map(|ms| ms.div_euclid(1000));
+        let auth_ms = claims
+            .take::<i64>("auth_ms")?
+            .map(|ms| {
+                Some(ms)
+                    .filter(|ms| (0..=MAX_UNIX_SECS * 1000).contains(ms))
+                    .ok_or(Reason::Malformed)
+            })
+            .transpose()?;
         let token_id = claims
             .take_string("jti")?
             .filter(|j| !j.is_empty())
@@ -874,6 +918,7 @@ impl Decoded {
             nbf,
             iat,
             iat_ms,
+            auth_ms,
             family_id,
             token_id,
             session_id,

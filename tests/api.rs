@@ -6,7 +6,7 @@ mod support;
 
 use pb::InvalidReason as R;
 use pb::revoke_request::Target;
-use serde_json::json;
+use serde_json::{Value, json};
 use support::backends::Backend;
 use support::{
     Deployment, SECRET, Sidecar, assert_status, forge, now, parts, struct_of, with_claim,
@@ -48,6 +48,11 @@ macro_rules! suite {
             #[tokio::test]
             async fn absurd_times_are_answered() {
                 super::absurd_times_are_answered(&start()).await
+            }
+
+            #[tokio::test]
+            async fn hostile_input_gets_a_clear_status() {
+                super::hostile_input_gets_a_clear_status(&start()).await
             }
         }
     };
@@ -278,7 +283,7 @@ async fn bad_requests_name_the_field(sidecar: &Sidecar) {
         "subject",
     );
     for reserved in [
-        "iss", "sub", "aud", "exp", "nbf", "iat", "jti", "sid", "typ",
+        "iss", "sub", "aud", "exp", "nbf", "iat", "jti", "sid", "typ", "fam", "auth_ms",
     ] {
         let res = c
             .issue_with(pb::IssueRequest {
@@ -384,4 +389,138 @@ async fn absurd_times_are_answered(sidecar: &Sidecar) {
     }
     // The call after still works: nothing was dropped.
     c.assert_valid(&issued.token).await;
+}
+
+/// What a hostile caller sends gets a status that names the problem, the same on every
+/// backend, and never a backend error: NUL in any string a backend stores, a session of another
+/// subject, a `crit` header, an oversized message, claims nested past the decoder's limit.
+async fn hostile_input_gets_a_clear_status(sidecar: &Sidecar) {
+    let mut c = sidecar.client().await;
+    let nul = "mallory\0".to_owned();
+    assert_status(
+        c.issue_with(pb::IssueRequest {
+            subject: nul.clone(),
+            ..Default::default()
+        })
+        .await,
+        Code::InvalidArgument,
+        "subject",
+    );
+    assert_status(
+        c.issue_with(pb::IssueRequest {
+            subject: "alice".into(),
+            audience: vec![nul.clone()],
+            ..Default::default()
+        })
+        .await,
+        Code::InvalidArgument,
+        "audience",
+    );
+    assert_status(
+        c.revoke(Target::TokenId(nul.clone())).await,
+        Code::InvalidArgument,
+        "token_id",
+    );
+    assert_status(
+        c.revoke(Target::Subject(nul.clone())).await,
+        Code::InvalidArgument,
+        "subject",
+    );
+    for metadata in [
+        [(nul.clone(), "v".to_owned())],
+        [("k".to_owned(), nul.clone())],
+    ] {
+        assert_status(
+            c.0.create_session(pb::CreateSessionRequest {
+                subject: "alice".into(),
+                metadata: metadata.into_iter().collect(),
+                ..Default::default()
+            })
+            .await,
+            Code::InvalidArgument,
+            "metadata",
+        );
+    }
+    assert_status(
+        c.0.get_session(pb::GetSessionRequest {
+            session_id: nul.clone(),
+        })
+        .await,
+        Code::InvalidArgument,
+        "session_id",
+    );
+    assert_status(
+        c.0.list_sessions(pb::ListSessionsRequest {
+            subject: nul.clone(),
+        })
+        .await,
+        Code::InvalidArgument,
+        "subject",
+    );
+    assert_status(
+        c.0.check_rate_limit(pb::CheckRateLimitRequest {
+            policy: "none".into(),
+            key: nul.clone(),
+            cost: None,
+        })
+        .await,
+        Code::InvalidArgument,
+        "key",
+    );
+    assert_status(
+        c.0.reset_rate_limit(pb::ResetRateLimitRequest {
+            policy: "none".into(),
+            key: nul.clone(),
+        })
+        .await,
+        Code::InvalidArgument,
+        "key",
+    );
+
+    // A session binds tokens of its own subject only, and says no more than a missing one.
+    let session = c.create_session("alice").await;
+    assert_status(
+        c.issue_with(pb::IssueRequest {
+            subject: "mallory".into(),
+            session_id: session.id.clone(),
+            ..Default::default()
+        })
+        .await,
+        Code::NotFound,
+        "session_id",
+    );
+
+    // A critical header extension this sidecar does not understand (it understands none).
+    let good = c.issue("alice").await.token;
+    for crit in [json!(["exp"]), json!(["x-unknown"]), json!([])] {
+        let token = forge(&good, SECRET, |header, _| {
+            header.insert("crit".into(), crit.clone());
+            header.insert("x-unknown".into(), json!(true));
+        });
+        c.assert_rejected(&token, R::Malformed).await;
+    }
+
+    // Larger than any valid request: refused before it is buffered.
+    let huge = "x".repeat(40 * 1024);
+    assert_eq!(
+        c.validate(&huge).await.unwrap_err().code(),
+        Code::ResourceExhausted
+    );
+    // Claims nested past protobuf's recursion limit do not decode: the caller's fault.
+    let mut deep = json!("bottom");
+    for _ in 0..120 {
+        deep = json!({ "k": deep });
+    }
+    let Value::Object(deep) = deep else {
+        unreachable!()
+    };
+    let res = c
+        .issue_with(pb::IssueRequest {
+            subject: "alice".into(),
+            claims: Some(auth_sidecar::grpc::json_to_struct(deep)),
+            ..Default::default()
+        })
+        .await;
+    assert_eq!(res.unwrap_err().code(), Code::InvalidArgument);
+    c.assert_valid(&good).await;
 }

@@ -312,6 +312,12 @@ fn traces() -> Vec<(&'static str, Gcra, Vec<Step>)> {
                     subject: "s4",
                     issued: 150,
                     now: 200,
+                    expect: true,
+                },
+                CutOff {
+                    subject: "s4",
+                    issued: 151,
+                    now: 200,
                     expect: false,
                 },
                 CutOff {
@@ -516,11 +522,9 @@ impl Model {
                 issued,
                 now,
                 ..
-            } => Answer::Bool(
-                self.cutoffs
-                    .get(subject)
-                    .is_some_and(|c| c.until_ms > T + now && c.cutoff_ms > T + issued),
-            ),
+            } => Answer::Bool(self.cutoffs.get(subject).is_some_and(|c| {
+                c.until_ms > T + now && session::cuts_off(c.cutoff_ms, T + issued)
+            })),
         }
     }
 }

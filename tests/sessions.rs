@@ -39,6 +39,16 @@ macro_rules! suite {
             }
 
             #[tokio::test]
+            async fn logout_is_exact_to_the_call() {
+                super::logout_is_exact_to_the_call(&start(&[])).await
+            }
+
+            #[tokio::test]
+            async fn a_stolen_refresh_chain_ends_at_logout() {
+                super::a_stolen_refresh_chain_ends_at_logout(&start(&[])).await
+            }
+
+            #[tokio::test]
             async fn refresh_chain_and_reuse() {
                 super::refresh_chain_and_reuse(&start(&[])).await
             }
@@ -324,6 +334,99 @@ async fn logout_everywhere(d: &Deployment) {
     let after = b.issue("dave").await;
     a.assert_valid(&after.token).await;
     b.assert_valid(&after.token).await;
+}
+
+/// Hundreds of times: a token issued and answered, then a logout, then the token is revoked,
+/// on every node, even when both fall in one millisecond; and a token issued once the logout
+/// has answered is valid.
+async fn logout_is_exact_to_the_call(d: &Deployment) {
+    let (mut a, mut b) = clients(d).await;
+    for i in 0..300 {
+        let before = a.issue("yves").await;
+        a.revoke(Target::Subject("yves".into())).await.unwrap();
+        for c in [&mut a, &mut b] {
+            let v = c.validate(&before.token).await.unwrap();
+            assert!(
+                !v.valid,
+                "try {i}: a token issued before the logout is valid"
+            );
+            assert_eq!(v.reason(), R::Revoked);
+        }
+        let after = b.issue("yves").await;
+        a.assert_valid(&after.token).await;
+    }
+}
+
+/// An attacker refreshes a stolen refresh token in a loop while the victim logs out: once the
+/// logout has answered, no refresh succeeds (beyond the one in flight), and every token the
+/// chain produced, the last included, is revoked. Ten trials, as the race is a narrow one.
+async fn a_stolen_refresh_chain_ends_at_logout(d: &Deployment) {
+    for trial in 0..10 {
+        stolen_chain_trial(d, &format!("zoe{trial}")).await;
+    }
+}
+
+async fn stolen_chain_trial(d: &Deployment, subject: &str) {
+    let (mut a, b) = clients(d).await;
+    let first = issue_in(&mut a, subject, "", pb::TokenKind::Refresh)
+        .await
+        .token;
+    let logged_out = std::sync::Arc::new(std::sync::Mutex::new(None::<std::time::Instant>));
+    let attacker = {
+        let (mut b, logged_out) = (b.clone(), logged_out.clone());
+        tokio::spawn(async move {
+            let mut current = first;
+            let mut minted = Vec::new();
+            let mut after_logout = 0;
+            loop {
+                let started = std::time::Instant::now();
+                let Ok(r) = b.refresh(&current).await else {
+                    return (minted, after_logout);
+                };
+                if logged_out.lock().unwrap().is_some_and(|at| started > at) {
+                    after_logout += 1;
+                }
+                minted.push(r.access.unwrap().token);
+                current = r.refresh.unwrap().token;
+                minted.push(current.clone());
+                assert!(minted.len() < 20_000, "the chain never ended");
+            }
+        })
+    };
+    tokio::time::sleep(Duration::from_millis(50)).await;
+    a.revoke(Target::Subject(subject.into())).await.unwrap();
+    *logged_out.lock().unwrap() = Some(std::time::Instant::now());
+    let (minted, after_logout) = attacker.await.unwrap();
+    assert!(
+        minted.len() > 2,
+        "{subject}: the loop never ran before the logout"
+    );
+    assert_eq!(
+        after_logout, 0,
+        "{subject}: refreshes started after the logout succeeded"
+    );
+    let mut b = b;
+    for (i, token) in minted.iter().enumerate() {
+        let kind = if i % 2 == 0 {
+            pb::TokenKind::Access
+        } else {
+            pb::TokenKind::Refresh
+        };
+        let v = b
+            .validate_with(pb::ValidateRequest {
+                token: token.clone(),
+                kind: kind.into(),
+                ..Default::default()
+            })
+            .await
+            .unwrap();
+        assert_eq!(
+            v.reason(),
+            R::Revoked,
+            "{subject}: token {i} of {}",
+            minted.len()
+        );
+    }
 }
 
 async fn refresh_chain_and_reuse(d: &Deployment) {

@@ -34,6 +34,7 @@ impl TryFrom<pb::IssueRequest> for IssueParams {
                     format!("each entry must be 1 to {MAX_ID_LEN} bytes"),
                 ));
             }
+            storable("audience", aud)?;
         }
         let ttl = req.ttl.map(|d| duration("ttl", d)).transpose()?;
         let claims = match req.claims {
@@ -100,6 +101,10 @@ impl TryFrom<pb::CreateSessionRequest> for CreateSessionParams {
     type Error = Error;
 
     fn try_from(req: pb::CreateSessionRequest) -> Result<Self, Error> {
+        for (k, v) in &req.metadata {
+            storable("metadata", k)?;
+            storable("metadata", v)?;
+        }
         Ok(CreateSessionParams {
             subject: required("subject", req.subject)?,
             ttl: req.ttl.map(|d| duration("ttl", d)).transpose()?,
@@ -224,7 +229,24 @@ fn optional(field: &'static str, value: String) -> Result<Option<String>, Error>
             format!("is {} bytes, over the {MAX_ID_LEN}-byte limit", value.len()),
         ));
     }
+    storable(field, &value)?;
     Ok(Some(value).filter(|v| !v.is_empty()))
+}
+
+/// Refuses text that some backend cannot store (PostgreSQL's text and JSONB refuse U+0000),
+/// so that every backend answers alike, before any of them is asked.
+fn storable(field: &'static str, value: &str) -> Result<(), Error> {
+    if value.contains('\0') {
+        return Err(Error::invalid(field, "must not contain NUL (U+0000)"));
+    }
+    Ok(())
+}
+
+/// A rate-limit policy name and key from a request. (Their lengths are the limiter's rule.)
+pub fn rate_limit_key(policy: String, key: String) -> Result<(String, String), Error> {
+    storable("policy", &policy)?;
+    storable("key", &key)?;
+    Ok((policy, key))
 }
 
 fn token(field: &'static str, value: String) -> Result<String, Error> {

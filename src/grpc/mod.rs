@@ -2,6 +2,7 @@
 //! place where domain errors become gRPC statuses.
 
 mod convert;
+mod wire;
 
 use std::sync::Arc;
 
@@ -16,6 +17,7 @@ use crate::tokens::{self, IssueParams, RevokeTarget, Tokens, Verdict};
 use crate::sessions::Sessions;
 use convert::{CreateSessionParams, ValidateParams};
 pub use convert::{json_to_struct, struct_to_json};
+pub use wire::request_errors;
 
 pub struct TokenApi {
     tokens: Arc<Tokens>,
@@ -77,9 +79,12 @@ impl TokenService for TokenApi {
         request: Request<pb::CheckRateLimitRequest>,
     ) -> Result<Response<pb::CheckRateLimitResponse>, Status> {
         let req = request.into_inner();
-        let cost = req.cost.unwrap_or(1);
-        let decision = self.limits.check(&req.policy, &req.key, cost).await?;
-        telemetry::record_rate_limit(&req.policy, decision.allowed);
+        let (policy, key) = convert::rate_limit_key(req.policy, req.key)?;
+        let decision = self
+            .limits
+            .check(&policy, &key, req.cost.unwrap_or(1))
+            .await?;
+        telemetry::record_rate_limit(&policy, decision.allowed);
         Ok(Response::new(decision.into()))
     }
 
@@ -88,7 +93,8 @@ impl TokenService for TokenApi {
         request: Request<pb::ResetRateLimitRequest>,
     ) -> Result<Response<pb::ResetRateLimitResponse>, Status> {
         let req = request.into_inner();
-        self.limits.reset(&req.policy, &req.key).await?;
+        let (policy, key) = convert::rate_limit_key(req.policy, req.key)?;
+        self.limits.reset(&policy, &key).await?;
         Ok(Response::new(pb::ResetRateLimitResponse {}))
     }
 

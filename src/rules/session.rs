@@ -56,6 +56,14 @@ pub struct Cutoff {
     pub until_ms: i64,
 }
 
+/// Whether a logout at `cutoff_ms` revokes a token whose login instant is `login_ms`: every
+/// token of a login at or before the cutoff, so that one in the cutoff's own millisecond is
+/// revoked too. (The logout returns only after its millisecond has passed, so a login after
+/// it returns is later than the cutoff.)
+pub fn cuts_off(cutoff_ms: i64, login_ms: i64) -> bool {
+    cutoff_ms >= login_ms
+}
+
 /// A logout: the stored cutoff only rises and its record only lives longer, so a logout and
 /// a copy of an older one, in either order, end at the newer.
 pub fn raise(old: Option<Cutoff>, new: Cutoff) -> Cutoff {

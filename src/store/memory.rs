@@ -68,10 +68,9 @@ impl Store for MemoryStore {
             .get(t.token_id)
             .is_some_and(|until| *until > now);
         let now_ms = millis(now);
-        let cut_off = self
-            .cutoffs
-            .get(t.subject)
-            .is_some_and(|c| c.until_ms > now_ms && c.cutoff_ms > t.issued_at_ms);
+        let cut_off = self.cutoffs.get(t.subject).is_some_and(|c| {
+            c.until_ms > now_ms && session_rules::cuts_off(c.cutoff_ms, t.issued_at_ms)
+        });
         let session_gone = t
             .session_id
             .is_some_and(|id| self.sessions.get(id).is_none_or(|s| s.live_until() <= now));

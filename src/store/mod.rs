@@ -39,7 +39,9 @@ pub struct StoreError {
 pub struct TokenCheck<'a> {
     pub token_id: &'a str,
     pub subject: &'a str,
-    /// When the token was issued, in milliseconds since the epoch.
+    /// The instant of the login the token descends from, in milliseconds since the epoch:
+    /// its own issue for a token from Issue, its family's start for one from Refresh. A logout
+    /// revokes the token if this is at or before its cutoff.
     pub issued_at_ms: i64,
     pub session_id: Option<&'a str>,
     pub family_id: Option<&'a str>,

@@ -334,7 +334,7 @@ impl Store for PostgresStore {
                     "SELECT EXISTS (SELECT 1 FROM revoked_tokens WHERE token_id = $1 \
                      AND expires_at > to_timestamp($6 / 1000.0)) \
                      OR EXISTS (SELECT 1 FROM subject_cutoffs WHERE subject = $2 \
-                     AND cutoff_ms > $3 AND expires_ms > $6) \
+                     AND cutoff_ms >= $3 AND expires_ms > $6) \
                      OR ($4::text IS NOT NULL AND NOT EXISTS (SELECT 1 FROM sessions \
                      WHERE id = $4 AND live_until_ms > $6)) \
                      OR ($5::text IS NOT NULL AND NOT EXISTS (SELECT 1 FROM token_families \

@@ -20,6 +20,7 @@ use super::{
 };
 use crate::config::RedisConfig;
 use crate::rules::gcra::{Decision, Gcra};
+use crate::rules::session::cuts_off;
 
 const BACKEND: &str = "redis";
 
@@ -302,7 +303,7 @@ impl RedisStore {
             let family = family?;
             Ok(Evidence {
                 revoked: revoked?
-                    || cutoff?.is_some_and(|c| c > issued_at_ms)
+                    || cutoff?.is_some_and(|c| cuts_off(c, issued_at_ms))
                     || family.as_deref() == Some("1"),
                 missing: !session? || family.is_none(),
                 complete: marker?,

@@ -1,0 +1,169 @@
+//! Limits every accepted connection lives under, on both listeners: a cap on how many are
+//! open, a deadline for a new connection's first bytes, and an idle deadline after that. A
+//! peer that connects and sends nothing (slowloris), or stops answering, is dropped; a healthy
+//! client is never idle that long, because both listeners send HTTP/2 keepalive pings that it
+//! must answer.
+
+use std::future::Future;
+use std::io;
+use std::pin::Pin;
+use std::sync::Arc;
+use std::task::{Context, Poll};
+use std::time::Duration;
+
+use futures_util::Stream;
+use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
+use tokio::net::{TcpListener, TcpStream, UnixListener, UnixStream};
+use tokio::sync::{OwnedSemaphorePermit, Semaphore};
+use tokio::time::{Instant, Sleep};
+
+/// How often a listener pings an HTTP/2 peer, and how long it waits for the answer before
+/// dropping the connection as dead.
+pub const KEEPALIVE_INTERVAL: Duration = Duration::from_secs(20);
+pub const KEEPALIVE_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// Longest request header list a listener accepts (HTTP/2 `SETTINGS_MAX_HEADER_LIST_SIZE`).
+pub const MAX_HEADER_LIST: u32 = 16 * 1024;
+
+#[derive(Debug, Clone, Copy)]
+pub struct Limits {
+    /// Connections open at once; past it, the listener stops accepting until one closes.
+    pub max_connections: usize,
+    /// How long a new connection may take to send its first bytes (an HTTP/1.1 request's
+    /// headers are also bounded by it).
+    pub handshake_timeout: Duration,
+    /// How long an established connection may send nothing.
+    pub idle_timeout: Duration,
+}
+
+/// A listener the limits can wrap.
+pub trait Listener: Send + 'static {
+    type Io: AsyncRead + AsyncWrite + Unpin + Send + 'static;
+    fn accept_io(&self) -> impl Future<Output = io::Result<Self::Io>> + Send;
+}
+
+impl Listener for TcpListener {
+    type Io = TcpStream;
+    async fn accept_io(&self) -> io::Result<TcpStream> {
+        let (stream, _) = self.accept().await?;
+        stream.set_nodelay(true)?;
+        Ok(stream)
+    }
+}
+
+impl Listener for UnixListener {
+    type Io = UnixStream;
+    async fn accept_io(&self) -> io::Result<UnixStream> {
+        Ok(self.accept().await?.0)
+    }
+}
+
+/// The connections `listener` accepts, each under `limits`. Accepting waits while the cap is
+/// reached, so excess peers queue in the kernel's backlog rather than in this process. An
+/// accept error (out of file descriptors, say) is logged and retried, never fatal.
+pub fn incoming<L: Listener>(
+    listener: L,
+    limits: Limits,
+) -> impl Stream<Item = io::Result<Guarded<L::Io>>> + Send + 'static {
+    let open = Arc::new(Semaphore::new(limits.max_connections));
+    futures_util::stream::unfold((listener, open), move |(listener, open)| async move {
+        loop {
+            let permit = open.clone().acquire_owned().await.expect("never closed");
+            match listener.accept_io().await {
+                Ok(io) => {
+                    let conn = Guarded::new(io, permit, limits);
+                    return Some((Ok(conn), (listener, open)));
+                }
+                Err(e) => {
+                    tracing::warn!(error = %e, "accepting a connection failed");
+                    tokio::time::sleep(Duration::from_millis(50)).await;
+                }
+            }
+        }
+    })
+}
+
+/// A connection that holds its place under the cap and closes when its peer stays silent past
+/// the deadline.
+pub struct Guarded<IO> {
+    io: IO,
+    _permit: OwnedSemaphorePermit,
+    deadline: Pin<Box<Sleep>>,
+    idle_timeout: Duration,
+}
+
+impl<IO> Guarded<IO> {
+    fn new(io: IO, permit: OwnedSemaphorePermit, limits: Limits) -> Guarded<IO> {
+        Guarded {
+            io,
+            _permit: permit,
+            deadline: Box::pin(tokio::time::sleep(limits.handshake_timeout)),
+            idle_timeout: limits.idle_timeout,
+        }
+    }
+}
+
+impl<IO: AsyncRead + Unpin> AsyncRead for Guarded<IO> {
+    fn poll_read(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &mut ReadBuf<'_>,
+    ) -> Poll<io::Result<()>> {
+        let before = buf.filled().len();
+        match Pin::new(&mut self.io).poll_read(cx, buf) {
+            Poll::Ready(Ok(())) => {
+                if buf.filled().len() > before {
+                    let next = Instant::now() + self.idle_timeout;
+                    self.deadline.as_mut().reset(next);
+                }
+                Poll::Ready(Ok(()))
+            }
+            Poll::Pending => match self.deadline.as_mut().poll(cx) {
+                Poll::Ready(()) => Poll::Ready(Err(io::Error::new(
+                    io::ErrorKind::TimedOut,
+                    "the peer sent nothing within the deadline",
+                ))),
+                Poll::Pending => Poll::Pending,
+            },
+            other => other,
+        }
+    }
+}
+
+impl<IO: AsyncWrite + Unpin> AsyncWrite for Guarded<IO> {
+    fn poll_write(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &[u8],
+    ) -> Poll<io::Result<usize>> {
+        Pin::new(&mut self.io).poll_write(cx, buf)
+    }
+
+    fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        Pin::new(&mut self.io).poll_flush(cx)
+    }
+
+    fn poll_shutdown(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        Pin::new(&mut self.io).poll_shutdown(cx)
+    }
+
+    fn poll_write_vectored(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        bufs: &[io::IoSlice<'_>],
+    ) -> Poll<io::Result<usize>> {
+        Pin::new(&mut self.io).poll_write_vectored(cx, bufs)
+    }
+
+    fn is_write_vectored(&self) -> bool {
+        self.io.is_write_vectored()
+    }
+}
+
+impl<IO: tonic::transport::server::Connected> tonic::transport::server::Connected for Guarded<IO> {
+    type ConnectInfo = IO::ConnectInfo;
+
+    fn connect_info(&self) -> Self::ConnectInfo {
+        self.io.connect_info()
+    }
+}
