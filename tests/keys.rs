@@ -157,8 +157,18 @@ async fn jwks(client: &mut Client) -> pb::GetJwksResponse {
         .into_inner()
 }
 
-/// The token verified by jsonwebtoken against the JWKS: a second, independent verifier.
+/// The token verified by jsonwebtoken against the JWKS: a second, independent verifier. It
+/// decodes into a struct with whole-second `u64` times, as a Rust app would, right after
+/// issue: a NumericDate with a fraction fails to decode there.
 fn verify_with_jwks(token: &str, jwks_json: &str) -> Value {
+    #[derive(serde::Deserialize)]
+    #[allow(dead_code)] // read by serde, as an app's claims struct would be
+    struct Typed {
+        sub: String,
+        iat: u64,
+        exp: u64,
+        auth_ms: u64,
+    }
     let set: jsonwebtoken::jwk::JwkSet = serde_json::from_str(jwks_json).unwrap();
     let header = jsonwebtoken::decode_header(token).unwrap();
     let jwk = set
@@ -167,6 +177,8 @@ fn verify_with_jwks(token: &str, jwks_json: &str) -> Value {
     let key = jsonwebtoken::DecodingKey::from_jwk(jwk).unwrap();
     let mut validation = jsonwebtoken::Validation::new(header.alg);
     validation.set_issuer(&["auth-sidecar"]);
+    jsonwebtoken::decode::<Typed>(token, &key, &validation)
+        .unwrap_or_else(|e| panic!("{:?} into u64 times: {e}", header.alg));
     jsonwebtoken::decode::<Value>(token, &key, &validation)
         .unwrap_or_else(|e| panic!("{:?}: {e}", header.alg))
         .claims

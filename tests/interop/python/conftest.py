@@ -83,15 +83,25 @@ def sidecar(sidecar_addrs):
     return sidecar_addrs[0]
 
 
-@pytest.fixture(params=["ES256", "EdDSA"])
-def keyed_sidecar(request, tmp_path):
-    """A sidecar whose active key, made by `auth-sidecar keys generate`, is of the given
-    algorithm; yields (algorithm, API address, ops address)."""
-    alg = request.param
+def run_keyed_sidecar(alg, keys_dir):
+    """A sidecar whose active key, made by `auth-sidecar keys generate`, is of algorithm `alg`;
+    yields (algorithm, API address, ops address)."""
     entry = subprocess.run(
-        [BINARY, "keys", "generate", "--alg", alg, "--kid", f"py-{alg}", "--dir", str(tmp_path)],
+        [BINARY, "keys", "generate", "--alg", alg, "--kid", f"py-{alg}", "--dir", str(keys_dir)],
         check=True, capture_output=True, text=True,
     ).stdout
-    (tmp_path / "keys.toml").write_text(entry.replace('"verify"', '"active"'))
-    for api, ops in run_sidecar(["--keys-dir", str(tmp_path)], {}):
+    (keys_dir / "keys.toml").write_text(entry.replace('"verify"', '"active"'))
+    for api, ops in run_sidecar(["--keys-dir", str(keys_dir)], {}):
         yield alg, api, ops
+
+
+@pytest.fixture(params=["ES256", "EdDSA"])
+def keyed_sidecar(request, tmp_path):
+    """A sidecar signing with an ES256 or an EdDSA key."""
+    yield from run_keyed_sidecar(request.param, tmp_path)
+
+
+@pytest.fixture()
+def es256_sidecar(tmp_path):
+    """A sidecar signing with an ES256 key: the algorithm every JOSE library here verifies."""
+    yield from run_keyed_sidecar("ES256", tmp_path)
