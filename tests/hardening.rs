@@ -285,7 +285,9 @@ async fn memory_is_flat_when_nobody_scrapes() {
     let rate = (calls.load(std::sync::atomic::Ordering::Relaxed) - warm_calls) as f64 / seconds;
     let peak = samples.iter().cloned().fold(f64::MIN, f64::max);
     eprintln!("soak: {rate:.0} calls/s; RSS after warm-up {samples:.1?} MiB");
-    assert!(rate > 2000.0, "only {rate:.0} calls a second");
+    // A loaded machine runs the debug build slower; even at this floor, the leak this guards
+    // against (about 35 bytes a call) grows past the band in the two minutes.
+    assert!(rate > 1500.0, "only {rate:.0} calls a second");
     assert!(
         peak - warm < 4.0,
         "RSS grew from {warm:.1} to {peak:.1} MiB in {seconds:.0}s without a scrape"
