@@ -270,12 +270,19 @@ fn broken_base64(token: &str) -> String {
 async fn bad_requests_name_the_field(sidecar: &Sidecar) {
     let mut c = sidecar.client().await;
     assert_status(c.validate("").await, Code::InvalidArgument, "token");
-    let huge = "a".repeat(1 << 20);
-    assert_status(c.validate(&huge).await, Code::InvalidArgument, "token");
+    // Over the 8 KiB token limit but within the request limit: the field is named.
+    let long = "a".repeat(16 * 1024);
+    assert_status(c.validate(&long).await, Code::InvalidArgument, "token");
     assert_status(
-        c.revoke(Target::Token(huge)).await,
+        c.revoke(Target::Token(long)).await,
         Code::InvalidArgument,
         "token",
+    );
+    // Over the request limit: refused before it is decoded.
+    let huge = "a".repeat(1 << 20);
+    assert_eq!(
+        c.revoke(Target::Token(huge)).await.unwrap_err().code(),
+        Code::ResourceExhausted
     );
     assert_status(
         c.issue_with(pb::IssueRequest::default()).await,
