@@ -52,6 +52,7 @@ async fn unfinished_health_messages_are_not_buffered() {
     }
     tokio::time::sleep(Duration::from_secs(2)).await;
     let after = rss_mib(node.pid());
+    eprintln!("health flood: RSS {before:.1} MiB before, {after:.1} MiB under it");
     let mut exhausted = 0;
     for (i, (response, _send)) in streams.into_iter().enumerate() {
         match tokio::time::timeout(Duration::from_secs(5), response).await {
@@ -70,7 +71,6 @@ async fn unfinished_health_messages_are_not_buffered() {
         "RSS grew from {before:.0} MiB to {after:.0} MiB under 60 unfinished 4 MB messages"
     );
     assert_eq!(health(&node).await, 1, "a fresh client is still served");
-    eprintln!("health flood: RSS {before:.1} MiB before, {after:.1} MiB under it");
 }
 
 async fn health(node: &Sidecar) -> i32 {
@@ -134,6 +134,7 @@ async fn a_flood_of_streams_is_refused() {
     let _ = tcp.write_all(&flood);
     tokio::time::sleep(Duration::from_secs(2)).await;
     let after = rss_mib(node.pid());
+    eprintln!("stream flood: RSS {before:.1} MiB before, {after:.1} MiB under it");
     good.assert_valid(&token).await;
     assert!(
         after - before < 32.0,
@@ -141,7 +142,6 @@ async fn a_flood_of_streams_is_refused() {
     );
     drop(tcp);
     let _ = drain.join();
-    eprintln!("stream flood: RSS {before:.1} MiB before, {after:.1} MiB under it");
 }
 
 /// Sockets that connect and send nothing, or half a request line, are closed after the
