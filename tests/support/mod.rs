@@ -66,6 +66,7 @@ pub struct Sidecar {
     logs: Arc<Mutex<Vec<String>>>,
 }
 
+#[derive(Clone)]
 pub struct SidecarBuilder {
     args: Vec<String>,
     env: Vec<(String, String)>,
