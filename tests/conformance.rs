@@ -115,6 +115,25 @@ fn traces() -> Vec<(&'static str, Gcra, Vec<Step>)> {
         idle_until,
         expect,
     };
+    let session = |id, subject, ends, idle| Session {
+        id,
+        subject,
+        ends,
+        idle,
+    };
+    let end = |id, now, expect| End { id, now, expect };
+    let live = |id, now, expect| Live { id, now, expect };
+    let logout = |subject, cutoff, expect| Logout {
+        subject,
+        cutoff,
+        expect,
+    };
+    let cut_off = |subject, issued, now, expect| CutOff {
+        subject,
+        issued,
+        now,
+        expect,
+    };
     vec![
         (
             "gcra: the burst, then one per interval, peeks, a cost above the burst",
@@ -191,152 +210,53 @@ fn traces() -> Vec<(&'static str, Gcra, Vec<Step>)> {
             "session: a touch moves the idle deadline, capped at the end, and keeps it without one",
             SMOOTH,
             vec![
-                Session {
-                    id: 0,
-                    subject: "s1",
-                    ends: 1_000,
-                    idle: Some(100),
-                },
+                session(0, "s1", 1_000, Some(100)),
                 touch(0, 50, Some(150), Some((50, Some(150)))),
                 touch(0, 60, Some(5_000), Some((60, Some(1_000)))),
                 touch(0, 70, None, Some((70, Some(1_000)))),
-                Live {
-                    id: 0,
-                    now: 999,
-                    expect: true,
-                },
+                live(0, 999, true),
                 touch(0, 1_000, Some(1_100), None),
-                End {
-                    id: 0,
-                    now: 1_000,
-                    expect: false,
-                },
+                end(0, 1_000, false),
             ],
         ),
         (
             "session: without an idle timeout a touch adds none; an end is final",
             SMOOTH,
             vec![
-                Session {
-                    id: 0,
-                    subject: "s2",
-                    ends: 1_000,
-                    idle: None,
-                },
+                session(0, "s2", 1_000, None),
                 touch(0, 10, Some(20), Some((10, None))),
-                Live {
-                    id: 0,
-                    now: 500,
-                    expect: true,
-                },
-                End {
-                    id: 0,
-                    now: 20,
-                    expect: true,
-                },
-                End {
-                    id: 0,
-                    now: 21,
-                    expect: false,
-                },
+                live(0, 500, true),
+                end(0, 20, true),
+                end(0, 21, false),
                 touch(0, 22, None, None),
-                Live {
-                    id: 0,
-                    now: 23,
-                    expect: false,
-                },
+                live(0, 23, false),
             ],
         ),
         (
             "session: past its idle deadline a session is not touched, and ending it counts nothing",
             SMOOTH,
             vec![
-                Session {
-                    id: 0,
-                    subject: "s3",
-                    ends: 1_000,
-                    idle: Some(100),
-                },
+                session(0, "s3", 1_000, Some(100)),
                 touch(0, 100, Some(200), None),
-                End {
-                    id: 0,
-                    now: 100,
-                    expect: false,
-                },
+                end(0, 100, false),
             ],
         ),
         (
             "logout: ends and counts the live sessions, spares others', the cutoff only rises",
             SMOOTH,
             vec![
-                Session {
-                    id: 0,
-                    subject: "s4",
-                    ends: 1_000,
-                    idle: None,
-                },
-                Session {
-                    id: 1,
-                    subject: "s4",
-                    ends: 1_000,
-                    idle: Some(100),
-                },
-                Session {
-                    id: 2,
-                    subject: "s5",
-                    ends: 1_000,
-                    idle: None,
-                },
-                Logout {
-                    subject: "s4",
-                    cutoff: 150,
-                    expect: 1,
-                },
-                Live {
-                    id: 0,
-                    now: 151,
-                    expect: false,
-                },
-                Live {
-                    id: 2,
-                    now: 151,
-                    expect: true,
-                },
-                CutOff {
-                    subject: "s4",
-                    issued: 149,
-                    now: 200,
-                    expect: true,
-                },
-                CutOff {
-                    subject: "s4",
-                    issued: 150,
-                    now: 200,
-                    expect: true,
-                },
-                CutOff {
-                    subject: "s4",
-                    issued: 151,
-                    now: 200,
-                    expect: false,
-                },
-                CutOff {
-                    subject: "s5",
-                    issued: 149,
-                    now: 200,
-                    expect: false,
-                },
-                Logout {
-                    subject: "s4",
-                    cutoff: 100,
-                    expect: 0,
-                },
-                CutOff {
-                    subject: "s4",
-                    issued: 149,
-                    now: 200,
-                    expect: true,
-                },
+                session(0, "s4", 1_000, None),
+                session(1, "s4", 1_000, Some(100)),
+                session(2, "s5", 1_000, None),
+                logout("s4", 150, 1),
+                live(0, 151, false),
+                live(2, 151, true),
+                cut_off("s4", 149, 200, true),
+                cut_off("s4", 150, 200, true),
+                cut_off("s4", 151, 200, false),
+                cut_off("s5", 149, 200, false),
+                logout("s4", 100, 0),
+                cut_off("s4", 149, 200, true),
             ],
         ),
     ]
