@@ -133,6 +133,12 @@ pub struct ServeArgs {
     #[arg(long, env = "AUTH_VERIFY_CACHE", default_value = "8MiB", value_parser = parse_size)]
     pub verify_cache: u64,
 
+    /// Memory for the node-local revocation view of redis, tiered and postgres storage: facts
+    /// Validate reads and rate-limit denials, answered locally only while the backend's change
+    /// feed is proven live (see the README). A size such as 64MiB, or 0 to turn it off.
+    #[arg(long, env = "AUTH_REVOCATION_CACHE", default_value = "64MiB", value_parser = parse_size)]
+    pub revocation_cache: u64,
+
     /// Lifetime of a session created without a ttl, and the longest one may have.
     #[arg(long, env = "AUTH_SESSION_TTL", default_value = "24h", value_parser = parse_duration)]
     pub session_ttl: Duration,
@@ -246,6 +252,8 @@ pub struct RedisConfig {
     pub prefix: String,
     /// Longest a call may take.
     pub timeout: Duration,
+    /// Memory for the revocation view; 0 for none.
+    pub cache: u64,
 }
 
 #[derive(Debug, Clone)]
@@ -256,6 +264,8 @@ pub struct PostgresConfig {
     pub migrate: bool,
     /// Longest a call may take (also the serving pool's `statement_timeout`).
     pub timeout: Duration,
+    /// Memory for the revocation view; 0 for none.
+    pub cache: u64,
 }
 
 /// A secret value: never printed, not even by `Debug`.
@@ -312,6 +322,7 @@ pub struct Config {
     pub max_ttl: Duration,
     pub leeway: Duration,
     pub verify_cache: u64,
+    pub revocation_cache: u64,
     pub session_ttl: Duration,
     pub session_idle_timeout: Option<Duration>,
     pub refresh_reuse_grace: Duration,
@@ -480,6 +491,7 @@ impl TryFrom<ServeArgs> for Config {
             max_ttl: args.max_ttl,
             leeway: args.leeway,
             verify_cache: args.verify_cache,
+            revocation_cache: args.revocation_cache,
             session_ttl: args.session_ttl,
             session_idle_timeout: (!args.session_idle_timeout.is_zero())
                 .then_some(args.session_idle_timeout),
@@ -541,9 +553,10 @@ impl Config {
                 cluster: self.redis_cluster,
                 prefix: self.redis_prefix.clone(),
                 timeout: self.backend_timeout,
+                cache: self.revocation_cache,
             })
         };
-        let postgres = || {
+        let postgres = |cache| {
             Ok(PostgresConfig {
                 url: self.database_url.clone().ok_or_else(|| {
                     ConfigError::new("DATABASE_URL", "required by this --storage")
@@ -551,13 +564,16 @@ impl Config {
                 max_connections: self.db_max_connections,
                 migrate: self.migrate,
                 timeout: self.backend_timeout,
+                cache,
             })
         };
         Ok(match self.storage {
             Storage::Memory => StoreConfig::Memory,
             Storage::Redis => StoreConfig::Redis(redis()?),
-            Storage::Postgres => StoreConfig::Postgres(postgres()?),
-            Storage::Tiered => StoreConfig::Tiered(redis()?, postgres()?),
+            Storage::Postgres => StoreConfig::Postgres(postgres(self.revocation_cache)?),
+            // Validate reads PostgreSQL only while Redis cannot vouch for itself: the view
+            // is Redis's.
+            Storage::Tiered => StoreConfig::Tiered(redis()?, postgres(0)?),
         })
     }
 

@@ -434,7 +434,11 @@ impl Tokens {
             ));
         };
         let now = self.clock.now();
-        if self.store.is_revoked(&decoded.store_check(now)).await? {
+        if self
+            .store
+            .is_revoked(&decoded.store_check(now, self.settings.leeway))
+            .await?
+        {
             return Err(rejected(Reason::Revoked));
         }
         let successor = Successor {
@@ -531,7 +535,7 @@ impl Tokens {
         }
         if self
             .store
-            .is_revoked(&decoded.store_check(self.clock.now()))
+            .is_revoked(&decoded.store_check(self.clock.now(), self.settings.leeway))
             .await?
         {
             return Ok(Verdict::Invalid(Reason::Revoked));
@@ -845,8 +849,12 @@ impl Decoded {
     }
 
     /// What the store is asked about this token at every use.
-    fn store_check(&self, now: SystemTime) -> TokenCheck<'_> {
+    fn store_check(&self, now: SystemTime, leeway: Duration) -> TokenCheck<'_> {
         TokenCheck {
+            accepted_until_ms: self
+                .exp
+                .saturating_add(leeway.as_secs() as i64)
+                .saturating_mul(1000),
             token_id: &self.token_id,
             subject: &self.subject,
             issued_at_ms: self.login_ms(),

@@ -266,6 +266,7 @@ mod tests {
             session_id: None,
             family_id: None,
             now,
+            accepted_until_ms: i64::MAX,
         };
         assert!(store.is_revoked(&check("t1", clock.now())).await.unwrap());
         assert!(!store.is_revoked(&check("t2", clock.now())).await.unwrap());

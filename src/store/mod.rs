@@ -1,6 +1,8 @@
 //! Where state that every node must agree on lives. One trait, one factory; the domain layer
 //! computes every lifetime and hands the store absolute instants.
 
+mod cache;
+mod feed;
 mod memory;
 pub mod postgres;
 mod redis;
@@ -47,6 +49,44 @@ pub struct TokenCheck<'a> {
     pub family_id: Option<&'a str>,
     /// The caller's clock.
     pub now: SystemTime,
+    /// The last instant the token could be accepted (its `exp` plus the leeway), in
+    /// milliseconds since the epoch: a cached fact about it is useless after that.
+    pub accepted_until_ms: i64,
+}
+
+/// What a backend holds about a token, fact by fact, as both shared backends read it (and
+/// the revocation view keeps it): instants are milliseconds since the epoch, judged against
+/// the caller's clock, so that a kept fact still ends on time.
+#[derive(Debug, Clone, Copy, Default)]
+pub(crate) struct Facts {
+    /// Until when the token id's revocation lives.
+    pub revoked: cache::Fact,
+    /// The subject's logout cutoff.
+    pub cutoff: cache::Fact,
+    /// Until when the token's session is live.
+    pub session: cache::Fact,
+    /// The token's family: -1 when revoked, else until when it lives.
+    pub family: cache::Fact,
+}
+
+impl Facts {
+    /// Positive evidence: revoked by id, cut off by a logout, or of a revoked family.
+    pub fn revoke(&self, t: &TokenCheck<'_>) -> bool {
+        let now = millis(t.now);
+        self.revoked.is_some_and(|until| until > now)
+            || self
+                .cutoff
+                .is_some_and(|c| crate::rules::session::cuts_off(c, t.issued_at_ms))
+            || self.family == Some(-1)
+    }
+
+    /// Whether the session or family the token names is gone (or was never there).
+    pub fn missing(&self, t: &TokenCheck<'_>) -> bool {
+        let now = millis(t.now);
+        let live = |f: cache::Fact| f.is_some_and(|until| until > now);
+        (t.session_id.is_some() && !live(self.session))
+            || (t.family_id.is_some() && self.family != Some(-1) && !live(self.family))
+    }
 }
 
 /// A session shared by every node.

@@ -12,8 +12,9 @@ use sqlx::PgPool;
 use sqlx::migrate::Migrator;
 use sqlx::postgres::{PgConnectOptions, PgPoolOptions};
 
+use super::cache::{Entry, Fact, Lookup, Ticket, View};
 use super::{
-    Family, Rotation, Session, Store, StoreError, Successor, TokenCheck, from_millis, millis,
+    Facts, Family, Rotation, Session, Store, StoreError, Successor, TokenCheck, from_millis, millis,
 };
 use crate::clock::Clock;
 use crate::config::{PostgresConfig, Secret};
@@ -83,21 +84,27 @@ pub struct PostgresStore {
     timeout: Duration,
     /// False until the schema is known to be in place.
     ready: Arc<AtomicBool>,
+    /// The revocation view, kept by a LISTEN connection (none when off).
+    view: Option<View>,
 }
 
 /// The serving pool: lazy (a database that is down does not stop the start), bounded, every
 /// acquire and statement limited by `--backend-timeout`. (`auth-sidecar migrate` connects
 /// eagerly with one connection and a long timeout instead.)
 fn pool(config: &PostgresConfig) -> Result<PgPool, StoreError> {
-    let statement_timeout = config.timeout.as_millis().to_string();
-    let options = PgConnectOptions::from_str(config.url.expose_str())
-        .map_err(|_| unavailable("invalid DATABASE_URL"))?
-        .application_name("auth-sidecar")
-        .options([("statement_timeout", statement_timeout.as_str())]);
     Ok(PgPoolOptions::new()
         .max_connections(config.max_connections)
         .acquire_timeout(config.timeout)
-        .connect_lazy_with(options))
+        .connect_lazy_with(connect_options(config)?))
+}
+
+/// How the serving pool and the change feed connect.
+fn connect_options(config: &PostgresConfig) -> Result<PgConnectOptions, StoreError> {
+    let statement_timeout = config.timeout.as_millis().to_string();
+    Ok(PgConnectOptions::from_str(config.url.expose_str())
+        .map_err(|_| unavailable("invalid DATABASE_URL"))?
+        .application_name("auth-sidecar")
+        .options([("statement_timeout", statement_timeout.as_str())]))
 }
 
 impl PostgresStore {
@@ -112,7 +119,11 @@ impl PostgresStore {
             clock,
             timeout: config.timeout,
             ready: Arc::new(AtomicBool::new(!config.migrate)),
+            view: (config.cache > 0).then(|| View::new(BACKEND, config.cache)),
         };
+        if let Some(view) = &store.view {
+            super::feed::spawn_postgres(connect_options(config)?, config.timeout, view.clone());
+        }
         if config.migrate {
             let ready = store.ready.clone();
             let url = config.url.clone();
@@ -137,6 +148,25 @@ impl PostgresStore {
             return Err(unavailable("schema not migrated yet"));
         }
         super::bounded(BACKEND, op, self.timeout, f).await
+    }
+
+    /// Runs a statement that writes the fact `name` (as the change feed names it), then drops
+    /// this node's view of it, so that a Validate on this node after the write returns sees
+    /// the write without waiting for the notification.
+    async fn call_writing<T, F>(
+        &self,
+        op: &'static str,
+        name: String,
+        f: F,
+    ) -> Result<T, StoreError>
+    where
+        F: Future<Output = Result<T, sqlx::Error>>,
+    {
+        let result = self.call(op, f).await;
+        if let Some(view) = &self.view {
+            view.forget(&name);
+        }
+        result
     }
 
     /// Every live session after `after` in id order, at most `limit` of them (tiered refill).
@@ -233,8 +263,9 @@ impl PostgresStore {
         now: SystemTime,
     ) -> Result<(bool, Option<SystemTime>), StoreError> {
         let (live, ends): (bool, Option<i64>) = self
-            .call(
+            .call_writing(
                 "end_session",
+                format!("s:{id}"),
                 sqlx::query_as("SELECT * FROM auth_sidecar_end_session($1, $2)")
                     .bind(id)
                     .bind(millis(now))
@@ -252,8 +283,9 @@ impl PostgresStore {
         until: SystemTime,
     ) -> Result<Vec<EndedSession>, StoreError> {
         let rows: Vec<(String, i64, bool)> = self
-            .call(
+            .call_writing(
                 "logout",
+                format!("c:{subject}"),
                 sqlx::query_as("SELECT * FROM auth_sidecar_logout($1, $2, $3, $4)")
                     .bind(subject)
                     .bind(millis(cutoff))
@@ -309,8 +341,9 @@ impl Store for PostgresStore {
     async fn revoke(&self, token_id: &str, until: SystemTime) -> Result<bool, StoreError> {
         // `xmax = 0` holds only for a row this statement inserted.
         let (inserted,): (bool,) = self
-            .call(
+            .call_writing(
                 "insert",
+                format!("r:{token_id}"),
                 sqlx::query_as(
                     "INSERT INTO revoked_tokens (token_id, expires_at) \
                      VALUES ($1, to_timestamp($2 / 1000.0)) \
@@ -327,29 +360,81 @@ impl Store for PostgresStore {
     }
 
     async fn is_revoked(&self, t: &TokenCheck<'_>) -> Result<bool, StoreError> {
-        let (revoked,): (bool,) = self
-            .call(
-                "check",
-                sqlx::query_as(
-                    "SELECT EXISTS (SELECT 1 FROM revoked_tokens WHERE token_id = $1 \
-                     AND expires_at > to_timestamp($6 / 1000.0)) \
-                     OR EXISTS (SELECT 1 FROM subject_cutoffs WHERE subject = $2 \
-                     AND cutoff_ms >= $3 AND expires_ms > $6) \
-                     OR ($4::text IS NOT NULL AND NOT EXISTS (SELECT 1 FROM sessions \
-                     WHERE id = $4 AND live_until_ms > $6)) \
-                     OR ($5::text IS NOT NULL AND NOT EXISTS (SELECT 1 FROM token_families \
-                     WHERE id = $5 AND NOT revoked AND expires_ms > $6))",
+        // The facts by their names in the change feed (the `change_feed` migration).
+        let names = [
+            Some(format!("r:{}", t.token_id)),
+            Some(format!("c:{}", t.subject)),
+            t.session_id.map(|id| format!("s:{id}")),
+            t.family_id.map(|id| format!("f:{id}")),
+        ];
+        let now_ms = millis(t.now);
+        let mut facts: [Fact; 4] = [None; 4];
+        let mut tickets: [Option<Ticket>; 4] = Default::default();
+        let mut read = false;
+        for (i, name) in names.iter().enumerate() {
+            let Some(name) = name else { continue };
+            match self.view.as_ref().map(|v| v.lookup(name, now_ms)) {
+                Some(Lookup::Hit(entry)) => facts[i] = entry.fact,
+                Some(Lookup::Miss(ticket)) => (tickets[i], read) = (Some(ticket), true),
+                Some(Lookup::Bypass) | None => read = true,
+            }
+        }
+        if read {
+            // Every fact in one round trip, as they stand (expiry is judged below, against
+            // the caller's clock, so that a kept fact still ends on time).
+            let row: Result<(Fact, Fact, Fact, Fact), _> = self
+                .call(
+                    "check",
+                    sqlx::query_as(
+                        "SELECT \
+                         (SELECT (extract(epoch FROM expires_at) * 1000)::bigint \
+                          FROM revoked_tokens WHERE token_id = $1), \
+                         (SELECT cutoff_ms FROM subject_cutoffs WHERE subject = $2 \
+                          AND expires_ms > $5), \
+                         (SELECT live_until_ms FROM sessions WHERE id = $3), \
+                         (SELECT CASE WHEN revoked THEN -1 ELSE expires_ms END \
+                          FROM token_families WHERE id = $4)",
+                    )
+                    .bind(t.token_id)
+                    .bind(t.subject)
+                    .bind(t.session_id)
+                    .bind(t.family_id)
+                    .bind(now_ms)
+                    .fetch_one(&self.pool),
                 )
-                .bind(t.token_id)
-                .bind(t.subject)
-                .bind(t.issued_at_ms)
-                .bind(t.session_id)
-                .bind(t.family_id)
-                .bind(millis(t.now))
-                .fetch_one(&self.pool),
-            )
-            .await?;
-        Ok(revoked)
+                .await;
+            let row = match row {
+                Ok(row) => row,
+                Err(e) => {
+                    for (name, ticket) in names.iter().zip(tickets) {
+                        if let (Some(view), Some(name), Some(ticket)) = (&self.view, name, ticket) {
+                            view.abandon(name, ticket);
+                        }
+                    }
+                    return Err(e);
+                }
+            };
+            let fresh = [row.0, row.1, row.2, row.3];
+            for i in 0..4 {
+                if names[i].is_none() {
+                    continue;
+                }
+                if let (Some(view), Some(name), Some(ticket)) =
+                    (&self.view, &names[i], tickets[i].take())
+                {
+                    view.fill(name, ticket, Entry::fact(fresh[i], t.accepted_until_ms));
+                }
+                facts[i] = fresh[i];
+            }
+        }
+        let [revoked, cutoff, session, family] = facts;
+        let facts = Facts {
+            revoked,
+            cutoff,
+            session,
+            family,
+        };
+        Ok(facts.revoke(t) || facts.missing(t))
     }
 
     async fn revoke_subject(
@@ -363,8 +448,9 @@ impl Store for PostgresStore {
     }
 
     async fn create_session(&self, s: &Session) -> Result<(), StoreError> {
-        self.call(
+        self.call_writing(
             "insert",
+            format!("s:{}", s.id),
             sqlx::query(
                 "INSERT INTO sessions (id, subject, created_ms, expires_ms, last_seen_ms, \
                  idle_expires_ms, live_until_ms, metadata) VALUES ($1, $2, $3, $4, $5, $6, $7, $8)",
@@ -407,8 +493,9 @@ impl Store for PostgresStore {
         idle_until: Option<SystemTime>,
     ) -> Result<Option<Session>, StoreError> {
         let row: Option<SessionRow> = self
-            .call(
+            .call_writing(
                 "touch_session",
+                format!("s:{id}"),
                 sqlx::query_as(concat!(
                     "SELECT ",
                     session_columns!(),
@@ -450,8 +537,9 @@ impl Store for PostgresStore {
     }
 
     async fn create_family(&self, f: &Family) -> Result<(), StoreError> {
-        self.call(
+        self.call_writing(
             "insert",
+            format!("f:{}", f.id),
             sqlx::query(
                 "INSERT INTO token_families (id, subject, expires_ms, current_id) \
                  VALUES ($1, $2, $3, $4)",
@@ -475,8 +563,9 @@ impl Store for PostgresStore {
         replay_until: SystemTime,
     ) -> Result<Rotation, StoreError> {
         let (outcome, ends, refresh, access, iat): Rotated = self
-            .call(
+            .call_writing(
                 "rotate",
+                format!("f:{family_id}"),
                 sqlx::query_as("SELECT * FROM auth_sidecar_rotate($1, $2, $3, $4, $5, $6, $7)")
                     .bind(family_id)
                     .bind(presented)

@@ -14,13 +14,13 @@ use redis::cluster_async::ClusterConnection;
 use redis::{Cmd, Pipeline, RedisFuture, Script, Value};
 use tokio::sync::OnceCell;
 
+use super::cache::{Entry, Fact, Lookup, View};
 use super::{
-    Family, Rotation, Session, Store, StoreError, Successor, TokenCheck, from_millis, micros,
-    millis, session_tag, subject_tag,
+    Facts, Family, Rotation, Session, Store, StoreError, Successor, TokenCheck, from_millis,
+    micros, millis, session_tag, subject_tag,
 };
 use crate::config::RedisConfig;
 use crate::rules::gcra::{Decision, Gcra};
-use crate::rules::session::cuts_off;
 
 const BACKEND: &str = "redis";
 
@@ -68,6 +68,8 @@ pub struct RedisStore {
     prefix: String,
     timeout: Duration,
     scripts: Arc<Scripts>,
+    /// The revocation view, kept by a tracking connection (none on a cluster, or when off).
+    view: Option<View>,
 }
 
 struct Scripts {
@@ -103,6 +105,80 @@ impl Scripts {
     }
 }
 
+/// How one fact of a token is read, and what its reply means as a [`Fact`] (see [`Facts`]).
+#[derive(Clone, Copy)]
+enum Read {
+    /// `GET` of a number (a cutoff).
+    Number,
+    /// `HMGET rv ex` of a family: -1 when revoked, else its end.
+    Family,
+    /// `PEXPIRETIME`: until when the key lives (a session, the tiered marker); `None` when
+    /// absent, `i64::MAX` for no end. Unlike `EXISTS`, the answer can be kept: a cached
+    /// deadline still ends on time though Redis may delete the expired key later.
+    Deadline,
+}
+
+impl Read {
+    fn command(self, key: &str) -> Cmd {
+        let mut cmd = redis::cmd(match self {
+            Read::Number => "GET",
+            Read::Family => "HMGET",
+            Read::Deadline => "PEXPIRETIME",
+        });
+        cmd.arg(key);
+        if let Read::Family = self {
+            cmd.arg("rv").arg("ex");
+        }
+        cmd
+    }
+
+    fn fact(self, value: &Value) -> Result<Fact, redis::ParsingError> {
+        Ok(match self {
+            Read::Number => redis::from_redis_value_ref(value)?,
+            Read::Family => match redis::from_redis_value_ref(value)? {
+                (Some(1), _) => Some(-1),
+                (_, ends) => ends,
+            },
+            Read::Deadline => match redis::from_redis_value_ref::<i64>(value)? {
+                -2 => None,
+                -1 => Some(i64::MAX),
+                at => Some(at),
+            },
+        })
+    }
+}
+
+/// A rate-limit denial as the revocation view keeps it: the fact is when the key is back to
+/// its full allowance, `aux` packs the remaining allowance and the cost denied, and the entry
+/// ends when a call of that cost would pass.
+struct Denial;
+
+impl Denial {
+    fn entry(sent_ms: i64, cost: u32, remaining: i64, retry_us: i64, reset_us: i64) -> Entry {
+        // Counted from when the call was sent, not answered: the entry ends no later than
+        // the denial does.
+        Entry {
+            fact: Some(sent_ms + reset_us / 1000),
+            aux: (remaining.clamp(0, u32::MAX as i64) << 32) | i64::from(cost.max(1)),
+            until_ms: sent_ms + retry_us / 1000,
+        }
+    }
+
+    /// The decision again, for a call of `cost` at `now_ms`, if the denial covers it.
+    fn answer(held: Entry, p: Gcra, cost: u32, now_ms: i64) -> Option<Decision> {
+        let denied_cost = held.aux & 0xffff_ffff;
+        (i64::from(cost.max(1)) >= denied_cost).then(|| {
+            Decision::from_micros(
+                false,
+                p,
+                held.aux >> 32,
+                (held.until_ms - now_ms) * 1000,
+                (held.fact.unwrap_or(now_ms) - now_ms) * 1000,
+            )
+        })
+    }
+}
+
 /// What Redis knows about a token, in one round trip: `revoked` is positive evidence (an id
 /// revocation, a cutoff after its issue); `missing` says its session or family is absent,
 /// which means gone unless Redis may be incomplete (tiered); `complete` is the tiered marker.
@@ -128,12 +204,24 @@ impl RedisStore {
         };
         // Parse now, so that a malformed URL is reported at start rather than retried forever.
         connect.validate()?;
-        let store = RedisStore {
+        let mut store = RedisStore {
             conn: Arc::new(OnceCell::new()),
             prefix: config.prefix.clone(),
             timeout,
             scripts: Arc::new(Scripts::new()),
+            view: None,
         };
+        if config.cache > 0 && config.cluster {
+            tracing::warn!(
+                "--revocation-cache is not kept on a Redis Cluster yet: every Validate reads Redis"
+            );
+        } else if config.cache > 0 {
+            let view = View::new(BACKEND, config.cache);
+            let client = redis::Client::open(connect.urls[0].as_str())
+                .map_err(|e| unavailable(format!("invalid REDIS_URL: {:?}", e.kind())))?;
+            super::feed::spawn_redis(client, store.tracked_prefixes(), timeout, view.clone());
+            store.view = Some(view);
+        }
         let cell = store.conn.clone();
         let connect = Arc::new(connect);
         super::retry_in_background(
@@ -150,6 +238,18 @@ impl RedisStore {
         Ok(store)
     }
 
+    /// The key prefixes whose changes the revocation view hears of: the facts a Validate reads
+    /// and the rate-limit reset markers. Not the rate-limit states, which change at every
+    /// counted call.
+    fn tracked_prefixes(&self) -> Vec<String> {
+        [
+            "revoked:", "cutoff:", "session:", "family:", "tier:", "rlreset:",
+        ]
+        .iter()
+        .map(|p| format!("{}{p}", self.prefix))
+        .collect()
+    }
+
     /// The key of a revoked token id. Every key name is made here.
     fn revoked_key(&self, token_id: &str) -> String {
         format!("{}revoked:{token_id}", self.prefix)
@@ -159,6 +259,12 @@ impl RedisStore {
     /// no policy and key pair can name another's state.
     fn rate_key(&self, policy: &str, key: &str) -> String {
         format!("{}rl:{}:{policy}:{key}", self.prefix, policy.len())
+    }
+
+    /// Written at every reset of a rate-limit state, so that the nodes holding a denial of
+    /// it hear of the reset; the revocation view keeps denials under this name.
+    fn reset_key(&self, policy: &str, key: &str) -> String {
+        format!("{}rlreset:{}:{policy}:{key}", self.prefix, policy.len())
     }
 
     /// A logout-everywhere cutoff. Under the subject's hash tag, with its sessions.
@@ -230,6 +336,26 @@ impl RedisStore {
         super::bounded(BACKEND, op, self.timeout, f(conn)).await
     }
 
+    /// Runs a script that writes `key`, then drops this node's view of the key, so that a
+    /// Validate on this node after the write returns sees the write without waiting for the
+    /// feed to bring its invalidation. (A read under way keeps out: its placeholder goes too.)
+    async fn invoke_writing<T: redis::FromRedisValue>(
+        &self,
+        op: &'static str,
+        key: &str,
+        invocation: redis::ScriptInvocation<'_>,
+    ) -> Result<T, StoreError> {
+        let result = self.invoke(op, invocation).await;
+        self.forget(key);
+        result
+    }
+
+    fn forget(&self, key: &str) {
+        if let Some(view) = &self.view {
+            view.forget(key);
+        }
+    }
+
     /// Runs one script invocation, bounded by the backend timeout.
     async fn invoke<T: redis::FromRedisValue>(
         &self,
@@ -243,73 +369,81 @@ impl RedisStore {
         .await
     }
 
-    /// Everything Redis knows about a token: one round trip. The commands go out together
-    /// rather than as one pipeline, because in a cluster their keys live in different slots;
-    /// the multiplexed connection sends them without waiting in between.
+    /// Everything Redis knows about a token: from the revocation view where it holds the
+    /// facts, otherwise in one round trip. The commands go out together rather than as one
+    /// pipeline, because in a cluster their keys live in different slots; the multiplexed
+    /// connection sends them without waiting in between.
     pub(super) async fn evidence(
         &self,
         t: &TokenCheck<'_>,
         with_marker: bool,
     ) -> Result<Evidence, StoreError> {
-        let mut revoked = redis::cmd("EXISTS");
-        revoked.arg(self.revoked_key(t.token_id));
-        let mut cutoff = redis::cmd("GET");
-        cutoff.arg(self.cutoff_key(t.subject));
-        // A session id this sidecar did not make names no session: it is missing.
-        let session = t.session_id.map(|id| {
-            self.session_key(id).map(|key| {
-                let mut cmd = redis::cmd("EXISTS");
-                cmd.arg(key);
-                cmd
-            })
-        });
-        let family = t.family_id.map(|id| {
-            let mut cmd = redis::cmd("HGET");
-            cmd.arg(self.family_key(id)).arg("rv");
-            cmd
-        });
-        let marker = with_marker.then(|| {
-            let mut cmd = redis::cmd("EXISTS");
-            cmd.arg(self.complete_key());
-            cmd
-        });
-        let issued_at_ms = t.issued_at_ms;
-        self.call("check", |c| async move {
-            let (mut a, mut b, mut d, mut e, mut m) =
-                (c.clone(), c.clone(), c.clone(), c.clone(), c);
-            let (revoked, cutoff, session, family, marker) = tokio::join!(
-                revoked.query_async::<bool>(&mut a),
-                cutoff.query_async::<Option<i64>>(&mut b),
-                async {
-                    match &session {
-                        None => Ok(true),
-                        Some(None) => Ok(false),
-                        Some(Some(cmd)) => cmd.query_async::<bool>(&mut d).await,
+        let session_key = t.session_id.and_then(|id| self.session_key(id));
+        let wanted = [
+            Some((self.revoked_key(t.token_id), Read::Deadline)),
+            Some((self.cutoff_key(t.subject), Read::Number)),
+            session_key.map(|k| (k, Read::Deadline)),
+            t.family_id.map(|id| (self.family_key(id), Read::Family)),
+            with_marker.then(|| (self.complete_key(), Read::Deadline)),
+        ];
+        let mut facts: [Fact; 5] = [None; 5];
+        // A session id this sidecar did not make is read as absent.
+        let now_ms = millis(t.now);
+        let mut reads = Vec::new();
+        for (i, (key, read)) in wanted
+            .into_iter()
+            .enumerate()
+            .filter_map(|(i, w)| Some((i, w?)))
+        {
+            match self.view.as_ref().map(|v| v.lookup(&key, now_ms)) {
+                Some(Lookup::Hit(entry)) => facts[i] = entry.fact,
+                Some(Lookup::Miss(ticket)) => reads.push((i, key, read, Some(ticket))),
+                Some(Lookup::Bypass) | None => reads.push((i, key, read, None)),
+            }
+        }
+        if !reads.is_empty() {
+            let read = self
+                .call("check", |c| {
+                    futures_util::future::try_join_all(reads.iter().map(|(_, key, read, _)| {
+                        let mut c = c.clone();
+                        let cmd = read.command(key);
+                        async move { cmd.query_async::<Value>(&mut c).await }
+                    }))
+                })
+                .await;
+            let values = match read {
+                Ok(values) => values,
+                Err(e) => {
+                    for (_, key, _, ticket) in reads {
+                        if let (Some(view), Some(ticket)) = (&self.view, ticket) {
+                            view.abandon(&key, ticket);
+                        }
                     }
-                },
-                async {
-                    match &family {
-                        None => Ok(Some("0".to_owned())),
-                        Some(cmd) => cmd.query_async::<Option<String>>(&mut e).await,
-                    }
-                },
-                async {
-                    match &marker {
-                        None => Ok(false),
-                        Some(cmd) => cmd.query_async::<bool>(&mut m).await,
-                    }
-                },
-            );
-            let family = family?;
-            Ok(Evidence {
-                revoked: revoked?
-                    || cutoff?.is_some_and(|c| cuts_off(c, issued_at_ms))
-                    || family.as_deref() == Some("1"),
-                missing: !session? || family.is_none(),
-                complete: marker?,
-            })
+                    return Err(e);
+                }
+            };
+            for ((i, key, read, ticket), value) in reads.into_iter().zip(values) {
+                let fact = read
+                    .fact(&value)
+                    .map_err(|e| unavailable(format!("check: {e}")))?;
+                if let (Some(view), Some(ticket)) = (&self.view, ticket) {
+                    view.fill(&key, ticket, Entry::fact(fact, t.accepted_until_ms));
+                }
+                facts[i] = fact;
+            }
+        }
+        let [revoked, cutoff, session, family, marker] = facts;
+        let facts = Facts {
+            revoked,
+            cutoff,
+            session,
+            family,
+        };
+        Ok(Evidence {
+            revoked: facts.revoke(t),
+            missing: facts.missing(t),
+            complete: marker.is_some_and(|until| until > now_ms),
         })
-        .await
     }
 
     /// Writes a session as it is (a create, and the tiered mirror of a touch or a refill):
@@ -327,7 +461,7 @@ impl RedisStore {
             .unwrap_or_default();
         let mut invocation = self.scripts.put_session.prepare_invoke();
         invocation
-            .key(key)
+            .key(&key)
             .key(index)
             .key(tombstone)
             .arg(&s.id)
@@ -338,7 +472,7 @@ impl RedisStore {
             .arg(idle)
             .arg(metadata)
             .arg(millis(now));
-        self.invoke::<i64>("put_session", invocation)
+        self.invoke_writing::<i64>("put_session", &key, invocation)
             .await
             .map(drop)
     }
@@ -356,11 +490,11 @@ impl RedisStore {
         };
         let mut invocation = self.scripts.end_session.prepare_invoke();
         invocation
-            .key(key)
+            .key(&key)
             .key(tombstone)
             .arg(millis(now))
             .arg(ends.map(|t| millis(t).to_string()).unwrap_or_default());
-        self.invoke::<i64>("end_session", invocation)
+        self.invoke_writing::<i64>("end_session", &key, invocation)
             .await
             .map(|n| n == 1)
     }
@@ -377,9 +511,10 @@ impl RedisStore {
         also: &[(String, SystemTime)],
     ) -> Result<u32, StoreError> {
         let tag = subject_tag(subject);
+        let cutoff_key = self.cutoff_key(subject);
         let mut invocation = self.scripts.logout.prepare_invoke();
         invocation
-            .key(self.cutoff_key(subject))
+            .key(&cutoff_key)
             .key(self.sessions_key(subject))
             .arg(millis(cutoff))
             .arg(millis(until))
@@ -390,19 +525,23 @@ impl RedisStore {
         for (id, ends) in also.iter().filter(|(id, _)| session_tag(id) == Some(&tag)) {
             invocation.arg(id).arg(millis(*ends));
         }
-        self.invoke("logout", invocation).await
+        // The cutoff revokes every token of the subject that its ended sessions carried.
+        self.invoke_writing("logout", &cutoff_key, invocation).await
     }
 
     /// Writes a family's state as PostgreSQL holds it (tiered): a revoked family stays revoked.
     pub(super) async fn put_family(&self, f: &Family, revoked: bool) -> Result<(), StoreError> {
+        let key = self.family_key(&f.id);
         let mut invocation = self.scripts.put_family.prepare_invoke();
         invocation
-            .key(self.family_key(&f.id))
+            .key(&key)
             .arg(&f.subject)
             .arg(&f.current)
             .arg(if revoked { "1" } else { "0" })
             .arg(millis(f.expires_at));
-        self.invoke::<i64>("put_family", invocation).await.map(drop)
+        self.invoke_writing::<i64>("put_family", &key, invocation)
+            .await
+            .map(drop)
     }
 
     /// Copies a cutoff (tiered refill): it only rises.
@@ -412,12 +551,12 @@ impl RedisStore {
         cutoff: SystemTime,
         until: SystemTime,
     ) -> Result<(), StoreError> {
+        let key = self.cutoff_key(subject);
         let mut invocation = self.scripts.put_cutoff.prepare_invoke();
-        invocation
-            .key(self.cutoff_key(subject))
-            .arg(millis(cutoff))
-            .arg(millis(until));
-        self.invoke::<i64>("put_cutoff", invocation).await.map(drop)
+        invocation.key(&key).arg(millis(cutoff)).arg(millis(until));
+        self.invoke_writing::<i64>("put_cutoff", &key, invocation)
+            .await
+            .map(drop)
     }
 
     /// Stores many revocations, a chunk of calls in flight at a time (tiered refill).
@@ -442,14 +581,17 @@ impl RedisStore {
     /// until a refill that starts after this has run.
     pub(super) async fn void_marker(&self) -> Result<(), StoreError> {
         let (filling, complete) = (self.filling_key(), self.complete_key());
-        self.call("void_marker", |mut c| async move {
-            redis::cmd("DEL")
-                .arg(complete)
-                .arg(filling)
-                .query_async::<()>(&mut c)
-                .await
-        })
-        .await
+        let voided = self
+            .call("void_marker", |mut c| async move {
+                redis::cmd("DEL")
+                    .arg(complete)
+                    .arg(filling)
+                    .query_async::<()>(&mut c)
+                    .await
+            })
+            .await;
+        self.forget(&self.complete_key());
+        voided
     }
 
     /// Notes that a refill starts; returns its ticket for [`RedisStore::mark_complete`].
@@ -483,7 +625,9 @@ impl RedisStore {
             .key(self.complete_key())
             .arg(ticket)
             .arg(ttl.as_millis() as u64);
-        self.invoke("mark_complete", invocation).await
+        let marked = self.invoke("mark_complete", invocation).await;
+        self.forget(&self.complete_key());
+        marked
     }
 }
 
@@ -494,11 +638,10 @@ impl Store for RedisStore {
     }
 
     async fn revoke(&self, token_id: &str, until: SystemTime) -> Result<bool, StoreError> {
+        let key = self.revoked_key(token_id);
         let mut invocation = self.scripts.revoke.prepare_invoke();
-        invocation
-            .key(self.revoked_key(token_id))
-            .arg(millis(until));
-        self.invoke::<i64>("revoke", invocation)
+        invocation.key(&key).arg(millis(until));
+        self.invoke_writing::<i64>("revoke", &key, invocation)
             .await
             .map(|n| n == 1)
     }
@@ -546,9 +689,10 @@ impl Store for RedisStore {
             .map(|t| millis(t).to_string())
             .unwrap_or_default();
         let mut invocation = self.scripts.touch_session.prepare_invoke();
-        invocation.key(key).arg(millis(now)).arg(idle);
-        let fields: Option<HashMap<String, String>> =
-            self.invoke("touch_session", invocation).await?;
+        invocation.key(&key).arg(millis(now)).arg(idle);
+        let fields: Option<HashMap<String, String>> = self
+            .invoke_writing("touch_session", &key, invocation)
+            .await?;
         Ok(fields.and_then(|f| session_from(id, f)))
     }
 
@@ -604,16 +748,17 @@ impl Store for RedisStore {
         now: SystemTime,
         replay_until: SystemTime,
     ) -> Result<Rotation, StoreError> {
+        let key = self.family_key(family_id);
         let mut invocation = self.scripts.rotate.prepare_invoke();
         invocation
-            .key(self.family_key(family_id))
+            .key(&key)
             .arg(presented)
             .arg(&successor.refresh_id)
             .arg(&successor.access_id)
             .arg(successor.issued_at_ms)
             .arg(millis(now))
             .arg(millis(replay_until));
-        let answer: Vec<String> = self.invoke("rotate", invocation).await?;
+        let answer: Vec<String> = self.invoke_writing("rotate", &key, invocation).await?;
         let ends = |i: usize| from_millis(answer[i].parse().unwrap_or(0));
         Ok(match answer.first().map(String::as_str) {
             Some("rotated") if answer.len() == 2 => Rotation::Rotated {
@@ -647,6 +792,25 @@ impl Store for RedisStore {
         cost: u32,
         at: Option<SystemTime>,
     ) -> Result<Decision, StoreError> {
+        // A denial holds until its retry_after on every node, for this cost and any higher
+        // (the state only moves forward until a reset, which the view hears of), so the view
+        // may answer it again. Not for calls at a given instant (the conformance traces).
+        let denials = self.view.as_ref().filter(|_| at.is_none());
+        let mut claim = None;
+        if let Some(view) = denials {
+            let name = self.reset_key(policy, key);
+            let now_ms = millis(SystemTime::now());
+            match view.lookup(&name, now_ms) {
+                Lookup::Hit(held) => {
+                    if let Some(decision) = Denial::answer(held, p, cost, now_ms) {
+                        return Ok(decision);
+                    }
+                }
+                Lookup::Miss(ticket) => claim = Some((name, ticket)),
+                Lookup::Bypass => {}
+            }
+        }
+        let sent_ms = millis(SystemTime::now());
         let mut invocation = self.scripts.rate_limit.prepare_invoke();
         invocation
             .key(self.rate_key(policy, key))
@@ -655,8 +819,18 @@ impl Store for RedisStore {
             .arg(p.lockout_us)
             .arg(cost)
             .arg(at.map(|t| micros(t).to_string()).unwrap_or_default());
-        let (allowed, remaining, retry_us, reset_us): (i64, i64, i64, i64) =
-            self.invoke("rate_limit", invocation).await?;
+        let answer: Result<(i64, i64, i64, i64), _> = self.invoke("rate_limit", invocation).await;
+        if let (Some(view), Some((name, ticket))) = (denials, claim) {
+            match &answer {
+                Ok((0, remaining, retry_us, reset_us)) => view.fill(
+                    &name,
+                    ticket,
+                    Denial::entry(sent_ms, cost, *remaining, *retry_us, *reset_us),
+                ),
+                _ => view.abandon(&name, ticket),
+            }
+        }
+        let (allowed, remaining, retry_us, reset_us) = answer?;
         Ok(Decision::from_micros(
             allowed == 1,
             p,
@@ -667,14 +841,27 @@ impl Store for RedisStore {
     }
 
     async fn reset_rate_limit(&self, policy: &str, key: &str) -> Result<(), StoreError> {
-        let redis_key = self.rate_key(policy, key);
-        self.call("del", |mut c| async move {
-            redis::cmd("DEL")
-                .arg(redis_key)
-                .query_async::<()>(&mut c)
-                .await
-        })
-        .await
+        let (state, marker) = (self.rate_key(policy, key), self.reset_key(policy, key));
+        self.forget(&marker);
+        let reset = self
+            .call("del", |mut c| async move {
+                redis::cmd("DEL")
+                    .arg(state)
+                    .query_async::<()>(&mut c)
+                    .await?;
+                // After the state is gone: a node that hears of the marker and asks again finds
+                // the full allowance. The marker's own value does not matter; its write does.
+                redis::cmd("SET")
+                    .arg(marker)
+                    .arg(1)
+                    .arg("PX")
+                    .arg(1000)
+                    .query_async::<()>(&mut c)
+                    .await
+            })
+            .await;
+        self.forget(&self.reset_key(policy, key));
+        reset
     }
 
     async fn purge_expired(&self) -> Result<usize, StoreError> {

@@ -1,0 +1,282 @@
+//! Change feeds that keep a [`View`] coherent: Redis server-assisted client-side caching
+//! (a RESP3 connection with `CLIENT TRACKING ... BCAST`) and PostgreSQL `LISTEN`.
+//!
+//! Each feed proves itself every [`PROOF_INTERVAL`] with a probe through the same connection
+//! as the changes (a PING; a NOTIFY to itself). A backend sends a connection's messages in
+//! order, so a probe's answer comes after every change the backend sent before it; the feed
+//! applies those first, then lets the view answer until the probe's send time plus
+//! [`PROOF_WINDOW`]. A lost connection, a closed channel or an overdue probe makes the view
+//! stop answering and empties it; the feed then reconnects with backoff.
+
+use std::collections::VecDeque;
+use std::pin::Pin;
+use std::time::{Duration, Instant};
+
+use redis::{AsyncConnectionConfig, ProtocolVersion, PushInfo, PushKind, Value};
+use sqlx::postgres::{PgConnectOptions, PgListener, PgPoolOptions};
+use tokio::sync::mpsc;
+
+use super::cache::{FlushCause, PROOF_INTERVAL, PROOF_WINDOW, View};
+use super::{FIRST_BACKOFF, MAX_BACKOFF};
+
+/// The name the Redis tracking connection gives itself (`CLIENT LIST` shows it).
+pub const REDIS_FEED_NAME: &str = "auth-sidecar-feed";
+
+/// The PostgreSQL channel the tables' triggers notify (see the `change_feed` migration).
+pub const POSTGRES_CHANNEL: &str = "auth_sidecar_facts";
+
+/// How many triggers the `change_feed` migration creates.
+const FEED_TRIGGERS: i64 = 8;
+
+/// Runs a feed for as long as the process: each session ends in an error, after which the
+/// view is emptied and the feed reconnects, waiting 100 ms after the first failure and twice
+/// as long after each next one up to 5 s.
+fn run_forever<F, Fut>(backend: &'static str, view: View, mut session: F)
+where
+    F: FnMut(View) -> Fut + Send + 'static,
+    Fut: Future<Output = (String, bool)> + Send,
+{
+    tokio::spawn(async move {
+        let mut backoff = FIRST_BACKOFF;
+        loop {
+            let (why, was_live) = session(view.clone()).await;
+            view.lost(&why);
+            if was_live {
+                backoff = FIRST_BACKOFF;
+            }
+            tracing::debug!(backend, reason = why, retry_in = ?backoff, "revocation cache feed ended");
+            tokio::time::sleep(backoff).await;
+            backoff = (backoff * 2).min(MAX_BACKOFF);
+        }
+    });
+}
+
+/// Starts the Redis feed: invalidations of keys under `prefixes` reach `view`.
+pub fn spawn_redis(client: redis::Client, prefixes: Vec<String>, timeout: Duration, view: View) {
+    run_forever("redis", view, move |view| {
+        let (client, prefixes) = (client.clone(), prefixes.clone());
+        async move {
+            let mut was_live = false;
+            let why = match redis_session(&client, &prefixes, timeout, &view, &mut was_live).await {
+                Ok(never) => match never {},
+                Err(why) => why,
+            };
+            (why, was_live)
+        }
+    });
+}
+
+type Probe = Pin<Box<dyn Future<Output = redis::RedisResult<()>> + Send>>;
+
+async fn redis_session(
+    client: &redis::Client,
+    prefixes: &[String],
+    timeout: Duration,
+    view: &View,
+    was_live: &mut bool,
+) -> Result<std::convert::Infallible, String> {
+    // Pushes are applied in the connection's own reader, as it reads them: before any reply
+    // that follows them (a probe's PONG), and with no task hop before the view drops a key.
+    // What ends the session goes to this loop.
+    let (ended, mut end) = mpsc::unbounded_channel();
+    let sink = view.clone();
+    let config = AsyncConnectionConfig::new()
+        .set_connection_timeout(Some(timeout))
+        .set_response_timeout(Some(timeout))
+        .set_push_sender(move |push: PushInfo| {
+            if let Err(why) = apply_push(&sink, push) {
+                let _ = ended.send(why);
+            }
+            Ok::<(), redis::aio::SendError>(())
+        });
+    let info = client.get_connection_info().clone();
+    let resp3 = info
+        .redis_settings()
+        .clone()
+        .set_protocol(ProtocolVersion::RESP3);
+    let client = redis::Client::open(info.set_redis_settings(resp3)).map_err(|e| e.to_string())?;
+    let mut conn = client
+        .get_multiplexed_async_connection_with_config(&config)
+        .await
+        .map_err(|e| format!("connect: {e}"))?;
+    redis::cmd("CLIENT")
+        .arg("SETNAME")
+        .arg(REDIS_FEED_NAME)
+        .query_async::<()>(&mut conn)
+        .await
+        .map_err(|e| format!("client setname: {e}"))?;
+    let mut tracking = redis::cmd("CLIENT");
+    tracking.arg("TRACKING").arg("ON").arg("BCAST");
+    for prefix in prefixes {
+        tracking.arg("PREFIX").arg(prefix);
+    }
+    tracking
+        .query_async::<()>(&mut conn)
+        .await
+        .map_err(|e| format!("client tracking: {e}"))?;
+
+    let mut tick = tokio::time::interval(PROOF_INTERVAL);
+    let mut probe: Option<(Instant, Probe)> = None;
+    loop {
+        tokio::select! {
+            why = end.recv() => return Err(why.unwrap_or_else(|| "push sender dropped".into())),
+            answer = async { probe.as_mut().expect("guarded").1.as_mut().await }, if probe.is_some() => {
+                let (sent, _) = probe.take().expect("guarded");
+                answer.map_err(|e| format!("probe: {e}"))?;
+                // Every push Redis sent before the answer has been applied.
+                view.proven(sent);
+                *was_live = true;
+            }
+            _ = tick.tick() => match &probe {
+                Some((sent, _)) if sent.elapsed() >= PROOF_WINDOW => {
+                    return Err("probe unanswered".into());
+                }
+                Some(_) => {}
+                None => {
+                    let mut c = conn.clone();
+                    probe = Some((
+                        Instant::now(),
+                        Box::pin(async move { redis::cmd("PING").query_async::<()>(&mut c).await }),
+                    ));
+                }
+            },
+        }
+    }
+}
+
+fn apply_push(view: &View, push: PushInfo) -> Result<(), String> {
+    match push.kind {
+        PushKind::Invalidate => {
+            for item in &push.data {
+                match item {
+                    // A null invalidation: FLUSHALL, FLUSHDB, or Redis could not say which keys.
+                    Value::Nil => view.flush(FlushCause::Backend),
+                    Value::Array(keys) => {
+                        for key in keys {
+                            invalidate_value(view, key);
+                        }
+                    }
+                    key => invalidate_value(view, key),
+                }
+            }
+            Ok(())
+        }
+        PushKind::Disconnection => Err("disconnected".into()),
+        _ => Ok(()),
+    }
+}
+
+fn invalidate_value(view: &View, key: &Value) {
+    match key {
+        Value::BulkString(bytes) => view.invalidate(&String::from_utf8_lossy(bytes)),
+        Value::SimpleString(s) => view.invalidate(s),
+        // Not a key name: say nothing can be trusted.
+        _ => view.flush(FlushCause::Backend),
+    }
+}
+
+/// Starts the PostgreSQL feed over a connection of its own (`options`): notifications on
+/// [`POSTGRES_CHANNEL`] name the fact that changed (`r:`, `c:`, `s:`, `f:` and an id) or say
+/// `flush`.
+pub fn spawn_postgres(options: PgConnectOptions, timeout: Duration, view: View) {
+    run_forever("postgres", view, move |view| {
+        let options = options.clone();
+        async move {
+            let mut was_live = false;
+            let why = match postgres_session(options, timeout, &view, &mut was_live).await {
+                Ok(never) => match never {},
+                Err(e) => e,
+            };
+            (why, was_live)
+        }
+    });
+}
+
+async fn postgres_session(
+    options: PgConnectOptions,
+    timeout: Duration,
+    view: &View,
+    was_live: &mut bool,
+) -> Result<std::convert::Infallible, String> {
+    let pool = PgPoolOptions::new()
+        .max_connections(1)
+        .acquire_timeout(timeout)
+        .max_lifetime(None)
+        .idle_timeout(None)
+        .connect_lazy_with(options.application_name("auth-sidecar feed"));
+    let mut listener = PgListener::connect_with(&pool)
+        .await
+        .map_err(|e| format!("connect: {e}"))?;
+    listener.eager_reconnect(false);
+    listener.ignore_pool_close_event(true);
+    tokio::time::timeout(timeout, listener.listen(POSTGRES_CHANNEL))
+        .await
+        .map_err(|_| "listen: timed out".to_owned())?
+        .map_err(|e| format!("listen: {e}"))?;
+
+    // Without the triggers (a database migrated by an older version, or not yet) no change
+    // would be heard of: never go live then.
+    let (triggers,): (i64,) = tokio::time::timeout(
+        timeout,
+        sqlx::query_as(
+            "SELECT count(*) FROM pg_trigger WHERE tgname LIKE 'auth\\_sidecar\\_feed\\_%'",
+        )
+        .fetch_one(&mut listener),
+    )
+    .await
+    .map_err(|_| "triggers: timed out".to_owned())?
+    .map_err(|e| format!("triggers: {e}"))?;
+    if triggers < FEED_TRIGGERS {
+        return Err("the change-feed triggers are missing: run the migrations".into());
+    }
+
+    // Each probe is a NOTIFY to ourselves, numbered; the queue delivers in commit order.
+    let beat = format!("beat:{}:", crate::ids::random_id());
+    let mut sent: VecDeque<(u64, Instant)> = VecDeque::new();
+    let mut next = 0u64;
+    let mut tick = tokio::time::interval(PROOF_INTERVAL);
+    loop {
+        tokio::select! {
+            received = listener.try_recv() => {
+                let notification = received
+                    .map_err(|e| format!("receive: {e}"))?
+                    .ok_or("connection lost")?;
+                let payload = notification.payload();
+                if let Some(n) = payload.strip_prefix(beat.as_str()) {
+                    let n: u64 = n.parse().map_err(|_| "bad probe")?;
+                    while let Some(&(m, at)) = sent.front() && m <= n {
+                        sent.pop_front();
+                        if m == n {
+                            view.proven(at);
+                            *was_live = true;
+                        }
+                    }
+                } else if payload.starts_with("beat:") {
+                    // Another node's probe.
+                } else if payload == "flush" {
+                    view.flush(FlushCause::Backend);
+                } else {
+                    view.invalidate(payload);
+                }
+            }
+            _ = tick.tick() => {
+                if sent.front().is_some_and(|(_, at)| at.elapsed() >= PROOF_WINDOW) {
+                    return Err("probe unanswered".into());
+                }
+                let payload = format!("{beat}{next}");
+                sent.push_back((next, Instant::now()));
+                next += 1;
+                tokio::time::timeout(
+                    timeout,
+                    sqlx::query("SELECT pg_notify($1, $2)")
+                        .bind(POSTGRES_CHANNEL)
+                        .bind(payload)
+                        .execute(&mut listener),
+                )
+                .await
+                .map_err(|_| "probe: timed out".to_owned())?
+                .map_err(|e| format!("probe: {e}"))?;
+            }
+        }
+    }
+}
