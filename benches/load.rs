@@ -3,9 +3,13 @@
 //! ceiling of a no-op call on this server), and Validate and Issue on every storage backend
 //! (memory, and the machine's Redis and PostgreSQL), Validate of a token bound to a session
 //! on redis and tiered, and Validate and Issue with every family of signing key (HS256,
-//! ES256, EdDSA, RS256), in one run. Scenarios run in
-//! alternating rounds, so drift on a shared machine touches all of them alike; the figures are
+//! ES256, EdDSA, RS256), in one run. The shared backends run twice, with the revocation view
+//! and without it (`--revocation-cache 0`), for a repeated token, 20,000 distinct tokens and a
+//! hot denied rate-limit key. Scenarios run in alternating rounds, so drift on a shared machine touches all of them alike; the figures are
 //! medians over the rounds, and each is given as a ratio to Check.
+//!
+//! Then, on redis, tiered and postgres: the staleness of the view across nodes under load (two
+//! more sidecars on the same storage; revoke on one, time until the other rejects).
 //!
 //! `cargo bench --bench load -- [--seconds S] [--rounds R] [--concurrency N] [--connections M]`
 
@@ -84,6 +88,8 @@ enum Scenario {
     ValidateDistinct,
     Issue,
     RateLimit,
+    /// CheckRateLimit of one key every caller shares, denied after its first call.
+    RateLimitDenied,
 }
 
 /// A sidecar measured: a storage backend, the algorithm of its signing key, and whether it
@@ -93,15 +99,20 @@ struct Target {
     storage: &'static str,
     alg: Alg,
     traced: bool,
+    /// Whether the revocation view is on (the default).
+    cache: bool,
 }
 
 /// Every backend with an HS256 key, the memory backend with each public-key algorithm, and
 /// the memory backend exporting every span to an OTLP collector.
-const TARGETS: [Target; 8] = [
+const TARGETS: [Target; 11] = [
     Target::hs256("memory"),
     Target::hs256("redis"),
     Target::hs256("postgres"),
     Target::hs256("tiered"),
+    Target::uncached("redis no view", "redis"),
+    Target::uncached("postgres no view", "postgres"),
+    Target::uncached("tiered no view", "tiered"),
     Target::keyed("memory ES256", Alg::ES256),
     Target::keyed("memory EdDSA", Alg::EdDSA),
     Target::keyed("memory RS256", Alg::RS256),
@@ -110,6 +121,7 @@ const TARGETS: [Target; 8] = [
         storage: "memory",
         alg: Alg::HS256,
         traced: true,
+        cache: true,
     },
 ];
 
@@ -120,6 +132,17 @@ impl Target {
             storage,
             alg: Alg::HS256,
             traced: false,
+            cache: true,
+        }
+    }
+
+    const fn uncached(name: &'static str, storage: &'static str) -> Target {
+        Target {
+            name,
+            storage,
+            alg: Alg::HS256,
+            traced: false,
+            cache: false,
         }
     }
 
@@ -129,6 +152,7 @@ impl Target {
             storage: "memory",
             alg,
             traced: false,
+            cache: true,
         }
     }
 }
@@ -152,6 +176,7 @@ impl Case {
             Scenario::ValidateDistinct => format!("Validate misses ({backend})"),
             Scenario::Issue => format!("Issue ({backend})"),
             Scenario::RateLimit => format!("CheckRateLimit ({backend})"),
+            Scenario::RateLimitDenied => format!("CheckRateLimit denied ({backend})"),
         }
     }
 }
@@ -210,7 +235,10 @@ fn main() {
         if target.traced {
             continue;
         }
-        if target.storage == "memory" {
+        // The miss path of the verify cache on memory (where the store adds nothing), for
+        // each algorithm; on the shared backends, 20,000 tokens the revocation view holds
+        // once warm, or, without the view, 20,000 tokens read from the backend.
+        if target.storage == "memory" || target.alg == Alg::HS256 {
             cases.push(Case {
                 scenario: Scenario::ValidateDistinct,
                 backend,
@@ -223,6 +251,12 @@ fn main() {
         if name == "memory" || name == "redis" {
             cases.push(Case {
                 scenario: Scenario::RateLimit,
+                backend,
+            });
+        }
+        if name == "redis" || name == "redis no view" {
+            cases.push(Case {
+                scenario: Scenario::RateLimitDenied,
                 backend,
             });
         }
@@ -281,6 +315,21 @@ fn main() {
             }
         }
     });
+    // Staleness across nodes: a second sidecar on the storage of each cached target.
+    let mut staleness = Vec::new();
+    if opts.only.is_none() {
+        for storage in ["redis", "tiered", "postgres"] {
+            let a = TARGETS
+                .iter()
+                .position(|t| t.name == storage)
+                .expect("a target per storage");
+            let (mut b, b_api) = start_sidecar(&TARGETS[a], keys_dir.path(), &collector, false);
+            let report = runtime.block_on(measure_staleness(&sidecars[a].1, &b_api));
+            staleness.push((storage, report));
+            let _ = b.kill();
+            let _ = b.wait();
+        }
+    }
     for (mut child, _) in sidecars {
         let _ = child.kill();
         let _ = child.wait();
@@ -320,6 +369,94 @@ fn main() {
             cpu
         );
     }
+    for (storage, (samples, accepted)) in staleness {
+        let at = |p: f64| samples[((samples.len() - 1) as f64 * p).round() as usize];
+        println!(
+            "staleness ({storage}): {} revocations, Revoke OK on node A to first rejection on \
+             node B under load: p50 {:?}, p99 {:?}, max {:?}; {accepted} Validates accepted \
+             after the OK",
+            samples.len(),
+            at(0.5),
+            at(0.99),
+            samples[samples.len() - 1]
+        );
+    }
+}
+
+/// Revocations measured per storage by the staleness run.
+const STALENESS_SAMPLES: usize = 2000;
+
+/// Revokes tokens on `a`, each held in `b`'s view, while `b` serves a load of Validates; for
+/// each, the time from the Revoke's OK to the sending of the first Validate on `b` that
+/// rejects it. Returns the sorted samples and how many Validates accepted a token after its
+/// Revoke's OK.
+async fn measure_staleness(a: &str, b: &str) -> (Vec<Duration>, u64) {
+    let (a, b) = (&connect_all(a, 1).await[0], connect_all(b, 2).await);
+    // The feed of a fresh sidecar goes live within milliseconds; give it a second.
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    let tokens = issue_tokens(a, STALENESS_SAMPLES + 1).await;
+    let mut observer = TokenServiceClient::new(b[0].clone());
+    for t in tokens.iter().chain(tokens.iter()) {
+        observer
+            .validate(pb::ValidateRequest {
+                token: t.clone(),
+                ..Default::default()
+            })
+            .await
+            .unwrap();
+    }
+    let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let load: Vec<_> = (0..16)
+        .map(|_| {
+            let (mut api, stop) = (TokenServiceClient::new(b[1].clone()), stop.clone());
+            let hot = tokens[STALENESS_SAMPLES].clone();
+            tokio::spawn(async move {
+                while !stop.load(std::sync::atomic::Ordering::Relaxed) {
+                    api.validate(pb::ValidateRequest {
+                        token: hot.clone(),
+                        ..Default::default()
+                    })
+                    .await
+                    .unwrap();
+                }
+            })
+        })
+        .collect();
+    let mut revoker = TokenServiceClient::new(a.clone());
+    let mut samples = Vec::with_capacity(STALENESS_SAMPLES);
+    let mut accepted = 0;
+    for t in &tokens[..STALENESS_SAMPLES] {
+        revoker
+            .revoke(pb::RevokeRequest {
+                target: Some(pb::revoke_request::Target::Token(t.clone())),
+                reason: "bench".into(),
+            })
+            .await
+            .unwrap();
+        let ok = Instant::now();
+        loop {
+            let sent = Instant::now();
+            let answer = observer
+                .validate(pb::ValidateRequest {
+                    token: t.clone(),
+                    ..Default::default()
+                })
+                .await
+                .unwrap()
+                .into_inner();
+            if !answer.valid {
+                samples.push(sent - ok);
+                break;
+            }
+            accepted += 1;
+        }
+    }
+    stop.store(true, std::sync::atomic::Ordering::Relaxed);
+    for task in load {
+        task.await.unwrap();
+    }
+    samples.sort();
+    (samples, accepted)
 }
 
 fn median(values: impl Iterator<Item = f64>) -> f64 {
@@ -416,6 +553,17 @@ async fn run(
                             .await
                             .unwrap();
                         assert!(r.get_ref().valid);
+                    }
+                    Scenario::RateLimitDenied => {
+                        let r = api
+                            .check_rate_limit(pb::CheckRateLimitRequest {
+                                policy: "denied".into(),
+                                key: "hot".into(),
+                                cost: None,
+                            })
+                            .await
+                            .unwrap();
+                        assert!(!r.get_ref().allowed || r.get_ref().remaining == 0);
                     }
                     Scenario::RateLimit => {
                         // One key per caller: the step's own cost, not contention on a key.
@@ -573,7 +721,16 @@ fn start_sidecar(
         "127.0.0.1:0",
     ])
     .args(["--storage", target.storage, "--redis-prefix", "bench:"])
-    .args(["--rate-limit", "bench=1000000/1s"])
+    .args([
+        "--rate-limit",
+        "bench=1000000/1s",
+        "--rate-limit",
+        "denied=1/1h",
+    ])
+    .args([
+        "--revocation-cache",
+        if target.cache { "64MiB" } else { "0" },
+    ])
     .env("REDIS_URL", "redis://127.0.0.1:6379")
     .env(
         "DATABASE_URL",

@@ -8,7 +8,8 @@ use std::net::TcpListener;
 use std::os::unix::process::CommandExt;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
-use std::sync::OnceLock;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, OnceLock};
 use std::time::{Duration, Instant};
 
 use super::now_nanos;
@@ -560,13 +561,23 @@ fn chown(path: &Path, uid: u32, gid: u32) {
 }
 
 /// A TCP proxy to a local port that holds every chunk it forwards for `delay`: a slow link
-/// to a backend, for one node only. Runs until the test binary exits.
+/// to a backend, for one node only. It can also freeze: forward nothing, in either direction,
+/// yet keep every connection open, as a link that silently stops carrying packets does. Runs
+/// until the test binary exits.
 pub struct SlowLink {
     pub port: u16,
+    frozen: Arc<AtomicBool>,
 }
 
 impl SlowLink {
+    /// Stops forwarding, leaving the connections open.
+    pub fn freeze(&self) {
+        self.frozen.store(true, Ordering::SeqCst);
+    }
+
     pub fn to(upstream: u16, delay: Duration) -> SlowLink {
+        let frozen = Arc::new(AtomicBool::new(false));
+        let held = frozen.clone();
         let listener = TcpListener::bind("127.0.0.1:0").unwrap();
         let port = listener.local_addr().unwrap().port();
         listener.set_nonblocking(true).unwrap();
@@ -579,6 +590,7 @@ impl SlowLink {
                 let listener = tokio::net::TcpListener::from_std(listener).unwrap();
                 loop {
                     let (client, _) = listener.accept().await.unwrap();
+                    let frozen = held.clone();
                     tokio::spawn(async move {
                         let Ok(server) =
                             tokio::net::TcpStream::connect(("127.0.0.1", upstream)).await
@@ -587,12 +599,15 @@ impl SlowLink {
                         };
                         let (cr, cw) = client.into_split();
                         let (sr, sw) = server.into_split();
-                        tokio::join!(slow_copy(cr, sw, delay), slow_copy(sr, cw, delay));
+                        tokio::join!(
+                            slow_copy(cr, sw, delay, frozen.clone()),
+                            slow_copy(sr, cw, delay, frozen)
+                        );
                     });
                 }
             });
         });
-        SlowLink { port }
+        SlowLink { port, frozen }
     }
 }
 
@@ -600,11 +615,15 @@ async fn slow_copy(
     mut from: tokio::net::tcp::OwnedReadHalf,
     mut to: tokio::net::tcp::OwnedWriteHalf,
     delay: Duration,
+    frozen: Arc<AtomicBool>,
 ) {
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
     let mut buf = vec![0u8; 64 * 1024];
     while let Ok(n @ 1..) = from.read(&mut buf).await {
         tokio::time::sleep(delay).await;
+        while frozen.load(Ordering::SeqCst) {
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
         if to.write_all(&buf[..n]).await.is_err() {
             break;
         }

@@ -262,6 +262,21 @@ impl Sidecar {
     }
 
     /// `GET path` over HTTP/1.1 on the ops listener; returns the status code.
+    /// The sum of a Prometheus series on /metrics over every label set that contains each
+    /// of `labels` (`name="value"` pieces); 0 when there is none.
+    pub fn metric(&self, name: &str, labels: &[&str]) -> f64 {
+        http_get(self.ops, "/metrics")
+            .body
+            .lines()
+            .filter(|l| {
+                l.strip_prefix(name)
+                    .is_some_and(|rest| rest.starts_with('{') || rest.starts_with(' '))
+                    && labels.iter().all(|label| l.contains(label))
+            })
+            .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
+            .sum()
+    }
+
     pub fn ops_get(&self, path: &str) -> u16 {
         http_get_status(self.ops, path)
     }
@@ -363,6 +378,11 @@ pub fn http_get(addr: SocketAddr, path: &str) -> HttpResponse {
     }
 }
 
+/// How long after a write on one node another node may still answer from its revocation
+/// view: the feed's proof window (`store::cache::PROOF_WINDOW`). In practice the view hears
+/// of the write one push after it, well under a millisecond here.
+pub const VIEW_BOUND: Duration = Duration::from_secs(1);
+
 /// A TokenService client with one helper per call the tests make.
 #[derive(Clone)]
 pub struct Client(pub TokenServiceClient<Channel>);
@@ -415,6 +435,20 @@ impl Client {
             resp.claims.is_none() && resp.subject.is_empty(),
             "claims leaked: {resp:?}"
         );
+    }
+
+    /// Asserts that `token`, revoked through another node, is rejected here for `reason`
+    /// within [`VIEW_BOUND`]: this node's revocation view may not have heard of it yet.
+    pub async fn assert_rejected_soon(&mut self, token: &str, reason: pb::InvalidReason) {
+        let start = Instant::now();
+        while self.validate(token).await.expect("validate").valid {
+            assert!(
+                start.elapsed() < VIEW_BOUND,
+                "accepted for longer than the view's bound, expected {reason:?}"
+            );
+            tokio::time::sleep(Duration::from_millis(1)).await;
+        }
+        self.assert_rejected(token, reason).await;
     }
 
     pub async fn revoke(

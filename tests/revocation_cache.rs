@@ -1,0 +1,529 @@
+//! The revocation view: Validate answers from a node-local view only while the backend's
+//! change feed is proven live. Measured here: how long after a Revoke's OK on one node the
+//! others still accept the token, under load, on Redis, tiered and PostgreSQL storage; and
+//! what a lost, killed, silenced or flushed feed does to a node's answers.
+
+mod support;
+
+use std::time::{Duration, Instant};
+
+use auth_sidecar::pb;
+use futures_util::future::join_all;
+use pb::InvalidReason as R;
+use pb::revoke_request::Target;
+use support::backends::{Backend, PostgresServer, RedisServer, SlowLink, Storage};
+use support::{Client, Deployment, Sidecar};
+use tonic::Code;
+
+/// How long a feed's proof of life lasts (`store::cache::PROOF_WINDOW`): the documented bound
+/// on how long a node may answer from its view after its feed went silent.
+const PROOF_WINDOW: Duration = Duration::from_secs(1);
+
+const HITS: &str = "authsidecar_revocation_cache_hits_total";
+const MISSES: &str = "authsidecar_revocation_cache_misses_total";
+const FLUSHES: &str = "authsidecar_revocation_cache_flushes_total";
+const FEED_UP: &str = "authsidecar_revocation_cache_feed_up";
+
+/// Waits until `node`'s feed is proven live.
+fn wait_live(node: &Sidecar) {
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while node.metric(FEED_UP, &[]) < 1.0 {
+        assert!(Instant::now() < deadline, "the feed never went live");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
+fn deployment(storage: Storage, n: usize, args: &[&str]) -> Deployment {
+    let d = Deployment::on(storage, n, args);
+    for node in &d.nodes {
+        wait_live(node);
+    }
+    d
+}
+
+async fn issue_many(client: &mut Client, n: usize) -> Vec<pb::IssueResponse> {
+    let mut tokens = Vec::with_capacity(n);
+    for i in 0..n {
+        tokens.push(client.issue(&format!("user{i}")).await);
+    }
+    tokens
+}
+
+/// Percentile `p` of sorted durations.
+fn pct(sorted: &[Duration], p: f64) -> Duration {
+    sorted[((sorted.len() - 1) as f64 * p).round() as usize]
+}
+
+/// Validates `token` on `client` until it is rejected: the time from `ok` to the sending of
+/// the first call that was rejected, and how many calls sent after `ok` accepted it.
+async fn until_rejected(client: &mut Client, token: &str, ok: Instant) -> (Duration, u32) {
+    let mut accepted = 0;
+    loop {
+        let sent = Instant::now();
+        let answer = client.validate(token).await.expect("validate");
+        if !answer.valid {
+            assert_eq!(answer.reason(), R::Revoked);
+            return (sent - ok, accepted);
+        }
+        accepted += 1;
+        assert!(
+            sent - ok < PROOF_WINDOW * 2,
+            "accepted a revoked token for longer than the bound"
+        );
+    }
+}
+
+/// Three nodes; two of them serve a steady load of Validates of other tokens, from their
+/// views. For each of `SAMPLES` tokens, cached on those two: Revoke on the first node, then
+/// on the other two, the time from the Revoke's OK to the first rejection. Every sample is
+/// under the documented bound, and the figures are printed.
+async fn staleness(backend: Backend) {
+    const SAMPLES: usize = 1000;
+    let d = deployment(Storage::new(backend), 3, &[]);
+    let mut a = d.nodes[0].client().await;
+    let observers = [d.nodes[1].client().await, d.nodes[2].client().await];
+    let tokens = issue_many(&mut a, SAMPLES).await;
+    let load_tokens = issue_many(&mut a, 64).await;
+    for mut c in observers.clone() {
+        for t in tokens.iter().chain(&load_tokens) {
+            c.assert_valid(&t.token).await;
+        }
+    }
+    let hits_before = d.nodes[1].metric(HITS, &[]);
+
+    let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let mut load = Vec::new();
+    for (i, c) in observers.iter().enumerate() {
+        for k in 0..4 {
+            let (mut c, stop) = (c.clone(), stop.clone());
+            let tokens: Vec<String> = load_tokens
+                .iter()
+                .skip(i * 32 + k * 8)
+                .take(8)
+                .map(|t| t.token.clone())
+                .collect();
+            load.push(tokio::spawn(async move {
+                let mut n = 0u64;
+                while !stop.load(std::sync::atomic::Ordering::Relaxed) {
+                    for t in &tokens {
+                        c.assert_valid(t).await;
+                        n += 1;
+                    }
+                }
+                n
+            }));
+        }
+    }
+
+    let mut samples = Vec::with_capacity(SAMPLES * 2);
+    let mut accepted_after_ok = 0;
+    for t in &tokens {
+        a.revoke(Target::TokenId(t.token_id.clone()))
+            .await
+            .expect("revoke");
+        let ok = Instant::now();
+        let seen = join_all(observers.iter().map(|c| {
+            let mut c = c.clone();
+            async move { until_rejected(&mut c, &t.token, ok).await }
+        }))
+        .await;
+        for (elapsed, accepted) in seen {
+            samples.push(elapsed);
+            accepted_after_ok += accepted;
+        }
+    }
+    stop.store(true, std::sync::atomic::Ordering::Relaxed);
+    let served: u64 = join_all(load).await.into_iter().map(|n| n.unwrap()).sum();
+
+    samples.sort();
+    eprintln!(
+        "staleness on {backend:?}: {} samples under a load of {served} Validates: p50 {:?}, \
+         p99 {:?}, max {:?}; {accepted_after_ok} calls accepted after the Revoke's OK",
+        samples.len(),
+        pct(&samples, 0.5),
+        pct(&samples, 0.99),
+        samples[samples.len() - 1],
+    );
+    assert!(samples[samples.len() - 1] < PROOF_WINDOW);
+    // The observers answered from their views: the load alone is thousands of hits.
+    assert!(d.nodes[1].metric(HITS, &[]) - hits_before > 1000.0);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn staleness_on_redis_is_one_push() {
+    staleness(Backend::Redis).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn staleness_on_tiered_is_one_push() {
+    staleness(Backend::Tiered).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn staleness_on_postgres_is_one_notification() {
+    staleness(Backend::Postgres).await;
+}
+
+/// A node that revokes sees its own revocation at once, without waiting for its feed.
+#[tokio::test]
+async fn a_node_sees_its_own_writes_at_once() {
+    for backend in [Backend::Redis, Backend::Postgres] {
+        let d = deployment(Storage::new(backend), 1, &[]);
+        let mut a = d.client().await;
+        for t in issue_many(&mut a, 200).await {
+            a.assert_valid(&t.token).await;
+            a.assert_valid(&t.token).await;
+            a.revoke(Target::TokenId(t.token_id)).await.unwrap();
+            a.assert_rejected(&t.token, R::Revoked).await;
+        }
+    }
+}
+
+/// The ids of the tracking connections on `server`.
+fn feed_connections(server: &RedisServer) -> Vec<String> {
+    server
+        .cli(&["CLIENT", "LIST"])
+        .lines()
+        .filter(|l| l.contains("name=auth-sidecar-feed"))
+        .filter_map(|l| l.split_whitespace().next()?.strip_prefix("id="))
+        .map(str::to_owned)
+        .collect()
+}
+
+/// `CLIENT KILL` of the tracking connection alone: the node notices, empties its view, and
+/// reads Redis until its feed is back; a revocation made meanwhile is honoured.
+#[tokio::test]
+async fn a_killed_tracking_connection_empties_the_view() {
+    let server = RedisServer::start();
+    let d = deployment(Storage::on_redis(&server), 2, &[]);
+    let (mut a, mut b) = (d.nodes[0].client().await, d.nodes[1].client().await);
+    let t = a.issue("alice").await;
+    b.assert_valid(&t.token).await;
+    b.assert_valid(&t.token).await;
+    let flushes = d.nodes[1].metric(FLUSHES, &["cause=\"feed_down\""]);
+    let ids = feed_connections(&server);
+    assert_eq!(ids.len(), 2, "one tracking connection per node");
+    for id in ids {
+        server.cli(&["CLIENT", "KILL", "ID", &id]);
+    }
+    a.revoke(Target::TokenId(t.token_id.clone())).await.unwrap();
+    let ok = Instant::now();
+    let (elapsed, _) = until_rejected(&mut b, &t.token, ok).await;
+    assert!(elapsed < PROOF_WINDOW, "{elapsed:?}");
+    let deadline = Instant::now() + Duration::from_secs(5);
+    while d.nodes[1].metric(FLUSHES, &["cause=\"feed_down\""]) <= flushes {
+        assert!(Instant::now() < deadline, "the lost feed was not noticed");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    wait_live(&d.nodes[1]);
+    b.assert_rejected(&t.token, R::Revoked).await;
+}
+
+/// Redis dies while both nodes hold a token in their views; it is revoked in PostgreSQL
+/// meanwhile (tiered: a node cannot revoke while Redis is down, as it could not void Redis's
+/// completeness, so the row is written as another tool would); Redis comes back empty. No
+/// node answers from its old view: while Redis is down they read PostgreSQL, and after it is
+/// back their views start empty.
+#[tokio::test]
+async fn a_token_revoked_while_redis_was_down_is_rejected_after() {
+    let mut server = RedisServer::start();
+    let d = deployment(Storage::tiered_on(&server), 2, &[]);
+    let (mut a, mut b) = (d.nodes[0].client().await, d.nodes[1].client().await);
+    let t = a.issue("alice").await;
+    for _ in 0..3 {
+        a.assert_valid(&t.token).await;
+        b.assert_valid(&t.token).await;
+    }
+    server.kill();
+    support::backends::psql_on(
+        &d.storage.database_url(),
+        &format!(
+            "INSERT INTO revoked_tokens (token_id, expires_at) \
+             VALUES ('{}', now() + interval '1 hour')",
+            t.token_id
+        ),
+    );
+    a.assert_rejected(&t.token, R::Revoked).await;
+    b.assert_rejected(&t.token, R::Revoked).await;
+    server.restart();
+    for node in &d.nodes {
+        wait_live(node);
+    }
+    for _ in 0..3 {
+        a.assert_rejected(&t.token, R::Revoked).await;
+        b.assert_rejected(&t.token, R::Revoked).await;
+    }
+}
+
+/// On plain Redis, a node whose Redis died answers UNAVAILABLE, not from its view; after
+/// Redis is back (empty), a revocation is honoured by every node.
+#[tokio::test]
+async fn without_redis_no_node_answers_from_its_view() {
+    let mut server = RedisServer::start();
+    let d = deployment(Storage::on_redis(&server), 2, &["--backend-timeout=200ms"]);
+    let (mut a, mut b) = (d.nodes[0].client().await, d.nodes[1].client().await);
+    let t = a.issue("alice").await;
+    b.assert_valid(&t.token).await;
+    b.assert_valid(&t.token).await;
+    server.kill();
+    // The loss is seen at once (the connection closes): from then on, reads fail closed.
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    let status = b.validate(&t.token).await.expect_err("fails closed");
+    assert_eq!(status.code(), Code::Unavailable);
+    server.restart();
+    wait_live(&d.nodes[1]);
+    let t = a.issue("bob").await;
+    b.assert_valid(&t.token).await;
+    b.assert_valid(&t.token).await;
+    // Node A's own connection reconnects with backoff.
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while a.revoke(Target::TokenId(t.token_id.clone())).await.is_err() {
+        assert!(
+            Instant::now() < deadline,
+            "node A never reached Redis again"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let (elapsed, _) = until_rejected(&mut b, &t.token, Instant::now()).await;
+    assert!(elapsed < PROOF_WINDOW);
+}
+
+/// A feed that goes silent without closing (a link that stops carrying packets) stops being
+/// trusted within the documented bound: the node answers from its view until at most
+/// PROOF_WINDOW after the freeze, then reads Redis (and fails closed, as the link is dead).
+#[tokio::test]
+async fn a_silent_feed_is_distrusted_within_the_bound() {
+    let server = RedisServer::start();
+    let storage = Storage::on_redis(&server);
+    let link = SlowLink::to(server.port, Duration::ZERO);
+    let a = Sidecar::builder()
+        .storage(&storage)
+        .arg("--backend-timeout=200ms")
+        .start();
+    let b = Sidecar::builder()
+        .storage(&storage)
+        .env("REDIS_URL", format!("redis://127.0.0.1:{}", link.port))
+        .arg("--backend-timeout=200ms")
+        .start();
+    wait_live(&a);
+    wait_live(&b);
+    let (mut ca, mut cb) = (a.client().await, b.client().await);
+    let t = ca.issue("alice").await;
+    cb.assert_valid(&t.token).await;
+    let hits = b.metric(HITS, &[]);
+    cb.assert_valid(&t.token).await;
+    assert!(b.metric(HITS, &[]) > hits, "answered from the view");
+
+    link.freeze();
+    let frozen = Instant::now();
+    ca.revoke(Target::TokenId(t.token_id.clone()))
+        .await
+        .unwrap();
+    let mut last_valid = Duration::ZERO;
+    let first_refusal = loop {
+        let sent = frozen.elapsed();
+        match cb.validate(&t.token).await {
+            Ok(answer) if answer.valid => last_valid = sent,
+            Ok(answer) => panic!("answered {answer:?} over a dead link"),
+            Err(status) => {
+                assert_eq!(status.code(), Code::Unavailable);
+                break sent;
+            }
+        }
+        assert!(sent < PROOF_WINDOW * 3, "the view never stopped answering");
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    };
+    eprintln!(
+        "silent feed: last answer from the view {last_valid:?} after the freeze, first refusal {first_refusal:?}"
+    );
+    assert!(last_valid < PROOF_WINDOW, "{last_valid:?}");
+    assert!(
+        first_refusal < PROOF_WINDOW + Duration::from_millis(300),
+        "{first_refusal:?}"
+    );
+    assert!(b.metric(FEED_UP, &[]) < 1.0);
+}
+
+/// FLUSHALL empties every node's view (a null invalidation): the next Validate misses. With
+/// tiered storage the completeness rules still hold: a token revoked before the flush stays
+/// rejected, read from PostgreSQL.
+#[tokio::test]
+async fn flushall_empties_the_view() {
+    let server = RedisServer::start();
+    let d = deployment(Storage::tiered_on(&server), 2, &[]);
+    let (mut a, mut b) = (d.nodes[0].client().await, d.nodes[1].client().await);
+    let live = a.issue("alice").await;
+    let revoked = a.issue("bob").await;
+    a.revoke(Target::TokenId(revoked.token_id.clone()))
+        .await
+        .unwrap();
+    for _ in 0..2 {
+        b.assert_valid(&live.token).await;
+        b.assert_rejected(&revoked.token, R::Revoked).await;
+    }
+    let flushes = d.nodes[1].metric(FLUSHES, &["cause=\"backend_flush\""]);
+    server.cli(&["FLUSHALL"]);
+    let deadline = Instant::now() + Duration::from_secs(5);
+    while d.nodes[1].metric(FLUSHES, &["cause=\"backend_flush\""]) <= flushes {
+        assert!(Instant::now() < deadline, "the flush was not heard of");
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    let misses = d.nodes[1].metric(MISSES, &[]);
+    b.assert_valid(&live.token).await;
+    assert!(
+        d.nodes[1].metric(MISSES, &[]) > misses,
+        "read again after the flush"
+    );
+    b.assert_rejected(&revoked.token, R::Revoked).await;
+}
+
+/// PostgreSQL dies while a node holds a token in its view: the node stops answering from
+/// it (the LISTEN connection is lost) and fails closed; once PostgreSQL is back, a
+/// revocation is honoured by every node.
+#[tokio::test]
+async fn without_postgres_no_node_answers_from_its_view() {
+    let mut server = PostgresServer::start();
+    let d = deployment(
+        Storage::on_postgres(&server),
+        2,
+        &["--backend-timeout=300ms"],
+    );
+    let (mut a, mut b) = (d.nodes[0].client().await, d.nodes[1].client().await);
+    let t = a.issue("alice").await;
+    b.assert_valid(&t.token).await;
+    b.assert_valid(&t.token).await;
+    server.kill();
+    let killed = Instant::now();
+    loop {
+        match b.validate(&t.token).await {
+            Ok(answer) => assert!(
+                answer.valid && killed.elapsed() < PROOF_WINDOW,
+                "answered {answer:?} {:?} after the kill",
+                killed.elapsed()
+            ),
+            Err(status) => {
+                assert_eq!(status.code(), Code::Unavailable);
+                break;
+            }
+        }
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    assert!(d.nodes[1].metric(FEED_UP, &[]) < 1.0);
+    server.restart();
+    wait_live(&d.nodes[1]);
+    a.revoke(Target::TokenId(t.token_id.clone())).await.unwrap();
+    let (elapsed, _) = until_rejected(&mut b, &t.token, Instant::now()).await;
+    assert!(elapsed < PROOF_WINDOW);
+}
+
+/// A database without the change-feed triggers (migrated by an older version) never gets a
+/// live feed: Validate reads PostgreSQL every time.
+#[tokio::test]
+async fn without_the_triggers_the_view_stays_off() {
+    let storage = Storage::new(Backend::Postgres);
+    let d = Deployment::on(storage, 1, &[]);
+    wait_live(&d);
+    support::backends::psql_on(
+        &d.storage.database_url(),
+        "DROP TRIGGER auth_sidecar_feed_revoked ON revoked_tokens",
+    );
+    // Make the feed start over: its connection is ended by the server.
+    support::backends::psql_on(
+        &d.storage.database_url(),
+        "SELECT pg_terminate_backend(pid) FROM pg_stat_activity \
+         WHERE application_name = 'auth-sidecar feed'",
+    );
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    assert!(d.metric(FEED_UP, &[]) < 1.0);
+    let mut c = d.client().await;
+    let t = c.issue("alice").await;
+    let hits = d.metric(HITS, &[]);
+    c.assert_valid(&t.token).await;
+    c.assert_valid(&t.token).await;
+    assert_eq!(d.metric(HITS, &[]), hits);
+}
+
+type Api = pb::token_service_client::TokenServiceClient<tonic::transport::Channel>;
+
+async fn check(api: &mut Api, policy: &str, key: &str) -> pb::CheckRateLimitResponse {
+    api.check_rate_limit(pb::CheckRateLimitRequest {
+        policy: policy.into(),
+        key: key.into(),
+        cost: None,
+    })
+    .await
+    .expect("check")
+    .into_inner()
+}
+
+fn secs(d: &Option<prost_types::Duration>) -> f64 {
+    let d = d.unwrap_or_default();
+    d.seconds as f64 + d.nanos as f64 / 1e9
+}
+
+/// A denied key stays denied on every node until its retry_after, answered from the view;
+/// ResetRateLimit on another node reaches the view through the feed, and so does the end of
+/// a lockout (its retry_after).
+#[tokio::test]
+async fn denials_are_kept_until_reset_or_retry() {
+    let d = deployment(
+        Storage::new(Backend::Redis),
+        2,
+        &[
+            "--rate-limit=login=3/1h",
+            "--rate-limit=lock=3/3s:lockout=1s",
+        ],
+    );
+    let mut a = Api::new(d.nodes[0].channel().await);
+    let mut b = Api::new(d.nodes[1].channel().await);
+    for _ in 0..3 {
+        assert!(check(&mut a, "login", "k").await.allowed);
+    }
+    assert!(!check(&mut b, "login", "k").await.allowed);
+    let hits = d.nodes[1].metric(HITS, &[]);
+    for _ in 0..50 {
+        let answer = check(&mut b, "login", "k").await;
+        assert!(!answer.allowed);
+        assert!(secs(&answer.retry_after) > 1000.0);
+    }
+    assert!(
+        d.nodes[1].metric(HITS, &[]) - hits >= 50.0,
+        "answered from the view"
+    );
+    a.reset_rate_limit(pb::ResetRateLimitRequest {
+        policy: "login".into(),
+        key: "k".into(),
+    })
+    .await
+    .unwrap();
+    let reset = Instant::now();
+    while !check(&mut b, "login", "k").await.allowed {
+        assert!(
+            reset.elapsed() < PROOF_WINDOW,
+            "the reset never reached node B"
+        );
+    }
+
+    for _ in 0..3 {
+        assert!(check(&mut a, "lock", "k").await.allowed);
+    }
+    let denied = check(&mut b, "lock", "k").await;
+    assert!(!denied.allowed);
+    let retry = Duration::from_secs_f64(secs(&denied.retry_after));
+    assert!(retry <= Duration::from_secs(1));
+    let locked = Instant::now();
+    // Denied, from the view, until the lockout ends; then a unit is back (3/3s) and Redis
+    // allows the call.
+    loop {
+        let answer = check(&mut b, "lock", "k").await;
+        if answer.allowed {
+            break;
+        }
+        assert!(
+            locked.elapsed() < retry + Duration::from_millis(300),
+            "still denied {:?} after a lockout of {retry:?}",
+            locked.elapsed()
+        );
+    }
+    assert!(locked.elapsed() + Duration::from_millis(50) >= retry);
+}
