@@ -24,28 +24,20 @@ BEGIN
     RETURN NULL;
 END $$;
 
-DROP TRIGGER IF EXISTS auth_sidecar_feed_revoked ON revoked_tokens;
 CREATE TRIGGER auth_sidecar_feed_revoked AFTER INSERT OR UPDATE OR DELETE ON revoked_tokens
     FOR EACH ROW EXECUTE FUNCTION auth_sidecar_feed_notify('r:', 'token_id');
-DROP TRIGGER IF EXISTS auth_sidecar_feed_cutoffs ON subject_cutoffs;
 CREATE TRIGGER auth_sidecar_feed_cutoffs AFTER INSERT OR UPDATE OR DELETE ON subject_cutoffs
     FOR EACH ROW EXECUTE FUNCTION auth_sidecar_feed_notify('c:', 'subject');
-DROP TRIGGER IF EXISTS auth_sidecar_feed_sessions ON sessions;
 CREATE TRIGGER auth_sidecar_feed_sessions AFTER INSERT OR UPDATE OR DELETE ON sessions
     FOR EACH ROW EXECUTE FUNCTION auth_sidecar_feed_notify('s:', 'id');
-DROP TRIGGER IF EXISTS auth_sidecar_feed_families ON token_families;
 CREATE TRIGGER auth_sidecar_feed_families AFTER INSERT OR UPDATE OR DELETE ON token_families
     FOR EACH ROW EXECUTE FUNCTION auth_sidecar_feed_notify('f:', 'id');
 
-DROP TRIGGER IF EXISTS auth_sidecar_feed_flush_revoked ON revoked_tokens;
 CREATE TRIGGER auth_sidecar_feed_flush_revoked AFTER TRUNCATE ON revoked_tokens
     FOR EACH STATEMENT EXECUTE FUNCTION auth_sidecar_feed_flush();
-DROP TRIGGER IF EXISTS auth_sidecar_feed_flush_cutoffs ON subject_cutoffs;
 CREATE TRIGGER auth_sidecar_feed_flush_cutoffs AFTER TRUNCATE ON subject_cutoffs
     FOR EACH STATEMENT EXECUTE FUNCTION auth_sidecar_feed_flush();
-DROP TRIGGER IF EXISTS auth_sidecar_feed_flush_sessions ON sessions;
 CREATE TRIGGER auth_sidecar_feed_flush_sessions AFTER TRUNCATE ON sessions
     FOR EACH STATEMENT EXECUTE FUNCTION auth_sidecar_feed_flush();
-DROP TRIGGER IF EXISTS auth_sidecar_feed_flush_families ON token_families;
 CREATE TRIGGER auth_sidecar_feed_flush_families AFTER TRUNCATE ON token_families
     FOR EACH STATEMENT EXECUTE FUNCTION auth_sidecar_feed_flush();

@@ -322,6 +322,19 @@ mod tests {
         view.flush(FlushCause::Backend);
         view.fill("k", t, Entry::fact(None, 10));
         let first = miss(&view, "k");
+        // A read that began before an invalidation cannot fill the placeholder of a read that
+        // began after it.
+        let before = miss(&view, "j");
+        view.invalidate("j");
+        let after = miss(&view, "j");
+        view.fill("j", before, Entry::fact(Some(1), 10));
+        assert_eq!(
+            view.lookup("j", 0),
+            Lookup::Bypass,
+            "still the later read's placeholder"
+        );
+        view.fill("j", after, Entry::fact(Some(2), 10));
+        assert_eq!(view.lookup("j", 0), Lookup::Hit(Entry::fact(Some(2), 10)));
         // A second reader while the first is under way reads without keeping.
         assert_eq!(view.lookup("k", 0), Lookup::Bypass);
         view.fill("k", first, Entry::fact(Some(1), 10));

@@ -562,8 +562,9 @@ fn chown(path: &Path, uid: u32, gid: u32) {
 
 /// A TCP proxy to a local port that holds every chunk it forwards for `delay`: a slow link
 /// to a backend, for one node only. It can also freeze: forward nothing, in either direction,
-/// yet keep every connection open, as a link that silently stops carrying packets does. Runs
-/// until the test binary exits.
+/// yet keep every connection open, as a link that silently stops carrying packets does. Or
+/// it delays only what the backend sends a sidecar's change feed (the connection that names
+/// itself `auth-sidecar-feed` to Redis, `auth-sidecar feed` to PostgreSQL). Runs until the test binary exits.
 pub struct SlowLink {
     pub port: u16,
     frozen: Arc<AtomicBool>,
@@ -576,6 +577,15 @@ impl SlowLink {
     }
 
     pub fn to(upstream: u16, delay: Duration) -> SlowLink {
+        SlowLink::with(upstream, delay, delay)
+    }
+
+    /// A fast link, but what the backend sends the change feed arrives `delay` late.
+    pub fn slow_feed(upstream: u16, delay: Duration) -> SlowLink {
+        SlowLink::with(upstream, Duration::ZERO, delay)
+    }
+
+    fn with(upstream: u16, delay: Duration, feed_delay: Duration) -> SlowLink {
         let frozen = Arc::new(AtomicBool::new(false));
         let held = frozen.clone();
         let listener = TcpListener::bind("127.0.0.1:0").unwrap();
@@ -599,10 +609,20 @@ impl SlowLink {
                         };
                         let (cr, cw) = client.into_split();
                         let (sr, sw) = server.into_split();
-                        tokio::join!(
-                            slow_copy(cr, sw, delay, frozen.clone()),
-                            slow_copy(sr, cw, delay, frozen)
-                        );
+                        let feed = Arc::new(AtomicBool::new(false));
+                        let up = Copy {
+                            delay: [delay, delay],
+                            frozen: frozen.clone(),
+                            feed: feed.clone(),
+                            marks: true,
+                        };
+                        let down = Copy {
+                            delay: [delay, feed_delay],
+                            frozen,
+                            feed,
+                            marks: false,
+                        };
+                        tokio::join!(up.run(cr, sw), down.run(sr, cw));
                     });
                 }
             });
@@ -611,22 +631,40 @@ impl SlowLink {
     }
 }
 
-async fn slow_copy(
-    mut from: tokio::net::tcp::OwnedReadHalf,
-    mut to: tokio::net::tcp::OwnedWriteHalf,
-    delay: Duration,
+/// One direction of a [`SlowLink`] connection.
+struct Copy {
+    /// The delay for an ordinary connection, and for the tracking connection.
+    delay: [Duration; 2],
     frozen: Arc<AtomicBool>,
-) {
-    use tokio::io::{AsyncReadExt, AsyncWriteExt};
-    let mut buf = vec![0u8; 64 * 1024];
-    while let Ok(n @ 1..) = from.read(&mut buf).await {
-        tokio::time::sleep(delay).await;
-        while frozen.load(Ordering::SeqCst) {
-            tokio::time::sleep(Duration::from_millis(10)).await;
+    /// Whether this connection is a sidecar's tracking connection.
+    feed: Arc<AtomicBool>,
+    /// Whether this direction (client to server) watches for the feed's name.
+    marks: bool,
+}
+
+impl Copy {
+    async fn run(
+        self,
+        mut from: tokio::net::tcp::OwnedReadHalf,
+        mut to: tokio::net::tcp::OwnedWriteHalf,
+    ) {
+        use tokio::io::{AsyncReadExt, AsyncWriteExt};
+        let mut buf = vec![0u8; 64 * 1024];
+        while let Ok(n @ 1..) = from.read(&mut buf).await {
+            // The Redis feed's client name, or the PostgreSQL feed's application_name.
+            let named = |name: &[u8]| buf[..n].windows(name.len()).any(|w| w == name);
+            if self.marks && (named(b"auth-sidecar-feed") || named(b"auth-sidecar feed")) {
+                self.feed.store(true, Ordering::SeqCst);
+            }
+            let delay = self.delay[usize::from(self.feed.load(Ordering::SeqCst))];
+            tokio::time::sleep(delay).await;
+            while self.frozen.load(Ordering::SeqCst) {
+                tokio::time::sleep(Duration::from_millis(10)).await;
+            }
+            if to.write_all(&buf[..n]).await.is_err() {
+                break;
+            }
         }
-        if to.write_all(&buf[..n]).await.is_err() {
-            break;
-        }
+        let _ = to.shutdown().await;
     }
-    let _ = to.shutdown().await;
 }
