@@ -116,6 +116,10 @@ pub struct View {
 
 struct Inner {
     backend: &'static str,
+    /// Registered once: a lookup on the hot path only adds to an atomic.
+    hits: metrics::Counter,
+    misses: metrics::Counter,
+    invalidations: metrics::Counter,
     slots: quick_cache::sync::Cache<String, Slot, SlotWeight>,
     next_ticket: AtomicU64,
     /// Until when the feed is proven live, in microseconds since `epoch`; 0 while it is not.
@@ -135,6 +139,9 @@ impl View {
         View {
             inner: Arc::new(Inner {
                 backend,
+                hits: metrics::counter!("authsidecar_revocation_cache_hits_total", "backend" => backend),
+                misses: metrics::counter!("authsidecar_revocation_cache_misses_total", "backend" => backend),
+                invalidations: metrics::counter!("authsidecar_revocation_cache_invalidations_total", "backend" => backend),
                 slots,
                 next_ticket: AtomicU64::new(1),
                 live_until_us: AtomicU64::new(0),
@@ -157,8 +164,7 @@ impl View {
         let now_us = self.micros(Instant::now());
         match self.inner.slots.get(key) {
             Some(Slot::Ready(entry)) if now_ms < entry.until_ms => {
-                metrics::counter!("authsidecar_revocation_cache_hits_total", "backend" => self.inner.backend)
-                    .increment(1);
+                self.inner.hits.increment(1);
                 return Lookup::Hit(entry);
             }
             // The first reader fills the slot; the others read without keeping, so that a
@@ -184,8 +190,7 @@ impl View {
     }
 
     fn count_miss(&self) {
-        metrics::counter!("authsidecar_revocation_cache_misses_total", "backend" => self.inner.backend)
-            .increment(1);
+        self.inner.misses.increment(1);
     }
 
     /// Keeps a fact read after a [`Lookup::Miss`], unless the key was invalidated (or the view
@@ -212,8 +217,7 @@ impl View {
 
     /// A key changed in the backend.
     pub fn invalidate(&self, key: &str) {
-        metrics::counter!("authsidecar_revocation_cache_invalidations_total", "backend" => self.inner.backend)
-            .increment(1);
+        self.inner.invalidations.increment(1);
         self.inner.slots.remove(key);
     }
 
@@ -247,16 +251,14 @@ impl View {
     /// The feed is lost: stop answering at once, and empty the view so that it starts empty
     /// when the feed is back.
     pub fn lost(&self, why: &str) {
-        let was = self.inner.live_until_us.swap(0, Ordering::AcqRel);
+        self.inner.live_until_us.store(0, Ordering::Release);
         self.flush(FlushCause::FeedDown);
         record_feed_up(self.inner.backend, false);
-        if was != 0 {
-            tracing::warn!(
-                backend = self.inner.backend,
-                reason = why,
-                "revocation cache feed lost"
-            );
-        }
+        tracing::debug!(
+            backend = self.inner.backend,
+            reason = why,
+            "revocation view emptied"
+        );
     }
 
     fn micros(&self, at: Instant) -> u64 {

@@ -38,13 +38,22 @@ where
 {
     tokio::spawn(async move {
         let mut backoff = FIRST_BACKOFF;
+        let mut said = false;
         loop {
             let (why, was_live) = session(view.clone()).await;
             view.lost(&why);
             if was_live {
                 backoff = FIRST_BACKOFF;
+                said = false;
             }
-            tracing::debug!(backend, reason = why, retry_in = ?backoff, "revocation cache feed ended");
+            // Once per outage at warn (a backend without tracking or triggers says so here),
+            // the retries at debug.
+            if said {
+                tracing::debug!(backend, reason = why, retry_in = ?backoff, "revocation cache feed down");
+            } else {
+                tracing::warn!(backend, reason = why, retry_in = ?backoff, "revocation cache feed down: Validate reads the backend");
+                said = true;
+            }
             tokio::time::sleep(backoff).await;
             backoff = (backoff * 2).min(MAX_BACKOFF);
         }

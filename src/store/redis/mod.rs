@@ -112,9 +112,10 @@ enum Read {
     Number,
     /// `HMGET rv ex` of a family: -1 when revoked, else its end.
     Family,
-    /// `PEXPIRETIME`: until when the key lives (a session, the tiered marker); `None` when
-    /// absent, `i64::MAX` for no end. Unlike `EXISTS`, the answer can be kept: a cached
-    /// deadline still ends on time though Redis may delete the expired key later.
+    /// `PTTL`, as an instant on the caller's clock: until when the key lives (a session, the
+    /// tiered marker); `None` when absent, `i64::MAX` for no end. Unlike `EXISTS`, the answer
+    /// can be kept: a kept deadline still ends on time though Redis may delete the expired
+    /// key later. (`PTTL` rather than `PEXPIRETIME`, which needs Redis 7.)
     Deadline,
 }
 
@@ -123,7 +124,7 @@ impl Read {
         let mut cmd = redis::cmd(match self {
             Read::Number => "GET",
             Read::Family => "HMGET",
-            Read::Deadline => "PEXPIRETIME",
+            Read::Deadline => "PTTL",
         });
         cmd.arg(key);
         if let Read::Family = self {
@@ -132,7 +133,7 @@ impl Read {
         cmd
     }
 
-    fn fact(self, value: &Value) -> Result<Fact, redis::ParsingError> {
+    fn fact(self, value: &Value, now_ms: i64) -> Result<Fact, redis::ParsingError> {
         Ok(match self {
             Read::Number => redis::from_redis_value_ref(value)?,
             Read::Family => match redis::from_redis_value_ref(value)? {
@@ -142,7 +143,7 @@ impl Read {
             Read::Deadline => match redis::from_redis_value_ref::<i64>(value)? {
                 -2 => None,
                 -1 => Some(i64::MAX),
-                at => Some(at),
+                left => Some(now_ms.saturating_add(left)),
             },
         })
     }
@@ -424,7 +425,7 @@ impl RedisStore {
             };
             for ((i, key, read, ticket), value) in reads.into_iter().zip(values) {
                 let fact = read
-                    .fact(&value)
+                    .fact(&value, now_ms)
                     .map_err(|e| unavailable(format!("check: {e}")))?;
                 if let (Some(view), Some(ticket)) = (&self.view, ticket) {
                     view.fill(&key, ticket, Entry::fact(fact, t.accepted_until_ms));
