@@ -32,7 +32,7 @@ static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
 const SECRET: &str = "benchmark-secret-0123456789abcdefghijkl";
 
 struct Options {
-    /// Run only the scenarios whose name contains this (for profiling one of them).
+    /// Run only Check and the scenarios whose name contains this (for profiling one of them).
     only: Option<String>,
     seconds: f64,
     rounds: usize,
@@ -261,10 +261,13 @@ fn main() {
             });
         }
     }
+    // Check stays in every run: it is the baseline of the ratios.
     cases.retain(|c| {
-        opts.only
-            .as_ref()
-            .is_none_or(|o| c.name().contains(o.as_str()))
+        c.scenario == Scenario::Check
+            || opts
+                .only
+                .as_ref()
+                .is_none_or(|o| c.name().contains(o.as_str()))
     });
     let mut results: Vec<Vec<Round>> = cases.iter().map(|_| Vec::new()).collect();
     runtime.block_on(async {
@@ -359,7 +362,6 @@ fn main() {
         "scenario", "req/s", "p50", "p99", "vs Check", "server cpu/call"
     );
     let ceiling = median(results[0].iter().map(|r| r.rps));
-    // Without Check in the run, ratios are to the first scenario run.
     for (c, rounds) in cases.iter().zip(&results) {
         let rps = median(rounds.iter().map(|r| r.rps));
         let p50 = median(rounds.iter().map(|r| r.p50.as_secs_f64() * 1e6));
