@@ -391,10 +391,9 @@ async fn a_silent_feed_is_distrusted_within_the_bound() {
         "silent feed: last answer from the view {last_valid:?} after the freeze, first refusal {first_refusal:?}"
     );
     assert!(last_valid < PROOF_WINDOW, "{last_valid:?}");
-    assert!(
-        first_refusal < PROOF_WINDOW + Duration::from_millis(300),
-        "{first_refusal:?}"
-    );
+    // Then a read over the dead link, which times out (200 ms); the margin is for a loaded
+    // machine.
+    assert!(first_refusal < PROOF_WINDOW * 2, "{first_refusal:?}");
     assert!(b.metric(FEED_UP, &[]) < 1.0);
 }
 
@@ -449,11 +448,11 @@ async fn without_postgres_no_node_answers_from_its_view() {
     server.kill();
     let killed = Instant::now();
     loop {
+        let sent = killed.elapsed();
         match b.validate(&t.token).await {
             Ok(answer) => assert!(
-                answer.valid && killed.elapsed() < PROOF_WINDOW,
-                "answered {answer:?} {:?} after the kill",
-                killed.elapsed()
+                answer.valid && sent < PROOF_WINDOW,
+                "answered {answer:?} {sent:?} after the kill"
             ),
             Err(status) => {
                 assert_eq!(status.code(), Code::Unavailable);
