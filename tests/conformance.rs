@@ -539,6 +539,7 @@ async fn apply(store: &dyn Store, names: &mut Names, p: Gcra, step: &Step) -> An
                 family_id: None,
                 now: at(now),
                 accepted_until_ms: i64::MAX,
+                fresh: false,
             };
             let revoked = store.is_revoked(&check).await.unwrap();
             let got = store
@@ -571,6 +572,7 @@ async fn apply(store: &dyn Store, names: &mut Names, p: Gcra, step: &Step) -> An
                 family_id: None,
                 now: at(now),
                 accepted_until_ms: i64::MAX,
+                fresh: false,
             };
             Answer::Bool(store.is_revoked(&check).await.unwrap())
         }

@@ -233,6 +233,45 @@ async fn a_node_sees_its_own_writes_at_once() {
     }
 }
 
+/// A refresh spends a token on the strength of its check, so it never answers from the view:
+/// right after a logout on node A, a refresh on node B fails though B's view has not heard
+/// of the logout yet (its feed's link delays every change by 300 ms).
+#[tokio::test]
+async fn a_refresh_never_answers_from_the_view() {
+    let redis = RedisServer::start();
+    let storage = Storage::on_redis(&redis);
+    let link = SlowLink::slow_feed(redis.port, Duration::from_millis(300));
+    let a = Sidecar::builder().storage(&storage).start();
+    let b = Sidecar::builder()
+        .storage(&storage)
+        .env("REDIS_URL", format!("redis://127.0.0.1:{}", link.port))
+        .arg("--backend-timeout=2s")
+        .start();
+    wait_live(&a);
+    wait_live(&b);
+    let (mut ca, mut cb) = (a.client().await, b.client().await);
+    for i in 0..10 {
+        let subject = format!("zoe{i}");
+        let refresh = ca
+            .issue_with(pb::IssueRequest {
+                subject: subject.clone(),
+                kind: pb::TokenKind::Refresh.into(),
+                ..Default::default()
+            })
+            .await
+            .unwrap();
+        // B reads the family, the cutoff and the id into its view.
+        let next = cb.refresh(&refresh.token).await.unwrap().refresh.unwrap();
+        cb.validate(&next.token).await.unwrap();
+        ca.revoke(Target::Subject(subject)).await.unwrap();
+        let status = cb
+            .refresh(&next.token)
+            .await
+            .expect_err("refreshed after a logout");
+        assert_eq!(status.code(), Code::Unauthenticated);
+    }
+}
+
 /// The ids of the tracking connections on `server`.
 fn feed_connections(server: &RedisServer) -> Vec<String> {
     server

@@ -88,6 +88,8 @@ pub enum FlushCause {
     FeedDown,
     /// The backend said everything may have changed (FLUSHALL, FLUSHDB, TRUNCATE).
     Backend,
+    /// The proofs of life stopped for longer than a proof lasts, then resumed.
+    ProofGap,
 }
 
 impl FlushCause {
@@ -95,6 +97,7 @@ impl FlushCause {
         match self {
             FlushCause::FeedDown => "feed_down",
             FlushCause::Backend => "backend_flush",
+            FlushCause::ProofGap => "proof_gap",
         }
     }
 }
@@ -238,9 +241,16 @@ impl View {
     }
 
     /// The feed proved itself with a probe sent at `sent`: the view may answer until
-    /// `sent + PROOF_WINDOW`. Never moves the deadline back.
+    /// `sent + PROOF_WINDOW`. Never moves the deadline back. After a gap in the proofs the
+    /// view starts empty, as after a reconnect: while it could not answer, nodes read the
+    /// backend, and an entry older than what they read must not be answered again.
     pub fn proven(&self, sent: Instant) {
         let until = self.micros(sent + PROOF_WINDOW);
+        // (0: never live, or lost, and emptied then.)
+        let held = self.inner.live_until_us.load(Ordering::Acquire);
+        if held != 0 && held <= self.micros(Instant::now()) {
+            self.flush(FlushCause::ProofGap);
+        }
         let before = self.inner.live_until_us.fetch_max(until, Ordering::AcqRel);
         if before <= self.micros(Instant::now()) {
             record_feed_up(self.inner.backend, true);
@@ -310,6 +320,19 @@ mod tests {
         let view = View::new("test", 1 << 20);
         view.proven(Instant::now() - PROOF_WINDOW);
         assert_eq!(view.lookup("k", 0), Lookup::Bypass);
+        // After a gap in the proofs, the view starts empty.
+        let view = View::new("test", 1 << 20);
+        view.proven(Instant::now() - PROOF_WINDOW + Duration::from_millis(100));
+        let t = miss(&view, "k");
+        view.fill("k", t, Entry::fact(None, 10));
+        assert_eq!(view.lookup("k", 0), Lookup::Hit(Entry::fact(None, 10)));
+        std::thread::sleep(Duration::from_millis(150));
+        assert_eq!(view.lookup("k", 0), Lookup::Bypass);
+        view.proven(Instant::now());
+        assert!(
+            matches!(view.lookup("k", 0), Lookup::Miss(_)),
+            "emptied after the gap"
+        );
     }
 
     #[test]

@@ -267,6 +267,7 @@ mod tests {
             family_id: None,
             now,
             accepted_until_ms: i64::MAX,
+            fresh: false,
         };
         assert!(store.is_revoked(&check("t1", clock.now())).await.unwrap());
         assert!(!store.is_revoked(&check("t2", clock.now())).await.unwrap());

@@ -52,6 +52,9 @@ pub struct TokenCheck<'a> {
     /// The last instant the token could be accepted (its `exp` plus the leeway), in
     /// milliseconds since the epoch: a cached fact about it is useless after that.
     pub accepted_until_ms: i64,
+    /// Read the backend, not the revocation view: the caller writes on the strength of the
+    /// answer (a refresh rotates), so the view's bound on staleness is not good enough.
+    pub fresh: bool,
 }
 
 /// What a backend holds about a token, fact by fact, as both shared backends read it (and

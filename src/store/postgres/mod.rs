@@ -373,7 +373,12 @@ impl Store for PostgresStore {
         let mut read = false;
         for (i, name) in names.iter().enumerate() {
             let Some(name) = name else { continue };
-            match self.view.as_ref().map(|v| v.lookup(name, now_ms)) {
+            match self
+                .view
+                .as_ref()
+                .filter(|_| !t.fresh)
+                .map(|v| v.lookup(name, now_ms))
+            {
                 Some(Lookup::Hit(entry)) => facts[i] = entry.fact,
                 Some(Lookup::Miss(ticket)) => (tickets[i], read) = (Some(ticket), true),
                 Some(Lookup::Bypass) | None => read = true,

@@ -396,7 +396,12 @@ impl RedisStore {
             .enumerate()
             .filter_map(|(i, w)| Some((i, w?)))
         {
-            match self.view.as_ref().map(|v| v.lookup(&key, now_ms)) {
+            match self
+                .view
+                .as_ref()
+                .filter(|_| !t.fresh)
+                .map(|v| v.lookup(&key, now_ms))
+            {
                 Some(Lookup::Hit(entry)) => facts[i] = entry.fact,
                 Some(Lookup::Miss(ticket)) => reads.push((i, key, read, Some(ticket))),
                 Some(Lookup::Bypass) | None => reads.push((i, key, read, None)),
