@@ -436,7 +436,11 @@ impl Tokens {
         let now = self.clock.now();
         if self
             .store
-            .is_revoked(&decoded.store_check(now, self.settings.leeway))
+            .is_revoked(&TokenCheck {
+                // A rotation follows on the strength of this answer: read the backend.
+                fresh: true,
+                ..decoded.store_check(now, self.settings.leeway)
+            })
             .await?
         {
             return Err(rejected(Reason::Revoked));
@@ -855,6 +859,7 @@ impl Decoded {
                 .exp
                 .saturating_add(leeway.as_secs() as i64)
                 .saturating_mul(1000),
+            fresh: false,
             token_id: &self.token_id,
             subject: &self.subject,
             issued_at_ms: self.login_ms(),
