@@ -374,8 +374,9 @@ async fn stolen_chain_trial(d: &Deployment, subject: &str) {
         .await
         .token;
     let logged_out = std::sync::Arc::new(std::sync::Mutex::new(None::<std::time::Instant>));
+    let refreshed = std::sync::Arc::new(tokio::sync::Notify::new());
     let attacker = {
-        let (mut b, logged_out) = (b.clone(), logged_out.clone());
+        let (mut b, logged_out, refreshed) = (b.clone(), logged_out.clone(), refreshed.clone());
         tokio::spawn(async move {
             let mut current = first;
             let mut minted = Vec::new();
@@ -391,11 +392,17 @@ async fn stolen_chain_trial(d: &Deployment, subject: &str) {
                 minted.push(r.access.unwrap().token);
                 current = r.refresh.unwrap().token;
                 minted.push(current.clone());
+                refreshed.notify_one();
                 assert!(minted.len() < 20_000, "the chain never ended");
             }
         })
     };
-    tokio::time::sleep(Duration::from_millis(50)).await;
+    // The logout lands while the loop runs: after its first refresh (however slow the
+    // machine), and a little later.
+    tokio::time::timeout(Duration::from_secs(10), refreshed.notified())
+        .await
+        .expect("the loop never refreshed");
+    tokio::time::sleep(Duration::from_millis(20)).await;
     a.revoke(Target::Subject(subject.into())).await.unwrap();
     *logged_out.lock().unwrap() = Some(std::time::Instant::now());
     let (minted, after_logout) = attacker.await.unwrap();

@@ -370,6 +370,7 @@ impl Store for PostgresStore {
         let now_ms = millis(t.now);
         let mut facts: [Fact; 4] = [None; 4];
         let mut tickets: [Option<Ticket>; 4] = Default::default();
+        let mut held = [false; 4];
         let mut read = false;
         for (i, name) in names.iter().enumerate() {
             let Some(name) = name else { continue };
@@ -379,7 +380,7 @@ impl Store for PostgresStore {
                 .filter(|_| !t.fresh)
                 .map(|v| v.lookup(name, now_ms))
             {
-                Some(Lookup::Hit(entry)) => facts[i] = entry.fact,
+                Some(Lookup::Hit(entry)) => (facts[i], held[i]) = (entry.fact, true),
                 Some(Lookup::Miss(ticket)) => (tickets[i], read) = (Some(ticket), true),
                 Some(Lookup::Bypass) | None => read = true,
             }
@@ -428,6 +429,15 @@ impl Store for PostgresStore {
                     (&self.view, &names[i], tickets[i].take())
                 {
                     view.fill(name, ticket, Entry::fact(fresh[i], t.accepted_until_ms));
+                }
+                // The statement reads every fact, so a fact the view held is read again, later
+                // than the view's copy: if they differ the copy is stale (its notification is
+                // on its way), and the next call must not answer it after this one answered
+                // the newer.
+                if let (Some(view), Some(name), true) = (&self.view, &names[i], held[i])
+                    && facts[i] != fresh[i]
+                {
+                    view.forget(name);
                 }
                 facts[i] = fresh[i];
             }
