@@ -162,10 +162,30 @@ async fn a_refill_never_undoes_a_revocation_it_races() {
         check.assert_valid(token).await;
     }
 
-    insert_fillers(&database_url);
+    // Any refill the setup started (node B's is slow) is over: Redis is complete, and no
+    // refill holds a ticket. Only then is the refill the flush starts the one that races.
     let mut conn = redis_conn(&redis).await;
+    let marker = format!("{prefix}tier:{{marker}}:");
+    let deadline = Instant::now() + Duration::from_secs(60);
+    loop {
+        let (complete, filling): (bool, bool) = redis::pipe()
+            .exists(format!("{marker}complete"))
+            .exists(format!("{marker}filling"))
+            .query_async(&mut conn)
+            .await
+            .unwrap();
+        if complete && !filling {
+            break;
+        }
+        assert!(Instant::now() < deadline, "the setup's refill never ended");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    insert_fillers(&database_url);
+    let flushes = nodes[1].view_flushes();
     assert_eq!(redis.cli(&["FLUSHALL"]), "OK");
-    // The first Validate after the loss starts the refill.
+    // The first Validate that reads Redis after the loss starts the refill: one after node
+    // B's revocation view has heard of the flush.
+    nodes[1].wait_view_flushed(flushes);
     check.assert_valid(tokens[0]).await;
 
     let first = format!("0000{:018}", 1);

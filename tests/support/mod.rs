@@ -277,6 +277,27 @@ impl Sidecar {
             .sum()
     }
 
+    /// How many times this node's revocation view was emptied by its backend (FLUSHALL).
+    pub fn view_flushes(&self) -> f64 {
+        self.metric(
+            "authsidecar_revocation_cache_flushes_total",
+            &["cause=\"backend_flush\""],
+        )
+    }
+
+    /// Waits until this node's revocation view has heard of a FLUSHALL made after it counted
+    /// `before` flushes: until then it may answer from what it held, within its bound.
+    pub fn wait_view_flushed(&self, before: f64) {
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while self.view_flushes() <= before {
+            assert!(
+                Instant::now() < deadline,
+                "the view never heard of the flush"
+            );
+            std::thread::sleep(Duration::from_millis(5));
+        }
+    }
+
     pub fn ops_get(&self, path: &str) -> u16 {
         http_get_status(self.ops, path)
     }
