@@ -171,6 +171,38 @@ async fn staleness_on_postgres_is_one_notification() {
     staleness(Backend::Postgres).await;
 }
 
+/// The URL setting of a Redis reached through `link`.
+fn redis_via(link: &SlowLink) -> (&'static str, String) {
+    ("REDIS_URL", format!("redis://127.0.0.1:{}", link.port))
+}
+
+/// The URL setting of a PostgreSQL reached through `link`.
+fn postgres_via(link: &SlowLink) -> (&'static str, String) {
+    (
+        "DATABASE_URL",
+        format!("postgres://postgres@127.0.0.1:{}/postgres", link.port),
+    )
+}
+
+/// A node on `storage` that reaches its backend by `(setting, url)`, with a backend timeout
+/// that a slowed link fits in; its feed live before this returns.
+fn node_via(storage: &Storage, (setting, url): (&str, String)) -> Sidecar {
+    let node = Sidecar::builder()
+        .storage(storage)
+        .env(setting, url)
+        .arg("--backend-timeout=2s")
+        .start();
+    wait_live(&node);
+    node
+}
+
+/// A node on `storage` that reaches its backend directly; its feed live before this returns.
+fn node_on(storage: &Storage) -> Sidecar {
+    let node = Sidecar::builder().storage(storage).start();
+    wait_live(&node);
+    node
+}
+
 /// A node that writes sees its own write at once, without waiting for its feed: here the
 /// feed's link delays every change by 150 ms, so only the node's own forgetting of the keys
 /// it wrote can make its next Validate reject.
@@ -182,27 +214,14 @@ async fn a_node_sees_its_own_writes_at_once() {
         SlowLink::slow_feed(redis.port, Duration::from_millis(150)),
         SlowLink::slow_feed(postgres.port, Duration::from_millis(150)),
     );
-    for (storage, env, url) in [
-        (
-            Storage::on_redis(&redis),
-            "REDIS_URL",
-            format!("redis://127.0.0.1:{}", redis_link.port),
-        ),
+    for (storage, via) in [
+        (Storage::on_redis(&redis), redis_via(&redis_link)),
         (
             Storage::on_postgres(&postgres),
-            "DATABASE_URL",
-            format!(
-                "postgres://postgres@127.0.0.1:{}/postgres",
-                postgres_link.port
-            ),
+            postgres_via(&postgres_link),
         ),
     ] {
-        let node = Sidecar::builder()
-            .storage(&storage)
-            .env(env, url)
-            .arg("--backend-timeout=2s")
-            .start();
-        wait_live(&node);
+        let node = node_via(&storage, via);
         let mut c = node.client().await;
         for t in issue_many(&mut c, 20).await {
             c.assert_valid(&t.token).await;
@@ -241,14 +260,7 @@ async fn a_refresh_never_answers_from_the_view() {
     let redis = RedisServer::start();
     let storage = Storage::on_redis(&redis);
     let link = SlowLink::slow_feed(redis.port, Duration::from_millis(300));
-    let a = Sidecar::builder().storage(&storage).start();
-    let b = Sidecar::builder()
-        .storage(&storage)
-        .env("REDIS_URL", format!("redis://127.0.0.1:{}", link.port))
-        .arg("--backend-timeout=2s")
-        .start();
-    wait_live(&a);
-    wait_live(&b);
+    let (a, b) = (node_on(&storage), node_via(&storage, redis_via(&link)));
     let (mut ca, mut cb) = (a.client().await, b.client().await);
     for i in 0..10 {
         let subject = format!("zoe{i}");
@@ -281,17 +293,7 @@ async fn a_node_never_goes_back_on_a_rejection() {
     let postgres = PostgresServer::start();
     let storage = Storage::on_postgres(&postgres);
     let link = SlowLink::slow_feed(postgres.port, Duration::from_millis(150));
-    let a = Sidecar::builder().storage(&storage).start();
-    let b = Sidecar::builder()
-        .storage(&storage)
-        .env(
-            "DATABASE_URL",
-            format!("postgres://postgres@127.0.0.1:{}/postgres", link.port),
-        )
-        .arg("--backend-timeout=2s")
-        .start();
-    wait_live(&a);
-    wait_live(&b);
+    let (a, b) = (node_on(&storage), node_via(&storage, postgres_via(&link)));
     let (mut ca, mut cb) = (a.client().await, b.client().await);
     for i in 0..10 {
         let subject = format!("yves{i}");
@@ -428,9 +430,10 @@ async fn a_silent_feed_is_distrusted_within_the_bound() {
         .storage(&storage)
         .arg("--backend-timeout=200ms")
         .start();
+    let (setting, url) = redis_via(&link);
     let b = Sidecar::builder()
         .storage(&storage)
-        .env("REDIS_URL", format!("redis://127.0.0.1:{}", link.port))
+        .env(setting, url)
         .arg("--backend-timeout=200ms")
         .start();
     wait_live(&a);
