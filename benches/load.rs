@@ -405,13 +405,7 @@ async fn measure_staleness(a: &str, b: &str) -> (Vec<Duration>, u64) {
     let tokens = issue_tokens(a, STALENESS_SAMPLES + 1).await;
     let mut observer = TokenServiceClient::new(b[0].clone());
     for t in tokens.iter().chain(tokens.iter()) {
-        observer
-            .validate(pb::ValidateRequest {
-                token: t.clone(),
-                ..Default::default()
-            })
-            .await
-            .unwrap();
+        validate(&mut observer, t).await;
     }
     let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
     let load: Vec<_> = (0..16)
@@ -420,12 +414,7 @@ async fn measure_staleness(a: &str, b: &str) -> (Vec<Duration>, u64) {
             let hot = tokens[STALENESS_SAMPLES].clone();
             tokio::spawn(async move {
                 while !stop.load(std::sync::atomic::Ordering::Relaxed) {
-                    api.validate(pb::ValidateRequest {
-                        token: hot.clone(),
-                        ..Default::default()
-                    })
-                    .await
-                    .unwrap();
+                    validate(&mut api, &hot).await;
                 }
             })
         })
@@ -444,14 +433,7 @@ async fn measure_staleness(a: &str, b: &str) -> (Vec<Duration>, u64) {
         let ok = Instant::now();
         loop {
             let sent = Instant::now();
-            let answer = observer
-                .validate(pb::ValidateRequest {
-                    token: t.clone(),
-                    ..Default::default()
-                })
-                .await
-                .unwrap()
-                .into_inner();
+            let answer = validate(&mut observer, t).await;
             if !answer.valid {
                 samples.push(sent - ok);
                 break;
@@ -489,6 +471,17 @@ async fn issue_tokens(channel: &Channel, n: usize) -> Vec<String> {
     tokens
 }
 
+/// One Validate of `token`, with the sidecar's defaults.
+async fn validate(api: &mut TokenServiceClient<Channel>, token: &str) -> pb::ValidateResponse {
+    api.validate(pb::ValidateRequest {
+        token: token.to_owned(),
+        ..Default::default()
+    })
+    .await
+    .unwrap()
+    .into_inner()
+}
+
 /// Validates every token once, 32 at a time.
 async fn validate_each(channels: &[Channel], tokens: &Arc<Vec<String>>) {
     let tasks: Vec<_> = (0..32)
@@ -497,12 +490,7 @@ async fn validate_each(channels: &[Channel], tokens: &Arc<Vec<String>>) {
             let tokens = tokens.clone();
             tokio::spawn(async move {
                 for token in tokens.iter().skip(i).step_by(32) {
-                    api.validate(pb::ValidateRequest {
-                        token: token.clone(),
-                        ..Default::default()
-                    })
-                    .await
-                    .unwrap();
+                    validate(&mut api, token).await;
                 }
             })
         })
@@ -576,14 +564,7 @@ async fn run(
                                 tokens[next].clone()
                             }
                         };
-                        let r = api
-                            .validate(pb::ValidateRequest {
-                                token,
-                                ..Default::default()
-                            })
-                            .await
-                            .unwrap();
-                        assert!(r.get_ref().valid);
+                        assert!(validate(&mut api, &token).await.valid);
                     }
                     Scenario::RateLimitDenied => {
                         let r = api
