@@ -10,9 +10,11 @@ FROM rust:1.95.0-slim-bookworm AS builder
 WORKDIR /src
 
 # Dependencies first, in a layer of their own: it is rebuilt only when the manifest, the
-# lock file, the build script or the proto change, not when the sources do.
+# lock file, the build script, the proto or the patched HTTP/2 crate change, not when the
+# sources do.
 COPY Cargo.toml Cargo.lock build.rs ./
 COPY proto ./proto
+COPY vendor ./vendor
 RUN mkdir -p src benches \
     && echo 'fn main() {}' > src/main.rs \
     && touch src/lib.rs \

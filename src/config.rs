@@ -127,6 +127,29 @@ pub struct ServeArgs {
     )]
     pub rate_limits: Vec<crate::ratelimit::Policy>,
 
+    /// The request header Envoy's ext_authz Check reads the bearer token from.
+    #[arg(long, env = "AUTH_AUTHZ_TOKEN_HEADER", default_value = "authorization", value_parser = parse_header_name)]
+    pub authz_token_header: String,
+
+    /// A claim that Envoy's ext_authz Check passes upstream as a request header, CLAIM=HEADER
+    /// such as tenant=x-auth-tenant (the subject always goes in x-auth-subject). Repeat the
+    /// flag, or separate them with commas in the environment. The header is overwritten when
+    /// the token has the claim and removed when it has not, so a client cannot set it.
+    #[arg(
+        long = "authz-claim-header",
+        env = "AUTH_AUTHZ_CLAIM_HEADERS",
+        value_delimiter = ',',
+        value_name = "CLAIM=HEADER",
+        value_parser = parse_claim_header
+    )]
+    pub authz_claim_headers: Vec<(String, String)>,
+
+    /// Remove the token header from a request that Envoy's ext_authz Check lets through, so
+    /// the upstream never sees the token.
+    #[arg(long, env = "AUTH_AUTHZ_STRIP_TOKEN", default_value_t = false, action = clap::ArgAction::Set,
+          num_args = 0..=1, default_missing_value = "true", value_name = "BOOL")]
+    pub authz_strip_token: bool,
+
     /// Memory for remembering tokens whose signature verified, so that a token presented
     /// again is not decoded again (every other check still runs): a size such as 8MiB, or 0
     /// to turn it off.
@@ -328,6 +351,7 @@ pub struct Config {
     pub refresh_reuse_grace: Duration,
     pub refresh_max_lifetime: Duration,
     pub rate_limits: Vec<crate::ratelimit::Policy>,
+    pub authz: Authz,
     pub shutdown_delay: Duration,
     pub shutdown_grace: Duration,
     pub log_format: crate::telemetry::LogFormat,
@@ -338,6 +362,18 @@ pub struct Config {
     pub ops_connections: crate::conn::Limits,
     pub max_concurrent_streams: u32,
 }
+
+/// What Envoy's ext_authz Check reads and writes; header names are lower case.
+#[derive(Debug, Clone)]
+pub struct Authz {
+    pub token_header: String,
+    /// (claim, header) pairs, in the order given.
+    pub claim_headers: Vec<(String, String)>,
+    pub strip_token: bool,
+}
+
+/// The header ext_authz always sets to the token's subject.
+pub const SUBJECT_HEADER: &str = "x-auth-subject";
 
 /// A setting that cannot be used, named as on the command line. `setting` is empty when the
 /// reason, as clap words it, names the setting itself.
@@ -425,6 +461,15 @@ impl TryFrom<ServeArgs> for Config {
                 ));
             }
         }
+        let mut headers = BTreeSet::from([SUBJECT_HEADER, args.authz_token_header.as_str()]);
+        for (claim, header) in &args.authz_claim_headers {
+            if !headers.insert(header.as_str()) {
+                return Err(ConfigError::new(
+                    "--authz-claim-header",
+                    format!("{claim}={header}: header `{header}` is already in use"),
+                ));
+            }
+        }
         if args.issuer.is_empty() {
             return Err(ConfigError::new("--issuer", "must not be empty"));
         }
@@ -498,6 +543,11 @@ impl TryFrom<ServeArgs> for Config {
             refresh_reuse_grace: args.refresh_reuse_grace,
             refresh_max_lifetime: args.refresh_max_lifetime,
             rate_limits: args.rate_limits,
+            authz: Authz {
+                token_header: args.authz_token_header,
+                claim_headers: args.authz_claim_headers,
+                strip_token: args.authz_strip_token,
+            },
             shutdown_delay: args.shutdown_delay,
             shutdown_grace: args.shutdown_grace,
             log_format: args.log_format,
@@ -581,6 +631,27 @@ impl Config {
     pub fn defaults() -> Config {
         Config::load(["serve"]).expect("defaults are valid")
     }
+}
+
+/// A request header name, lower-cased; pseudo-headers and `host` are refused.
+fn parse_header_name(s: &str) -> Result<String, String> {
+    let name = http::HeaderName::from_bytes(s.as_bytes())
+        .map_err(|_| format!("`{s}` is not a header name"))?;
+    if name == http::header::HOST {
+        return Err("`host` cannot be used".to_owned());
+    }
+    Ok(name.as_str().to_owned())
+}
+
+/// CLAIM=HEADER for --authz-claim-header.
+fn parse_claim_header(s: &str) -> Result<(String, String), String> {
+    let (claim, header) = s
+        .split_once('=')
+        .ok_or_else(|| format!("`{s}` is not CLAIM=HEADER"))?;
+    if claim.is_empty() {
+        return Err(format!("`{s}`: the claim is empty"));
+    }
+    Ok((claim.to_owned(), parse_header_name(header)?))
 }
 
 /// Reads the `--config` file into (setting id, value) pairs, refusing unknown settings.

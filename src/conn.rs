@@ -167,3 +167,59 @@ impl<IO: tonic::transport::server::Connected> tonic::transport::server::Connecte
         self.io.connect_info()
     }
 }
+
+/// Refuses, on every transport but a Unix socket, a request whose `:authority` is not a URI
+/// authority. The patched HTTP/2 server (vendor/h2/PATCHED.md) lets such a request through,
+/// marked, so that grpcio, grpc-java and grpc-swift, which send the socket's path there, work
+/// over the Unix socket; over TCP it is refused as unpatched h2 would, before any service sees
+/// it. `refusal` makes the answer: a gRPC status on the API listener, a 400 on the ops one.
+pub struct RefuseMalformedAuthority<S, B> {
+    inner: S,
+    refusal: fn() -> http::Response<B>,
+}
+
+impl<S: Clone, B> Clone for RefuseMalformedAuthority<S, B> {
+    fn clone(&self) -> Self {
+        RefuseMalformedAuthority {
+            inner: self.inner.clone(),
+            refusal: self.refusal,
+        }
+    }
+}
+
+impl<S, B> RefuseMalformedAuthority<S, B> {
+    pub fn layer(
+        refusal: fn() -> http::Response<B>,
+    ) -> impl tower::Layer<S, Service = Self> + Clone {
+        tower::layer::layer_fn(move |inner| RefuseMalformedAuthority { inner, refusal })
+    }
+}
+
+impl<S, ReqBody, B> tower::Service<http::Request<ReqBody>> for RefuseMalformedAuthority<S, B>
+where
+    S: tower::Service<http::Request<ReqBody>, Response = http::Response<B>>,
+{
+    type Response = http::Response<B>;
+    type Error = S::Error;
+    type Future = futures_util::future::Either<
+        std::future::Ready<Result<http::Response<B>, S::Error>>,
+        S::Future,
+    >;
+
+    fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), S::Error>> {
+        self.inner.poll_ready(cx)
+    }
+
+    fn call(&mut self, req: http::Request<ReqBody>) -> Self::Future {
+        use futures_util::future::Either;
+        let extensions = req.extensions();
+        let malformed = extensions.get::<h2::ext::MalformedAuthority>().is_some();
+        let unix = extensions
+            .get::<tonic::transport::server::UdsConnectInfo>()
+            .is_some();
+        if malformed && !unix {
+            return Either::Left(std::future::ready(Ok((self.refusal)())));
+        }
+        Either::Right(self.inner.call(req))
+    }
+}

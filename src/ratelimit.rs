@@ -160,9 +160,15 @@ impl RateLimiter {
             .ok_or_else(|| Error::UnknownPolicy(name.to_owned()))
     }
 
-    /// Counts a call of `cost` units (0 peeks) against `key` under `policy`.
-    pub async fn check(&self, policy: &str, key: &str, cost: u32) -> Result<Decision, Error> {
-        let (p, gcra) = self.policy(policy, key)?;
+    /// The policy a call of `cost` units against `key` under `policy` is counted by, or why
+    /// it cannot be counted; nothing is counted.
+    pub fn admit(&self, policy: &str, key: &str, cost: u32) -> Result<&Policy, Error> {
+        Ok(&self.admitted(policy, key, cost)?.0)
+    }
+
+    fn admitted(&self, policy: &str, key: &str, cost: u32) -> Result<&(Policy, Gcra), Error> {
+        let admitted = self.policy(policy, key)?;
+        let p = &admitted.0;
         if cost > p.burst {
             return Err(Error::InvalidArgument {
                 field: "cost",
@@ -172,6 +178,12 @@ impl RateLimiter {
                 ),
             });
         }
+        Ok(admitted)
+    }
+
+    /// Counts a call of `cost` units (0 peeks) against `key` under `policy`.
+    pub async fn check(&self, policy: &str, key: &str, cost: u32) -> Result<Decision, Error> {
+        let (p, gcra) = self.admitted(policy, key, cost)?;
         Ok(self
             .store
             .rate_limit(&p.name, key, *gcra, cost, None)

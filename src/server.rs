@@ -5,6 +5,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use anyhow::Context;
+use envoy_types::pb::envoy::service::ratelimit::v3::rate_limit_service_server::RateLimitServiceServer;
 use futures_util::StreamExt;
 use tokio::net::{TcpListener, UnixListener};
 use tokio_util::sync::CancellationToken;
@@ -14,7 +15,7 @@ use tonic::transport::Server;
 use crate::clock::{Clock, SystemClock};
 use crate::config::{Config, Listen};
 use crate::conn::{self, KEEPALIVE_INTERVAL, KEEPALIVE_TIMEOUT, MAX_HEADER_LIST};
-use crate::grpc::TokenApi;
+use crate::grpc::{AuthorizationServer, EnvoyAuthz, EnvoyRls, TokenApi};
 use crate::health::Health;
 use crate::keys::{KeySet, Keys, Reloaded, SigningKey};
 use crate::pb;
@@ -33,6 +34,11 @@ const PURGE_INTERVAL: Duration = Duration::from_secs(60);
 /// to spare. A larger one is refused before it is buffered.
 const MAX_API_REQUEST: usize = 32 * 1024;
 
+/// Largest ext_authz or rate limit request decoded, in bytes: Envoy's CheckRequest carries
+/// every request header (60 KiB by default, `max_request_headers_kb`) and any body it was told
+/// to buffer. A larger one fails with RESOURCE_EXHAUSTED, so Envoy's `status_on_error` applies.
+const MAX_ENVOY_REQUEST: usize = 1024 * 1024;
+
 /// Calls in flight at once on one ops connection: probes, scrapes and JWKS fetches are few.
 const OPS_MAX_CONCURRENT_STREAMS: u32 = 16;
 
@@ -42,6 +48,8 @@ pub struct App {
     pub limits: Arc<RateLimiter>,
     pub sessions: Arc<Sessions>,
     pub health: Health,
+    /// What Envoy's ext_authz Check reads and writes.
+    pub authz: crate::config::Authz,
 }
 
 impl App {
@@ -78,6 +86,7 @@ impl App {
             limits: Arc::new(limits),
             sessions: Arc::new(sessions),
             health: Health::new(drained).await,
+            authz: config.authz.clone(),
         })
     }
 
@@ -87,6 +96,7 @@ impl App {
             tonic_reflection::server::Builder::configure()
                 .register_encoded_file_descriptor_set(pb::FILE_DESCRIPTOR_SET)
                 .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
+                .register_encoded_file_descriptor_set(pb::ENVOY_FILE_DESCRIPTOR_SET)
         };
         Ok(Routes::new(
             TokenServiceServer::new(TokenApi::new(
@@ -95,6 +105,14 @@ impl App {
                 self.sessions.clone(),
             ))
             .max_decoding_message_size(MAX_API_REQUEST),
+        )
+        .add_service(AuthorizationServer::new(
+            EnvoyAuthz::new(self.tokens.clone(), self.limits.clone(), self.authz.clone()),
+            MAX_ENVOY_REQUEST,
+        ))
+        .add_service(
+            RateLimitServiceServer::new(EnvoyRls::new(self.limits.clone()))
+                .max_decoding_message_size(MAX_ENVOY_REQUEST),
         )
         .add_service(self.health.service())
         .add_service(
@@ -124,7 +142,13 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
     let ops_addr = ops.local_addr()?;
     let ops_task = tokio::spawn(serve_ops(
         ops,
-        crate::ops::router(&app.health, app.tokens.keys(), &config),
+        crate::ops::router(&app.health, app.tokens.keys(), &config).layer(
+            conn::RefuseMalformedAuthority::layer(|| {
+                let mut refused = axum::response::Response::default();
+                *refused.status_mut() = http::StatusCode::BAD_REQUEST;
+                refused
+            }),
+        ),
         config.ops_connections,
         drained.clone(),
     ));
@@ -134,6 +158,9 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
         .http2_keepalive_interval(Some(KEEPALIVE_INTERVAL))
         .http2_keepalive_timeout(Some(KEEPALIVE_TIMEOUT))
         .http2_max_header_list_size(MAX_HEADER_LIST)
+        .layer(conn::RefuseMalformedAuthority::layer(|| {
+            tonic::Status::invalid_argument(":authority: not a URI authority").into_http()
+        }))
         .layer(telemetry::RpcLayer)
         .layer(tower::util::MapResponseLayer::new(
             crate::grpc::request_errors,

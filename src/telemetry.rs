@@ -338,11 +338,15 @@ where
         // "/package.Service/Method": the method names the metric series; anything else (a
         // probe of an unknown path) is counted as "other", so a caller cannot mint series.
         let (service, method) = path.rsplit_once('/').unwrap_or(("", path));
-        let method: &'static str = KNOWN_METHODS
-            .iter()
-            .find(|known| **known == method)
-            .copied()
-            .unwrap_or("other");
+        // Envoy's ext_authz Check is not grpc.health.v1's.
+        let method: &'static str = match path {
+            "/envoy.service.auth.v3.Authorization/Check" => "ExtAuthzCheck",
+            _ => KNOWN_METHODS
+                .iter()
+                .find(|known| **known == method)
+                .copied()
+                .unwrap_or("other"),
+        };
         let span = if exporting() {
             let service = service.trim_start_matches('/');
             let span = tracing::info_span!(
@@ -432,7 +436,7 @@ fn code_name(code: i32) -> &'static str {
 }
 
 /// Methods of the API listener's services, the only values the `method` label takes.
-const KNOWN_METHODS: [&str; 16] = [
+const KNOWN_METHODS: [&str; 17] = [
     "Issue",
     "Validate",
     "Revoke",
@@ -449,4 +453,5 @@ const KNOWN_METHODS: [&str; 16] = [
     "Watch",
     "ServerReflectionInfo",
     "List",
+    "ShouldRateLimit",
 ];

@@ -15,6 +15,7 @@ const RULES: &[(&str, &[&str], &str)] = &[
             "crate::sessions",
             "crate::ratelimit",
             "config::Config",
+            "envoy_types",
         ],
         "the store sits below the domain and the wire; each backend gets its own settings",
     ),
@@ -33,17 +34,17 @@ const RULES: &[(&str, &[&str], &str)] = &[
     ),
     (
         "src/tokens.rs",
-        &["crate::pb", "crate::grpc"],
+        &["crate::pb", "crate::grpc", "envoy_types"],
         "only the gRPC layer knows the wire types",
     ),
     (
         "src/sessions.rs",
-        &["crate::pb", "crate::grpc"],
+        &["crate::pb", "crate::grpc", "envoy_types"],
         "only the gRPC layer knows the wire types",
     ),
     (
         "src/ratelimit.rs",
-        &["crate::config", "crate::pb", "crate::grpc"],
+        &["crate::config", "crate::pb", "crate::grpc", "envoy_types"],
         "config depends on ratelimit's policies, never the reverse",
     ),
     (

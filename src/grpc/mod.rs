@@ -2,6 +2,8 @@
 //! place where domain errors become gRPC statuses.
 
 mod convert;
+mod envoy_authz;
+mod envoy_rls;
 mod wire;
 
 use std::sync::Arc;
@@ -17,6 +19,8 @@ use crate::tokens::{self, IssueParams, RevokeTarget, Tokens, Verdict};
 use crate::sessions::Sessions;
 use convert::{CreateSessionParams, ValidateParams};
 pub use convert::{json_to_struct, struct_to_json};
+pub use envoy_authz::{AuthorizationServer, EnvoyAuthz};
+pub use envoy_rls::{EnvoyRls, POLICY_ENTRY};
 pub use wire::request_errors;
 
 pub struct TokenApi {

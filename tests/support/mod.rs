@@ -83,6 +83,10 @@ impl SidecarBuilder {
         self
     }
 
+    pub fn args<A: Into<String>>(self, args: impl IntoIterator<Item = A>) -> Self {
+        args.into_iter().fold(self, |b, a| b.arg(a))
+    }
+
     pub fn env(mut self, key: &str, value: impl Into<String>) -> Self {
         self.env.push((key.into(), value.into()));
         self
