@@ -2,9 +2,12 @@
 by grpcio, health checked by grpcio-health-checking, services listed by grpcio-reflection."""
 
 import grpc
-from google.protobuf import duration_pb2, struct_pb2
+from google.protobuf import descriptor_pool, duration_pb2, struct_pb2
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
+from grpc_reflection.v1alpha.proto_reflection_descriptor_database import (
+    ProtoReflectionDescriptorDatabase,
+)
 
 
 def test_issue_validate_revoke_validate(stubs, sidecar):
@@ -84,10 +87,20 @@ def test_health_check(sidecar):
             assert resp.status == health_pb2.HealthCheckResponse.SERVING
 
 
-def test_reflection_lists_the_token_service(sidecar):
+def test_reflection_lists_and_describes_every_service(sidecar):
     with grpc.insecure_channel(sidecar) as channel:
         stub = reflection_pb2_grpc.ServerReflectionStub(channel)
         request = reflection_pb2.ServerReflectionRequest(list_services="")
         response = next(stub.ServerReflectionInfo(iter([request])))
         names = {s.name for s in response.list_services_response.service}
-        assert "authsidecar.v1.TokenService" in names
+        assert {
+            "authsidecar.v1.TokenService",
+            "envoy.service.auth.v3.Authorization",
+            "envoy.service.ratelimit.v3.RateLimitService",
+        } <= names
+        # What grpcurl does: resolve a message and, through reflection, every file it imports.
+        pool = descriptor_pool.DescriptorPool(ProtoReflectionDescriptorDatabase(channel))
+        check = pool.FindMessageTypeByName("envoy.service.auth.v3.CheckRequest")
+        assert "attributes" in check.fields_by_name
+        rls = pool.FindServiceByName("envoy.service.ratelimit.v3.RateLimitService")
+        assert rls.FindMethodByName("ShouldRateLimit") is not None
