@@ -461,6 +461,12 @@ impl TryFrom<ServeArgs> for Config {
                 ));
             }
         }
+        if args.authz_token_header == SUBJECT_HEADER {
+            return Err(ConfigError::new(
+                "--authz-token-header",
+                format!("`{SUBJECT_HEADER}` is the header ext_authz sets"),
+            ));
+        }
         let mut headers = BTreeSet::from([SUBJECT_HEADER, args.authz_token_header.as_str()]);
         for (claim, header) in &args.authz_claim_headers {
             if !headers.insert(header.as_str()) {
@@ -633,7 +639,8 @@ impl Config {
     }
 }
 
-/// A request header name, lower-cased; pseudo-headers and `host` are refused.
+/// A request header name, lower-cased; `host` (and any pseudo-header, not being a name) is
+/// refused.
 fn parse_header_name(s: &str) -> Result<String, String> {
     let name = http::HeaderName::from_bytes(s.as_bytes())
         .map_err(|_| format!("`{s}` is not a header name"))?;

@@ -35,9 +35,10 @@ const PURGE_INTERVAL: Duration = Duration::from_secs(60);
 const MAX_API_REQUEST: usize = 32 * 1024;
 
 /// Largest ext_authz or rate limit request decoded, in bytes: Envoy's CheckRequest carries
-/// every request header (60 KiB by default, `max_request_headers_kb`) and any body it was told
-/// to buffer. A larger one fails with RESOURCE_EXHAUSTED, so Envoy's `status_on_error` applies.
-const MAX_ENVOY_REQUEST: usize = 1024 * 1024;
+/// every request header, at most 60 KiB by Envoy's default (`max_request_headers_kb`). A
+/// larger one (higher header limits, or a body Envoy was told to pass) fails with
+/// RESOURCE_EXHAUSTED, so Envoy's `status_on_error` applies.
+const MAX_ENVOY_REQUEST: usize = 128 * 1024;
 
 /// Calls in flight at once on one ops connection: probes, scrapes and JWKS fetches are few.
 const OPS_MAX_CONCURRENT_STREAMS: u32 = 16;

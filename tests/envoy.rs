@@ -332,6 +332,13 @@ async fn every_rejection_is_the_http_answer_rfc_6750_gives() {
     // No attributes at all: no token.
     let resp = authz(&mut client, CheckRequest::default()).await.unwrap();
     assert_eq!(http_of(&resp).0, 401);
+    // Past Envoy's default header limit twice over: refused before it is buffered whole.
+    let cookie = "c".repeat(200 * 1024);
+    assert_status(
+        authz(&mut client, check_request(&[("cookie", &cookie)], &[])).await,
+        Code::ResourceExhausted,
+        "",
+    );
 }
 
 #[tokio::test]

@@ -222,11 +222,31 @@ async fn health_subcommand_exit_codes() {
 fn invalid_settings_exit_2_with_one_line_naming_the_setting() {
     /// Flags, environment, and the setting the error must name.
     type Case<'a> = (&'a [&'a str], &'a [(&'a str, &'a str)], &'a str);
-    let cases: [Case; 4] = [
+    let cases: [Case; 8] = [
         (&["--max-ttl", "5x"], &[], "--max-ttl"),
         (&["--access-ttl", "2d"], &[], "--access-ttl"),
         (&["--listen", "nowhere"], &[], "--listen"),
         (&[], &[("AUTH_JWT_SECRET", "hunter2")], "AUTH_JWT_SECRET"),
+        (
+            &["--authz-claim-header", "tenant"],
+            &[],
+            "--authz-claim-header",
+        ),
+        (
+            &["--authz-claim-header", "t=x-auth-subject"],
+            &[],
+            "--authz-claim-header",
+        ),
+        (
+            &["--authz-token-header", "x-auth-subject"],
+            &[],
+            "--authz-token-header",
+        ),
+        (
+            &[],
+            &[("AUTH_AUTHZ_CLAIM_HEADERS", "a=bad header")],
+            "--authz-claim-header",
+        ),
     ];
     for (args, env, setting) in cases {
         let out = bin()
