@@ -2,6 +2,7 @@
 // token and see it rejected. Plain grpc-go with its default options; the target is the
 // sidecar's --listen, over TCP or a Unix socket:
 //
+//	go mod tidy    # once, outside this repository's offline tests
 //	go run . 127.0.0.1:50051
 //	go run . unix:///run/auth-sidecar/api.sock
 //

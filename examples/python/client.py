@@ -2,8 +2,8 @@
 the token and see it rejected. Plain grpcio with its default channel options; the target is
 the sidecar's --listen, over TCP or a Unix socket:
 
-    python -m grpc_tools.protoc -I proto --python_out=gen --grpc_python_out=gen \\
-        proto/authsidecar/v1/token_service.proto
+    mkdir -p gen && python -m grpc_tools.protoc -I proto --python_out=gen \\
+        --grpc_python_out=gen proto/authsidecar/v1/token_service.proto
     PYTHONPATH=gen python examples/python/client.py 127.0.0.1:50051
     PYTHONPATH=gen python examples/python/client.py unix:/run/auth-sidecar/api.sock
 """

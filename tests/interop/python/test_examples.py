@@ -104,3 +104,9 @@ def test_a_malformed_authority_is_refused_over_tcp(stubs):
         with grpc.insecure_channel(ops) as channel:
             resp = health_pb2_grpc.HealthStub(channel).Check(health_pb2.HealthCheckRequest())
             assert resp.status == health_pb2.HealthCheckResponse.SERVING
+
+
+def test_go_example_is_gofmt_clean():
+    unformatted = subprocess.run(["gofmt", "-l", str(EXAMPLES / "go")], capture_output=True,
+                                 text=True, check=True).stdout
+    assert unformatted == "", unformatted
