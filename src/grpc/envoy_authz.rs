@@ -121,9 +121,7 @@ impl EnvoyAuthz {
             Credential::Token(token) => self.check_token(token, &route).await,
         }
     }
-}
 
-impl EnvoyAuthz {
     async fn check_token(&self, token: &str, route: &Route<'_>) -> Result<CheckResponse, Status> {
         if token.len() > MAX_TOKEN_LEN {
             return Ok(Denial::invalid_token(
@@ -154,16 +152,14 @@ impl EnvoyAuthz {
                 return Ok(Denial::rate_limited(decision.retry_after));
             }
         }
-        self.allow(&verified)
+        Ok(self.allow(&verified))
     }
 
     /// The OK answer: the subject and the configured claims as headers that replace whatever
     /// the client sent under those names, and the token header removed when asked.
-    fn allow(&self, verified: &Verified) -> Result<CheckResponse, Status> {
+    fn allow(&self, verified: &Verified) -> CheckResponse {
         let Some(subject) = header_value(&Value::String(verified.subject.clone())) else {
-            return Ok(Denial::invalid_token(
-                "the subject cannot be sent as a header",
-            ));
+            return Denial::invalid_token("the subject cannot be sent as a header");
         };
         let mut headers = vec![overwrite(SUBJECT_HEADER, subject)];
         let mut headers_to_remove = Vec::new();
@@ -176,7 +172,7 @@ impl EnvoyAuthz {
         if self.settings.strip_token {
             headers_to_remove.push(self.settings.token_header.clone());
         }
-        Ok(CheckResponse {
+        CheckResponse {
             status: Some(rpc::Status {
                 code: Code::Ok as i32,
                 ..Default::default()
@@ -187,7 +183,7 @@ impl EnvoyAuthz {
                 ..Default::default()
             })),
             ..Default::default()
-        })
+        }
     }
 }
 
