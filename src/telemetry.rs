@@ -335,27 +335,21 @@ where
 
     fn call(&mut self, request: http::Request<B>) -> Self::Future {
         let path = request.uri().path();
-        // "/package.Service/Method": the method names the metric series; anything else (a
+        // "/package.Service/Method": a known path names the metric series; anything else (a
         // probe of an unknown path) is counted as "other", so a caller cannot mint series.
-        let (service, method) = path.rsplit_once('/').unwrap_or(("", path));
-        // Envoy's ext_authz Check is not grpc.health.v1's.
-        let method: &'static str = match path {
-            "/envoy.service.auth.v3.Authorization/Check" => "ExtAuthzCheck",
-            _ => KNOWN_METHODS
-                .iter()
-                .find(|known| **known == method)
-                .copied()
-                .unwrap_or("other"),
-        };
+        let known = KNOWN_METHODS.iter().find(|(known, _)| *known == path);
+        let method: &'static str = known.map_or("other", |(_, label)| label);
         let span = if exporting() {
+            let (service, rpc_method) = path.rsplit_once('/').unwrap_or(("", path));
             let service = service.trim_start_matches('/');
+            let rpc_method = if known.is_some() { rpc_method } else { "other" };
             let span = tracing::info_span!(
                 "rpc",
-                otel.name = %format_args!("{service}/{method}"),
+                otel.name = %format_args!("{service}/{rpc_method}"),
                 otel.kind = "server",
                 rpc.system = "grpc",
                 rpc.service = %service,
-                rpc.method = method,
+                rpc.method = rpc_method,
                 rpc.grpc.status_code = tracing::field::Empty,
                 outcome = tracing::field::Empty,
             );
@@ -435,23 +429,50 @@ fn code_name(code: i32) -> &'static str {
         .unwrap_or("Unknown")
 }
 
-/// Methods of the API listener's services, the only values the `method` label takes.
-const KNOWN_METHODS: [&str; 17] = [
-    "Issue",
-    "Validate",
-    "Revoke",
-    "CheckRateLimit",
-    "ResetRateLimit",
-    "GetJwks",
-    "Refresh",
-    "CreateSession",
-    "GetSession",
-    "TouchSession",
-    "DeleteSession",
-    "ListSessions",
-    "Check",
-    "Watch",
-    "ServerReflectionInfo",
-    "List",
-    "ShouldRateLimit",
+/// The API listener's methods by path, and the `method` label each takes: the only values it
+/// takes, besides `other`.
+const KNOWN_METHODS: [(&str, &str); 19] = [
+    ("/authsidecar.v1.TokenService/Issue", "Issue"),
+    ("/authsidecar.v1.TokenService/Validate", "Validate"),
+    ("/authsidecar.v1.TokenService/Revoke", "Revoke"),
+    (
+        "/authsidecar.v1.TokenService/CheckRateLimit",
+        "CheckRateLimit",
+    ),
+    (
+        "/authsidecar.v1.TokenService/ResetRateLimit",
+        "ResetRateLimit",
+    ),
+    ("/authsidecar.v1.TokenService/GetJwks", "GetJwks"),
+    ("/authsidecar.v1.TokenService/Refresh", "Refresh"),
+    (
+        "/authsidecar.v1.TokenService/CreateSession",
+        "CreateSession",
+    ),
+    ("/authsidecar.v1.TokenService/GetSession", "GetSession"),
+    ("/authsidecar.v1.TokenService/TouchSession", "TouchSession"),
+    (
+        "/authsidecar.v1.TokenService/DeleteSession",
+        "DeleteSession",
+    ),
+    ("/authsidecar.v1.TokenService/ListSessions", "ListSessions"),
+    ("/grpc.health.v1.Health/Check", "Check"),
+    ("/grpc.health.v1.Health/Watch", "Watch"),
+    ("/grpc.health.v1.Health/List", "List"),
+    (
+        "/grpc.reflection.v1.ServerReflection/ServerReflectionInfo",
+        "ServerReflectionInfo",
+    ),
+    (
+        "/grpc.reflection.v1alpha.ServerReflection/ServerReflectionInfo",
+        "ServerReflectionInfo",
+    ),
+    (
+        "/envoy.service.auth.v3.Authorization/Check",
+        "ExtAuthzCheck",
+    ),
+    (
+        "/envoy.service.ratelimit.v3.RateLimitService/ShouldRateLimit",
+        "ShouldRateLimit",
+    ),
 ];

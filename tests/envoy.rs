@@ -186,9 +186,20 @@ async fn a_valid_token_passes_with_its_subject_and_claims_and_the_rest_is_remove
     let (_, headers, removed) = http_of(&resp);
     assert!(!headers.contains_key("x-auth-tenant"));
     assert_eq!(removed, ["x-auth-tenant", "authorization"]);
-    // Counted as Envoy's Check, not as a health check.
+    // Counted as Envoy's Check, not as a health check; another service's Check as neither.
     let checks = ["method=\"ExtAuthzCheck\"", "code=\"Ok\""];
     assert_eq!(node.metric("authsidecar_rpc_requests_total", &checks), 2.0);
+    let mut grpc = tonic::client::Grpc::new(node.channel().await);
+    grpc.ready().await.unwrap();
+    let codec = tonic_prost::ProstCodec::<(), ()>::default();
+    let path = http::uri::PathAndQuery::from_static("/no.such.Service/Check");
+    let unknown = grpc.unary(tonic::Request::new(()), path, codec).await;
+    assert_eq!(unknown.unwrap_err().code(), Code::Unimplemented);
+    let method = |m: &str| {
+        let label = format!("method=\"{m}\"");
+        node.metric("authsidecar_rpc_requests_total", &[&label])
+    };
+    assert_eq!((method("other"), method("Check")), (1.0, 0.0));
 }
 
 #[tokio::test]
