@@ -127,6 +127,12 @@ pub struct ServeArgs {
     )]
     pub rate_limits: Vec<crate::ratelimit::Policy>,
 
+    /// The address verifiers reach the ops listener at from outside, such as
+    /// https://auth.example.com: `/.well-known/openid-configuration` gives its JWKS there.
+    /// Unset, that document is not served (a request's Host header never makes it).
+    #[arg(long, env = "AUTH_PUBLIC_URL", value_name = "URL", value_parser = parse_public_url)]
+    pub public_url: Option<String>,
+
     /// The request header Envoy's ext_authz Check reads the bearer token from.
     #[arg(long, env = "AUTH_AUTHZ_TOKEN_HEADER", default_value = "authorization", value_parser = parse_header_name)]
     pub authz_token_header: String,
@@ -352,6 +358,8 @@ pub struct Config {
     pub refresh_max_lifetime: Duration,
     pub rate_limits: Vec<crate::ratelimit::Policy>,
     pub authz: Authz,
+    /// Where verifiers reach the ops listener, without a trailing slash.
+    pub public_url: Option<String>,
     pub shutdown_delay: Duration,
     pub shutdown_grace: Duration,
     pub log_format: crate::telemetry::LogFormat,
@@ -554,6 +562,7 @@ impl TryFrom<ServeArgs> for Config {
                 claim_headers: args.authz_claim_headers,
                 strip_token: args.authz_strip_token,
             },
+            public_url: args.public_url,
             shutdown_delay: args.shutdown_delay,
             shutdown_grace: args.shutdown_grace,
             log_format: args.log_format,
@@ -637,6 +646,20 @@ impl Config {
     pub fn defaults() -> Config {
         Config::load(["serve"]).expect("defaults are valid")
     }
+}
+
+/// An absolute http or https URL without query or fragment, its trailing slash dropped.
+fn parse_public_url(s: &str) -> Result<String, String> {
+    let uri: http::Uri = s.parse().map_err(|_| format!("`{s}` is not a URL"))?;
+    let scheme_ok = matches!(uri.scheme_str(), Some("http" | "https"));
+    if !scheme_ok
+        || uri.host().is_none_or(str::is_empty)
+        || uri.query().is_some()
+        || s.contains('#')
+    {
+        return Err(format!("`{s}` is not an http or https URL without query"));
+    }
+    Ok(s.trim_end_matches('/').to_owned())
 }
 
 /// A request header name, lower-cased; `host` (and any pseudo-header, not being a name) is

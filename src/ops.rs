@@ -1,5 +1,5 @@
-//! The ops listener: what the cluster may see (grpc.health.v1, `/healthz`, `/livez`,
-//! `/readyz`, `/metrics` and the public keys at `/.well-known/jwks.json`), on one port that
+//! The ops listener: what the cluster may see (grpc.health.v1, `/healthz` and its alias
+//! `/health`, `/livez`, `/readyz`, `/metrics` and the public keys at `/.well-known/jwks.json`), on one port that
 //! speaks HTTP/1.1 and HTTP/2. The token API is never served here.
 
 use std::sync::Arc;
@@ -8,7 +8,7 @@ use std::time::Duration;
 use axum::Router;
 use axum::body::Body;
 use axum::extract::{Request, State};
-use axum::http::{HeaderMap, StatusCode, header};
+use axum::http::{StatusCode, header};
 use axum::response::{IntoResponse, Response};
 use axum::routing::get;
 use tonic::server::NamedService;
@@ -23,7 +23,8 @@ pub const JWKS_PATH: &str = "/.well-known/jwks.json";
 struct Ops {
     health: Health,
     keys: Arc<Keys>,
-    issuer: Arc<str>,
+    /// The discovery document, made once from the settings; `None` without `--public-url`.
+    discovery: Option<Arc<str>>,
     jwks_max_age: Duration,
 }
 
@@ -36,11 +37,18 @@ pub fn router(health: &Health, keys: &Arc<Keys>, config: &Config) -> Router {
     let state = Ops {
         health: health.clone(),
         keys: keys.clone(),
-        issuer: config.issuer.as_str().into(),
+        discovery: config.public_url.as_ref().map(|url| {
+            let document = serde_json::json!({
+                "issuer": config.issuer,
+                "jwks_uri": format!("{url}{JWKS_PATH}"),
+            });
+            document.to_string().into()
+        }),
         jwks_max_age: config.jwks_max_age,
     };
     Router::new()
         .route("/healthz", get(healthz))
+        .route("/health", get(healthz))
         .route("/readyz", get(healthz))
         .route("/livez", get(livez))
         .route(JWKS_PATH, get(jwks))
@@ -105,20 +113,16 @@ async fn jwks(State(ops): State<Ops>) -> Response {
         .into_response()
 }
 
-/// OpenID Connect discovery, enough for verifiers that find the JWKS from the issuer. The
-/// JWKS address is built from the `Host` the caller used.
-async fn openid_configuration(State(ops): State<Ops>, headers: HeaderMap) -> Response {
-    let Some(host) = headers
-        .get(header::HOST)
-        .and_then(|h| h.to_str().ok())
-        .filter(|h| !h.is_empty() && !h.contains(['/', ' ', '"']))
-    else {
-        return (StatusCode::BAD_REQUEST, "a Host header is required\n").into_response();
+/// OpenID Connect discovery, enough for verifiers that find the JWKS from the issuer: made
+/// from `--public-url`, never from the request, and not served without it.
+async fn openid_configuration(State(ops): State<Ops>) -> Response {
+    let Some(document) = ops.discovery else {
+        return (
+            StatusCode::NOT_FOUND,
+            "not served: --public-url is not set\n",
+        )
+            .into_response();
     };
-    let body = serde_json::json!({
-        "issuer": &*ops.issuer,
-        "jwks_uri": format!("http://{host}{JWKS_PATH}"),
-    });
     (
         [
             (header::CONTENT_TYPE, "application/json".to_owned()),
@@ -127,7 +131,7 @@ async fn openid_configuration(State(ops): State<Ops>, headers: HeaderMap) -> Res
                 format!("public, max-age={}", ops.jwks_max_age.as_secs()),
             ),
         ],
-        body.to_string(),
+        document.to_string(),
     )
         .into_response()
 }

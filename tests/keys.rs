@@ -20,7 +20,7 @@ use base64::engine::general_purpose::URL_SAFE_NO_PAD;
 use pb::InvalidReason as R;
 use serde_json::{Value, json};
 use support::backends::{Backend, Storage};
-use support::{Client, Sidecar, http_get, now, parts};
+use support::{Client, Sidecar, http_get, http_get_as, now, parts};
 use tempfile::TempDir;
 
 const BIN: &str = env!("CARGO_BIN_EXE_auth-sidecar");
@@ -293,6 +293,7 @@ async fn jwks_is_cacheable_and_discoverable() {
     let sidecar = Sidecar::builder()
         .keys_dir(keys.path())
         .arg("--jwks-max-age=90s")
+        .arg("--public-url=https://auth.example.com/")
         .start();
     let http = http_get(sidecar.ops, "/.well-known/jwks.json");
     assert_eq!(http.header("cache-control"), Some("public, max-age=90"));
@@ -312,10 +313,32 @@ async fn jwks_is_cacheable_and_discoverable() {
     assert_eq!(set["keys"][0]["kty"], "OKP");
     assert_eq!(set["keys"][0]["use"], "sig");
 
-    let discovery = http_get(sidecar.ops, "/.well-known/openid-configuration");
+    // Discovery is made from --public-url; the Host a caller sends never appears.
+    let discovery = http_get_as(
+        sidecar.ops,
+        "/.well-known/openid-configuration",
+        "evil.example",
+    );
     let doc: Value = serde_json::from_str(&discovery.body).unwrap();
     assert_eq!(doc["issuer"], "auth-sidecar");
-    assert_eq!(doc["jwks_uri"], "http://localhost/.well-known/jwks.json");
+    assert_eq!(
+        doc["jwks_uri"],
+        "https://auth.example.com/.well-known/jwks.json"
+    );
+    for path in ["/.well-known/jwks.json", "/healthz", "/health", "/metrics"] {
+        let http = http_get_as(sidecar.ops, path, "evil.example");
+        assert!(!http.body.contains("evil.example"), "{path}: {}", http.body);
+        assert!(
+            http.headers
+                .iter()
+                .all(|(_, v)| !v.contains("evil.example")),
+            "{path}"
+        );
+    }
+    // Without --public-url it is not served at all.
+    let plain = Sidecar::start();
+    assert_eq!(plain.ops_get("/.well-known/openid-configuration"), 404);
+    assert_eq!(plain.ops_get("/health"), 200);
     // The token API is not on the ops listener.
     assert_eq!(sidecar.ops_get("/authsidecar.v1.TokenService/GetJwks"), 404);
 }

@@ -222,8 +222,18 @@ async fn health_subcommand_exit_codes() {
 fn invalid_settings_exit_2_with_one_line_naming_the_setting() {
     /// Flags, environment, and the setting the error must name.
     type Case<'a> = (&'a [&'a str], &'a [(&'a str, &'a str)], &'a str);
-    let cases: [Case; 8] = [
+    let cases: [Case; 10] = [
         (&["--max-ttl", "5x"], &[], "--max-ttl"),
+        (
+            &["--public-url", "ftp://auth.example.com"],
+            &[],
+            "--public-url",
+        ),
+        (
+            &["--public-url", "https://auth.example.com/?a=b"],
+            &[],
+            "--public-url",
+        ),
         (&["--access-ttl", "2d"], &[], "--access-ttl"),
         (&["--listen", "nowhere"], &[], "--listen"),
         (&[], &[("AUTH_JWT_SECRET", "hunter2")], "AUTH_JWT_SECRET"),

@@ -376,13 +376,18 @@ impl HttpResponse {
 }
 
 pub fn http_get(addr: SocketAddr, path: &str) -> HttpResponse {
+    http_get_as(addr, path, "localhost")
+}
+
+/// A GET whose `Host` header is `host`.
+pub fn http_get_as(addr: SocketAddr, path: &str, host: &str) -> HttpResponse {
     let mut stream = TcpStream::connect(addr).expect("connect ops listener");
     stream
         .set_read_timeout(Some(Duration::from_secs(5)))
         .unwrap();
     write!(
         stream,
-        "GET {path} HTTP/1.1\r\nHost: localhost\r\nConnection: close\r\n\r\n"
+        "GET {path} HTTP/1.1\r\nHost: {host}\r\nConnection: close\r\n\r\n"
     )
     .unwrap();
     let mut text = String::new();
