@@ -55,6 +55,24 @@ pub struct ServeArgs {
     #[arg(long, env = "DATABASE_URL", hide_env_values = true, value_name = "URL")]
     pub database_url: Option<Secret>,
 
+    /// A direct connection to PostgreSQL, not through a pooler, for what needs a session of its
+    /// own: the migrations (a session-level lock) and the revocation view's LISTEN feed.
+    /// Unset: DATABASE_URL.
+    #[arg(
+        long,
+        env = "DATABASE_MIGRATE_URL",
+        hide_env_values = true,
+        value_name = "URL"
+    )]
+    pub database_migrate_url: Option<Secret>,
+
+    /// DATABASE_URL goes through a pooler in transaction mode (PgBouncer's `pool_mode =
+    /// transaction`): no prepared-statement cache and no session settings at connect. The
+    /// migrations and the revocation view's feed then need --database-migrate-url.
+    #[arg(long, env = "AUTH_DB_TRANSACTION_POOLING", default_value_t = false, action = clap::ArgAction::Set,
+          num_args = 0..=1, default_missing_value = "true", value_name = "BOOL")]
+    pub db_transaction_pooling: bool,
+
     /// Connections in this node's PostgreSQL pool. Keep max × nodes under the server's
     /// max_connections.
     #[arg(long, env = "AUTH_DB_MAX_CONNECTIONS", default_value_t = 10, value_parser = clap::value_parser!(u32).range(1..=1000))]
@@ -288,6 +306,10 @@ pub struct RedisConfig {
 #[derive(Debug, Clone)]
 pub struct PostgresConfig {
     pub url: Secret,
+    /// A direct connection for the migrations and the LISTEN feed; `None`: `url`.
+    pub direct_url: Option<Secret>,
+    /// `url` goes through a pooler in transaction mode.
+    pub transaction_pooling: bool,
     pub max_connections: u32,
     /// Apply the migrations and functions at start, in the background.
     pub migrate: bool,
@@ -338,6 +360,8 @@ pub struct Config {
     pub redis_cluster: bool,
     pub redis_prefix: String,
     pub database_url: Option<Secret>,
+    pub database_migrate_url: Option<Secret>,
+    pub db_transaction_pooling: bool,
     pub db_max_connections: u32,
     pub migrate: bool,
     pub backend_timeout: Duration,
@@ -454,6 +478,17 @@ impl TryFrom<ServeArgs> for Config {
                 "required by this --storage",
             ));
         }
+        if args.db_transaction_pooling
+            && args.storage.uses_postgres()
+            && args.migrate
+            && args.database_migrate_url.is_none()
+        {
+            return Err(ConfigError::new(
+                "--db-transaction-pooling",
+                "the migrations hold a session-level lock, which a transaction pooler cannot \
+                 keep: give --database-migrate-url (a direct connection) or --migrate=false",
+            ));
+        }
         if args.backend_timeout.is_zero() || args.backend_check_interval.is_zero() {
             return Err(ConfigError::new(
                 "--backend-timeout and --backend-check-interval",
@@ -537,6 +572,8 @@ impl TryFrom<ServeArgs> for Config {
             redis_cluster: args.redis_cluster,
             redis_prefix: args.redis_prefix,
             database_url: args.database_url,
+            database_migrate_url: args.database_migrate_url,
+            db_transaction_pooling: args.db_transaction_pooling,
             db_max_connections: args.db_max_connections,
             migrate: args.migrate,
             backend_timeout: args.backend_timeout,
@@ -626,6 +663,8 @@ impl Config {
                 url: self.database_url.clone().ok_or_else(|| {
                     ConfigError::new("DATABASE_URL", "required by this --storage")
                 })?,
+                direct_url: self.database_migrate_url.clone(),
+                transaction_pooling: self.db_transaction_pooling,
                 max_connections: self.db_max_connections,
                 migrate: self.migrate,
                 timeout: self.backend_timeout,

@@ -65,6 +65,7 @@ suite!(
     Deployment::start(Backend::RedisCluster, 1, &[])
 );
 suite!(postgres, Deployment::start(Backend::Postgres, 1, &[]));
+suite!(pgbouncer, Deployment::start(Backend::PgBouncer, 1, &[]));
 suite!(tiered, Deployment::start(Backend::Tiered, 1, &[]));
 suite!(
     unix_socket,

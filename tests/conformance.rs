@@ -606,6 +606,8 @@ fn redis_config() -> RedisConfig {
 fn postgres_config(storage: &Storage) -> PostgresConfig {
     PostgresConfig {
         url: Secret::from(storage.database_url().as_str()),
+        direct_url: None,
+        transaction_pooling: false,
         max_connections: 4,
         migrate: true,
         timeout: Duration::from_secs(5),

@@ -222,8 +222,16 @@ async fn health_subcommand_exit_codes() {
 fn invalid_settings_exit_2_with_one_line_naming_the_setting() {
     /// Flags, environment, and the setting the error must name.
     type Case<'a> = (&'a [&'a str], &'a [(&'a str, &'a str)], &'a str);
-    let cases: [Case; 10] = [
+    let cases: [Case; 11] = [
         (&["--max-ttl", "5x"], &[], "--max-ttl"),
+        (
+            &["--storage", "postgres", "--db-transaction-pooling"],
+            &[
+                ("DATABASE_URL", "postgres://auth@127.0.0.1:6432/auth"),
+                ("AUTH_JWT_SECRET", "config-test-secret-0123456789abcdefghij"),
+            ],
+            "--db-transaction-pooling",
+        ),
         (
             &["--public-url", "ftp://auth.example.com"],
             &[],

@@ -75,6 +75,7 @@ suite!(memory, Backend::Memory, 1);
 suite!(redis, Backend::Redis, 2);
 suite!(redis_cluster, Backend::RedisCluster, 2);
 suite!(postgres, Backend::Postgres, 2);
+suite!(pgbouncer, Backend::PgBouncer, 2);
 suite!(tiered, Backend::Tiered, 2);
 
 /// Clients of the first and the last node.

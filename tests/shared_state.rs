@@ -72,6 +72,13 @@ async fn multi_node_postgres() {
     revocation_reaches_every_node(Backend::Postgres).await
 }
 
+/// Through PgBouncer in transaction mode: the pool without prepared statements, the
+/// migrations and the feed on a direct connection.
+#[tokio::test]
+async fn multi_node_pgbouncer() {
+    revocation_reaches_every_node(Backend::PgBouncer).await
+}
+
 #[tokio::test]
 async fn multi_node_tiered() {
     revocation_reaches_every_node(Backend::Tiered).await

@@ -2,7 +2,8 @@
 //! Redis and one PostgreSQL (initdb with trust auth, in a temporary directory) on free ports,
 //! which its behaviour suites share, each test under names of its own (a key prefix, a fresh
 //! database). Tests that stop, kill or flush a backend start a throwaway server of their own.
-//! A six-node Redis Cluster is started once per test binary too.
+//! A six-node Redis Cluster, and a PgBouncer in transaction mode in front of the PostgreSQL,
+//! are started once per test binary too.
 
 use std::net::TcpListener;
 use std::os::unix::process::CommandExt;
@@ -38,6 +39,87 @@ pub fn shared_postgres() -> &'static str {
             )
         })
     })
+}
+
+/// The URL (without a database) of a PgBouncer in `pool_mode = transaction` in front of this
+/// test binary's shared PostgreSQL, started on first use.
+pub fn shared_pgbouncer() -> &'static str {
+    static URL: OnceLock<String> = OnceLock::new();
+    URL.get_or_init(|| {
+        let postgres = shared_postgres().to_owned();
+        kept_alive(move || {
+            let bouncer = PgBouncer::start(&postgres);
+            (
+                format!("postgres://postgres@127.0.0.1:{}", bouncer.port),
+                bouncer,
+            )
+        })
+    })
+}
+
+/// Debian's PgBouncer in transaction mode, trusting every user, in a temporary directory.
+pub struct PgBouncer {
+    port: u16,
+    child: Child,
+    _dir: tempfile::TempDir,
+}
+
+impl PgBouncer {
+    fn start(postgres_url: &str) -> PgBouncer {
+        let (uid, gid) = (id("-u"), id("-g"));
+        let dir = tempfile::tempdir().unwrap();
+        chown(dir.path(), uid, gid);
+        let upstream_port = postgres_url.rsplit(':').next().unwrap();
+        let port = free_port();
+        let ini = dir.path().join("pgbouncer.ini");
+        let users = dir.path().join("users.txt");
+        std::fs::write(&users, "\"postgres\" \"\"\n").unwrap();
+        std::fs::write(
+            &ini,
+            format!(
+                "[databases]\n* = host=127.0.0.1 port={upstream_port}\n\
+                 [pgbouncer]\nlisten_addr = 127.0.0.1\nlisten_port = {port}\n\
+                 unix_socket_dir =\nauth_type = trust\nauth_file = {}\n\
+                 pool_mode = transaction\nmax_client_conn = 500\ndefault_pool_size = 20\n",
+                users.display()
+            ),
+        )
+        .unwrap();
+        let child = die_with_parent(
+            Command::new(pgbouncer_bin())
+                .arg(&ini)
+                .uid(uid)
+                .gid(gid)
+                .stdout(Stdio::null())
+                .stderr(Stdio::null()),
+        )
+        .spawn()
+        .expect("spawn pgbouncer");
+        let deadline = Instant::now() + Duration::from_secs(20);
+        while std::net::TcpStream::connect(("127.0.0.1", port)).is_err() {
+            assert!(Instant::now() < deadline, "pgbouncer did not start");
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        PgBouncer {
+            port,
+            child,
+            _dir: dir,
+        }
+    }
+}
+
+impl Drop for PgBouncer {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+fn pgbouncer_bin() -> &'static str {
+    ["/usr/sbin/pgbouncer", "/usr/bin/pgbouncer"]
+        .into_iter()
+        .find(|p| Path::new(p).exists())
+        .expect("pgbouncer is installed (scripts/test installs it)")
 }
 
 /// Removes the directories of throwaway PostgreSQL servers that are gone: a kept-alive server
@@ -89,6 +171,8 @@ pub enum Backend {
     Redis,
     RedisCluster,
     Postgres,
+    /// PostgreSQL through PgBouncer in transaction mode; migrations and the feed go direct.
+    PgBouncer,
     Tiered,
 }
 
@@ -119,6 +203,20 @@ impl Storage {
                 s.env.push(("AUTH_REDIS_CLUSTER".into(), "true".into()));
             }
             Backend::Postgres => s.postgres(&id),
+            Backend::PgBouncer => {
+                s.args = vec!["--storage".into(), "postgres".into()];
+                s.postgres(&id);
+                let direct = s.database_url();
+                s.env.retain(|(k, _)| k != "DATABASE_URL");
+                s.env.extend([
+                    (
+                        "DATABASE_URL".into(),
+                        format!("{}/{id}", shared_pgbouncer()),
+                    ),
+                    ("DATABASE_MIGRATE_URL".into(), direct),
+                    ("AUTH_DB_TRANSACTION_POOLING".into(), "true".into()),
+                ]);
+            }
             Backend::Tiered => {
                 s.args = vec!["--storage".into(), "tiered".into()];
                 s.redis(shared_redis(), &id);

@@ -86,6 +86,9 @@ pub struct PostgresStore {
     ready: Arc<AtomicBool>,
     /// The revocation view, kept by a LISTEN connection (none when off).
     view: Option<View>,
+    /// Whether statements are prepared by name and kept: not through a transaction pooler,
+    /// where the next statement may run on another server connection.
+    persistent: bool,
 }
 
 /// The serving pool: lazy (a database that is down does not stop the start), bounded, every
@@ -98,13 +101,91 @@ fn pool(config: &PostgresConfig) -> Result<PgPool, StoreError> {
         .connect_lazy_with(connect_options(config)?))
 }
 
-/// How the serving pool and the change feed connect.
+/// How the serving pool connects. Through a pooler in transaction mode, each statement may
+/// run on another server connection: no named prepared statements (the statement cache) and
+/// no session settings at connect (a `statement_timeout`, `extra_float_digits`), which the
+/// pooler would refuse or leak; the call's own deadline (`bounded`) still holds.
 fn connect_options(config: &PostgresConfig) -> Result<PgConnectOptions, StoreError> {
-    let statement_timeout = config.timeout.as_millis().to_string();
-    Ok(PgConnectOptions::from_str(config.url.expose_str())
+    let options = PgConnectOptions::from_str(config.url.expose_str())
         .map_err(|_| unavailable("invalid DATABASE_URL"))?
-        .application_name("auth-sidecar")
-        .options([("statement_timeout", statement_timeout.as_str())]))
+        .application_name("auth-sidecar");
+    Ok(match config.transaction_pooling {
+        true => options.statement_cache_capacity(0).extra_float_digits(None),
+        false => with_statement_timeout(options, config.timeout),
+    })
+}
+
+/// How the change feed connects: directly (LISTEN holds a session), with the serving pool's
+/// statement timeout.
+fn direct_options(config: &PostgresConfig) -> Result<PgConnectOptions, StoreError> {
+    let options = PgConnectOptions::from_str(direct_url(config).expose_str())
+        .map_err(|_| unavailable("invalid DATABASE_MIGRATE_URL"))?
+        .application_name("auth-sidecar");
+    Ok(with_statement_timeout(options, config.timeout))
+}
+
+fn with_statement_timeout(options: PgConnectOptions, timeout: Duration) -> PgConnectOptions {
+    let statement_timeout = timeout.as_millis().to_string();
+    options.options([("statement_timeout", statement_timeout.as_str())])
+}
+
+/// The connection for what needs a session of its own.
+fn direct_url(config: &PostgresConfig) -> &Secret {
+    config.direct_url.as_ref().unwrap_or(&config.url)
+}
+
+/// The connection of one call (see `PostgresStore::conn`).
+enum Conn {
+    Pooled(sqlx::pool::PoolConnection<sqlx::Postgres>),
+    Pinned(sqlx::Transaction<'static, sqlx::Postgres>),
+}
+
+impl Conn {
+    /// Ends the call: commits a pinning transaction when its statements succeeded (it is rolled
+    /// back when dropped otherwise).
+    async fn finish<T>(self, result: Result<T, sqlx::Error>) -> Result<T, sqlx::Error> {
+        match self {
+            Conn::Pooled(_) => result,
+            Conn::Pinned(tx) => {
+                let value = result?;
+                tx.commit().await?;
+                Ok(value)
+            }
+        }
+    }
+}
+
+impl std::ops::Deref for Conn {
+    type Target = sqlx::PgConnection;
+    fn deref(&self) -> &sqlx::PgConnection {
+        match self {
+            Conn::Pooled(c) => c,
+            Conn::Pinned(tx) => tx,
+        }
+    }
+}
+
+impl std::ops::DerefMut for Conn {
+    fn deref_mut(&mut self) -> &mut sqlx::PgConnection {
+        match self {
+            Conn::Pooled(c) => c,
+            Conn::Pinned(tx) => tx,
+        }
+    }
+}
+
+/// Whether to keep a revocation view: its LISTEN feed needs a session of its own, which a
+/// transaction pooler cannot give, so through one it needs a direct URL.
+fn view_wanted(config: &PostgresConfig) -> bool {
+    if config.transaction_pooling && config.direct_url.is_none() && config.cache > 0 {
+        tracing::warn!(
+            "--db-transaction-pooling without --database-migrate-url: the revocation view's \
+             LISTEN feed needs a direct connection, so the view is off and every Validate \
+             reads PostgreSQL"
+        );
+        return false;
+    }
+    config.cache > 0
 }
 
 impl PostgresStore {
@@ -119,14 +200,15 @@ impl PostgresStore {
             clock,
             timeout: config.timeout,
             ready: Arc::new(AtomicBool::new(!config.migrate)),
-            view: (config.cache > 0).then(|| View::new(BACKEND, config.cache)),
+            view: view_wanted(config).then(|| View::new(BACKEND, config.cache)),
+            persistent: !config.transaction_pooling,
         };
         if let Some(view) = &store.view {
-            super::feed::spawn_postgres(connect_options(config)?, config.timeout, view.clone());
+            super::feed::spawn_postgres(direct_options(config)?, config.timeout, view.clone());
         }
         if config.migrate {
             let ready = store.ready.clone();
-            let url = config.url.clone();
+            let url = direct_url(config).clone();
             super::retry_in_background(
                 BACKEND,
                 "migrate",
@@ -140,28 +222,44 @@ impl PostgresStore {
         Ok(store)
     }
 
-    async fn call<T, F>(&self, op: &'static str, f: F) -> Result<T, StoreError>
-    where
-        F: Future<Output = Result<T, sqlx::Error>>,
-    {
+    /// A connection for one call's statements: from the pool or, through a transaction
+    /// pooler, inside a transaction. sqlx sends a statement as two round trips (Parse and
+    /// Describe, then Bind and Execute, each ending in Sync), and between them a pooler in
+    /// transaction mode may give the server connection to another client, whose own unnamed
+    /// statement then replaces this one; a transaction keeps one server connection.
+    async fn conn(&self) -> Result<Conn, sqlx::Error> {
+        Ok(match self.persistent {
+            true => Conn::Pooled(self.pool.acquire().await?),
+            false => Conn::Pinned(self.pool.begin().await?),
+        })
+    }
+
+    /// Runs one call's statements on one connection (see `conn`), bounded by the timeout.
+    async fn call<T>(
+        &self,
+        op: &'static str,
+        f: impl AsyncFnOnce(&mut sqlx::PgConnection) -> Result<T, sqlx::Error>,
+    ) -> Result<T, StoreError> {
         if !self.ready.load(Ordering::SeqCst) {
             return Err(unavailable("schema not migrated yet"));
         }
-        super::bounded(BACKEND, op, self.timeout, f).await
+        let statements = async {
+            let mut conn = self.conn().await?;
+            let result = f(&mut conn).await;
+            conn.finish(result).await
+        };
+        super::bounded(BACKEND, op, self.timeout, statements).await
     }
 
     /// Runs a statement that writes the fact `name` (as the change feed names it), then drops
     /// this node's view of it, so that a Validate on this node after the write returns sees
     /// the write without waiting for the notification.
-    async fn call_writing<T, F>(
+    async fn call_writing<T>(
         &self,
         op: &'static str,
         name: String,
-        f: F,
-    ) -> Result<T, StoreError>
-    where
-        F: Future<Output = Result<T, sqlx::Error>>,
-    {
+        f: impl AsyncFnOnce(&mut sqlx::PgConnection) -> Result<T, sqlx::Error>,
+    ) -> Result<T, StoreError> {
         let result = self.call(op, f).await;
         if let Some(view) = &self.view {
             view.forget(&name);
@@ -176,19 +274,20 @@ impl PostgresStore {
         limit: i64,
     ) -> Result<Vec<Session>, StoreError> {
         let rows: Vec<SessionRow> = self
-            .call(
-                "select",
+            .call("select", async |conn| {
                 sqlx::query_as(concat!(
                     "SELECT ",
                     session_columns!(),
                     " FROM sessions WHERE id > $1 AND live_until_ms > $2 \
                      ORDER BY id LIMIT $3"
                 ))
+                .persistent(self.persistent)
                 .bind(after)
                 .bind(millis(self.clock.now()))
                 .bind(limit)
-                .fetch_all(&self.pool),
-            )
+                .fetch_all(conn)
+                .await
+            })
             .await?;
         Ok(rows.into_iter().map(Session::from).collect())
     }
@@ -200,17 +299,18 @@ impl PostgresStore {
         limit: i64,
     ) -> Result<Vec<(String, SystemTime, SystemTime)>, StoreError> {
         let rows: Vec<(String, i64, i64)> = self
-            .call(
-                "select",
+            .call("select", async |conn| {
                 sqlx::query_as(
                     "SELECT subject, cutoff_ms, expires_ms FROM subject_cutoffs \
                      WHERE subject > $1 AND expires_ms > $2 ORDER BY subject LIMIT $3",
                 )
+                .persistent(self.persistent)
                 .bind(after)
                 .bind(millis(self.clock.now()))
                 .bind(limit)
-                .fetch_all(&self.pool),
-            )
+                .fetch_all(conn)
+                .await
+            })
             .await?;
         Ok(rows
             .into_iter()
@@ -225,17 +325,18 @@ impl PostgresStore {
         limit: i64,
     ) -> Result<Vec<(Family, bool)>, StoreError> {
         let rows: Vec<FamilyRow> = self
-            .call(
-                "select",
+            .call("select", async |conn| {
                 sqlx::query_as(
                     "SELECT id, subject, expires_ms, current_id, revoked FROM token_families \
                      WHERE id > $1 AND expires_ms > $2 ORDER BY id LIMIT $3",
                 )
+                .persistent(self.persistent)
                 .bind(after)
                 .bind(millis(self.clock.now()))
                 .bind(limit)
-                .fetch_all(&self.pool),
-            )
+                .fetch_all(conn)
+                .await
+            })
             .await?;
         Ok(rows.into_iter().map(FamilyRow::into_parts).collect())
     }
@@ -243,15 +344,16 @@ impl PostgresStore {
     /// A family's subject, end and whether it is revoked, as the row holds them.
     pub(super) async fn family(&self, id: &str) -> Result<Option<(Family, bool)>, StoreError> {
         let row: Option<FamilyRow> = self
-            .call(
-                "select",
+            .call("select", async |conn| {
                 sqlx::query_as(
                     "SELECT id, subject, expires_ms, current_id, revoked FROM token_families \
                      WHERE id = $1",
                 )
+                .persistent(self.persistent)
                 .bind(id)
-                .fetch_optional(&self.pool),
-            )
+                .fetch_optional(conn)
+                .await
+            })
             .await?;
         Ok(row.map(FamilyRow::into_parts))
     }
@@ -263,14 +365,14 @@ impl PostgresStore {
         now: SystemTime,
     ) -> Result<(bool, Option<SystemTime>), StoreError> {
         let (live, ends): (bool, Option<i64>) = self
-            .call_writing(
-                "end_session",
-                format!("s:{id}"),
+            .call_writing("end_session", format!("s:{id}"), async |conn| {
                 sqlx::query_as("SELECT * FROM auth_sidecar_end_session($1, $2)")
+                    .persistent(self.persistent)
                     .bind(id)
                     .bind(millis(now))
-                    .fetch_one(&self.pool),
-            )
+                    .fetch_one(conn)
+                    .await
+            })
             .await?;
         Ok((live, ends.map(from_millis)))
     }
@@ -283,16 +385,16 @@ impl PostgresStore {
         until: SystemTime,
     ) -> Result<Vec<EndedSession>, StoreError> {
         let rows: Vec<(String, i64, bool)> = self
-            .call_writing(
-                "logout",
-                format!("c:{subject}"),
+            .call_writing("logout", format!("c:{subject}"), async |conn| {
                 sqlx::query_as("SELECT * FROM auth_sidecar_logout($1, $2, $3, $4)")
+                    .persistent(self.persistent)
                     .bind(subject)
                     .bind(millis(cutoff))
                     .bind(millis(until))
                     .bind(millis(cutoff))
-                    .fetch_all(&self.pool),
-            )
+                    .fetch_all(conn)
+                    .await
+            })
             .await?;
         Ok(rows
             .into_iter()
@@ -314,15 +416,16 @@ impl PostgresStore {
         let rows: Vec<(String, i64)> = self
             .call(
                 "select",
-                sqlx::query_as(
+                async |conn| sqlx::query_as(
                     "SELECT token_id, (extract(epoch FROM expires_at) * 1000)::int8 \
                      FROM revoked_tokens WHERE token_id > $1 AND expires_at > to_timestamp($2 / 1000.0) \
                      ORDER BY token_id LIMIT $3",
                 )
+.persistent(self.persistent)
                 .bind(after)
                 .bind(now)
                 .bind(limit)
-                .fetch_all(&self.pool),
+                .fetch_all(conn).await,
             )
             .await?;
         Ok(rows
@@ -341,9 +444,7 @@ impl Store for PostgresStore {
     async fn revoke(&self, token_id: &str, until: SystemTime) -> Result<bool, StoreError> {
         // `xmax = 0` holds only for a row this statement inserted.
         let (inserted,): (bool,) = self
-            .call_writing(
-                "insert",
-                format!("r:{token_id}"),
+            .call_writing("insert", format!("r:{token_id}"), async |conn| {
                 sqlx::query_as(
                     "INSERT INTO revoked_tokens (token_id, expires_at) \
                      VALUES ($1, to_timestamp($2 / 1000.0)) \
@@ -351,10 +452,12 @@ impl Store for PostgresStore {
                      SET expires_at = GREATEST(revoked_tokens.expires_at, EXCLUDED.expires_at) \
                      RETURNING (xmax = 0)",
                 )
+                .persistent(self.persistent)
                 .bind(token_id)
                 .bind(millis(until))
-                .fetch_one(&self.pool),
-            )
+                .fetch_one(conn)
+                .await
+            })
             .await?;
         Ok(inserted)
     }
@@ -389,8 +492,7 @@ impl Store for PostgresStore {
             // Every fact in one round trip, as they stand (expiry is judged below, against
             // the caller's clock, so that a kept fact still ends on time).
             let row: Result<(Fact, Fact, Fact, Fact), _> = self
-                .call(
-                    "check",
+                .call("check", async |conn| {
                     sqlx::query_as(
                         "SELECT \
                          (SELECT (extract(epoch FROM expires_at) * 1000)::bigint \
@@ -401,13 +503,15 @@ impl Store for PostgresStore {
                          (SELECT CASE WHEN revoked THEN -1 ELSE expires_ms END \
                           FROM token_families WHERE id = $4)",
                     )
+                    .persistent(self.persistent)
                     .bind(t.token_id)
                     .bind(t.subject)
                     .bind(t.session_id)
                     .bind(t.family_id)
                     .bind(now_ms)
-                    .fetch_one(&self.pool),
-                )
+                    .fetch_one(conn)
+                    .await
+                })
                 .await;
             let row = match row {
                 Ok(row) => row,
@@ -463,13 +567,12 @@ impl Store for PostgresStore {
     }
 
     async fn create_session(&self, s: &Session) -> Result<(), StoreError> {
-        self.call_writing(
-            "insert",
-            format!("s:{}", s.id),
+        self.call_writing("insert", format!("s:{}", s.id), async |conn| {
             sqlx::query(
                 "INSERT INTO sessions (id, subject, created_ms, expires_ms, last_seen_ms, \
                  idle_expires_ms, live_until_ms, metadata) VALUES ($1, $2, $3, $4, $5, $6, $7, $8)",
             )
+            .persistent(self.persistent)
             .bind(&s.id)
             .bind(&s.subject)
             .bind(millis(s.created_at))
@@ -478,25 +581,27 @@ impl Store for PostgresStore {
             .bind(s.idle_expires_at.map(millis))
             .bind(millis(s.live_until()))
             .bind(sqlx::types::Json(&s.metadata))
-            .execute(&self.pool),
-        )
+            .execute(conn)
+            .await
+        })
         .await
         .map(drop)
     }
 
     async fn get_session(&self, id: &str, now: SystemTime) -> Result<Option<Session>, StoreError> {
         let row: Option<SessionRow> = self
-            .call(
-                "select",
+            .call("select", async |conn| {
                 sqlx::query_as(concat!(
                     "SELECT ",
                     session_columns!(),
                     " FROM sessions WHERE id = $1 AND live_until_ms > $2"
                 ))
+                .persistent(self.persistent)
                 .bind(id)
                 .bind(millis(now))
-                .fetch_optional(&self.pool),
-            )
+                .fetch_optional(conn)
+                .await
+            })
             .await?;
         Ok(row.map(Session::from))
     }
@@ -508,19 +613,19 @@ impl Store for PostgresStore {
         idle_until: Option<SystemTime>,
     ) -> Result<Option<Session>, StoreError> {
         let row: Option<SessionRow> = self
-            .call_writing(
-                "touch_session",
-                format!("s:{id}"),
+            .call_writing("touch_session", format!("s:{id}"), async |conn| {
                 sqlx::query_as(concat!(
                     "SELECT ",
                     session_columns!(),
                     " FROM auth_sidecar_touch_session($1, $2, $3)"
                 ))
+                .persistent(self.persistent)
                 .bind(id)
                 .bind(millis(now))
                 .bind(idle_until.map(millis))
-                .fetch_optional(&self.pool),
-            )
+                .fetch_optional(conn)
+                .await
+            })
             .await?;
         Ok(row.map(Session::from))
     }
@@ -535,36 +640,37 @@ impl Store for PostgresStore {
         now: SystemTime,
     ) -> Result<Vec<Session>, StoreError> {
         let rows: Vec<SessionRow> = self
-            .call(
-                "select",
+            .call("select", async |conn| {
                 sqlx::query_as(concat!(
                     "SELECT ",
                     session_columns!(),
                     " FROM sessions \
                      WHERE subject = $1 AND live_until_ms > $2 ORDER BY created_ms, id"
                 ))
+                .persistent(self.persistent)
                 .bind(subject)
                 .bind(millis(now))
-                .fetch_all(&self.pool),
-            )
+                .fetch_all(conn)
+                .await
+            })
             .await?;
         Ok(rows.into_iter().map(Session::from).collect())
     }
 
     async fn create_family(&self, f: &Family) -> Result<(), StoreError> {
-        self.call_writing(
-            "insert",
-            format!("f:{}", f.id),
+        self.call_writing("insert", format!("f:{}", f.id), async |conn| {
             sqlx::query(
                 "INSERT INTO token_families (id, subject, expires_ms, current_id) \
                  VALUES ($1, $2, $3, $4)",
             )
+            .persistent(self.persistent)
             .bind(&f.id)
             .bind(&f.subject)
             .bind(millis(f.expires_at))
             .bind(&f.current)
-            .execute(&self.pool),
-        )
+            .execute(conn)
+            .await
+        })
         .await
         .map(drop)
     }
@@ -578,10 +684,9 @@ impl Store for PostgresStore {
         replay_until: SystemTime,
     ) -> Result<Rotation, StoreError> {
         let (outcome, ends, refresh, access, iat): Rotated = self
-            .call_writing(
-                "rotate",
-                format!("f:{family_id}"),
+            .call_writing("rotate", format!("f:{family_id}"), async |conn| {
                 sqlx::query_as("SELECT * FROM auth_sidecar_rotate($1, $2, $3, $4, $5, $6, $7)")
+                    .persistent(self.persistent)
                     .bind(family_id)
                     .bind(presented)
                     .bind(&successor.refresh_id)
@@ -589,8 +694,9 @@ impl Store for PostgresStore {
                     .bind(successor.issued_at_ms)
                     .bind(millis(now))
                     .bind(millis(replay_until))
-                    .fetch_one(&self.pool),
-            )
+                    .fetch_one(conn)
+                    .await
+            })
             .await?;
         let family_ends = from_millis(ends.unwrap_or(0));
         Ok(match (outcome.as_str(), refresh, access, iat) {
@@ -609,9 +715,14 @@ impl Store for PostgresStore {
     }
 
     async fn ping(&self) -> Result<(), StoreError> {
-        self.call("ping", sqlx::query("SELECT 1").execute(&self.pool))
-            .await
-            .map(|_| ())
+        self.call("ping", async |conn| {
+            sqlx::query("SELECT 1")
+                .persistent(self.persistent)
+                .execute(conn)
+                .await
+        })
+        .await
+        .map(|_| ())
     }
 
     async fn rate_limit(
@@ -623,9 +734,9 @@ impl Store for PostgresStore {
         at: Option<SystemTime>,
     ) -> Result<Decision, StoreError> {
         let (allowed, remaining, retry_us, reset_us): (bool, i64, i64, i64) = self
-            .call(
-                "rate_limit",
+            .call("rate_limit", async |conn| {
                 sqlx::query_as("SELECT * FROM auth_sidecar_rate_limit($1, $2, $3, $4, $5, $6, $7)")
+                    .persistent(self.persistent)
                     .bind(policy)
                     .bind(key)
                     .bind(p.interval_us)
@@ -633,8 +744,9 @@ impl Store for PostgresStore {
                     .bind(p.lockout_us)
                     .bind(cost as i64)
                     .bind(at.map(super::micros))
-                    .fetch_one(&self.pool),
-            )
+                    .fetch_one(conn)
+                    .await
+            })
             .await?;
         Ok(Decision::from_micros(
             allowed, p, remaining, retry_us, reset_us,
@@ -642,13 +754,14 @@ impl Store for PostgresStore {
     }
 
     async fn reset_rate_limit(&self, policy: &str, key: &str) -> Result<(), StoreError> {
-        self.call(
-            "delete",
+        self.call("delete", async |conn| {
             sqlx::query("DELETE FROM rate_limits WHERE policy = $1 AND key = $2")
+                .persistent(self.persistent)
                 .bind(policy)
                 .bind(key)
-                .execute(&self.pool),
-        )
+                .execute(conn)
+                .await
+        })
         .await
         .map(|_| ())
     }
@@ -673,13 +786,14 @@ impl Store for PostgresStore {
         ] {
             loop {
                 let done = self
-                    .call(
-                        "purge",
+                    .call("purge", async |conn| {
                         sqlx::query(sql)
+                            .persistent(self.persistent)
                             .bind(now)
                             .bind(PURGE_BATCH)
-                            .execute(&self.pool),
-                    )
+                            .execute(conn)
+                            .await
+                    })
                     .await?
                     .rows_affected() as usize;
                 total += done;
