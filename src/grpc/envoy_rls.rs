@@ -23,7 +23,7 @@ use crate::ratelimit::{Policy, RateLimiter};
 use crate::telemetry;
 
 /// The descriptor entry that names the policy.
-pub const POLICY_ENTRY: &str = "policy";
+const POLICY_ENTRY: &str = "policy";
 
 /// Most descriptors one request may carry.
 const MAX_DESCRIPTORS: usize = 64;

@@ -20,7 +20,7 @@ use crate::sessions::Sessions;
 use convert::{CreateSessionParams, ValidateParams};
 pub use convert::{json_to_struct, struct_to_json};
 pub use envoy_authz::{AuthorizationServer, EnvoyAuthz};
-pub use envoy_rls::{EnvoyRls, POLICY_ENTRY};
+pub use envoy_rls::EnvoyRls;
 pub use wire::request_errors;
 
 pub struct TokenApi {
