@@ -51,7 +51,23 @@ pub struct ServeArgs {
     #[arg(long, env = "AUTH_REDIS_PREFIX", default_value = "authsidecar:")]
     pub redis_prefix: String,
 
-    /// PostgreSQL URL (postgres://user:password@host/db).
+    /// PEM file of the certificate authorities to trust for rediss:// instead of the public
+    /// roots (a private CA: cert-manager, a cloud provider's managed Redis).
+    #[arg(long, env = "AUTH_REDIS_CA_FILE", value_name = "FILE")]
+    pub redis_ca_file: Option<PathBuf>,
+
+    /// PEM file of the client certificate (chain) this node presents to a rediss:// server
+    /// that asks for one (Redis's `tls-auth-clients yes`); needs --redis-client-key.
+    #[arg(long, env = "AUTH_REDIS_CLIENT_CERT", value_name = "FILE")]
+    pub redis_client_cert: Option<PathBuf>,
+
+    /// PEM file of the client certificate's private key.
+    #[arg(long, env = "AUTH_REDIS_CLIENT_KEY", value_name = "FILE")]
+    pub redis_client_key: Option<PathBuf>,
+
+    /// PostgreSQL URL (postgres://user:password@host/db). For TLS, add
+    /// `?sslmode=verify-full&sslrootcert=/path/ca.crt` (and `sslcert`, `sslkey` for a client
+    /// certificate).
     #[arg(long, env = "DATABASE_URL", hide_env_values = true, value_name = "URL")]
     pub database_url: Option<Secret>,
 
@@ -91,6 +107,23 @@ pub struct ServeArgs {
     /// How often every backend is pinged to decide health.
     #[arg(long, env = "AUTH_BACKEND_CHECK_INTERVAL", default_value = "2s", value_parser = parse_duration)]
     pub backend_check_interval: Duration,
+
+    /// This node's name in the registry of live nodes that shared storage keeps (its pod name,
+    /// say). Unset: the host name and a random suffix.
+    #[arg(long, env = "AUTH_NODE_ID", value_name = "ID")]
+    pub node_id: Option<String>,
+
+    /// How often a node on shared storage records itself as live and compares its settings
+    /// with the other live nodes'; a node is live for three heartbeats after its last.
+    #[arg(long, env = "AUTH_CLUSTER_HEARTBEAT", default_value = "5s", value_parser = parse_duration)]
+    pub cluster_heartbeat: Duration,
+
+    /// Report NOT_SERVING while another live node disagrees on keys, policies or token
+    /// settings. Off by default: the disagreeing node may be the odd one out, and taking this
+    /// one out of service would not fix it (see README, "Running several nodes").
+    #[arg(long, env = "AUTH_STRICT_CLUSTER", default_value_t = false, action = clap::ArgAction::Set,
+          num_args = 0..=1, default_missing_value = "true", value_name = "BOOL")]
+    pub strict_cluster: bool,
 
     /// HS256 signing secret, at least 32 bytes. Without it (memory storage only) a random key
     /// is made at start. Prefer the environment: a flag shows in the process list.
@@ -301,6 +334,16 @@ pub struct RedisConfig {
     pub timeout: Duration,
     /// Memory for the revocation view; 0 for none.
     pub cache: u64,
+    pub tls: RedisTls,
+}
+
+/// What a rediss:// connection trusts and presents, read from the files at start.
+#[derive(Debug, Clone, Default)]
+pub struct RedisTls {
+    /// PEM certificates of the authorities to trust; `None`: the public roots.
+    pub ca: Option<Vec<u8>>,
+    /// PEM certificate chain and private key to present.
+    pub client: Option<(Vec<u8>, Secret)>,
 }
 
 #[derive(Debug, Clone)]
@@ -359,6 +402,7 @@ pub struct Config {
     pub redis_url: Option<Secret>,
     pub redis_cluster: bool,
     pub redis_prefix: String,
+    pub redis_tls: RedisTls,
     pub database_url: Option<Secret>,
     pub database_migrate_url: Option<Secret>,
     pub db_transaction_pooling: bool,
@@ -368,6 +412,9 @@ pub struct Config {
     pub backend_check_interval: Duration,
     pub jwt_secret: Option<Secret>,
     pub keys_dir: Option<PathBuf>,
+    pub node_id: String,
+    pub cluster_heartbeat: Duration,
+    pub strict_cluster: bool,
     pub jwks_max_age: Duration,
     pub issuer: String,
     pub audience: Option<String>,
@@ -489,6 +536,21 @@ impl TryFrom<ServeArgs> for Config {
                  keep: give --database-migrate-url (a direct connection) or --migrate=false",
             ));
         }
+        let redis_tls = redis_tls(&args)?;
+        if args.cluster_heartbeat < Duration::from_millis(100) {
+            return Err(ConfigError::new(
+                "--cluster-heartbeat",
+                "must be at least 100ms",
+            ));
+        }
+        if args.node_id.as_deref().is_some_and(|id| {
+            id.is_empty() || id.len() > 128 || id.chars().any(|c| c.is_control() || c == '|')
+        }) {
+            return Err(ConfigError::new(
+                "AUTH_NODE_ID",
+                "must be 1 to 128 characters, without control characters or `|`",
+            ));
+        }
         if args.backend_timeout.is_zero() || args.backend_check_interval.is_zero() {
             return Err(ConfigError::new(
                 "--backend-timeout and --backend-check-interval",
@@ -571,6 +633,7 @@ impl TryFrom<ServeArgs> for Config {
             redis_url: args.redis_url,
             redis_cluster: args.redis_cluster,
             redis_prefix: args.redis_prefix,
+            redis_tls,
             database_url: args.database_url,
             database_migrate_url: args.database_migrate_url,
             db_transaction_pooling: args.db_transaction_pooling,
@@ -580,6 +643,9 @@ impl TryFrom<ServeArgs> for Config {
             backend_check_interval: args.backend_check_interval,
             jwt_secret: args.jwt_secret,
             keys_dir: args.keys_dir,
+            node_id: args.node_id.unwrap_or_else(default_node_id),
+            cluster_heartbeat: args.cluster_heartbeat,
+            strict_cluster: args.strict_cluster,
             jwks_max_age: args.jwks_max_age,
             issuer: args.issuer,
             audience: args.audience,
@@ -656,6 +722,7 @@ impl Config {
                 prefix: self.redis_prefix.clone(),
                 timeout: self.backend_timeout,
                 cache: self.revocation_cache,
+                tls: self.redis_tls.clone(),
             })
         };
         let postgres = |cache| {
@@ -685,6 +752,78 @@ impl Config {
     pub fn defaults() -> Config {
         Config::load(["serve"]).expect("defaults are valid")
     }
+}
+
+/// The TLS files of Redis, read and checked: each must hold what its setting names, a client
+/// certificate needs its key, and none of them applies to a plain redis:// URL.
+fn redis_tls(args: &ServeArgs) -> Result<RedisTls, ConfigError> {
+    let read = |setting: &str, path: &Option<PathBuf>, wanted: &[&str]| {
+        let Some(path) = path else { return Ok(None) };
+        let bytes = std::fs::read(path).map_err(|e| {
+            ConfigError::new(setting, format!("cannot read {}: {e}", path.display()))
+        })?;
+        let blocks = pem::parse_many(&bytes).unwrap_or_default();
+        if blocks.is_empty() || !blocks.iter().all(|b| wanted.contains(&b.tag())) {
+            return Err(ConfigError::new(
+                setting,
+                format!("{} is not PEM of {}", path.display(), wanted.join(" or ")),
+            ));
+        }
+        Ok(Some(bytes))
+    };
+    let ca = read("AUTH_REDIS_CA_FILE", &args.redis_ca_file, &["CERTIFICATE"])?;
+    let cert = read(
+        "AUTH_REDIS_CLIENT_CERT",
+        &args.redis_client_cert,
+        &["CERTIFICATE"],
+    )?;
+    let key = read(
+        "AUTH_REDIS_CLIENT_KEY",
+        &args.redis_client_key,
+        &["PRIVATE KEY", "EC PRIVATE KEY", "RSA PRIVATE KEY"],
+    )?;
+    let client = match (cert, key) {
+        (Some(cert), Some(key)) => Some((cert, Secret::new(key))),
+        (None, None) => None,
+        _ => {
+            return Err(ConfigError::new(
+                "AUTH_REDIS_CLIENT_CERT and AUTH_REDIS_CLIENT_KEY",
+                "give both or neither",
+            ));
+        }
+    };
+    let tls = RedisTls { ca, client };
+    let plain = args.redis_url.as_ref().is_some_and(|urls| {
+        urls.expose_str()
+            .split(',')
+            .any(|u| !u.trim().starts_with("rediss://"))
+    });
+    if (tls.ca.is_some() || tls.client.is_some()) && plain {
+        return Err(ConfigError::new(
+            "AUTH_REDIS_CA_FILE, AUTH_REDIS_CLIENT_CERT and AUTH_REDIS_CLIENT_KEY",
+            "apply to TLS only: use rediss:// URLs",
+        ));
+    }
+    Ok(tls)
+}
+
+/// This node's default name in the registry: the host name (a pod's name) and a random
+/// suffix, so that several processes on one host are told apart.
+fn default_node_id() -> String {
+    let host = std::env::var("HOSTNAME")
+        .ok()
+        .filter(|h| !h.is_empty())
+        .or_else(|| {
+            std::fs::read_to_string("/etc/hostname")
+                .ok()
+                .map(|h| h.trim().to_owned())
+        })
+        .filter(|h| !h.is_empty() && !h.contains('|'))
+        .unwrap_or_else(|| "node".to_owned());
+    let mut suffix = [0u8; 3];
+    aws_lc_rs::rand::fill(&mut suffix).expect("the system random source works");
+    let suffix: String = suffix.iter().map(|b| format!("{b:02x}")).collect();
+    format!("{host}-{suffix}")
 }
 
 /// An absolute http or https URL without query or fragment, its trailing slash dropped.

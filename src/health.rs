@@ -6,9 +6,9 @@
 //! one that talks to the backends.
 
 use std::pin::Pin;
-use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::time::Duration;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
 
 use futures_util::{Stream, StreamExt};
 use tokio_util::sync::CancellationToken;
@@ -40,19 +40,36 @@ pub const READINESS: [&str; 3] = [
 pub struct Health {
     reporter: HealthReporter,
     backends_up: Arc<AtomicBool>,
+    /// Why the backends are down, while they are.
+    failure: Arc<Mutex<Failure>>,
     shutting_down: Arc<AtomicBool>,
+    /// Whether every live node agrees with this one; counts only with `strict_cluster`.
+    cluster_agrees: Arc<AtomicBool>,
+    strict_cluster: bool,
     drained: CancellationToken,
+}
+
+/// The backends' failure, as the last pings saw it.
+#[derive(Default)]
+struct Failure {
+    /// The last ping's reason, and since when pings have failed.
+    current: Option<(String, Instant)>,
+    repeats: Repeats,
 }
 
 impl Health {
     /// `drained` is cancelled when the server stops taking calls; open Watch streams end then,
     /// so that they do not hold the drain open until the grace period runs out.
-    pub async fn new(drained: CancellationToken) -> Health {
+    /// With `strict_cluster`, a disagreement with another live node makes it NOT_SERVING.
+    pub async fn new(drained: CancellationToken, strict_cluster: bool) -> Health {
         let health = Health {
             reporter: HealthReporter::new(),
             // Unknown until the first ping has answered.
             backends_up: Arc::new(AtomicBool::new(false)),
+            failure: Arc::default(),
             shutting_down: Arc::new(AtomicBool::new(false)),
+            cluster_agrees: Arc::new(AtomicBool::new(true)),
+            strict_cluster,
             drained,
         };
         health.publish().await;
@@ -61,7 +78,36 @@ impl Health {
 
     /// Whether every part is well: what `/healthz` and the probes report.
     pub fn serving(&self) -> bool {
-        self.backends_up.load(Ordering::SeqCst) && !self.shutting_down.load(Ordering::SeqCst)
+        self.backends_up.load(Ordering::SeqCst)
+            && !self.shutting_down.load(Ordering::SeqCst)
+            && (!self.strict_cluster || self.cluster_agrees.load(Ordering::SeqCst))
+    }
+
+    /// Records whether every live node agrees with this one (see `cluster`).
+    pub async fn set_cluster_agrees(&self, agrees: bool) {
+        if self.cluster_agrees.swap(agrees, Ordering::SeqCst) != agrees && self.strict_cluster {
+            self.publish().await;
+        }
+    }
+
+    /// Why the backends are down, if they are: the last failed ping's reason, in the
+    /// backend's own words, and for how long pings have failed.
+    pub fn backend_failure(&self) -> Option<(String, Duration)> {
+        let failure = self.failure.lock().unwrap_or_else(|e| e.into_inner());
+        let (reason, since) = failure.current.as_ref()?;
+        Some((reason.clone(), since.elapsed()))
+    }
+
+    /// One line for `/healthz` about the backends.
+    pub fn backend_detail(&self) -> String {
+        match self.backend_failure() {
+            None if self.backends_up.load(Ordering::SeqCst) => "backends: up".to_owned(),
+            None => "backends: not checked yet".to_owned(),
+            Some((reason, down)) => format!(
+                "backends: down for {}: {reason}",
+                humantime::format_duration(Duration::from_secs(down.as_secs()))
+            ),
+        }
     }
 
     /// Records the outcome of a round of backend pings; logs changes.
@@ -80,9 +126,9 @@ impl Health {
         // sidecar comes up SERVING; a backend that is really down does not hold the start up.
         let deadline = tokio::time::Instant::now() + STARTUP_WAIT;
         loop {
-            health.check_backends(&*store).await;
-            if health.backends_up.load(Ordering::SeqCst) || tokio::time::Instant::now() >= deadline
-            {
+            let last = tokio::time::Instant::now() >= deadline;
+            health.check_backends(&*store, last).await;
+            if health.backends_up.load(Ordering::SeqCst) || last {
                 break;
             }
             tokio::time::sleep(Duration::from_millis(50)).await;
@@ -92,23 +138,47 @@ impl Health {
             loop {
                 let up = health.backends_up.load(Ordering::SeqCst);
                 tokio::time::sleep(if up { interval } else { while_down }).await;
-                health.check_backends(&*store).await;
+                health.check_backends(&*store, true).await;
             }
         });
     }
 
-    async fn check_backends(&self, store: &dyn Store) {
+    /// Pings the store and records the outcome. A failure is logged at WARN, with the
+    /// backend's reason, when it is the first or its reason changed (then once a minute, with
+    /// a count; see [`Repeats`]); one that only says the first attempt to connect is under
+    /// way, only once the start has `waited` for it.
+    async fn check_backends(&self, store: &dyn Store, waited: bool) {
         let result = store.ping().await;
-        let was_up = self.backends_up.load(Ordering::SeqCst);
-        match &result {
-            Ok(()) if !was_up => tracing::info!(backend = store.backend(), "backend up"),
-            Err(e) if was_up => {
-                tracing::warn!(backend = store.backend(), error = %e, "backend down")
+        let backend = store.backend();
+        {
+            let mut failure = self.failure.lock().unwrap_or_else(|e| e.into_inner());
+            match &result {
+                Ok(()) => {
+                    let failures = failure.repeats.succeeded();
+                    if failure.current.take().is_some() || failures > 0 {
+                        tracing::info!(backend, failed_checks = failures, "backend up");
+                    }
+                }
+                Err(e) => {
+                    let since = failure
+                        .current
+                        .as_ref()
+                        .map_or_else(Instant::now, |(_, since)| *since);
+                    failure.current = Some((e.detail.clone(), since));
+                    let log = waited || !e.detail.ends_with(crate::store::FIRST_ATTEMPT);
+                    if log && let Some((count, before)) = failure.repeats.failed(&e.detail) {
+                        tracing::warn!(
+                            backend,
+                            error = %e.detail,
+                            count,
+                            previous_reason_count = before,
+                            "backend down"
+                        );
+                    }
+                }
             }
-            Err(e) => tracing::debug!(backend = store.backend(), error = %e, "backend still down"),
-            Ok(()) => {}
         }
-        crate::telemetry::record_backend_up(store.backend(), result.is_ok());
+        crate::telemetry::record_backend_up(backend, result.is_ok());
         self.set_backends_up(result.is_ok()).await;
     }
 
@@ -141,6 +211,44 @@ impl Health {
             drained: self.drained.clone(),
         })
         .max_decoding_message_size(MAX_REQUEST)
+    }
+}
+
+/// Logs a failure that repeats without flooding the log: the first failure and each change of
+/// reason at once, at WARN, with how many times the reason before it occurred; the same reason
+/// again only once a minute, with its count.
+#[derive(Default)]
+struct Repeats {
+    last: Option<(String, u64, std::time::Instant)>,
+}
+
+/// How often a failure that keeps its reason is logged again.
+const REPEAT_LOG_INTERVAL: Duration = Duration::from_secs(60);
+
+impl Repeats {
+    /// Records a failure; returns what to log, if anything: the reason, how many times in a
+    /// row it has now occurred, and how many times the previous reason did (0 if none).
+    fn failed(&mut self, reason: &str) -> Option<(u64, u64)> {
+        let now = std::time::Instant::now();
+        match &mut self.last {
+            Some((last, count, logged)) if last == reason => {
+                *count += 1;
+                (now.duration_since(*logged) >= REPEAT_LOG_INTERVAL).then(|| {
+                    *logged = now;
+                    (*count, 0)
+                })
+            }
+            previous => {
+                let before = previous.as_ref().map_or(0, |(_, count, _)| *count);
+                *previous = Some((reason.to_owned(), 1, now));
+                Some((1, before))
+            }
+        }
+    }
+
+    /// Records a success; returns how many failures in a row it ends (0 if none).
+    fn succeeded(&mut self) -> u64 {
+        self.last.take().map_or(0, |(_, count, _)| count)
     }
 }
 

@@ -423,6 +423,53 @@ impl SigningKey {
     pub fn jwk(&self) -> Option<&jwk::Jwk> {
         self.jwk.as_ref()
     }
+
+    /// What another node compares its own key under this kid with, to learn whether the two
+    /// are the same key and nothing else. A public key's is a SHA-256 of its JWK parameters.
+    /// An HMAC key's is keyed: an HMAC, under the secret itself, of the kid and `nonce` (the
+    /// publishing node's random value), so it is neither the secret nor a plain hash of it,
+    /// and differs from node to node; only a holder of the same secret can reproduce it.
+    pub fn fingerprint(&self, nonce: &[u8]) -> String {
+        let bytes = match (&self.material, &self.jwk) {
+            (Material::Hmac(key), _) => hmac::sign(key, &fingerprint_message(&self.kid, nonce))
+                .as_ref()
+                .to_vec(),
+            (_, Some(jwk)) => {
+                let parameters = serde_json::to_vec(&jwk.algorithm).unwrap_or_default();
+                digest::digest(&digest::SHA256, &parameters)
+                    .as_ref()
+                    .to_vec()
+            }
+            // Every asymmetric key has its JWK; nothing to compare otherwise.
+            (_, None) => Vec::new(),
+        };
+        URL_SAFE_NO_PAD.encode(bytes)
+    }
+
+    /// Whether `fingerprint`, published with `nonce` by another node for this kid, is of this
+    /// very key (in constant time for an HMAC key).
+    pub fn same_key_as(&self, nonce: &[u8], fingerprint: &str) -> bool {
+        let Ok(theirs) = URL_SAFE_NO_PAD.decode(fingerprint) else {
+            return false;
+        };
+        match &self.material {
+            Material::Hmac(key) => {
+                hmac::verify(key, &fingerprint_message(&self.kid, nonce), &theirs).is_ok()
+            }
+            _ => URL_SAFE_NO_PAD.decode(self.fingerprint(nonce)).ok() == Some(theirs),
+        }
+    }
+}
+
+/// The message an HMAC key's fingerprint signs: a context no token can start with, the kid
+/// and the nonce, each length-prefixed.
+fn fingerprint_message(kid: &str, nonce: &[u8]) -> Vec<u8> {
+    let mut message = b"auth-sidecar key fingerprint v1\0".to_vec();
+    for part in [kid.as_bytes(), nonce] {
+        message.extend_from_slice(&(part.len() as u32).to_be_bytes());
+        message.extend_from_slice(part);
+    }
+    message
 }
 
 impl Signer {
@@ -606,6 +653,11 @@ impl KeySet {
     /// The key a token's `kid` names, if this node accepts it.
     pub fn get(&self, kid: &str) -> Option<&SigningKey> {
         self.by_kid.get(kid).map(|k| &**k)
+    }
+
+    /// The active and verify keys, in no order.
+    pub fn keys(&self) -> impl Iterator<Item = &SigningKey> {
+        self.by_kid.values().map(|k| &**k)
     }
 
     /// The public keys, as a JWK Set document.

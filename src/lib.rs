@@ -3,10 +3,13 @@
 //! Layers, one direction: `grpc` (wire types, statuses) → `tokens`, `sessions`, `ratelimit`
 //! (the rules; `keys` for signing) → `store` (state every node agrees on). `ops` and `health`
 //! serve what the cluster sees; `telemetry` logs, traces and counts; `server` composes it
-//! all; `client` is the binary's client side. See ARCHITECTURE.md.
+//! all; `cluster` compares this node with the other live ones, and `check` prints the
+//! multi-node checklist; `client` is the binary's client side. See ARCHITECTURE.md.
 
+pub mod check;
 pub mod client;
 pub mod clock;
+pub mod cluster;
 pub mod config;
 pub mod conn;
 pub mod grpc;

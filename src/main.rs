@@ -1,4 +1,4 @@
-//! The `auth-sidecar` binary: `serve`, `health`, `token`, `keys` and `migrate`.
+//! The `auth-sidecar` binary: `serve`, `check-config`, `health`, `token`, `keys` and `migrate`.
 
 use std::process::ExitCode;
 
@@ -23,6 +23,11 @@ struct Cli {
 enum Command {
     /// Run the sidecar.
     Serve(ServeArgs),
+    /// Check a configuration as `serve` would load it, against its backends and the live
+    /// nodes: print the multi-node checklist (✓, ⚠ or ✗ with the reason) and exit 0 when
+    /// nothing is ✗, 1 otherwise, 2 for a setting that does not load. For an init container
+    /// or CI; writes nothing to the backends.
+    CheckConfig(ServeArgs),
     /// Probe a sidecar's grpc.health.v1 (exit 0 SERVING, 1 bad arguments, 2 cannot connect or
     /// timed out, 3 the call failed, 4 not SERVING).
     Health(HealthArgs),
@@ -94,13 +99,8 @@ fn main() -> ExitCode {
         .expect("the tokio runtime starts");
     match cli.command {
         Command::Serve(_) => {
-            // Parsed again on its own, so that --config can supply defaults.
-            let config = match Config::load(std::env::args_os().skip(1)) {
-                Ok(c) => c,
-                Err(e) => {
-                    eprintln!("error: {e}");
-                    return ExitCode::from(USAGE);
-                }
+            let Some(config) = load_config() else {
+                return ExitCode::from(USAGE);
             };
             // Inside the runtime: the trace exporter's channel needs one.
             let telemetry = runtime.block_on(async {
@@ -124,6 +124,14 @@ fn main() -> ExitCode {
                 }
             }
         }
+        Command::CheckConfig(_) => {
+            let Some(config) = load_config() else {
+                return ExitCode::from(USAGE);
+            };
+            let rows = runtime.block_on(auth_sidecar::check::run(&config));
+            print!("{}", auth_sidecar::check::render(&rows));
+            ExitCode::from(auth_sidecar::check::exit_code(&rows))
+        }
         Command::Health(args) => ExitCode::from(runtime.block_on(client::health(args)) as u8),
         Command::Token(args) => ExitCode::from(runtime.block_on(client::token(args)) as u8),
         Command::Keys(command) => match keys_command(command) {
@@ -144,6 +152,14 @@ fn main() -> ExitCode {
             }
         }
     }
+}
+
+/// The settings of `serve` or `check-config`, parsed again on their own so that --config can
+/// supply defaults; `None` after saying what is wrong.
+fn load_config() -> Option<Config> {
+    Config::load(std::env::args_os().skip(1))
+        .map_err(|e| eprintln!("error: {e}"))
+        .ok()
 }
 
 async fn migrate(args: MigrateArgs) -> anyhow::Result<()> {

@@ -13,6 +13,7 @@ use axum::response::{IntoResponse, Response};
 use axum::routing::get;
 use tonic::server::NamedService;
 
+use crate::cluster::Cluster;
 use crate::config::Config;
 use crate::health::{DrainingHealth, Health};
 use crate::keys::Keys;
@@ -23,13 +24,19 @@ pub const JWKS_PATH: &str = "/.well-known/jwks.json";
 struct Ops {
     health: Health,
     keys: Arc<Keys>,
+    cluster: Option<Arc<Cluster>>,
     /// The discovery document, made once from the settings; `None` without `--public-url`.
     discovery: Option<Arc<str>>,
     jwks_max_age: Duration,
 }
 
 /// The ops routes over the node's health and key set.
-pub fn router(health: &Health, keys: &Arc<Keys>, config: &Config) -> Router {
+pub fn router(
+    health: &Health,
+    keys: &Arc<Keys>,
+    cluster: Option<Arc<Cluster>>,
+    config: &Config,
+) -> Router {
     let grpc_health = format!(
         "/{}/{{*method}}",
         <tonic_health::pb::health_server::HealthServer<DrainingHealth> as NamedService>::NAME
@@ -37,6 +44,7 @@ pub fn router(health: &Health, keys: &Arc<Keys>, config: &Config) -> Router {
     let state = Ops {
         health: health.clone(),
         keys: keys.clone(),
+        cluster,
         discovery: config.public_url.as_ref().map(|url| {
             let document = serde_json::json!({
                 "issuer": config.issuer,
@@ -69,14 +77,23 @@ pub fn router(health: &Health, keys: &Arc<Keys>, config: &Config) -> Router {
 }
 
 /// The serving state on the first line, which probes read; then what an operator needs to
-/// know, such as a refused key set.
+/// know: why a backend is down, a refused key set, the live nodes and what they disagree on.
 async fn healthz(State(ops): State<Ops>) -> (StatusCode, String) {
     let (status, word) = if ops.health.serving() {
         (StatusCode::OK, "SERVING")
     } else {
         (StatusCode::SERVICE_UNAVAILABLE, "NOT_SERVING")
     };
-    (status, format!("{word}\n{}\n", ops.keys.health_detail()))
+    let mut body = format!(
+        "{word}\n{}\n{}\n",
+        ops.health.backend_detail(),
+        ops.keys.health_detail()
+    );
+    if let Some(cluster) = &ops.cluster {
+        body.push_str(&cluster.health_detail());
+        body.push('\n');
+    }
+    (status, body)
 }
 
 /// The process answers: that is all liveness asks.

@@ -13,7 +13,8 @@ use tonic::service::Routes;
 use tonic::transport::Server;
 
 use crate::clock::{Clock, SystemClock};
-use crate::config::{Config, Listen};
+use crate::cluster::Cluster;
+use crate::config::{Config, Listen, Storage};
 use crate::conn::{self, KEEPALIVE_INTERVAL, KEEPALIVE_TIMEOUT, MAX_HEADER_LIST};
 use crate::grpc::{AuthorizationServer, EnvoyAuthz, EnvoyRls, TokenApi};
 use crate::health::Health;
@@ -49,6 +50,8 @@ pub struct App {
     pub limits: Arc<RateLimiter>,
     pub sessions: Arc<Sessions>,
     pub health: Health,
+    /// This node in the registry of live nodes; `None` on memory storage.
+    pub cluster: Option<Arc<Cluster>>,
     /// What Envoy's ext_authz Check reads and writes.
     pub authz: crate::config::Authz,
 }
@@ -60,19 +63,14 @@ impl App {
         clock: Arc<dyn Clock>,
         drained: CancellationToken,
     ) -> anyhow::Result<App> {
-        let keys = match (&config.keys_dir, &config.jwt_secret) {
-            (Some(dir), _) => Keys::from_dir(dir.clone())
-                .with_context(|| format!("cannot load --keys-dir {}", dir.display()))?,
-            (None, Some(secret)) => Keys::fixed(KeySet::single(SigningKey::hs256(secret)?)),
-            (None, None) => {
-                tracing::warn!(
-                    "neither AUTH_KEYS_DIR nor AUTH_JWT_SECRET is set: signing with a random \
-                     key made at start; its tokens will not survive a restart or validate on \
-                     another node"
-                );
-                Keys::fixed(KeySet::ephemeral())
-            }
-        };
+        let keys = load_keys(config)?;
+        if config.keys_dir.is_none() && config.jwt_secret.is_none() {
+            tracing::warn!(
+                "neither AUTH_KEYS_DIR nor AUTH_JWT_SECRET is set: signing with a random \
+                 key made at start; its tokens will not survive a restart or validate on \
+                 another node"
+            );
+        }
         tracing::info!(keys = %keys.current().summary(), "key set loaded");
         // The recorder first, so that nothing recorded from here on is lost.
         telemetry::metrics();
@@ -81,12 +79,16 @@ impl App {
         let store = store::open(&config.store()?, clock.clone())?;
         let limits = RateLimiter::new(&config.rate_limits, store.clone());
         let sessions = Sessions::new(config, store.clone(), clock.clone());
-        let tokens = Tokens::new(Settings::from(config), Arc::new(keys), store, clock);
+        let keys = Arc::new(keys);
+        let cluster = (config.storage != Storage::Memory)
+            .then(|| Arc::new(Cluster::new(config, keys.clone(), store.clone())));
+        let tokens = Tokens::new(Settings::from(config), keys, store, clock);
         Ok(App {
             tokens: Arc::new(tokens),
             limits: Arc::new(limits),
             sessions: Arc::new(sessions),
-            health: Health::new(drained).await,
+            health: Health::new(drained, config.strict_cluster).await,
+            cluster,
             authz: config.authz.clone(),
         })
     }
@@ -129,6 +131,17 @@ impl App {
     }
 }
 
+/// The key set the configuration names: the keys directory, the secret, or (memory storage
+/// only) a random key.
+pub fn load_keys(config: &Config) -> anyhow::Result<Keys> {
+    Ok(match (&config.keys_dir, &config.jwt_secret) {
+        (Some(dir), _) => Keys::from_dir(dir.clone())
+            .with_context(|| format!("cannot load --keys-dir {}", dir.display()))?,
+        (None, Some(secret)) => Keys::fixed(KeySet::single(SigningKey::hs256(secret)?)),
+        (None, None) => Keys::fixed(KeySet::ephemeral()),
+    })
+}
+
 /// Runs the sidecar until SIGTERM or SIGINT, then drains and returns.
 pub async fn run(config: Config) -> anyhow::Result<()> {
     // Installed before anything is served, so that an early SIGTERM drains rather than kills.
@@ -143,7 +156,7 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
     let ops_addr = ops.local_addr()?;
     let ops_task = tokio::spawn(serve_ops(
         ops,
-        crate::ops::router(&app.health, app.tokens.keys(), &config).layer(
+        crate::ops::router(&app.health, app.tokens.keys(), app.cluster.clone(), &config).layer(
             conn::RefuseMalformedAuthority::layer(|| {
                 let mut refused = axum::response::Response::default();
                 *refused.status_mut() = http::StatusCode::BAD_REQUEST;
@@ -207,9 +220,23 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
         }
     });
 
+    if let Some(cluster) = &app.cluster {
+        cluster.spawn(app.health.clone());
+    }
+
+    // Serving or not, the start is logged once, with what an operator needs to connect; a
+    // node that cannot serve yet says so, and why.
+    let not_serving = (!app.health.serving()).then(|| {
+        app.health
+            .backend_failure()
+            .map_or_else(|| "starting".to_owned(), |(reason, _)| reason)
+    });
     tracing::info!(
         api = %api_addr,
         ops = %ops_addr,
+        node = app.cluster.as_ref().map(|c| c.id()),
+        health = if not_serving.is_some() { "NOT_SERVING" } else { "SERVING" },
+        reason = not_serving.as_deref(),
         storage = %app.tokens.store().backend(),
         rate_limits = config.rate_limits.len(),
         issuer = %config.issuer,
@@ -218,7 +245,12 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
         backend_timeout = %humantime::format_duration(config.backend_timeout),
         tracing = if telemetry::tracing_enabled() { "otlp" } else { "off" },
         version = env!("CARGO_PKG_VERSION"),
-        "serving"
+        "{}",
+        if not_serving.is_some() {
+            "listening, not yet serving: a backend does not answer"
+        } else {
+            "serving"
+        }
     );
 
     shutdown.await;
@@ -227,6 +259,9 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
         "shutting down: health is NOT_SERVING"
     );
     app.health.set_shutting_down().await;
+    if let Some(cluster) = &app.cluster {
+        cluster.leave().await;
+    }
     tokio::time::sleep(config.shutdown_delay).await;
     drained.cancel();
 

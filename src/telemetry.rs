@@ -97,16 +97,23 @@ fn escaped_fields() -> impl for<'w> tracing_subscriber::fmt::FormatFields<'w> + 
         }
         let mut text = String::new();
         write!(text, "{value:?}")?;
-        for c in text.chars() {
-            if c.is_control() {
-                write!(w, "{}", c.escape_debug())?;
-            } else {
-                w.write_char(c)?;
-            }
-        }
-        Ok(())
+        w.write_str(&escape_control(&text))
     })
     .delimited(" ")
+}
+
+/// `text` with every control character escaped (`\n`, `\u{1b}`), for a log line or a
+/// terminal.
+pub fn escape_control(text: &str) -> String {
+    let mut out = String::with_capacity(text.len());
+    for c in text.chars() {
+        if c.is_control() {
+            out.extend(c.escape_debug());
+        } else {
+            out.push(c);
+        }
+    }
+    out
 }
 
 /// Whether the standard environment asks for trace export.
@@ -217,9 +224,26 @@ fn describe() {
         "Key set reloads refused (the old set stays in use)"
     );
     describe_gauge!(
+        "authsidecar_cluster_disagreements",
+        "Live nodes that disagree with this one, by item (keys, policies, issuer, audience, ttl, node_id)"
+    );
+    describe_gauge!(
+        "authsidecar_cluster_nodes",
+        "Live nodes in the shared registry at the last heartbeat, this one included"
+    );
+    describe_gauge!(
         "authsidecar_build_info",
         "Version and git commit of this binary"
     );
+}
+
+/// Records how many live nodes disagree with this one on `item`.
+pub fn record_cluster_disagreements(item: &'static str, count: usize) {
+    metrics::gauge!("authsidecar_cluster_disagreements", "item" => item).set(count as f64);
+}
+
+pub fn record_cluster_nodes(count: usize) {
+    metrics::gauge!("authsidecar_cluster_nodes").set(count as f64);
 }
 
 /// Records the build once.

@@ -600,6 +600,7 @@ fn redis_config() -> RedisConfig {
         // The traces hold the backends' restatements to the rules; the view above them is
         // tested in tests/revocation_cache.rs.
         cache: 0,
+        tls: Default::default(),
     }
 }
 

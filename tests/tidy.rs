@@ -53,6 +53,11 @@ const RULES: &[(&str, &[&str], &str)] = &[
         "server composes ops, never the reverse",
     ),
     (
+        "src/cluster.rs",
+        &["crate::pb", "crate::grpc", "crate::server", "envoy_types"],
+        "the registry is domain: it reads keys, settings and the store, never the wire",
+    ),
+    (
         "src/config.rs",
         &["crate::store", "crate::server"],
         "settings are read before anything is built from them",

@@ -2,7 +2,7 @@
 //! never returned and are purged by [`MemoryStore::purge_expired`], run from a background task.
 
 use std::sync::Arc;
-use std::time::SystemTime;
+use std::time::{Duration, SystemTime};
 
 use async_trait::async_trait;
 use dashmap::DashMap;
@@ -23,6 +23,8 @@ pub struct MemoryStore {
     cutoffs: DashMap<String, Cutoff>,
     sessions: DashMap<String, Session>,
     families: DashMap<String, FamilyState>,
+    /// The registry of live nodes: this process alone.
+    nodes: DashMap<String, (SystemTime, String)>,
 }
 
 impl MemoryStore {
@@ -33,6 +35,7 @@ impl MemoryStore {
             limits: DashMap::new(),
             cutoffs: DashMap::new(),
             sessions: DashMap::new(),
+            nodes: DashMap::new(),
             families: DashMap::new(),
         }
     }
@@ -220,6 +223,29 @@ impl Store for MemoryStore {
 
     async fn reset_rate_limit(&self, policy: &str, key: &str) -> Result<(), StoreError> {
         self.limits.remove(&(policy.to_owned(), key.to_owned()));
+        Ok(())
+    }
+
+    async fn heartbeat(
+        &self,
+        me: Option<(&str, &str)>,
+        ttl: Duration,
+    ) -> Result<Vec<(String, String)>, StoreError> {
+        let now = self.clock.now();
+        if let Some((id, document)) = me {
+            self.nodes
+                .insert(id.to_owned(), (now + ttl, document.to_owned()));
+        }
+        self.nodes.retain(|_, (until, _)| *until > now);
+        Ok(self
+            .nodes
+            .iter()
+            .map(|e| (e.key().clone(), e.value().1.clone()))
+            .collect())
+    }
+
+    async fn leave(&self, node: &str) -> Result<(), StoreError> {
+        self.nodes.remove(node);
         Ok(())
     }
 

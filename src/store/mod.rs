@@ -223,6 +223,18 @@ pub trait Store: Send + Sync + 'static {
     /// Drops records whose lifetime has passed, in bounded batches; returns how many. Runs
     /// from a background task, never on a request or probe path.
     async fn purge_expired(&self) -> Result<usize, StoreError>;
+
+    /// The registry of live nodes (see `cluster`): records `me`, an id and its document, as
+    /// live for `ttl` on the backend's clock, drops the nodes whose time has passed, and
+    /// returns every live node's id and document, `me` included. `None` only reads.
+    async fn heartbeat(
+        &self,
+        me: Option<(&str, &str)>,
+        ttl: Duration,
+    ) -> Result<Vec<(String, String)>, StoreError>;
+
+    /// Takes `node` out of the registry: it is stopping.
+    async fn leave(&self, node: &str) -> Result<(), StoreError>;
 }
 
 /// A new session id for `subject`: 128 random bits after a short tag derived from the
@@ -250,12 +262,37 @@ fn session_tag(id: &str) -> Option<&str> {
 const FIRST_BACKOFF: Duration = Duration::from_millis(100);
 const MAX_BACKOFF: Duration = Duration::from_secs(5);
 
+/// How a call refused before the first attempt to connect has ended says so.
+pub const FIRST_ATTEMPT: &str = "the first attempt is under way";
+
+/// Why a backend's background attempt (connecting, migrating) has not succeeded yet: its last
+/// failure, in the backend's own words, so that a call refused meanwhile, and the health
+/// checker, say why rather than "not connected yet".
+#[derive(Clone, Default)]
+pub(crate) struct Pending(Arc<std::sync::Mutex<Option<String>>>);
+
+impl Pending {
+    /// The error of a call refused because the attempt has not succeeded yet.
+    fn refusal(&self, what: &str) -> String {
+        match &*self.0.lock().unwrap_or_else(|e| e.into_inner()) {
+            Some(reason) => format!("{what}: {reason}"),
+            None => format!("{what} yet: {FIRST_ATTEMPT}"),
+        }
+    }
+
+    fn set(&self, reason: Option<String>) {
+        *self.0.lock().unwrap_or_else(|e| e.into_inner()) = reason;
+    }
+}
+
 /// Runs `attempt` in a background task until it succeeds (connecting, migrating), waiting
 /// 100 ms after the first failure and twice as long after each next one, up to 5 s; then
 /// hands the result to `done`. A backend that is down at start thus never stops the sidecar.
+/// The last failure's reason is kept in `pending`, which the calls refused meanwhile give.
 fn retry_in_background<T, E, F, Fut>(
     backend: &'static str,
     what: &'static str,
+    pending: Pending,
     mut attempt: F,
     done: impl FnOnce(T) + Send + 'static,
 ) where
@@ -269,11 +306,14 @@ fn retry_in_background<T, E, F, Fut>(
         loop {
             match attempt().await {
                 Ok(value) => {
+                    pending.set(None);
                     tracing::info!(backend, "{what}: done");
                     return done(value);
                 }
                 Err(e) => {
-                    tracing::warn!(backend, error = %e, retry_in = ?backoff, "{what}: failed");
+                    // The health checker logs the reason, from the pings it refuses.
+                    tracing::debug!(backend, error = %e, retry_in = ?backoff, "{what}: failed");
+                    pending.set(Some(format!("{what}: {e}")));
                     tokio::time::sleep(backoff).await;
                     backoff = (backoff * 2).min(MAX_BACKOFF);
                 }
@@ -324,6 +364,46 @@ pub fn open(config: &StoreConfig, clock: Arc<dyn Clock>) -> Result<Arc<dyn Store
             PostgresStore::open(postgres, clock)?,
         )),
     })
+}
+
+/// Where a backend is, and how it is reached, without any credential: what `check-config`
+/// shows.
+#[derive(Debug, Clone)]
+pub struct Endpoint {
+    pub backend: &'static str,
+    /// `host:port`, or a socket path.
+    pub address: String,
+    /// Whether the address is this host (loopback or a Unix socket).
+    pub local: bool,
+    /// Whether traffic is encrypted, and whether the server's certificate is checked.
+    pub encrypted: bool,
+    pub verified: bool,
+    /// How TLS is set up, in the settings' words.
+    pub tls: String,
+}
+
+/// The endpoints the store's settings name.
+pub fn endpoints(config: &StoreConfig) -> Vec<Endpoint> {
+    match config {
+        StoreConfig::Memory => Vec::new(),
+        StoreConfig::Redis(r) => redis::endpoints(r),
+        StoreConfig::Postgres(p) => postgres::endpoints(p),
+        StoreConfig::Tiered(r, p) => {
+            let mut all = redis::endpoints(r);
+            all.extend(postgres::endpoints(p));
+            all
+        }
+    }
+}
+
+/// Whether `host` names this host.
+fn is_local(host: &str) -> bool {
+    host == "localhost"
+        || host.starts_with('/')
+        || host
+            .trim_matches(['[', ']'])
+            .parse::<std::net::IpAddr>()
+            .is_ok_and(|ip| ip.is_loopback())
 }
 
 /// Microseconds since the epoch: how the rate-limit steps count time.

@@ -339,4 +339,18 @@ impl Store for TieredStore {
     async fn purge_expired(&self) -> Result<usize, StoreError> {
         self.postgres.purge_expired().await
     }
+
+    /// The registry is ephemeral, as counters are: Redis only. A flush loses it until the
+    /// next heartbeat of every node.
+    async fn heartbeat(
+        &self,
+        me: Option<(&str, &str)>,
+        ttl: Duration,
+    ) -> Result<Vec<(String, String)>, StoreError> {
+        self.redis.heartbeat(me, ttl).await
+    }
+
+    async fn leave(&self, node: &str) -> Result<(), StoreError> {
+        self.redis.leave(node).await
+    }
 }

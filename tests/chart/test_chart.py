@@ -154,6 +154,30 @@ def test_bad_values_fail_the_render_with_a_clear_message(args, message):
     assert message in result.stderr, result.stderr
 
 
+def test_tls_secrets_are_mounted_and_named_in_the_settings():
+    docs = render("-f", str(CHART / "ci" / "tls-values.yaml"))
+    [spec] = pod_specs(docs)
+    container = sidecar(spec)
+    env = {e["name"]: e for e in container["env"]}
+    assert env["AUTH_REDIS_CA_FILE"]["value"] == "/etc/auth-sidecar/redis-tls/ca.crt"
+    assert env["AUTH_REDIS_CLIENT_CERT"]["value"] == "/etc/auth-sidecar/redis-tls/tls.crt"
+    assert env["AUTH_REDIS_CLIENT_KEY"]["value"] == "/etc/auth-sidecar/redis-tls/tls.key"
+    assert env["AUTH_NODE_ID"]["valueFrom"]["fieldRef"]["fieldPath"] == "metadata.name"
+    assert env["AUTH_STRICT_CLUSTER"]["value"] == "true"
+    mounts = {m["name"]: m for m in container["volumeMounts"]}
+    volumes = {v["name"]: v for v in spec["volumes"]}
+    for name, secret, path in [
+        ("auth-sidecar-redis-tls", "redis-client-tls", "/etc/auth-sidecar/redis-tls"),
+        ("auth-sidecar-postgres-tls", "postgres-ca", "/etc/auth-sidecar/postgres-tls"),
+    ]:
+        assert mounts[name]["mountPath"] == path and mounts[name]["readOnly"]
+        assert volumes[name]["secret"]["secretName"] == secret
+        assert volumes[name]["secret"]["defaultMode"] == 0o400
+    # Without TLS values nothing is mounted.
+    [plain] = pod_specs(render())
+    assert "volumeMounts" not in sidecar(plain) and not plain.get("volumes")
+
+
 def test_a_single_memory_replica_renders():
     docs = render("--set", "replicas=1", "--set", "sidecar.storage=memory")
     assert kinds(docs, "Deployment")[0]["spec"]["replicas"] == 1

@@ -389,6 +389,38 @@ impl RedisServer {
         server
     }
 
+    /// A Redis that speaks TLS only, with the certificate and key of `pki`'s server, and that
+    /// asks clients for a certificate signed by `pki`'s CA (Redis's default).
+    pub fn with_tls(pki: &super::tls::Pki) -> RedisServer {
+        let port = free_port();
+        let path = |name: &str| pki.path(name).to_str().unwrap().to_owned();
+        let child = die_with_parent(
+            Command::new("redis-server")
+                .args(["--port", "0", "--tls-port", &port.to_string()])
+                .args(["--bind", "127.0.0.1", "--save", "", "--appendonly", "no"])
+                .args(["--tls-cert-file", &path("server.crt")])
+                .args(["--tls-key-file", &path("server.key")])
+                .args(["--tls-ca-cert-file", &path("ca.crt")])
+                .stdout(Stdio::null())
+                .stderr(Stdio::null()),
+        )
+        .spawn()
+        .expect("spawn redis-server");
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while std::net::TcpStream::connect(("127.0.0.1", port)).is_err() {
+            assert!(
+                Instant::now() < deadline,
+                "TLS redis on {port} did not start"
+            );
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        RedisServer {
+            port,
+            child: Some(child),
+            extra: Vec::new(),
+        }
+    }
+
     pub fn url(&self) -> String {
         format!("redis://127.0.0.1:{}", self.port)
     }
@@ -535,10 +567,19 @@ pub struct PostgresServer {
     child: Option<Child>,
     uid: u32,
     gid: u32,
+    /// `-c` settings.
+    settings: Vec<String>,
 }
 
 impl PostgresServer {
     pub fn start() -> PostgresServer {
+        PostgresServer::start_with(|_| Vec::new())
+    }
+
+    /// A server with `-c` settings that `prepare` returns; it may first write files (a
+    /// certificate and key) into the server's directory, which it is given, and which the
+    /// `postgres` user then owns, readable by it only.
+    pub fn start_with(prepare: impl FnOnce(&Path) -> Vec<String>) -> PostgresServer {
         let uid = id("-u");
         let gid = id("-g");
         let dir = std::env::temp_dir().join(format!("{PG_DIR_PREFIX}{}", now_nanos()));
@@ -563,12 +604,25 @@ impl PostgresServer {
             "initdb: {}",
             String::from_utf8_lossy(&out.stderr)
         );
+        let settings = prepare(&dir);
+        for entry in std::fs::read_dir(&dir).unwrap() {
+            let path = entry.unwrap().path();
+            if path.is_file() {
+                chown(&path, uid, gid);
+                std::fs::set_permissions(
+                    &path,
+                    std::os::unix::fs::PermissionsExt::from_mode(0o600),
+                )
+                .unwrap();
+            }
+        }
         let mut server = PostgresServer {
             port: free_port(),
             dir,
             child: None,
             uid,
             gid,
+            settings,
         };
         server.restart();
         server
@@ -589,6 +643,7 @@ impl PostgresServer {
                     "listen_addresses=127.0.0.1",
                 ])
                 .args(["-k", self.dir.to_str().unwrap()])
+                .args(self.settings.iter().flat_map(|s| ["-c", s.as_str()]))
                 .uid(self.uid)
                 .gid(self.gid)
                 .stdout(Stdio::null())

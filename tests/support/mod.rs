@@ -4,6 +4,7 @@
 #![allow(dead_code)] // each test binary uses its own part of this module
 
 pub mod backends;
+pub mod tls;
 
 use std::io::{BufRead, BufReader, Read, Write};
 use std::net::{SocketAddr, TcpStream};
@@ -111,20 +112,17 @@ impl SidecarBuilder {
         self
     }
 
-    /// Starts the process and waits until it logs the addresses it serves on.
-    pub fn start(self) -> Sidecar {
+    /// The binary's `subcommand` with these settings, and no AUTH_ variable of the test's
+    /// own environment.
+    fn command(&self, subcommand: &str) -> Command {
         let mut cmd = Command::new(env!("CARGO_BIN_EXE_auth-sidecar"));
-        cmd.arg("serve")
+        cmd.arg(subcommand)
             .arg("--listen")
             .arg(&self.listen)
             .arg("--ops-listen")
             .arg("127.0.0.1:0")
             .args(&self.args)
-            .stdin(Stdio::null())
-            .stdout(Stdio::null())
-            .stderr(Stdio::piped())
-            // Debug for the sidecar's own lines, so that the scan at drop covers them too.
-            .env("RUST_LOG", "info,auth_sidecar=debug");
+            .stdin(Stdio::null());
         for (key, _) in std::env::vars() {
             if key.starts_with("AUTH_") {
                 cmd.env_remove(key);
@@ -133,6 +131,32 @@ impl SidecarBuilder {
         for (key, value) in &self.env {
             cmd.env(key, value);
         }
+        cmd
+    }
+
+    /// Runs `auth-sidecar check-config` with these settings: its exit code and its output
+    /// (stdout, then stderr).
+    pub fn check_config(&self) -> (i32, String) {
+        let out = self
+            .command("check-config")
+            .output()
+            .expect("run auth-sidecar check-config");
+        let text = format!(
+            "{}{}",
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        );
+        (out.status.code().unwrap_or(-1), text)
+    }
+
+    /// Starts the process and waits until it logs the addresses it serves on (serving or,
+    /// with a backend down, not yet).
+    pub fn start(self) -> Sidecar {
+        let mut cmd = self.command("serve");
+        cmd.stdout(Stdio::null())
+            .stderr(Stdio::piped())
+            // Debug for the sidecar's own lines, so that the scan at drop covers them too.
+            .env("RUST_LOG", "info,auth_sidecar=debug");
         // SAFETY: prctl only sets this child's parent-death signal.
         unsafe {
             std::os::unix::process::CommandExt::pre_exec(&mut cmd, || {
@@ -148,7 +172,8 @@ impl SidecarBuilder {
         std::thread::spawn(move || {
             for line in BufReader::new(stderr).lines() {
                 let Ok(line) = line else { break };
-                if line.contains(" serving ") || line.contains(r#""message":"serving""#) {
+                let text = line.contains(" api=") && line.contains(" ops=");
+                if text || line.contains(r#""ops":""#) {
                     let _ = ready_tx.send(line.clone());
                 }
                 sink.lock().unwrap().push(line);

@@ -115,6 +115,14 @@ exec:
       value: {{ printf "0.0.0.0:%v" $s.healthPort | quote }}
     - name: AUTH_STORAGE
       value: {{ $s.storage | quote }}
+    - name: AUTH_NODE_ID
+      valueFrom:
+        fieldRef:
+          fieldPath: metadata.name
+    - name: AUTH_STRICT_CLUSTER
+      value: {{ $s.strictCluster | quote }}
+    - name: AUTH_CLUSTER_HEARTBEAT
+      value: {{ $s.clusterHeartbeat | quote }}
     - name: AUTH_ISSUER
       value: {{ $s.issuer | quote }}
     {{- with $s.audience }}
@@ -153,6 +161,16 @@ exec:
     - name: AUTH_REDIS_PREFIX
       value: {{ $s.redis.prefix | quote }}
     {{- include "auth-sidecar.secretEnv" (list . "REDIS_URL" .Values.secrets.keys.redisUrl) | nindent 4 }}
+    {{- if $s.redis.tlsSecret }}
+    - name: AUTH_REDIS_CA_FILE
+      value: /etc/auth-sidecar/redis-tls/ca.crt
+    {{- if $s.redis.clientCertificate }}
+    - name: AUTH_REDIS_CLIENT_CERT
+      value: /etc/auth-sidecar/redis-tls/tls.crt
+    - name: AUTH_REDIS_CLIENT_KEY
+      value: /etc/auth-sidecar/redis-tls/tls.key
+    {{- end }}
+    {{- end }}
     {{- end }}
     {{- if has $s.storage (list "postgres" "tiered") }}
     - name: AUTH_DB_MAX_CONNECTIONS
@@ -178,11 +196,25 @@ exec:
     {{- with $s.extraEnv }}
     {{- toYaml . | nindent 4 }}
     {{- end }}
-  {{- if $s.keysSecret }}
+  {{- $redisTls := and (has $s.storage (list "redis" "tiered")) $s.redis.tlsSecret }}
+  {{- $postgresTls := and (has $s.storage (list "postgres" "tiered")) $s.postgres.tlsSecret }}
+  {{- if or $s.keysSecret $redisTls $postgresTls }}
   volumeMounts:
+    {{- if $s.keysSecret }}
     - name: auth-sidecar-keys
       mountPath: /etc/auth-sidecar/keys
       readOnly: true
+    {{- end }}
+    {{- if $redisTls }}
+    - name: auth-sidecar-redis-tls
+      mountPath: /etc/auth-sidecar/redis-tls
+      readOnly: true
+    {{- end }}
+    {{- if $postgresTls }}
+    - name: auth-sidecar-postgres-tls
+      mountPath: /etc/auth-sidecar/postgres-tls
+      readOnly: true
+    {{- end }}
   {{- end }}
   startupProbe:
     {{- include "auth-sidecar.probe" (list . "liveness") | trim | nindent 4 }}
@@ -204,12 +236,25 @@ exec:
     {{- toYaml .Values.securityContext | nindent 4 }}
 {{- end -}}
 
-{{/* The pod volumes the sidecar needs (none unless a keys Secret is mounted). */}}
+{{/* The pod volumes the sidecar needs (none unless a keys or TLS Secret is mounted). */}}
 {{- define "auth-sidecar.volumes" -}}
-{{- if .Values.sidecar.keysSecret }}
+{{- $s := .Values.sidecar -}}
+{{- if $s.keysSecret }}
 - name: auth-sidecar-keys
   secret:
-    secretName: {{ .Values.sidecar.keysSecret }}
+    secretName: {{ $s.keysSecret }}
+    defaultMode: 0400
+{{- end }}
+{{- if and (has $s.storage (list "redis" "tiered")) $s.redis.tlsSecret }}
+- name: auth-sidecar-redis-tls
+  secret:
+    secretName: {{ $s.redis.tlsSecret }}
+    defaultMode: 0400
+{{- end }}
+{{- if and (has $s.storage (list "postgres" "tiered")) $s.postgres.tlsSecret }}
+- name: auth-sidecar-postgres-tls
+  secret:
+    secretName: {{ $s.postgres.tlsSecret }}
     defaultMode: 0400
 {{- end }}
 {{- end -}}

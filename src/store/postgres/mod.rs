@@ -47,6 +47,9 @@ pub async fn migrate(database_url: &Secret, connect_timeout: Duration) -> Result
     let options = PgConnectOptions::from_str(database_url.expose_str())
         .map_err(|_| unavailable("invalid DATABASE_URL"))?
         .application_name("auth-sidecar migrate");
+    // One attempt first: a pool retries a refused connection until its timeout and then
+    // reports only that it timed out, not why.
+    let _ = sqlx::Connection::close(connect_once(&options, connect_timeout).await?).await;
     let pool = PgPoolOptions::new()
         .max_connections(1)
         .acquire_timeout(connect_timeout)
@@ -59,6 +62,21 @@ pub async fn migrate(database_url: &Secret, connect_timeout: Duration) -> Result
     };
     pool.close().await;
     result
+}
+
+/// One connection attempt, its failure in the server's or the network's words.
+async fn connect_once(
+    options: &PgConnectOptions,
+    timeout: Duration,
+) -> Result<sqlx::PgConnection, StoreError> {
+    use sqlx::ConnectOptions;
+    match tokio::time::timeout(timeout, options.connect()).await {
+        Ok(Ok(conn)) => Ok(conn),
+        Ok(Err(e)) => Err(unavailable(format!("cannot connect: {e}"))),
+        Err(_) => Err(unavailable(format!(
+            "cannot connect: timed out after {timeout:?}"
+        ))),
+    }
 }
 
 /// Replaces the functions in one transaction, under an advisory lock so that nodes starting
@@ -84,6 +102,10 @@ pub struct PostgresStore {
     timeout: Duration,
     /// False until the schema is known to be in place.
     ready: Arc<AtomicBool>,
+    /// Why `ready` is not set yet.
+    pending: super::Pending,
+    /// How the pool connects, for a ping that has to say why it cannot.
+    options: PgConnectOptions,
     /// The revocation view, kept by a LISTEN connection (none when off).
     view: Option<View>,
     /// Whether statements are prepared by name and kept: not through a transaction pooler,
@@ -132,6 +154,69 @@ fn with_statement_timeout(options: PgConnectOptions, timeout: Duration) -> PgCon
 /// The connection for what needs a session of its own.
 fn direct_url(config: &PostgresConfig) -> &Secret {
     config.direct_url.as_ref().unwrap_or(&config.url)
+}
+
+/// The server the settings name, with how TLS is set up (see [`super::Endpoint`]).
+pub(super) fn endpoints(config: &PostgresConfig) -> Vec<super::Endpoint> {
+    use sqlx::postgres::PgSslMode;
+    let Ok(options) = PgConnectOptions::from_str(config.url.expose_str()) else {
+        return Vec::new();
+    };
+    let host = options.get_socket().map_or_else(
+        || options.get_host().to_owned(),
+        |s| s.display().to_string(),
+    );
+    // `prefer` and `allow` may end up in clear text, so they count as not encrypted.
+    let (mode, encrypted, verified) = match options.get_ssl_mode() {
+        PgSslMode::Disable => ("disable", false, false),
+        PgSslMode::Allow => ("allow", false, false),
+        PgSslMode::Prefer => ("prefer", false, false),
+        PgSslMode::Require => ("require", true, false),
+        PgSslMode::VerifyCa => ("verify-ca", true, true),
+        PgSslMode::VerifyFull => ("verify-full", true, true),
+    };
+    vec![super::Endpoint {
+        backend: BACKEND,
+        address: if host.starts_with('/') {
+            host.clone()
+        } else {
+            format!("{host}:{}", options.get_port())
+        },
+        local: super::is_local(&host),
+        encrypted,
+        verified,
+        tls: format!("sslmode={mode}"),
+    }]
+}
+
+/// The server's connection limits, read over a direct connection: `max_connections`, and the
+/// connections kept from ordinary roles (`superuser_reserved_connections`, and
+/// `reserved_connections` from PostgreSQL 16).
+pub async fn server_limits(
+    config: &PostgresConfig,
+    timeout: Duration,
+) -> Result<(i64, i64), StoreError> {
+    let options = PgConnectOptions::from_str(direct_url(config).expose_str())
+        .map_err(|_| unavailable("invalid DATABASE_URL"))?
+        .application_name("auth-sidecar check-config");
+    let mut conn = connect_once(&options, timeout).await?;
+    let read = async {
+        let (max, superuser, reserved): (String, String, Option<String>) = sqlx::query_as(
+            "SELECT current_setting('max_connections'), \
+             current_setting('superuser_reserved_connections'), \
+             current_setting('reserved_connections', true)",
+        )
+        .fetch_one(&mut conn)
+        .await?;
+        let number = |s: &str| s.parse::<i64>().unwrap_or(0);
+        Ok::<_, sqlx::Error>((
+            number(&max),
+            number(&superuser) + reserved.as_deref().map_or(0, number),
+        ))
+    };
+    let limits = super::bounded(BACKEND, "limits", timeout, read).await;
+    let _ = sqlx::Connection::close(conn).await;
+    limits
 }
 
 /// The connection of one call (see `PostgresStore::conn`).
@@ -200,6 +285,8 @@ impl PostgresStore {
             clock,
             timeout: config.timeout,
             ready: Arc::new(AtomicBool::new(!config.migrate)),
+            pending: super::Pending::default(),
+            options: connect_options(config)?,
             view: view_wanted(config).then(|| View::new(BACKEND, config.cache)),
             persistent: !config.transaction_pooling,
         };
@@ -212,6 +299,7 @@ impl PostgresStore {
             super::retry_in_background(
                 BACKEND,
                 "migrate",
+                store.pending.clone(),
                 move || {
                     let url = url.clone();
                     async move { migrate(&url, MIGRATE_CONNECT_TIMEOUT).await }
@@ -241,7 +329,7 @@ impl PostgresStore {
         f: impl AsyncFnOnce(&mut sqlx::PgConnection) -> Result<T, sqlx::Error>,
     ) -> Result<T, StoreError> {
         if !self.ready.load(Ordering::SeqCst) {
-            return Err(unavailable("schema not migrated yet"));
+            return Err(unavailable(self.pending.refusal("schema not migrated")));
         }
         let statements = async {
             let mut conn = self.conn().await?;
@@ -714,15 +802,75 @@ impl Store for PostgresStore {
         })
     }
 
-    async fn ping(&self) -> Result<(), StoreError> {
-        self.call("ping", async |conn| {
-            sqlx::query("SELECT 1")
+    async fn heartbeat(
+        &self,
+        me: Option<(&str, &str)>,
+        ttl: Duration,
+    ) -> Result<Vec<(String, String)>, StoreError> {
+        let persistent = self.persistent;
+        self.call("heartbeat", async |conn| {
+            if let Some((id, document)) = me {
+                sqlx::query(
+                    "INSERT INTO nodes (id, document, live_until) \
+                     VALUES ($1, $2, now() + $3 * interval '1 millisecond') \
+                     ON CONFLICT (id) DO UPDATE \
+                     SET document = EXCLUDED.document, live_until = EXCLUDED.live_until",
+                )
+                .persistent(persistent)
+                .bind(id)
+                .bind(document)
+                .bind(ttl.as_millis() as i64)
+                .execute(&mut *conn)
+                .await?;
+                sqlx::query("DELETE FROM nodes WHERE live_until <= now()")
+                    .persistent(persistent)
+                    .execute(&mut *conn)
+                    .await?;
+            }
+            sqlx::query_as("SELECT id, document FROM nodes WHERE live_until > now() ORDER BY id")
+                .persistent(persistent)
+                .fetch_all(&mut *conn)
+                .await
+        })
+        .await
+    }
+
+    async fn leave(&self, node: &str) -> Result<(), StoreError> {
+        self.call("leave", async |conn| {
+            sqlx::query("DELETE FROM nodes WHERE id = $1")
                 .persistent(self.persistent)
+                .bind(node)
                 .execute(conn)
                 .await
         })
         .await
         .map(|_| ())
+    }
+
+    async fn ping(&self) -> Result<(), StoreError> {
+        let result = self
+            .call("ping", async |conn| {
+                sqlx::query("SELECT 1")
+                    .persistent(self.persistent)
+                    .execute(conn)
+                    .await
+            })
+            .await;
+        match result {
+            Ok(_) => Ok(()),
+            // The pool says only that no connection came in time: one attempt of its own
+            // says why (refused, a password, a certificate), for the log and `/healthz`.
+            Err(e) if e.detail.contains("pool timed out") => {
+                match connect_once(&self.options, self.timeout).await {
+                    Ok(conn) => {
+                        let _ = sqlx::Connection::close(conn).await;
+                        Err(e)
+                    }
+                    Err(why) => Err(unavailable(format!("ping: {}", why.detail))),
+                }
+            }
+            Err(e) => Err(e),
+        }
     }
 
     async fn rate_limit(

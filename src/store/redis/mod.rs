@@ -11,7 +11,10 @@ use async_trait::async_trait;
 use redis::aio::{ConnectionLike, ConnectionManager, ConnectionManagerConfig};
 use redis::cluster::ClusterClientBuilder;
 use redis::cluster_async::ClusterConnection;
-use redis::{Cmd, Pipeline, RedisFuture, Script, Value};
+use redis::{
+    AsyncConnectionConfig, ClientTlsConfig, Cmd, Pipeline, RedisFuture, Script, TlsCertificates,
+    Value,
+};
 use tokio::sync::OnceCell;
 
 use super::cache::{Entry, Fact, Lookup, View};
@@ -19,7 +22,7 @@ use super::{
     Facts, Family, Rotation, Session, Store, StoreError, Successor, TokenCheck, from_millis,
     micros, millis, session_tag, subject_tag,
 };
-use crate::config::RedisConfig;
+use crate::config::{RedisConfig, RedisTls};
 use crate::rules::gcra::{Decision, Gcra};
 
 const BACKEND: &str = "redis";
@@ -65,6 +68,8 @@ impl ConnectionLike for Connection {
 #[derive(Clone)]
 pub struct RedisStore {
     conn: Arc<OnceCell<Connection>>,
+    /// Why `conn` is not set yet.
+    pending: super::Pending,
     prefix: String,
     timeout: Duration,
     scripts: Arc<Scripts>,
@@ -84,6 +89,7 @@ struct Scripts {
     put_family: Script,
     rotate: Script,
     mark_complete: Script,
+    heartbeat: Script,
 }
 
 impl Scripts {
@@ -101,6 +107,7 @@ impl Scripts {
             put_family: Script::new(include_str!("family_put.lua")),
             rotate: Script::new(include_str!("rotate.lua")),
             mark_complete: Script::new(include_str!("mark_complete.lua")),
+            heartbeat: Script::new(include_str!("heartbeat.lua")),
         }
     }
 }
@@ -202,11 +209,13 @@ impl RedisStore {
                 .collect(),
             cluster: config.cluster,
             timeout,
+            tls: config.tls.clone(),
         };
         // Parse now, so that a malformed URL is reported at start rather than retried forever.
         connect.validate()?;
         let mut store = RedisStore {
             conn: Arc::new(OnceCell::new()),
+            pending: super::Pending::default(),
             prefix: config.prefix.clone(),
             timeout,
             scripts: Arc::new(Scripts::new()),
@@ -218,7 +227,8 @@ impl RedisStore {
             );
         } else if config.cache > 0 {
             let view = View::new(BACKEND, config.cache);
-            let client = redis::Client::open(connect.urls[0].as_str())
+            let client = connect
+                .client(&connect.urls[0])
                 .map_err(|e| unavailable(format!("invalid REDIS_URL: {:?}", e.kind())))?;
             super::feed::spawn_redis(client, store.tracked_prefixes(), timeout, view.clone());
             store.view = Some(view);
@@ -228,6 +238,7 @@ impl RedisStore {
         super::retry_in_background(
             BACKEND,
             "connect",
+            store.pending.clone(),
             move || {
                 let connect = connect.clone();
                 async move { connect.connect().await }
@@ -320,6 +331,12 @@ impl RedisStore {
         format!("{}tier:{{marker}}:filling", self.prefix)
     }
 
+    /// The registry of live nodes: one hash, so that one script reads and writes all of it
+    /// on a cluster too.
+    fn nodes_key(&self) -> String {
+        format!("{}nodes", self.prefix)
+    }
+
     /// Runs one call against the connection, bounded by the backend timeout.
     async fn call<T, F>(
         &self,
@@ -333,7 +350,7 @@ impl RedisStore {
             .conn
             .get()
             .cloned()
-            .ok_or_else(|| unavailable("not connected yet"))?;
+            .ok_or_else(|| unavailable(self.pending.refusal("not connected")))?;
         super::bounded(BACKEND, op, self.timeout, f(conn)).await
     }
 
@@ -783,6 +800,36 @@ impl Store for RedisStore {
         })
     }
 
+    async fn heartbeat(
+        &self,
+        me: Option<(&str, &str)>,
+        ttl: Duration,
+    ) -> Result<Vec<(String, String)>, StoreError> {
+        let (id, document) = me.unwrap_or_default();
+        let mut invocation = self.scripts.heartbeat.key(self.nodes_key());
+        invocation
+            .arg(id)
+            .arg(document)
+            .arg(ttl.as_millis().max(1) as u64);
+        let flat: Vec<String> = self.invoke("heartbeat", invocation).await?;
+        Ok(flat
+            .chunks_exact(2)
+            .map(|pair| (pair[0].clone(), pair[1].clone()))
+            .collect())
+    }
+
+    async fn leave(&self, node: &str) -> Result<(), StoreError> {
+        let key = self.nodes_key();
+        self.call("leave", |mut c| async move {
+            redis::cmd("HDEL")
+                .arg(key)
+                .arg(node)
+                .query_async::<()>(&mut c)
+                .await
+        })
+        .await
+    }
+
     async fn ping(&self) -> Result<(), StoreError> {
         self.call("ping", |mut c| async move {
             redis::cmd("PING").query_async::<()>(&mut c).await
@@ -879,13 +926,16 @@ struct Connector {
     urls: Vec<String>,
     cluster: bool,
     timeout: Duration,
+    tls: RedisTls,
 }
 
 impl Connector {
     fn validate(&self) -> Result<(), StoreError> {
         for url in &self.urls {
-            redis::Client::open(url.as_str())
-                .map_err(|e| unavailable(format!("invalid REDIS_URL: {:?}", e.kind())))?;
+            self.client(url).map_err(|e| match e.kind() {
+                redis::ErrorKind::Io => unavailable(format!("the TLS files: {e}")),
+                kind => unavailable(format!("invalid REDIS_URL: {kind:?}")),
+            })?;
         }
         if !self.cluster && self.urls.len() != 1 {
             return Err(unavailable("several REDIS_URLs need --redis-cluster"));
@@ -893,15 +943,48 @@ impl Connector {
         Ok(())
     }
 
+    /// The TLS files as the client takes them, if any was given.
+    fn certificates(&self) -> Option<TlsCertificates> {
+        (self.tls.ca.is_some() || self.tls.client.is_some()).then(|| TlsCertificates {
+            client_tls: self.tls.client.as_ref().map(|(cert, key)| ClientTlsConfig {
+                client_cert: cert.clone(),
+                client_key: key.expose().to_vec(),
+            }),
+            root_cert: self.tls.ca.clone(),
+        })
+    }
+
+    /// A client of one node, with the TLS files.
+    fn client(&self, url: &str) -> redis::RedisResult<redis::Client> {
+        match self.certificates() {
+            Some(certificates) => redis::Client::build_with_tls(url, certificates),
+            None => redis::Client::open(url),
+        }
+    }
+
     async fn connect(&self) -> redis::RedisResult<Connection> {
         if self.cluster {
-            let client = ClusterClientBuilder::new(self.urls.clone())
+            let mut builder = ClusterClientBuilder::new(self.urls.clone())
                 .connection_timeout(self.timeout)
-                .response_timeout(self.timeout)
-                .build()?;
+                .response_timeout(self.timeout);
+            if let Some(certificates) = self.certificates() {
+                builder = builder.certs(certificates);
+            }
+            let client = builder.build()?;
             Ok(Connection::Cluster(client.get_async_connection().await?))
         } else {
-            let client = redis::Client::open(self.urls[0].as_str())?;
+            let client = self.client(&self.urls[0])?;
+            // One plain attempt first: the manager retries a first connection several times
+            // with backoff before it reports anything, which hid the reason (a refused
+            // connection, a wrong password, an untrusted certificate) for seconds.
+            let probe = AsyncConnectionConfig::new()
+                .set_connection_timeout(Some(self.timeout))
+                .set_response_timeout(Some(self.timeout));
+            drop(
+                client
+                    .get_multiplexed_async_connection_with_config(&probe)
+                    .await?,
+            );
             let config = ConnectionManagerConfig::new()
                 .set_connection_timeout(Some(self.timeout))
                 .set_response_timeout(Some(self.timeout))
@@ -911,6 +994,45 @@ impl Connector {
             ))
         }
     }
+}
+
+/// Each node the settings name, with how TLS is set up (see [`super::Endpoint`]).
+pub(super) fn endpoints(config: &RedisConfig) -> Vec<super::Endpoint> {
+    let tls = match (&config.tls.ca, &config.tls.client) {
+        (None, None) => "rediss://, public roots",
+        (Some(_), None) => "rediss://, AUTH_REDIS_CA_FILE",
+        (None, Some(_)) => "rediss://, public roots, client certificate",
+        (Some(_), Some(_)) => "rediss://, AUTH_REDIS_CA_FILE, client certificate",
+    };
+    config
+        .url
+        .expose_str()
+        .split(',')
+        .filter_map(|url| redis::Client::open(url.trim()).ok())
+        .map(|client| {
+            let addr = client.get_connection_info().addr().clone();
+            let (host, encrypted, verified) = match &addr {
+                redis::ConnectionAddr::Tcp(host, _) => (host.clone(), false, false),
+                redis::ConnectionAddr::TcpTls { host, insecure, .. } => {
+                    (host.clone(), true, !insecure)
+                }
+                redis::ConnectionAddr::Unix(path) => (path.display().to_string(), false, false),
+                other => (other.to_string(), false, false),
+            };
+            super::Endpoint {
+                backend: BACKEND,
+                address: addr.to_string(),
+                local: super::is_local(&host),
+                encrypted,
+                verified,
+                tls: match (encrypted, verified) {
+                    (false, _) => "none (redis://)".to_owned(),
+                    (true, false) => "rediss:// without certificate checks (#insecure)".to_owned(),
+                    (true, true) => tls.to_owned(),
+                },
+            }
+        })
+        .collect()
 }
 
 /// A session from its hash's fields; `None` for an absent or damaged one.

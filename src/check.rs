@@ -1,0 +1,426 @@
+//! `auth-sidecar check-config`: the multi-node checklist, checked. Loads the configuration as
+//! `serve` does, connects to the backends, reads the registry of live nodes, and prints one
+//! row per item: ✓, ⚠ or ✗ with the reason. Nothing is written to the backends: no
+//! migration, no registration.
+
+use std::fmt::Write as _;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use crate::clock::SystemClock;
+use crate::cluster::{self, Local, Node};
+use crate::config::{Config, Listen, Storage, StoreConfig};
+use crate::keys::Keys;
+use crate::store::{self, Store};
+
+/// How long the backends are given to answer.
+const CONNECT_WAIT: Duration = Duration::from_secs(5);
+
+/// Share of the server's connections above which the pool sizing is a warning.
+const POOL_WARN_SHARE: f64 = 0.8;
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
+pub enum Mark {
+    Pass,
+    Warn,
+    Fail,
+}
+
+impl Mark {
+    fn symbol(self) -> &'static str {
+        match self {
+            Mark::Pass => "✓",
+            Mark::Warn => "⚠",
+            Mark::Fail => "✗",
+        }
+    }
+}
+
+/// One line of the checklist.
+#[derive(Debug, Clone)]
+pub struct Row {
+    pub mark: Mark,
+    pub item: &'static str,
+    pub detail: String,
+}
+
+fn row(mark: Mark, item: &'static str, detail: impl Into<String>) -> Row {
+    Row {
+        mark,
+        item,
+        detail: detail.into(),
+    }
+}
+
+/// Runs every check of `config`.
+pub async fn run(config: &Config) -> Vec<Row> {
+    let mut rows = Vec::new();
+    let keys = match crate::server::load_keys(config) {
+        Ok(keys) => Some(Arc::new(keys)),
+        Err(e) => {
+            rows.push(row(Mark::Fail, "signing keys", format!("{e:#}")));
+            None
+        }
+    };
+    if let Some(keys) = &keys {
+        rows.push(keys_row(config, keys));
+    }
+    rows.extend(listener_rows(config));
+    if config.storage == Storage::Memory {
+        rows.push(row(
+            Mark::Warn,
+            "shared storage",
+            "memory: sessions, revocations and rate-limit counts live in this process only; \
+             run one replica, or use --storage redis, postgres or tiered",
+        ));
+        return rows;
+    }
+    // No migration and no revocation view: this reads, and starts no background work that
+    // would outlive it.
+    let mut quiet = config.clone();
+    quiet.migrate = false;
+    quiet.revocation_cache = 0;
+    let store_config = match quiet.store() {
+        Ok(c) => c,
+        Err(e) => {
+            rows.push(row(Mark::Fail, "shared storage", e.to_string()));
+            return rows;
+        }
+    };
+    let store = match store::open(&store_config, Arc::new(SystemClock)) {
+        Ok(s) => s,
+        Err(e) => {
+            rows.push(row(Mark::Fail, "shared storage", e.to_string()));
+            return rows;
+        }
+    };
+    rows.extend(storage_rows(config, &store_config));
+    let answered = match wait_for(&*store).await {
+        Ok(took) => {
+            rows.push(row(
+                Mark::Pass,
+                "backends answer",
+                format!("{} answered in {took:?}", store.backend()),
+            ));
+            true
+        }
+        Err(reason) => {
+            rows.push(row(Mark::Fail, "backends answer", reason));
+            false
+        }
+    };
+    let nodes = if answered {
+        match store.heartbeat(None, Duration::ZERO).await {
+            Ok(entries) => Some(cluster::parse_nodes(entries)),
+            Err(e) => {
+                rows.push(row(
+                    Mark::Fail,
+                    "live nodes",
+                    format!("cannot read the registry: {}", e.detail),
+                ));
+                None
+            }
+        }
+    } else {
+        None
+    };
+    if let (Some(nodes), Some(keys)) = (&nodes, &keys) {
+        rows.extend(cluster_rows(config, keys, nodes));
+    }
+    if let StoreConfig::Postgres(pg) | StoreConfig::Tiered(_, pg) = &store_config {
+        let live = nodes.as_ref().map_or(0, Vec::len);
+        rows.extend(pool_rows(config, pg, live).await);
+    }
+    rows
+}
+
+/// Exit status of `check-config`: 0 when no row fails.
+pub fn exit_code(rows: &[Row]) -> u8 {
+    u8::from(rows.iter().any(|r| r.mark == Mark::Fail))
+}
+
+/// The checklist as a table, then a count.
+pub fn render(rows: &[Row]) -> String {
+    let width = rows
+        .iter()
+        .map(|r| r.item.chars().count())
+        .max()
+        .unwrap_or(0);
+    let mut out = String::new();
+    for r in rows {
+        let _ = writeln!(
+            out,
+            "{}  {:width$}  {}",
+            r.mark.symbol(),
+            r.item,
+            crate::telemetry::escape_control(&r.detail)
+        );
+    }
+    let count = |m| rows.iter().filter(|r| r.mark == m).count();
+    let _ = writeln!(
+        out,
+        "\n{} ✓  {} ⚠  {} ✗",
+        count(Mark::Pass),
+        count(Mark::Warn),
+        count(Mark::Fail)
+    );
+    out
+}
+
+fn keys_row(config: &Config, keys: &Keys) -> Row {
+    let summary = keys.current().summary();
+    match (&config.keys_dir, &config.jwt_secret) {
+        (Some(dir), _) => row(
+            Mark::Pass,
+            "signing keys",
+            format!("AUTH_KEYS_DIR {}: {summary}", dir.display()),
+        ),
+        (None, Some(_)) => row(
+            Mark::Pass,
+            "signing keys",
+            format!("AUTH_JWT_SECRET: {summary}"),
+        ),
+        (None, None) => row(
+            Mark::Warn,
+            "signing keys",
+            "a random key made at start: its tokens validate on this process only",
+        ),
+    }
+}
+
+fn listener_rows(config: &Config) -> Vec<Row> {
+    let api = match &config.listen {
+        Listen::Unix(path) => row(
+            Mark::Pass,
+            "token API",
+            format!("unix:{}, for the pod only", path.display()),
+        ),
+        Listen::Tcp(addr) if addr.ip().is_loopback() => {
+            row(Mark::Pass, "token API", format!("{addr}, for the pod only"))
+        }
+        Listen::Tcp(addr) => row(
+            Mark::Warn,
+            "token API",
+            format!(
+                "{addr}: reachable from outside the pod; anyone who reaches it can issue tokens"
+            ),
+        ),
+    };
+    let probes = if config.ops_listen.ip().is_loopback() {
+        row(
+            Mark::Warn,
+            "probes",
+            format!(
+                "ops listener on {}: the kubelet probes the pod's address and cannot reach it",
+                config.ops_listen
+            ),
+        )
+    } else {
+        row(
+            Mark::Pass,
+            "probes",
+            format!(
+                "/health, /healthz, /readyz, /livez and grpc.health.v1 on {}",
+                config.ops_listen
+            ),
+        )
+    };
+    vec![api, probes]
+}
+
+fn storage_rows(config: &Config, store: &StoreConfig) -> Vec<Row> {
+    let endpoints = store::endpoints(store);
+    let list: Vec<String> = endpoints
+        .iter()
+        .map(|e| format!("{} at {}", e.backend, e.address))
+        .collect();
+    let mut rows = vec![
+        row(
+            Mark::Pass,
+            "shared storage",
+            format!(
+                "{:?}: sessions and revocations in {}",
+                config.storage,
+                list.join(", ")
+            )
+            .to_lowercase(),
+        ),
+        row(
+            Mark::Pass,
+            "rate limiting",
+            format!(
+                "{} polic{} counted in the shared store, once for all nodes",
+                config.rate_limits.len(),
+                if config.rate_limits.len() == 1 {
+                    "y"
+                } else {
+                    "ies"
+                }
+            ),
+        ),
+    ];
+    for e in &endpoints {
+        let (mark, detail) = match (e.local, e.encrypted, e.verified) {
+            (_, true, true) => (Mark::Pass, e.tls.clone()),
+            (true, _, _) => (Mark::Pass, format!("{} (this host)", e.tls)),
+            (false, true, false) => (
+                Mark::Warn,
+                format!("{}: encrypted but the server is not authenticated", e.tls),
+            ),
+            (false, false, _) => (
+                Mark::Warn,
+                format!("{}: traffic to {} is not encrypted", e.tls, e.address),
+            ),
+        };
+        rows.push(Row {
+            mark,
+            item: if e.backend == "redis" {
+                "redis TLS"
+            } else {
+                "postgres TLS"
+            },
+            detail,
+        });
+    }
+    rows
+}
+
+/// Pings until the store answers or [`CONNECT_WAIT`] passes; the last reason otherwise.
+async fn wait_for(store: &dyn Store) -> Result<Duration, String> {
+    let started = Instant::now();
+    let mut last = String::new();
+    while started.elapsed() < CONNECT_WAIT {
+        let ping = Instant::now();
+        match store.ping().await {
+            Ok(()) => return Ok(ping.elapsed()),
+            // The reason stays the same twice in a row: the backend's own answer, not the
+            // first attempt still under way.
+            Err(e) if e.detail == last && !last.ends_with(store::FIRST_ATTEMPT) => break,
+            Err(e) => last = e.detail,
+        }
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    Err(last)
+}
+
+fn cluster_rows(config: &Config, keys: &Keys, nodes: &[Node]) -> Vec<Row> {
+    let now = std::time::SystemTime::now();
+    let mut rows = Vec::new();
+    if nodes.is_empty() {
+        rows.push(row(
+            Mark::Warn,
+            "live nodes",
+            "none yet: no node on this storage has registered (a first node, or one older than the registry)",
+        ));
+        return rows;
+    }
+    let listed: Vec<String> = nodes.iter().map(|n| n.describe(now)).collect();
+    rows.push(row(
+        Mark::Pass,
+        "live nodes",
+        format!("{}: {}", nodes.len(), listed.join(", ")),
+    ));
+    let versions: std::collections::BTreeSet<&str> = nodes
+        .iter()
+        .filter_map(|n| n.document.as_ref().map(|d| d.version.as_str()))
+        .collect();
+    if versions.len() > 1 {
+        rows.push(row(
+            Mark::Warn,
+            "versions",
+            format!(
+                "several versions run: {} (normal during a rollout)",
+                versions.into_iter().collect::<Vec<_>>().join(", ")
+            ),
+        ));
+    }
+    let set = keys.current();
+    let mine = Local::new(config).document(&set);
+    // This configuration is not a node: no id of its own to skip.
+    let found = cluster::disagreements("", &mine, &set, nodes);
+    for (item, label) in [
+        ("keys", "same keys"),
+        ("policies", "same policies"),
+        ("issuer", "same issuer"),
+        ("audience", "same audience"),
+        ("ttl", "same lifetimes"),
+    ] {
+        let here: Vec<_> = found.iter().filter(|d| d.item == item).collect();
+        if here.is_empty() {
+            rows.push(row(
+                Mark::Pass,
+                label,
+                format!("as on every live node ({})", nodes.len()),
+            ));
+        }
+        for d in here {
+            rows.push(row(Mark::Fail, label, d.detail.clone()));
+        }
+    }
+    rows
+}
+
+async fn pool_rows(config: &Config, pg: &crate::config::PostgresConfig, live: usize) -> Vec<Row> {
+    let per_node = i64::from(config.db_max_connections);
+    let pooled = config.db_transaction_pooling;
+    if pooled && config.database_migrate_url.is_none() {
+        return vec![row(
+            Mark::Warn,
+            "database connections",
+            format!(
+                "{per_node} per node through a transaction pooler; without \
+                 DATABASE_MIGRATE_URL the server's max_connections cannot be read, and the \
+                 revocation view is off (its LISTEN needs a direct connection)"
+            ),
+        )];
+    }
+    let (max, reserved) = match store::postgres::server_limits(pg, CONNECT_WAIT).await {
+        Ok(limits) => limits,
+        Err(e) => {
+            return vec![row(
+                Mark::Fail,
+                "database connections",
+                format!("cannot read the server's max_connections: {}", e.detail),
+            )];
+        }
+    };
+    let available = max - reserved;
+    if pooled {
+        return vec![row(
+            Mark::Pass,
+            "database connections",
+            format!(
+                "through a transaction pooler: {live} node(s) × {per_node} go to the pooler; \
+                 size its pool under the server's {available} (max_connections {max} − \
+                 {reserved} reserved); migrations and the LISTEN feed use DATABASE_MIGRATE_URL"
+            ),
+        )];
+    }
+    let nodes = live.max(1) as i64;
+    let need = nodes * per_node;
+    let numbers = format!(
+        "{nodes} node(s) × --db-max-connections {per_node} = {need}, of {available} \
+         (max_connections {max} − {reserved} reserved)"
+    );
+    let advice = "lower --db-max-connections, or put PgBouncer in transaction mode in front \
+                  (--db-transaction-pooling)";
+    if need > available {
+        vec![row(
+            Mark::Fail,
+            "database connections",
+            format!("{numbers}: over the limit; {advice}"),
+        )]
+    } else if (need + per_node) as f64 > available as f64 * POOL_WARN_SHARE {
+        vec![row(
+            Mark::Warn,
+            "database connections",
+            format!(
+                "{numbers}: one more node would need {}, over {}% of them; {advice}",
+                need + per_node,
+                (POOL_WARN_SHARE * 100.0) as u32
+            ),
+        )]
+    } else {
+        vec![row(Mark::Pass, "database connections", numbers)]
+    }
+}
