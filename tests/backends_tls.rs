@@ -6,7 +6,7 @@
 
 mod support;
 
-use std::time::{Duration, Instant};
+use std::time::{Duration, Instant, SystemTime};
 
 use support::backends::{PostgresServer, RedisServer, free_port};
 use support::tls::Pki;
@@ -19,6 +19,7 @@ const SOON: Duration = Duration::from_secs(3);
 /// `reason`) is said at once, everywhere an operator looks; and that `hidden` is nowhere.
 fn assert_named(node: SidecarBuilder, reason: &[&str], hidden: &str) {
     let started = Instant::now();
+    let spawned = SystemTime::now();
     let sidecar = node.clone().start();
     let logs = || sidecar.logs().join("\n");
     let start_line = loop {
@@ -37,7 +38,13 @@ fn assert_named(node: SidecarBuilder, reason: &[&str], hidden: &str) {
             l.contains("WARN") && l.contains("backend down") && reason.iter().all(|r| l.contains(r))
         });
         if let Some(line) = said {
-            eprintln!("said within {:?}: {line}", started.elapsed());
+            // By the line's own time: `start` returns only after the start line, which
+            // comes after up to 2 s of waiting for the backend.
+            let stamp = line.split_whitespace().next().unwrap();
+            let at = humantime::parse_rfc3339_weak(stamp).expect("a timestamp");
+            let took = at.duration_since(spawned).unwrap_or_default();
+            eprintln!("said {took:?} after the process was started: {line}");
+            assert!(took < SOON, "said only after {took:?}: {line}");
             break;
         }
         assert!(
