@@ -335,15 +335,17 @@ fn cluster_rows(config: &Config, keys: &Keys, nodes: &[Node]) -> Vec<Row> {
         ));
     }
     let set = keys.current();
-    let mine = Local::new(config).document(&set);
+    let local = Local::new(config);
+    let mine = local.document(&set);
     // This configuration is not a node: no id of its own to skip.
-    let found = cluster::disagreements("", &mine, &set, nodes);
+    let found = cluster::disagreements("", &local, &mine, &set, nodes);
     for (item, label) in [
         ("keys", "same keys"),
         ("policies", "same policies"),
         ("issuer", "same issuer"),
         ("audience", "same audience"),
         ("ttl", "same lifetimes"),
+        ("admin", "same admin login"),
     ] {
         let here: Vec<_> = found.iter().filter(|d| d.item == item).collect();
         if here.is_empty() {

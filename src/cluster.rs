@@ -25,7 +25,9 @@ use crate::rules::gcra::Gcra;
 use crate::store::Store;
 
 /// The items nodes compare, as the metric's `item` label names them.
-pub const ITEMS: [&str; 6] = ["keys", "policies", "issuer", "audience", "ttl", "node_id"];
+pub const ITEMS: [&str; 7] = [
+    "keys", "policies", "issuer", "audience", "ttl", "admin", "node_id",
+];
 
 /// A node is live for this many heartbeats after its last.
 const LIVE_HEARTBEATS: u32 = 3;
@@ -48,6 +50,9 @@ pub struct Document {
     pub policies: BTreeMap<String, String>,
     /// The token and session lifetimes, by setting name, in milliseconds.
     pub ttl: BTreeMap<String, u64>,
+    /// A keyed fingerprint of the admin UI's user name and credential (see
+    /// [`Local::admin_fingerprint`]); `None` when the UI has no password.
+    pub admin: Option<String>,
 }
 
 /// One key as published: never the key itself.
@@ -70,6 +75,7 @@ pub struct Local {
     audience: Option<String>,
     policies: BTreeMap<String, String>,
     ttl: BTreeMap<String, u64>,
+    admin: Option<(String, crate::config::AdminCredential)>,
 }
 
 impl Local {
@@ -105,7 +111,35 @@ impl Local {
                     ms(config.refresh_reuse_grace),
                 ),
             ]),
+            admin: config
+                .admin
+                .credential
+                .clone()
+                .map(|c| (config.admin.username.clone(), c)),
         }
+    }
+
+    /// The admin credential's fingerprint under `nonce`: an HMAC, under a secret derived from
+    /// the active signing key, of the user name, the credential and the nonce. Only a node
+    /// with the same signing key can compute or test it, so even a weak password cannot be
+    /// guessed from it offline by anyone who reads the registry.
+    fn admin_fingerprint(&self, keys: &KeySet, nonce: &[u8]) -> Option<String> {
+        let (user, credential) = self.admin.as_ref()?;
+        let secret = keys.active().derive("admin credential fingerprint")?;
+        let (kind, value): (&[u8], &[u8]) = match credential {
+            crate::config::AdminCredential::Password(p) => (b"password", p.expose()),
+            crate::config::AdminCredential::Hash(h) => (b"argon2id", h.as_bytes()),
+        };
+        let mut message = Vec::new();
+        for part in [user.as_bytes(), kind, value, nonce] {
+            message.extend_from_slice(&(part.len() as u32).to_be_bytes());
+            message.extend_from_slice(part);
+        }
+        let tag = aws_lc_rs::hmac::sign(
+            &aws_lc_rs::hmac::Key::new(aws_lc_rs::hmac::HMAC_SHA256, &secret),
+            &message,
+        );
+        Some(URL_SAFE_NO_PAD.encode(tag.as_ref()))
     }
 
     /// The document this node publishes with `keys`.
@@ -134,6 +168,7 @@ impl Local {
             audience: self.audience.clone(),
             policies: self.policies.clone(),
             ttl: self.ttl.clone(),
+            admin: self.admin_fingerprint(keys, &self.nonce),
         }
     }
 }
@@ -147,9 +182,15 @@ pub struct Disagreement {
     pub detail: String,
 }
 
-/// How `mine` (this node's document, made with `keys`) and the live node `node`'s document
-/// differ, item by item.
-pub fn compare(mine: &Document, keys: &KeySet, node: &str, theirs: &Document) -> Vec<Disagreement> {
+/// How `mine` (this node's document, made with `keys` by `local`) and the live node `node`'s
+/// document differ, item by item.
+pub fn compare(
+    local: &Local,
+    mine: &Document,
+    keys: &KeySet,
+    node: &str,
+    theirs: &Document,
+) -> Vec<Disagreement> {
     let mut found = Vec::new();
     let mut say = |item, detail: String| {
         found.push(Disagreement {
@@ -209,6 +250,32 @@ pub fn compare(mine: &Document, keys: &KeySet, node: &str, theirs: &Document) ->
                 ),
             );
         }
+    }
+    // The admin fingerprints are keyed by the active signing key: comparable only when both
+    // nodes sign with the same one (a different one is a disagreement on `keys` already).
+    let same_signer = theirs
+        .keys
+        .iter()
+        .any(|p| p.state == "active" && p.kid == signing);
+    match (&mine.admin, &theirs.admin) {
+        (None, None) => {}
+        (Some(_), None) => say(
+            "admin",
+            format!("the admin UI has a password here and none on node {node}"),
+        ),
+        (None, Some(_)) => say(
+            "admin",
+            format!("the admin UI has no password here and one on node {node}"),
+        ),
+        (Some(_), Some(fingerprint)) if same_signer => {
+            if local.admin_fingerprint(keys, &nonce).as_ref() != Some(fingerprint) {
+                say(
+                    "admin",
+                    format!("the admin UI's user name or password differs on node {node}"),
+                );
+            }
+        }
+        (Some(_), Some(_)) => {}
     }
     if mine.issuer != theirs.issuer {
         say(
@@ -309,6 +376,7 @@ pub fn parse_nodes(entries: Vec<(String, String)>) -> Vec<Node> {
 /// `me`'s id (a document with another nonce) is one too.
 pub fn disagreements(
     me: &str,
+    local: &Local,
     mine: &Document,
     keys: &KeySet,
     nodes: &[Node],
@@ -328,7 +396,7 @@ pub fn disagreements(
             }
             continue;
         }
-        all.extend(compare(mine, keys, &node.id, theirs));
+        all.extend(compare(local, mine, keys, &node.id, theirs));
     }
     all
 }
@@ -411,7 +479,7 @@ impl Cluster {
             }
         };
         let nodes = parse_nodes(entries);
-        let now = disagreements(&self.id, &mine, &keys, &nodes);
+        let now = disagreements(&self.id, &self.local, &mine, &keys, &nodes);
         // One line per node and item, with every detail, when the pair appears or goes.
         let (before, after) = (by_pair(&view.disagreements), by_pair(&now));
         for ((node, item), details) in &after {
@@ -510,10 +578,10 @@ mod tests {
             here.document(&keys_a).keys[0].fingerprint,
             theirs.keys[0].fingerprint
         );
-        assert!(compare(&here.document(&keys_a), &keys_a, "b", &theirs).is_empty());
+        assert!(compare(&here, &here.document(&keys_a), &keys_a, "b", &theirs).is_empty());
 
         let other = there.document(&set(B));
-        let found = compare(&here.document(&keys_a), &keys_a, "b", &other);
+        let found = compare(&here, &here.document(&keys_a), &keys_a, "b", &other);
         assert_eq!(found.len(), 2, "{found:?}");
         assert!(found.iter().all(|d| d.item == "keys"));
         let text = format!("{found:?}{}", serde_json::to_string(&other).unwrap());
@@ -536,9 +604,33 @@ mod tests {
         let config = Config::defaults();
         let local = Local::new(&config);
         let (mine, theirs) = (key(A), key(B));
-        let found = compare(&local.document(&mine), &mine, "b", &local.document(&theirs));
+        let found = compare(
+            &local,
+            &local.document(&mine),
+            &mine,
+            "b",
+            &local.document(&theirs),
+        );
         assert_eq!(found.len(), 1, "{found:?}");
         assert!(found[0].detail.contains("different key"), "{found:?}");
+    }
+
+    #[test]
+    fn admin_logins_compare_without_revealing_the_password() {
+        let with = |password: &str| {
+            Local::new(&Config::load(["serve", "--admin-password", password]).unwrap())
+        };
+        let keys = set(A);
+        let (here, same, other) = (with("pw-one"), with("pw-one"), with("pw-two"));
+        let mine = here.document(&keys);
+        assert!(compare(&here, &mine, &keys, "b", &same.document(&keys)).is_empty());
+        let found = compare(&here, &mine, &keys, "b", &other.document(&keys));
+        assert_eq!(found.len(), 1, "{found:?}");
+        assert_eq!(found[0].item, "admin");
+        let none = Local::new(&Config::defaults()).document(&keys);
+        assert_eq!(compare(&here, &mine, &keys, "b", &none)[0].item, "admin");
+        let published = serde_json::to_string(&mine).unwrap();
+        assert!(!published.contains("pw-one"), "{published}");
     }
 
     #[test]

@@ -184,6 +184,54 @@ pub struct ServeArgs {
     #[arg(long, env = "AUTH_PUBLIC_URL", value_name = "URL", value_parser = parse_public_url)]
     pub public_url: Option<String>,
 
+    /// Address of the admin web UI (reach it with `kubectl port-forward`). Never the ops port.
+    /// `off` serves no admin UI.
+    #[arg(long, env = "AUTH_ADMIN_LISTEN", default_value = "127.0.0.1:8082", value_parser = parse_admin_listen)]
+    pub admin_listen: AdminListen,
+
+    /// The admin UI's user name.
+    #[arg(long, env = "ADMIN_GUI_USERNAME", default_value = "admin")]
+    pub admin_username: String,
+
+    /// The admin UI's password, the same on every node. Unset (and no hash): the UI refuses
+    /// every login with 403. Prefer ADMIN_GUI_PASSWORD_HASH, so the password need not be
+    /// stored.
+    #[arg(
+        long,
+        env = "ADMIN_GUI_PASSWORD",
+        hide_env_values = true,
+        value_name = "PASSWORD"
+    )]
+    pub admin_password: Option<Secret>,
+
+    /// The admin UI's password as an Argon2id PHC string (`$argon2id$v=19$...`).
+    #[arg(
+        long,
+        env = "ADMIN_GUI_PASSWORD_HASH",
+        hide_env_values = true,
+        value_name = "PHC"
+    )]
+    pub admin_password_hash: Option<String>,
+
+    /// Mark the admin UI's cookie `Secure`: set it when the UI is reached over TLS (a proxy
+    /// that terminates it).
+    #[arg(long, env = "AUTH_ADMIN_SECURE_COOKIE", default_value_t = false, action = clap::ArgAction::Set,
+          num_args = 0..=1, default_missing_value = "true", value_name = "BOOL")]
+    pub admin_secure_cookie: bool,
+
+    /// How long an admin UI login lasts.
+    #[arg(long, env = "AUTH_ADMIN_SESSION_TTL", default_value = "8h", value_parser = parse_duration)]
+    pub admin_session_ttl: Duration,
+
+    /// Failed admin logins allowed, per user name and per client address, on the shared
+    /// store, as COUNT/PERIOD[:burst=B][:lockout=D].
+    #[arg(
+        long,
+        env = "AUTH_ADMIN_LOGIN_LIMIT",
+        default_value = "5/15m:lockout=15m"
+    )]
+    pub admin_login_limit: String,
+
     /// The request header Envoy's ext_authz Check reads the bearer token from.
     #[arg(long, env = "AUTH_AUTHZ_TOKEN_HEADER", default_value = "authorization", value_parser = parse_header_name)]
     pub authz_token_header: String,
@@ -440,7 +488,34 @@ pub struct Config {
     /// Limits of the ops listener's connections.
     pub ops_connections: crate::conn::Limits,
     pub max_concurrent_streams: u32,
+    pub admin: Admin,
 }
+
+/// The admin web UI's settings.
+#[derive(Debug, Clone)]
+pub struct Admin {
+    /// `None`: no admin UI.
+    pub listen: Option<SocketAddr>,
+    pub username: String,
+    /// `None`: every login is refused with 403.
+    pub credential: Option<AdminCredential>,
+    pub secure_cookie: bool,
+    pub session_ttl: Duration,
+    /// Failed logins, counted per user name and per client address.
+    pub login_limit: crate::ratelimit::Policy,
+}
+
+/// How the admin password is checked.
+#[derive(Debug, Clone)]
+pub enum AdminCredential {
+    Password(Secret),
+    /// An Argon2id PHC string, checked as parsed at start.
+    Hash(String),
+}
+
+/// The name the admin UI's failed logins are counted under: not a name a configured policy
+/// can have (`:`), so no app can read or reset it through CheckRateLimit.
+pub const ADMIN_LOGIN_POLICY: &str = "auth-sidecar:admin-login";
 
 /// What Envoy's ext_authz Check reads and writes; header names are lower case.
 #[derive(Debug, Clone)]
@@ -537,6 +612,7 @@ impl TryFrom<ServeArgs> for Config {
             ));
         }
         let redis_tls = redis_tls(&args)?;
+        let admin = admin(&args)?;
         if args.cluster_heartbeat < Duration::from_millis(100) {
             return Err(ConfigError::new(
                 "--cluster-heartbeat",
@@ -681,6 +757,7 @@ impl TryFrom<ServeArgs> for Config {
                 idle_timeout: args.idle_timeout,
             },
             max_concurrent_streams: args.max_concurrent_streams,
+            admin,
         })
     }
 }
@@ -807,6 +884,60 @@ fn redis_tls(args: &ServeArgs) -> Result<RedisTls, ConfigError> {
     Ok(tls)
 }
 
+/// The admin UI's settings, checked: one credential at most, a hash that is Argon2id.
+fn admin(args: &ServeArgs) -> Result<Admin, ConfigError> {
+    let credential = match (&args.admin_password, &args.admin_password_hash) {
+        (Some(_), Some(_)) => {
+            return Err(ConfigError::new(
+                "ADMIN_GUI_PASSWORD and ADMIN_GUI_PASSWORD_HASH",
+                "give one of them",
+            ));
+        }
+        (Some(p), None) if p.expose().is_empty() => None,
+        (Some(p), None) => Some(AdminCredential::Password(p.clone())),
+        (None, Some(h)) if h.is_empty() => None,
+        (None, Some(h)) => {
+            let parsed = argon2::PasswordHash::new(h).map_err(|e| {
+                ConfigError::new("ADMIN_GUI_PASSWORD_HASH", format!("not a PHC string: {e}"))
+            })?;
+            if parsed.algorithm.as_str() != "argon2id" {
+                return Err(ConfigError::new(
+                    "ADMIN_GUI_PASSWORD_HASH",
+                    format!("must be argon2id, not {}", parsed.algorithm),
+                ));
+            }
+            Some(AdminCredential::Hash(h.clone()))
+        }
+        (None, None) => None,
+    };
+    if args.admin_username.is_empty() || args.admin_username.len() > 64 {
+        return Err(ConfigError::new(
+            "ADMIN_GUI_USERNAME",
+            "must be 1 to 64 characters",
+        ));
+    }
+    if args.admin_session_ttl.is_zero() {
+        return Err(ConfigError::new(
+            "--admin-session-ttl",
+            "must be greater than zero",
+        ));
+    }
+    let login_limit = format!("admin-login={}", args.admin_login_limit)
+        .parse::<crate::ratelimit::Policy>()
+        .map_err(|e| ConfigError::new("--admin-login-limit", e))?;
+    Ok(Admin {
+        listen: args.admin_listen.0,
+        username: args.admin_username.clone(),
+        credential,
+        secure_cookie: args.admin_secure_cookie,
+        session_ttl: args.admin_session_ttl,
+        login_limit: crate::ratelimit::Policy {
+            name: ADMIN_LOGIN_POLICY.to_owned(),
+            ..login_limit
+        },
+    })
+}
+
 /// This node's default name in the registry: the host name (a pod's name) and a random
 /// suffix, so that several processes on one host are told apart.
 fn default_node_id() -> String {
@@ -917,6 +1048,19 @@ pub fn one_line(err: &clap::Error) -> String {
     let text = err.to_string();
     let line = text.lines().next().unwrap_or("invalid arguments");
     line.strip_prefix("error: ").unwrap_or(line).to_owned()
+}
+
+/// Where the admin UI listens; `None` for `off`.
+#[derive(Debug, Clone, Copy)]
+pub struct AdminListen(pub Option<SocketAddr>);
+
+fn parse_admin_listen(s: &str) -> Result<AdminListen, String> {
+    if s == "off" {
+        return Ok(AdminListen(None));
+    }
+    s.parse()
+        .map(|a| AdminListen(Some(a)))
+        .map_err(|_| format!("`{s}` is not HOST:PORT or `off`"))
 }
 
 fn parse_listen(s: &str) -> Result<Listen, String> {

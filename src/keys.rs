@@ -203,6 +203,9 @@ pub struct SigningKey {
     header: String,
     /// The public key as a JWK; none for HMAC.
     jwk: Option<jwk::Jwk>,
+    /// What secrets for other purposes are derived from (see [`SigningKey::derive`]): the
+    /// HMAC secret, or a digest of the private key; none for a public key.
+    derivation: Option<hmac::Key>,
 }
 
 impl fmt::Debug for SigningKey {
@@ -242,13 +245,15 @@ impl SigningKey {
                 got: secret.len(),
             });
         }
-        Ok(SigningKey::new(
+        let mut key = SigningKey::new(
             kid,
             alg,
             state,
             Material::Hmac(hmac::Key::new(hmac_alg, secret)),
             None,
-        ))
+        );
+        key.derivation = Some(hmac::Key::new(hmac::HMAC_SHA256, secret));
+        Ok(key)
     }
 
     /// A key from a PEM file: a private key (PKCS#8, or SEC1 for EC and PKCS#1 for RSA),
@@ -350,7 +355,15 @@ impl SigningKey {
             },
             algorithm: params,
         };
-        Ok(SigningKey::new(kid, alg, state, material, Some(jwk)))
+        let private = matches!(material, Material::Private { .. });
+        let mut key = SigningKey::new(kid, alg, state, material, Some(jwk));
+        if private {
+            let mut digest = digest::Context::new(&digest::SHA256);
+            digest.update(b"auth-sidecar private key derivation v1\0");
+            digest.update(der);
+            key.derivation = Some(hmac::Key::new(hmac::HMAC_SHA256, digest.finish().as_ref()));
+        }
+        Ok(key)
     }
 
     fn new(
@@ -368,6 +381,7 @@ impl SigningKey {
             state,
             material,
             jwk,
+            derivation: None,
         }
     }
 
@@ -422,6 +436,17 @@ impl SigningKey {
     /// The public key as a JWK; `None` for HMAC keys, whose secret is never published.
     pub fn jwk(&self) -> Option<&jwk::Jwk> {
         self.jwk.as_ref()
+    }
+
+    /// A 32-byte secret for `purpose` (the admin UI's cookies, say), derived from this key:
+    /// every node holding the key derives the same one, and it reveals nothing of the key nor
+    /// of another purpose's. `None` for a key that holds only a public key.
+    pub fn derive(&self, purpose: &str) -> Option<[u8; 32]> {
+        let key = self.derivation.as_ref()?;
+        let mut message = b"auth-sidecar derived secret v1\0".to_vec();
+        message.extend_from_slice(purpose.as_bytes());
+        let tag = hmac::sign(key, &message);
+        tag.as_ref().try_into().ok()
     }
 
     /// What another node compares its own key under this kid with, to learn whether the two
@@ -752,6 +777,8 @@ pub struct Keys {
 #[derive(Debug, Clone, Default)]
 struct ReloadStatus {
     last_error: Option<(SystemTime, String)>,
+    /// When the set in use was loaded.
+    loaded_at: Option<SystemTime>,
 }
 
 /// What a reload did.
@@ -777,7 +804,10 @@ impl Keys {
             current: ArcSwap::from_pointee(set),
             dir,
             generation: AtomicU64::new(0),
-            status: Mutex::default(),
+            status: Mutex::new(ReloadStatus {
+                last_error: None,
+                loaded_at: Some(SystemTime::now()),
+            }),
         }
     }
 
@@ -808,6 +838,7 @@ impl Keys {
                     return Ok(Reloaded::Unchanged);
                 }
                 self.current.store(Arc::new(set));
+                status.loaded_at = Some(SystemTime::now());
                 self.generation.fetch_add(1, Ordering::AcqRel);
                 Ok(Reloaded::Changed)
             }
@@ -819,6 +850,11 @@ impl Keys {
     }
 
     /// The key set in use and, when the last reload failed, why.
+    /// When the key set in use was loaded (at start, or by the last reload that changed it).
+    pub fn loaded_at(&self) -> Option<SystemTime> {
+        self.status.lock().expect("not poisoned").loaded_at
+    }
+
     pub fn health_detail(&self) -> String {
         let set = self.current();
         match &self.status.lock().expect("not poisoned").last_error {

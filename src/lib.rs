@@ -6,6 +6,7 @@
 //! all; `cluster` compares this node with the other live ones, and `check` prints the
 //! multi-node checklist; `client` is the binary's client side. See ARCHITECTURE.md.
 
+pub mod admin;
 pub mod check;
 pub mod client;
 pub mod clock;

@@ -36,6 +36,9 @@ enum Command {
     /// Apply the embedded PostgreSQL migrations and exit (for a Kubernetes Job or an init
     /// container; run `serve` with --migrate=false then).
     Migrate(MigrateArgs),
+    /// Read a password on stdin (one line) and print its Argon2id PHC string, for
+    /// ADMIN_GUI_PASSWORD_HASH.
+    HashPassword,
     /// Make and check signing keys for --keys-dir.
     #[command(subcommand)]
     Keys(KeysCommand),
@@ -132,6 +135,16 @@ fn main() -> ExitCode {
             print!("{}", auth_sidecar::check::render(&rows));
             ExitCode::from(auth_sidecar::check::exit_code(&rows))
         }
+        Command::HashPassword => match hash_password() {
+            Ok(phc) => {
+                println!("{phc}");
+                ExitCode::SUCCESS
+            }
+            Err(e) => {
+                eprintln!("error: {e:#}");
+                ExitCode::FAILURE
+            }
+        },
         Command::Health(args) => ExitCode::from(runtime.block_on(client::health(args)) as u8),
         Command::Token(args) => ExitCode::from(runtime.block_on(client::token(args)) as u8),
         Command::Keys(command) => match keys_command(command) {
@@ -152,6 +165,24 @@ fn main() -> ExitCode {
             }
         }
     }
+}
+
+/// The Argon2id PHC string of the first line on stdin, with a random salt and the crate's
+/// default (OWASP-recommended) cost.
+fn hash_password() -> anyhow::Result<String> {
+    use argon2::PasswordHasher;
+    let mut line = String::new();
+    std::io::stdin().read_line(&mut line)?;
+    let password = line.trim_end_matches(['\n', '\r']);
+    anyhow::ensure!(!password.is_empty(), "an empty password");
+    let mut salt = [0u8; 16];
+    aws_lc_rs::rand::fill(&mut salt).map_err(|_| anyhow::anyhow!("no random source"))?;
+    let salt =
+        argon2::password_hash::SaltString::encode_b64(&salt).map_err(|e| anyhow::anyhow!("{e}"))?;
+    Ok(argon2::Argon2::default()
+        .hash_password(password.as_bytes(), &salt)
+        .map_err(|e| anyhow::anyhow!("{e}"))?
+        .to_string())
 }
 
 /// The settings of `serve` or `check-config`, parsed again on their own so that --config can

@@ -202,6 +202,42 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
         }
     };
 
+    // The admin UI: its own listener, never the ops port. A port already taken (a second
+    // sidecar on one host) leaves the UI off rather than the sidecar down.
+    let admin_listener = match config.admin.listen {
+        Some(addr) => Some(TcpListener::bind(addr).await),
+        None => None,
+    };
+    let admin_addr = match admin_listener {
+        None => None,
+        Some(Ok(listener)) => {
+            let addr = listener.local_addr()?;
+            let ui = crate::admin::AdminUi::new(
+                &config,
+                app.tokens.clone(),
+                app.sessions.clone(),
+                app.limits.clone(),
+                app.health.clone(),
+                app.cluster.clone(),
+            );
+            tokio::spawn(serve_ops(
+                listener,
+                ui.router(),
+                config.ops_connections,
+                drained.clone(),
+            ));
+            Some(addr)
+        }
+        Some(Err(e)) => {
+            tracing::warn!(
+                address = ?config.admin.listen,
+                error = %e,
+                "admin UI not served: cannot bind --admin-listen"
+            );
+            None
+        }
+    };
+
     watch_keys(app.tokens.clone())?;
     telemetry::spawn_upkeep();
     // aws-lc seeds its random generator from CPU jitter at first use, which takes tens of
@@ -234,6 +270,7 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
     tracing::info!(
         api = %api_addr,
         ops = %ops_addr,
+        admin = %admin_addr.map_or_else(|| "off".to_owned(), |a| a.to_string()),
         node = app.cluster.as_ref().map(|c| c.id()),
         health = if not_serving.is_some() { "NOT_SERVING" } else { "SERVING" },
         reason = not_serving.as_deref(),
@@ -328,7 +365,15 @@ async fn serve_ops(
             () = drained.cancelled() => break,
         };
         let (builder, watcher) = (builder.clone(), graceful.watcher());
-        let service = TowerToHyperService::new(router.clone());
+        // The peer's address, for what counts by client (the admin UI's failed logins).
+        let peer = tonic::transport::server::Connected::connect_info(&io).remote_addr();
+        let router = match peer {
+            Some(peer) => router
+                .clone()
+                .layer(axum::Extension(axum::extract::ConnectInfo(peer))),
+            None => router.clone(),
+        };
+        let service = TowerToHyperService::new(router);
         tokio::spawn(async move {
             let conn = builder.serve_connection_with_upgrades(TokioIo::new(io), service);
             let _ = watcher.watch(conn.into_owned()).await;

@@ -53,6 +53,11 @@ const RULES: &[(&str, &[&str], &str)] = &[
         "server composes ops, never the reverse",
     ),
     (
+        "src/admin",
+        &["crate::pb", "crate::grpc", "crate::server", "envoy_types"],
+        "the admin UI acts through the domain, as the gRPC API does, never through the wire",
+    ),
+    (
         "src/cluster.rs",
         &["crate::pb", "crate::grpc", "crate::server", "envoy_types"],
         "the registry is domain: it reads keys, settings and the store, never the wire",

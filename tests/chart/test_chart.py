@@ -178,6 +178,22 @@ def test_tls_secrets_are_mounted_and_named_in_the_settings():
     assert "volumeMounts" not in sidecar(plain) and not plain.get("volumes")
 
 
+def test_the_admin_ui_is_on_loopback_only_and_off_by_default():
+    docs = render("-f", str(CHART / "ci" / "tls-values.yaml"))
+    env = {e["name"]: e for e in sidecar(pod_specs(docs)[0])["env"]}
+    assert env["AUTH_ADMIN_LISTEN"]["value"] == "127.0.0.1:8082"
+    assert env["ADMIN_GUI_USERNAME"]["value"] == "admin"
+    ref = env["ADMIN_GUI_PASSWORD_HASH"]["valueFrom"]["secretKeyRef"]
+    assert ref["key"] == "ADMIN_GUI_PASSWORD_HASH"
+    [secret] = kinds(docs, "Secret")
+    assert "ADMIN_GUI_PASSWORD_HASH" in secret["data"]
+    for service in kinds(docs, "Service"):
+        assert all(p["port"] != 8082 for p in service["spec"]["ports"]), service
+    assert all(p["containerPort"] != 8082 for p in sidecar(pod_specs(docs)[0])["ports"])
+    env = {e["name"]: e for e in sidecar(pod_specs(render())[0])["env"]}
+    assert env["AUTH_ADMIN_LISTEN"]["value"] == "off" and "ADMIN_GUI_PASSWORD_HASH" not in env
+
+
 def test_a_single_memory_replica_renders():
     docs = render("--set", "replicas=1", "--set", "sidecar.storage=memory")
     assert kinds(docs, "Deployment")[0]["spec"]["replicas"] == 1

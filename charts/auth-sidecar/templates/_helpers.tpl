@@ -123,6 +123,18 @@ exec:
       value: {{ $s.strictCluster | quote }}
     - name: AUTH_CLUSTER_HEARTBEAT
       value: {{ $s.clusterHeartbeat | quote }}
+    {{- if $s.admin.enabled }}
+    - name: AUTH_ADMIN_LISTEN
+      value: {{ printf "127.0.0.1:%v" $s.admin.port | quote }}
+    - name: ADMIN_GUI_USERNAME
+      value: {{ $s.admin.username | quote }}
+    - name: AUTH_ADMIN_SECURE_COOKIE
+      value: {{ $s.admin.secureCookie | quote }}
+    {{- include "auth-sidecar.secretEnv" (list . "ADMIN_GUI_PASSWORD_HASH" .Values.secrets.keys.adminPasswordHash) | nindent 4 }}
+    {{- else }}
+    - name: AUTH_ADMIN_LISTEN
+      value: "off"
+    {{- end }}
     - name: AUTH_ISSUER
       value: {{ $s.issuer | quote }}
     {{- with $s.audience }}

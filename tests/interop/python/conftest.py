@@ -6,7 +6,9 @@ import pathlib
 import re
 import subprocess
 import sys
+import socket
 import threading
+import time
 
 import pytest
 
@@ -105,3 +107,27 @@ def keyed_sidecar(request, tmp_path):
 def es256_sidecar(tmp_path):
     """A sidecar signing with an ES256 key: the algorithm every JOSE library here verifies."""
     yield from run_keyed_sidecar("ES256", tmp_path)
+
+
+def free_port():
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def start_redis():
+    port = free_port()
+    proc = subprocess.Popen(
+        ["redis-server", "--port", str(port), "--bind", "127.0.0.1", "--save", "",
+         "--appendonly", "no"],
+        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+    )
+    deadline = time.time() + 10
+    while time.time() < deadline:
+        try:
+            socket.create_connection(("127.0.0.1", port), timeout=0.2).close()
+            return proc, port
+        except OSError:
+            time.sleep(0.05)
+    proc.kill()
+    raise AssertionError("redis-server did not start")

@@ -20,16 +20,10 @@ import yaml
 from google.protobuf import duration_pb2, struct_pb2
 
 import grpc
-from conftest import ROOT, SECRET, run_sidecar
+from conftest import ROOT, SECRET, free_port, run_sidecar, start_redis
 
 EXAMPLE = ROOT / "examples/envoy/envoy.yaml"
 ENVOY = shutil.which("envoy") or str(pathlib.Path(os.sys.executable).parent / "envoy")
-
-
-def free_port():
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 class Echo(http.server.ThreadingHTTPServer):
@@ -54,24 +48,6 @@ class Echo(http.server.ThreadingHTTPServer):
 
         super().__init__(("127.0.0.1", 0), Handler)
         threading.Thread(target=self.serve_forever, daemon=True).start()
-
-
-def start_redis():
-    port = free_port()
-    proc = subprocess.Popen(
-        ["redis-server", "--port", str(port), "--bind", "127.0.0.1", "--save", "",
-         "--appendonly", "no"],
-        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-    )
-    deadline = time.time() + 10
-    while time.time() < deadline:
-        try:
-            socket.create_connection(("127.0.0.1", port), timeout=0.2).close()
-            return proc, port
-        except OSError:
-            time.sleep(0.05)
-    proc.kill()
-    raise AssertionError("redis-server did not start")
 
 
 def envoy_config(tmp, listen_port, app_port, sidecar_addr):
