@@ -123,13 +123,13 @@ exec:
       value: {{ $s.strictCluster | quote }}
     - name: AUTH_CLUSTER_HEARTBEAT
       value: {{ $s.clusterHeartbeat | quote }}
-    {{- if $s.admin.enabled }}
+    {{- if .Values.admin.enabled }}
     - name: AUTH_ADMIN_LISTEN
-      value: {{ printf "127.0.0.1:%v" $s.admin.port | quote }}
+      value: {{ printf "127.0.0.1:%v" .Values.admin.port | quote }}
     - name: ADMIN_GUI_USERNAME
-      value: {{ $s.admin.username | quote }}
+      value: {{ .Values.admin.username | quote }}
     - name: AUTH_ADMIN_SECURE_COOKIE
-      value: {{ $s.admin.secureCookie | quote }}
+      value: {{ .Values.admin.secureCookie | quote }}
     {{- include "auth-sidecar.secretEnv" (list . "ADMIN_GUI_PASSWORD_HASH" .Values.secrets.keys.adminPasswordHash) | nindent 4 }}
     {{- else }}
     - name: AUTH_ADMIN_LISTEN

@@ -194,6 +194,10 @@ def test_an_operator_works_across_nodes_in_a_real_browser(nodes, browser, stubs)
     wait_url(browser, "/login")
     status, location = raw_get(b.url + "/", cookie)
     assert (status, location) == (303, "/login")
+    for node in nodes:
+        logs = "".join(node.logs)
+        assert cookie not in logs and tampered not in logs and tokens[first] not in logs
+        assert "admin UI: logged in" in "".join(a.logs)
 
 
 class NoRedirect(urllib.request.HTTPRedirectHandler):
