@@ -98,12 +98,17 @@ pub fn login(enabled: bool, csrf: &str) -> Markup {
 pub fn chart(samples: &[Sample]) -> Markup {
     const W: f64 = 480.0;
     const H: f64 = 80.0;
-    let max = samples
+    if samples.len() < 2 {
+        return html! {
+            p.hint id="chart-empty" { "No samples yet: the chart adds one every 10 s; reload to see it." }
+        };
+    }
+    let peak = samples
         .iter()
         .map(|s| s.calls.max(s.invalid))
         .max()
-        .unwrap_or(0)
-        .max(1) as f64;
+        .unwrap_or(0);
+    let max = peak.max(1) as f64;
     let points = |value: fn(&Sample) -> u64| {
         let n = samples.len().max(2) - 1;
         samples
@@ -125,7 +130,7 @@ pub fn chart(samples: &[Sample]) -> Markup {
             }
             figcaption {
                 span.calls { "calls" } " and " span.invalid { "failed validations" }
-                " per 10 s, last " (samples.len() * 10 / 60) " min; peak " (max as u64)
+                " per 10 s, last " (samples.len() * 10 / 60) " min; peak " (peak)
             }
         }
     }
