@@ -39,6 +39,14 @@ use crate::sessions::Sessions;
 use crate::tokens::{Kind, RevokeTarget, Tokens, Verdict};
 use pages::{Notice, page};
 
+/// Longest subject, session id or rate-limit key the UI passes on, as the API's limit.
+const MAX_TEXT: usize = 1024;
+
+/// Whether the text is one the store can hold and the API would take.
+fn usable(text: &str) -> bool {
+    text.len() <= MAX_TEXT && !text.contains('\0')
+}
+
 /// Largest form accepted: a pasted token is at most 8 KiB.
 const MAX_FORM: usize = 64 * 1024;
 
@@ -503,6 +511,11 @@ async fn subject_view(
 ) -> Response {
     let sessions = if subject.is_empty() {
         Ok(Vec::new())
+    } else if !usable(subject) {
+        Err(crate::tokens::Error::invalid(
+            "subject",
+            format!("must be at most {MAX_TEXT} bytes, without U+0000"),
+        ))
     } else {
         ui.0.sessions.list(subject).await
     };
@@ -571,7 +584,12 @@ async fn delete_session(
     Form(f): Form<SessionForm>,
 ) -> Result<Response, Response> {
     let who = ui.acting(&headers, &f.csrf).await?;
-    let notice = match ui.0.sessions.delete(&f.session).await {
+    let deleted = if usable(&f.session) {
+        ui.0.sessions.delete(&f.session).await
+    } else {
+        Ok(false)
+    };
+    let notice = match deleted {
         Ok(true) => {
             tracing::info!(user = %who.login.user, "admin UI: a session deleted");
             Notice::Done("Session deleted: its tokens are rejected on every node.".to_owned())
@@ -588,8 +606,10 @@ async fn logout_subject(
     Form(f): Form<SessionForm>,
 ) -> Result<Response, Response> {
     let who = ui.acting(&headers, &f.csrf).await?;
-    let notice = if f.subject.is_empty() || f.subject.contains('\0') {
-        Notice::Problem("No subject given.".to_owned())
+    let notice = if f.subject.is_empty() || !usable(&f.subject) {
+        Notice::Problem(format!(
+            "Give a subject of at most {MAX_TEXT} bytes, without U+0000."
+        ))
     } else {
         match ui
             .0
