@@ -223,8 +223,8 @@ pub struct ServeArgs {
     #[arg(long, env = "AUTH_ADMIN_SESSION_TTL", default_value = "8h", value_parser = parse_duration)]
     pub admin_session_ttl: Duration,
 
-    /// Failed admin logins allowed, per user name and per client address, on the shared
-    /// store, as COUNT/PERIOD[:burst=B][:lockout=D].
+    /// Admin login attempts allowed, per user name and per client address, on the shared
+    /// store, as COUNT/PERIOD[:burst=B][:lockout=D]; a successful login clears the count.
     #[arg(
         long,
         env = "AUTH_ADMIN_LOGIN_LIMIT",
@@ -501,7 +501,7 @@ pub struct Admin {
     pub credential: Option<AdminCredential>,
     pub secure_cookie: bool,
     pub session_ttl: Duration,
-    /// Failed logins, counted per user name and per client address.
+    /// Login attempts, counted per user name and per client address.
     pub login_limit: crate::ratelimit::Policy,
 }
 
@@ -513,7 +513,7 @@ pub enum AdminCredential {
     Hash(String),
 }
 
-/// The name the admin UI's failed logins are counted under: not a name a configured policy
+/// The name the admin UI's login attempts are counted under: not a name a configured policy
 /// can have (`:`), so no app can read or reset it through CheckRateLimit.
 pub const ADMIN_LOGIN_POLICY: &str = "auth-sidecar:admin-login";
 

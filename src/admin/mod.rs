@@ -1,7 +1,7 @@
 //! The admin web UI, on its own listener (`--admin-listen`, loopback by default; reach it with
 //! `kubectl port-forward`): any node serves it from shared state. Log in with
 //! `ADMIN_GUI_USERNAME` and `ADMIN_GUI_PASSWORD` (or `ADMIN_GUI_PASSWORD_HASH`), the same on
-//! every node; without either, login answers 403. Failed logins are counted per user name and
+//! every node; without either, login answers 403. Login attempts are counted per user name and
 //! per client address by the sidecar's own rate limiter on the shared store, with a lockout.
 //!
 //! Pages: the overview (health, backends, keys, policies, live nodes, a live chart), a
@@ -66,7 +66,7 @@ struct Inner {
     sessions: Arc<Sessions>,
     limits: Arc<RateLimiter>,
     policies: Vec<Policy>,
-    /// Failed logins, under the admin policy only, so no app can read or reset them.
+    /// Login attempts, under the admin policy only, so no app can read or reset them.
     logins: RateLimiter,
     health: Health,
     cluster: Option<Arc<Cluster>>,
@@ -400,7 +400,7 @@ fn locked(retry: std::time::Duration) -> Response {
         "Log in",
         None,
         Some(&Notice::Problem(format!(
-            "Too many failed logins: locked out for {}.",
+            "Too many login attempts: locked out for {}.",
             humantime::format_duration(std::time::Duration::from_secs(retry.as_secs().max(1)))
         ))),
         html! {},

@@ -63,8 +63,9 @@ pub fn verify(keys: &KeySet, value: &str, now: SystemTime) -> Option<Login> {
     if value.len() > MAX_COOKIE {
         return None;
     }
+    // The kid may hold dots; the payload and the MAC (base64url) cannot.
     let (signed, mac) = value.rsplit_once('.')?;
-    let (kid, payload) = signed.split_once('.')?;
+    let (kid, payload) = signed.rsplit_once('.')?;
     let secret = keys.get(kid)?.derive(COOKIE_PURPOSE)?;
     let mac = URL_SAFE_NO_PAD.decode(mac).ok()?;
     hmac::verify(
@@ -142,6 +143,23 @@ mod tests {
     }
 
     const A: &str = "admin-cookie-test-secret-0123456789abcdef";
+
+    #[test]
+    fn a_kid_with_dots_is_read_whole() {
+        let keys = KeySet::single(
+            SigningKey::hmac(
+                "jwt.2026.11".to_owned(),
+                crate::keys::Alg::HS256,
+                crate::keys::KeyState::Active,
+                A.as_bytes(),
+            )
+            .unwrap(),
+        );
+        let now = SystemTime::now();
+        let cookie = issue(&keys, "admin", Duration::from_secs(60), now).unwrap();
+        assert!(cookie.starts_with("jwt.2026.11."));
+        assert_eq!(verify(&keys, &cookie, now).unwrap().user, "admin");
+    }
 
     #[test]
     fn a_cookie_verifies_on_a_node_with_the_same_keys_only() {
