@@ -604,7 +604,13 @@ impl PostgresServer {
             "initdb: {}",
             String::from_utf8_lossy(&out.stderr)
         );
-        let settings = prepare(&dir);
+        // Throwaway servers: no fsync (a killed server still keeps every commit, which the
+        // OS holds; only a machine crash would lose it), so that disk stalls on a busy CI
+        // machine do not turn into statement timeouts; and room for the many nodes a test
+        // binary runs at once (each with its pool, its LISTEN feed, its heartbeat). A test's
+        // own settings come after, and win.
+        let mut settings = vec!["fsync=off".to_owned(), "max_connections=300".to_owned()];
+        settings.extend(prepare(&dir));
         for entry in std::fs::read_dir(&dir).unwrap() {
             let path = entry.unwrap().path();
             if path.is_file() {
