@@ -365,7 +365,7 @@ async fn serve_ops(
             () = drained.cancelled() => break,
         };
         let (builder, watcher) = (builder.clone(), graceful.watcher());
-        // The peer's address, for what counts by client (the admin UI's failed logins).
+        // The peer's address, for what counts by client (the admin UI's login attempts).
         let peer = tonic::transport::server::Connected::connect_info(&io).remote_addr();
         let router = match peer {
             Some(peer) => router
