@@ -15,7 +15,10 @@ const ENVOY_SERVICES: [&str; 2] = [
 ];
 
 fn main() -> Result<(), Box<dyn std::error::Error>> {
-    let proto = "proto/authsidecar/v1/token_service.proto";
+    let protos = [
+        "proto/authsidecar/v1/token_service.proto",
+        "proto/authsidecar/v1/mfa_service.proto",
+    ];
     println!("cargo:rerun-if-changed=proto");
     // The commit, for the build-info metric; "unknown" outside a git checkout (an image build).
     println!("cargo:rerun-if-changed=.git/HEAD");
@@ -29,7 +32,7 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         .map(|s| s.trim().to_owned())
         .unwrap_or_else(|| "unknown".to_owned());
     println!("cargo:rustc-env=AUTH_SIDECAR_GIT_COMMIT={commit}");
-    let fds = protox::compile([proto], ["proto"])?;
+    let fds = protox::compile(protos, ["proto"])?;
     let out = std::path::PathBuf::from(std::env::var("OUT_DIR")?);
     std::fs::write(
         out.join("authsidecar_descriptor.bin"),

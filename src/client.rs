@@ -1,5 +1,6 @@
 //! The client side of the one binary: `auth-sidecar health` (a grpc_health_probe equivalent for
-//! exec probes) and `auth-sidecar token …` for operators, printing JSON.
+//! exec probes), and `auth-sidecar token …` and `auth-sidecar mfa …` for operators, printing
+//! JSON.
 
 use std::io::Read;
 use std::time::{Duration, SystemTime};
@@ -99,6 +100,76 @@ pub enum TokenCommand {
     },
 }
 
+#[derive(Debug, Args)]
+pub struct MfaArgs {
+    /// Address of the sidecar's token API: HOST:PORT or unix:/path.sock.
+    #[arg(
+        long,
+        global = true,
+        env = "AUTH_ADDR",
+        default_value = "127.0.0.1:50051"
+    )]
+    pub addr: String,
+    #[command(subcommand)]
+    pub command: MfaCommand,
+}
+
+/// MfaService's calls, one subcommand each. A code given as "-" is read from standard input.
+#[derive(Debug, Subcommand)]
+pub enum MfaCommand {
+    /// Begin a TOTP enrollment: print the secret, the otpauth:// URI and when it ends.
+    Begin {
+        #[arg(long)]
+        subject: String,
+        /// The account name authenticator apps show; the subject when unset.
+        #[arg(long, default_value = "")]
+        account_label: String,
+    },
+    /// Confirm the pending enrollment with a code from the app; print the backup codes.
+    Confirm {
+        #[arg(long)]
+        subject: String,
+        #[arg(long)]
+        code: String,
+    },
+    /// Check a TOTP code. Exits 0 when valid, 1 when not.
+    Verify {
+        #[arg(long)]
+        subject: String,
+        #[arg(long)]
+        code: String,
+    },
+    /// Spend a backup code. Exits 0 when valid, 1 when not.
+    VerifyBackupCode {
+        #[arg(long)]
+        subject: String,
+        #[arg(long)]
+        code: String,
+    },
+    /// Print whether the subject is enrolled, since when, and its backup codes left.
+    Status {
+        #[arg(long)]
+        subject: String,
+    },
+    /// Remove the subject's secret, pending enrollment and backup codes.
+    Disable {
+        #[arg(long)]
+        subject: String,
+    },
+    /// Replace the subject's backup codes; print the new ones.
+    RegenerateBackupCodes {
+        #[arg(long)]
+        subject: String,
+    },
+    /// Print a new MFA key for AUTH_MFA_KEY (KID:BASE64 of 32 random bytes); no sidecar is
+    /// called.
+    GenerateKey {
+        /// The key id; one derived from the date when unset.
+        #[arg(long)]
+        kid: Option<String>,
+    },
+}
+
 /// Makes a channel from `HOST:PORT`, `http://HOST:PORT` or `unix:/path`.
 pub fn endpoint(addr: &str) -> Result<Endpoint, tonic::transport::Error> {
     if addr.starts_with("unix:") || addr.contains("://") {
@@ -169,24 +240,16 @@ pub async fn health(args: HealthArgs) -> i32 {
 /// Runs a token command; returns the process exit code (0 done or valid, 1 invalid token,
 /// 2 cannot connect, 3 the call failed).
 pub async fn token(args: TokenArgs) -> i32 {
-    let channel = match endpoint(&args.addr) {
-        Ok(e) => match e.connect_timeout(Duration::from_secs(5)).connect().await {
-            Ok(c) => c,
-            Err(e) => {
-                eprintln!(
-                    "error: cannot connect to {}: {}",
-                    args.addr,
-                    source_chain(&e)
-                );
-                return exit::CONNECTION_FAILED;
-            }
-        },
-        Err(e) => {
-            eprintln!("error: invalid --addr {}: {e}", args.addr);
-            return exit::BAD_ARGUMENTS;
-        }
+    let channel = match connect(&args.addr).await {
+        Ok(c) => c,
+        Err(code) => return code,
     };
-    match run_token(TokenServiceClient::new(channel), args.command).await {
+    report(run_token(TokenServiceClient::new(channel), args.command).await)
+}
+
+/// Prints a command's answer as JSON, or its error; the exit code.
+fn report(result: Result<(Value, i32), TokenCliError>) -> i32 {
+    match result {
         Ok((json, code)) => {
             println!(
                 "{}",
@@ -203,6 +266,164 @@ pub async fn token(args: TokenArgs) -> i32 {
             exit::RPC_FAILED
         }
     }
+}
+
+/// Runs an MFA command; returns the process exit code (0 done or valid, 1 invalid code,
+/// 2 cannot connect, 3 the call failed).
+pub async fn mfa(args: MfaArgs) -> i32 {
+    if let MfaCommand::GenerateKey { kid } = &args.command {
+        return generate_mfa_key(kid.as_deref());
+    }
+    let channel = match connect(&args.addr).await {
+        Ok(c) => c,
+        Err(code) => return code,
+    };
+    let client = pb::mfa_service_client::MfaServiceClient::new(channel);
+    report(run_mfa(client, args.command).await)
+}
+
+fn generate_mfa_key(kid: Option<&str>) -> i32 {
+    use base64::Engine;
+    let kid = kid.map_or_else(
+        || {
+            let today = humantime::format_rfc3339_seconds(SystemTime::now()).to_string();
+            format!("mfa-{}", &today[..10])
+        },
+        str::to_owned,
+    );
+    let bytes = crate::mfa::seal::random::<{ crate::mfa::seal::KEY_LEN }>();
+    let entry = format!(
+        "{kid}:{}",
+        base64::engine::general_purpose::STANDARD.encode(bytes)
+    );
+    if let Err(e) = crate::mfa::seal::Sealer::parse(&entry) {
+        eprintln!("error: --kid: {e}");
+        return exit::BAD_ARGUMENTS;
+    }
+    println!("{entry}");
+    0
+}
+
+/// A channel to `addr`, or the exit code that says why there is none.
+async fn connect(addr: &str) -> Result<Channel, i32> {
+    match endpoint(addr) {
+        Ok(e) => match e.connect_timeout(Duration::from_secs(5)).connect().await {
+            Ok(c) => Ok(c),
+            Err(e) => {
+                eprintln!("error: cannot connect to {addr}: {}", source_chain(&e));
+                Err(exit::CONNECTION_FAILED)
+            }
+        },
+        Err(e) => {
+            eprintln!("error: invalid --addr {addr}: {e}");
+            Err(exit::BAD_ARGUMENTS)
+        }
+    }
+}
+
+async fn run_mfa(
+    mut client: pb::mfa_service_client::MfaServiceClient<Channel>,
+    command: MfaCommand,
+) -> Result<(Value, i32), TokenCliError> {
+    let reason = |r: pb::MfaInvalidReason| {
+        r.as_str_name()
+            .trim_start_matches("MFA_INVALID_REASON_")
+            .to_lowercase()
+    };
+    Ok(match command {
+        MfaCommand::Begin {
+            subject,
+            account_label,
+        } => {
+            let r = client
+                .begin_totp_enrollment(pb::BeginTotpEnrollmentRequest {
+                    subject,
+                    account_label,
+                })
+                .await?
+                .into_inner();
+            (
+                json!({
+                    "secret": r.secret,
+                    "otpauth_uri": r.otpauth_uri,
+                    "expires_at": rfc3339(r.expires_at),
+                }),
+                0,
+            )
+        }
+        MfaCommand::Confirm { subject, code } => {
+            let r = client
+                .confirm_totp_enrollment(pb::ConfirmTotpEnrollmentRequest {
+                    subject,
+                    code: read_arg(code)?,
+                })
+                .await?
+                .into_inner();
+            (json!({ "backup_codes": r.backup_codes }), 0)
+        }
+        MfaCommand::Verify { subject, code } => {
+            let r = client
+                .verify_totp(pb::VerifyTotpRequest {
+                    subject,
+                    code: read_arg(code)?,
+                })
+                .await?
+                .into_inner();
+            let out = if r.valid {
+                json!({ "valid": true })
+            } else {
+                json!({ "valid": false, "reason": reason(r.reason()) })
+            };
+            (out, if r.valid { 0 } else { 1 })
+        }
+        MfaCommand::VerifyBackupCode { subject, code } => {
+            let r = client
+                .verify_backup_code(pb::VerifyBackupCodeRequest {
+                    subject,
+                    code: read_arg(code)?,
+                })
+                .await?
+                .into_inner();
+            let mut out = json!({
+                "valid": r.valid,
+                "backup_codes_remaining": r.backup_codes_remaining,
+            });
+            if !r.valid {
+                out["reason"] = reason(r.reason()).into();
+            }
+            (out, if r.valid { 0 } else { 1 })
+        }
+        MfaCommand::Status { subject } => {
+            let r = client
+                .get_mfa_status(pb::GetMfaStatusRequest { subject })
+                .await?
+                .into_inner();
+            (
+                json!({
+                    "enrolled": r.enrolled,
+                    "enrolled_at": rfc3339(r.enrolled_at),
+                    "backup_codes_remaining": r.backup_codes_remaining,
+                    "pending_expires_at": rfc3339(r.pending_expires_at),
+                }),
+                0,
+            )
+        }
+        MfaCommand::Disable { subject } => {
+            let r = client
+                .disable_mfa(pb::DisableMfaRequest { subject })
+                .await?
+                .into_inner();
+            (json!({ "disabled": r.disabled }), 0)
+        }
+        MfaCommand::RegenerateBackupCodes { subject } => {
+            let r = client
+                .regenerate_backup_codes(pb::RegenerateBackupCodesRequest { subject })
+                .await?
+                .into_inner();
+            (json!({ "backup_codes": r.backup_codes }), 0)
+        }
+        MfaCommand::GenerateKey { .. } => unreachable!("handled without a sidecar"),
+    })
 }
 
 enum TokenCliError {

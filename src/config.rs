@@ -232,6 +232,38 @@ pub struct ServeArgs {
     )]
     pub admin_login_limit: String,
 
+    /// MfaService: `auto` serves it when an MFA key is given, or on memory storage (with a
+    /// random key then); `on` refuses to start on shared storage without a key; `off`
+    /// answers every call with FAILED_PRECONDITION.
+    #[arg(long, env = "AUTH_MFA", value_enum, default_value = "auto")]
+    pub mfa: MfaMode,
+
+    /// The keys that encrypt MFA secrets at rest: KID:BASE64 of 32 random bytes, several
+    /// separated by commas to rotate (the first encrypts, all decrypt). The same on every
+    /// node. Or the file `mfa.keys` in --keys-dir. Prefer the environment: a flag shows in
+    /// the process list.
+    #[arg(
+        long,
+        env = "AUTH_MFA_KEY",
+        hide_env_values = true,
+        value_name = "KEYS"
+    )]
+    pub mfa_key: Option<Secret>,
+
+    /// The issuer authenticator apps show beside a TOTP account. Unset: --issuer's host when
+    /// it is a URL, else --issuer.
+    #[arg(long, env = "AUTH_MFA_ISSUER")]
+    pub mfa_issuer: Option<String>,
+
+    /// How long a begun TOTP enrollment waits to be confirmed.
+    #[arg(long, env = "AUTH_MFA_ENROLLMENT_TTL", default_value = "10m", value_parser = parse_duration)]
+    pub mfa_enrollment_ttl: Duration,
+
+    /// MFA attempts (confirm, verify, backup code) allowed per subject, on the shared store,
+    /// as COUNT/PERIOD[:burst=B][:lockout=D]; a right code clears the count.
+    #[arg(long, env = "AUTH_MFA_VERIFY_LIMIT", default_value = "5/1m:lockout=5m")]
+    pub mfa_verify_limit: String,
+
     /// The request header Envoy's ext_authz Check reads the bearer token from.
     #[arg(long, env = "AUTH_AUTHZ_TOKEN_HEADER", default_value = "authorization", value_parser = parse_header_name)]
     pub authz_token_header: String,
@@ -341,6 +373,13 @@ impl fmt::Display for Listen {
             Listen::Unix(path) => write!(f, "unix:{}", path.display()),
         }
     }
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum MfaMode {
+    Auto,
+    On,
+    Off,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
@@ -489,7 +528,29 @@ pub struct Config {
     pub ops_connections: crate::conn::Limits,
     pub max_concurrent_streams: u32,
     pub admin: Admin,
+    pub mfa: Mfa,
 }
+
+/// MFA's settings.
+#[derive(Debug, Clone)]
+pub struct Mfa {
+    pub keys: MfaKeys,
+    pub settings: crate::mfa::Settings,
+}
+
+/// Where MFA's keys come from, checked.
+#[derive(Debug, Clone)]
+pub enum MfaKeys {
+    /// AUTH_MFA_KEY or the keys directory's `mfa.keys`: entries that parse.
+    Given(Secret),
+    /// Memory storage without a key: one made at start.
+    Ephemeral,
+    /// MFA is off, for this reason.
+    Off(String),
+}
+
+/// The file of the keys directory that holds MFA keys.
+pub const MFA_KEYS_FILE: &str = "mfa.keys";
 
 /// The admin web UI's settings.
 #[derive(Debug, Clone)]
@@ -613,6 +674,7 @@ impl TryFrom<ServeArgs> for Config {
         }
         let redis_tls = redis_tls(&args)?;
         let admin = admin(&args)?;
+        let mfa = mfa(&args)?;
         if args.cluster_heartbeat < Duration::from_millis(100) {
             return Err(ConfigError::new(
                 "--cluster-heartbeat",
@@ -758,6 +820,7 @@ impl TryFrom<ServeArgs> for Config {
             },
             max_concurrent_streams: args.max_concurrent_streams,
             admin,
+            mfa,
         })
     }
 }
@@ -936,6 +999,111 @@ fn admin(args: &ServeArgs) -> Result<Admin, ConfigError> {
             ..login_limit
         },
     })
+}
+
+/// MFA's settings, checked: keys that parse, from one place; an issuer an otpauth label
+/// can hold.
+fn mfa(args: &ServeArgs) -> Result<Mfa, ConfigError> {
+    let file = args.keys_dir.as_ref().map(|dir| dir.join(MFA_KEYS_FILE));
+    let file_keys = match &file {
+        Some(path) => match std::fs::read(path) {
+            Ok(bytes) => Some(Secret::new(bytes)),
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => None,
+            Err(e) => {
+                return Err(ConfigError::new(
+                    "--keys-dir",
+                    format!("cannot read {}: {e}", path.display()),
+                ));
+            }
+        },
+        None => None,
+    };
+    let (setting, keys) = match (&args.mfa_key, file_keys) {
+        (Some(_), Some(_)) => {
+            return Err(ConfigError::new(
+                "AUTH_MFA_KEY",
+                format!("give it or {MFA_KEYS_FILE} in --keys-dir, not both"),
+            ));
+        }
+        (Some(k), None) => ("AUTH_MFA_KEY", Some(k.clone())),
+        (None, Some(k)) => (MFA_KEYS_FILE, Some(k)),
+        (None, None) => ("AUTH_MFA_KEY", None),
+    };
+    if let Some(k) = &keys {
+        let text = std::str::from_utf8(k.expose())
+            .map_err(|_| ConfigError::new(setting, "is not UTF-8 text"))?;
+        crate::mfa::seal::Sealer::parse(text).map_err(|e| ConfigError::new(setting, e))?;
+    }
+    let keys = match (args.mfa, keys) {
+        (MfaMode::Off, _) => MfaKeys::Off("MFA is off on this sidecar (--mfa off)".to_owned()),
+        (_, Some(k)) => MfaKeys::Given(k),
+        (_, None) if args.storage == Storage::Memory => MfaKeys::Ephemeral,
+        (MfaMode::On, None) => {
+            return Err(ConfigError::new(
+                "AUTH_MFA_KEY",
+                format!(
+                    "required by --mfa on with --storage {}: every node must encrypt and \
+                     decrypt MFA secrets with the same key (or put {MFA_KEYS_FILE} in \
+                     --keys-dir)",
+                    format!("{:?}", args.storage).to_lowercase()
+                ),
+            ));
+        }
+        (_, None) => MfaKeys::Off(
+            "MFA is off: shared storage needs AUTH_MFA_KEY (the same on every node) to \
+             encrypt MFA secrets"
+                .to_owned(),
+        ),
+    };
+    let issuer = match &args.mfa_issuer {
+        Some(issuer) => issuer.clone(),
+        None => default_mfa_issuer(&args.issuer),
+    };
+    if issuer.is_empty()
+        || issuer.chars().count() > 256
+        || issuer.contains(':')
+        || issuer.chars().any(char::is_control)
+    {
+        return Err(ConfigError::new(
+            "--mfa-issuer",
+            "must be 1 to 256 characters, without `:` (the otpauth label's separator) or \
+             control characters",
+        ));
+    }
+    if args.mfa_enrollment_ttl < Duration::from_secs(1) {
+        return Err(ConfigError::new(
+            "--mfa-enrollment-ttl",
+            "must be at least 1s",
+        ));
+    }
+    let verify_limit = format!("mfa-verify={}", args.mfa_verify_limit)
+        .parse::<crate::ratelimit::Policy>()
+        .map_err(|e| ConfigError::new("--mfa-verify-limit", e))?;
+    Ok(Mfa {
+        keys,
+        settings: crate::mfa::Settings {
+            issuer,
+            enrollment_ttl: args.mfa_enrollment_ttl,
+            verify_limit,
+        },
+    })
+}
+
+/// The issuer apps show when none is set: a URL's host, else the issuer with `:` dropped.
+fn default_mfa_issuer(issuer: &str) -> String {
+    let host = issuer
+        .split_once("://")
+        .map(|(_, rest)| rest.split(['/', '?', '#']).next().unwrap_or_default())
+        .map(|authority| {
+            let host = authority.rsplit('@').next().unwrap_or(authority);
+            match host.rsplit_once(':') {
+                Some((h, port)) if port.bytes().all(|b| b.is_ascii_digit()) => h,
+                _ => host,
+            }
+        })
+        .filter(|h| !h.is_empty())
+        .unwrap_or(issuer);
+    host.replace(':', "")
 }
 
 /// This node's default name in the registry: the host name (a pod's name) and a random

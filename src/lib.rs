@@ -17,6 +17,7 @@ pub mod grpc;
 pub mod health;
 pub mod ids;
 pub mod keys;
+pub mod mfa;
 pub mod ops;
 pub mod pb;
 pub mod ratelimit;

@@ -1,11 +1,12 @@
-//! The `auth-sidecar` binary: `serve`, `check-config`, `health`, `token`, `keys` and `migrate`.
+//! The `auth-sidecar` binary: `serve`, `check-config`, `health`, `token`, `mfa`, `keys` and
+//! `migrate`.
 
 use std::process::ExitCode;
 
 use std::path::PathBuf;
 
 use anyhow::Context;
-use auth_sidecar::client::{self, HealthArgs, TokenArgs};
+use auth_sidecar::client::{self, HealthArgs, MfaArgs, TokenArgs};
 use auth_sidecar::config::{self, Config, ServeArgs};
 use auth_sidecar::keys::{self, Alg, KeySet};
 use auth_sidecar::telemetry::{self, LogFormat};
@@ -33,6 +34,8 @@ enum Command {
     Health(HealthArgs),
     /// Issue, validate or revoke tokens through a running sidecar.
     Token(TokenArgs),
+    /// Enroll, verify and manage second factors (MfaService) through a running sidecar.
+    Mfa(MfaArgs),
     /// Apply the embedded PostgreSQL migrations and exit (for a Kubernetes Job or an init
     /// container; run `serve` with --migrate=false then).
     Migrate(MigrateArgs),
@@ -147,6 +150,7 @@ fn main() -> ExitCode {
         },
         Command::Health(args) => ExitCode::from(runtime.block_on(client::health(args)) as u8),
         Command::Token(args) => ExitCode::from(runtime.block_on(client::token(args)) as u8),
+        Command::Mfa(args) => ExitCode::from(runtime.block_on(client::mfa(args)) as u8),
         Command::Keys(command) => match keys_command(command) {
             Ok(()) => ExitCode::SUCCESS,
             Err(e) => {

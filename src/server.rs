@@ -16,10 +16,12 @@ use crate::clock::{Clock, SystemClock};
 use crate::cluster::Cluster;
 use crate::config::{Config, Listen, Storage};
 use crate::conn::{self, KEEPALIVE_INTERVAL, KEEPALIVE_TIMEOUT, MAX_HEADER_LIST};
-use crate::grpc::{AuthorizationServer, EnvoyAuthz, EnvoyRls, TokenApi};
+use crate::grpc::{AuthorizationServer, EnvoyAuthz, EnvoyRls, MfaApi, TokenApi};
 use crate::health::Health;
 use crate::keys::{KeySet, Keys, Reloaded, SigningKey};
+use crate::mfa::Mfa;
 use crate::pb;
+use crate::pb::mfa_service_server::MfaServiceServer;
 use crate::pb::token_service_server::TokenServiceServer;
 use crate::ratelimit::RateLimiter;
 use crate::sessions::Sessions;
@@ -35,6 +37,11 @@ const PURGE_INTERVAL: Duration = Duration::from_secs(60);
 /// to spare. A larger one is refused before it is buffered.
 const MAX_API_REQUEST: usize = 32 * 1024;
 
+/// Largest MfaService request decoded, in bytes: larger than any valid one, so that an
+/// oversized subject or label up to a mebibyte is refused by name (INVALID_ARGUMENT
+/// `account_label`), not as a message; past it, RESOURCE_EXHAUSTED.
+const MAX_MFA_REQUEST: usize = 1024 * 1024 + 64 * 1024;
+
 /// Largest ext_authz or rate limit request decoded, in bytes: Envoy's CheckRequest carries
 /// every request header, at most 60 KiB by Envoy's default (`max_request_headers_kb`). A
 /// larger one (higher header limits, or a body Envoy was told to pass) fails with
@@ -49,6 +56,7 @@ pub struct App {
     pub tokens: Arc<Tokens>,
     pub limits: Arc<RateLimiter>,
     pub sessions: Arc<Sessions>,
+    pub mfa: Arc<Mfa>,
     pub health: Health,
     /// This node in the registry of live nodes; `None` on memory storage.
     pub cluster: Option<Arc<Cluster>>,
@@ -79,6 +87,15 @@ impl App {
         let store = store::open(&config.store()?, clock.clone())?;
         let limits = RateLimiter::new(&config.rate_limits, store.clone());
         let sessions = Sessions::new(config, store.clone(), clock.clone());
+        let mfa = Mfa::new(
+            store.clone(),
+            mfa_sealer(&config.mfa.keys),
+            config.mfa.settings.clone(),
+            clock.clone(),
+        );
+        if let Some(reason) = mfa.off_reason() {
+            tracing::info!("{reason}");
+        }
         let keys = Arc::new(keys);
         let cluster = (config.storage != Storage::Memory)
             .then(|| Arc::new(Cluster::new(config, keys.clone(), store.clone())));
@@ -87,6 +104,7 @@ impl App {
             tokens: Arc::new(tokens),
             limits: Arc::new(limits),
             sessions: Arc::new(sessions),
+            mfa: Arc::new(mfa),
             health: Health::new(drained, config.strict_cluster).await,
             cluster,
             authz: config.authz.clone(),
@@ -108,6 +126,10 @@ impl App {
                 self.sessions.clone(),
             ))
             .max_decoding_message_size(MAX_API_REQUEST),
+        )
+        .add_service(
+            MfaServiceServer::new(MfaApi::new(self.mfa.clone()))
+                .max_decoding_message_size(MAX_MFA_REQUEST),
         )
         .add_service(AuthorizationServer::new(
             EnvoyAuthz::new(self.tokens.clone(), self.limits.clone(), self.authz.clone()),
@@ -140,6 +162,17 @@ pub fn load_keys(config: &Config) -> anyhow::Result<Keys> {
         (None, Some(secret)) => Keys::fixed(KeySet::single(SigningKey::hs256(secret)?)),
         (None, None) => Keys::fixed(KeySet::ephemeral()),
     })
+}
+
+/// The MFA keys the configuration names; `Err` says why MFA is off.
+fn mfa_sealer(keys: &crate::config::MfaKeys) -> Result<crate::mfa::seal::Sealer, String> {
+    use crate::config::MfaKeys;
+    use crate::mfa::seal::Sealer;
+    match keys {
+        MfaKeys::Given(text) => Sealer::parse(text.expose_str()),
+        MfaKeys::Ephemeral => Ok(Sealer::ephemeral()),
+        MfaKeys::Off(reason) => Err(reason.clone()),
+    }
 }
 
 /// Runs the sidecar until SIGTERM or SIGINT, then drains and returns.
@@ -272,6 +305,7 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
         ops = %ops_addr,
         admin = %admin_addr.map_or_else(|| "off".to_owned(), |a| a.to_string()),
         node = app.cluster.as_ref().map(|c| c.id()),
+        mfa = if app.mfa.off_reason().is_some() { "off" } else { "on" },
         health = if not_serving.is_some() { "NOT_SERVING" } else { "SERVING" },
         reason = not_serving.as_deref(),
         storage = %app.tokens.store().backend(),

@@ -196,6 +196,10 @@ fn describe() {
         "Validate answers, by result"
     );
     describe_counter!(
+        "authsidecar_mfa_verifications_total",
+        "VerifyTotp and VerifyBackupCode answers, by method and result"
+    );
+    describe_counter!(
         "authsidecar_rate_limit_decisions_total",
         "CheckRateLimit answers, by policy and decision"
     );
@@ -260,6 +264,13 @@ pub fn record_build_info() {
 pub fn record_validation(result: &'static str) {
     tracing::Span::current().record("outcome", result);
     metrics::counter!("authsidecar_validations_total", "result" => result).increment(1);
+}
+
+/// Records an MFA code's verdict on the current span and in the counters.
+pub fn record_mfa(method: &'static str, result: &'static str) {
+    tracing::Span::current().record("outcome", result);
+    metrics::counter!("authsidecar_mfa_verifications_total", "method" => method, "result" => result)
+        .increment(1);
 }
 
 /// Records a rate-limit decision on the current span and in the counters.

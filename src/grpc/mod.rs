@@ -4,6 +4,7 @@
 mod convert;
 mod envoy_authz;
 mod envoy_rls;
+mod mfa;
 mod wire;
 
 use std::sync::Arc;
@@ -21,6 +22,7 @@ use convert::{CreateSessionParams, ValidateParams};
 pub use convert::{json_to_struct, struct_to_json};
 pub use envoy_authz::{AuthorizationServer, EnvoyAuthz};
 pub use envoy_rls::EnvoyRls;
+pub use mfa::MfaApi;
 pub use wire::request_errors;
 
 pub struct TokenApi {

@@ -8,7 +8,10 @@ use async_trait::async_trait;
 use dashmap::DashMap;
 use dashmap::mapref::entry::Entry;
 
-use super::{Family, Rotation, Session, Store, StoreError, Successor, TokenCheck, micros, millis};
+use super::{
+    Family, MfaEnrolled, MfaRecord, Rotation, Session, StepAccept, Store, StoreError, Successor,
+    TokenCheck, micros, millis,
+};
 use crate::clock::Clock;
 use crate::rules::gcra::{Decision, Gcra, KeyState, gcra};
 use crate::rules::rotation::{self, FamilyState};
@@ -25,6 +28,16 @@ pub struct MemoryStore {
     families: DashMap<String, FamilyState>,
     /// The registry of live nodes: this process alone.
     nodes: DashMap<String, (SystemTime, String)>,
+    /// Second factors by subject.
+    mfa: DashMap<String, MfaEntry>,
+}
+
+/// One subject's second factor: a pending enrollment and the enrolled secret with its last
+/// accepted step and backup code hashes.
+#[derive(Default)]
+struct MfaEntry {
+    pending: Option<(String, SystemTime)>,
+    enrolled: Option<(MfaEnrolled, Vec<String>)>,
 }
 
 impl MemoryStore {
@@ -37,6 +50,7 @@ impl MemoryStore {
             sessions: DashMap::new(),
             nodes: DashMap::new(),
             families: DashMap::new(),
+            mfa: DashMap::new(),
         }
     }
 }
@@ -249,6 +263,115 @@ impl Store for MemoryStore {
         Ok(())
     }
 
+    async fn mfa_begin(
+        &self,
+        subject: &str,
+        sealed: &str,
+        until: SystemTime,
+    ) -> Result<(), StoreError> {
+        self.mfa.entry(subject.to_owned()).or_default().pending = Some((sealed.to_owned(), until));
+        Ok(())
+    }
+
+    async fn mfa_get(&self, subject: &str, now: SystemTime) -> Result<MfaRecord, StoreError> {
+        Ok(self
+            .mfa
+            .get(subject)
+            .map_or_else(MfaRecord::default, |m| MfaRecord {
+                pending: m.pending.clone().filter(|(_, until)| *until > now),
+                enrolled: m.enrolled.as_ref().map(|(e, _)| e.clone()),
+            }))
+    }
+
+    async fn mfa_confirm(
+        &self,
+        subject: &str,
+        sealed: &str,
+        step: i64,
+        backup: &[String],
+        now: SystemTime,
+    ) -> Result<bool, StoreError> {
+        let Some(mut m) = self.mfa.get_mut(subject) else {
+            return Ok(false);
+        };
+        if !m
+            .pending
+            .as_ref()
+            .is_some_and(|(p, until)| p == sealed && *until > now)
+        {
+            return Ok(false);
+        }
+        m.pending = None;
+        let enrolled = MfaEnrolled {
+            secret: sealed.to_owned(),
+            enrolled_at: now,
+            last_step: step,
+            backup_codes: backup.len() as u32,
+        };
+        m.enrolled = Some((enrolled, backup.to_vec()));
+        Ok(true)
+    }
+
+    async fn mfa_accept(
+        &self,
+        subject: &str,
+        sealed: &str,
+        step: i64,
+    ) -> Result<StepAccept, StoreError> {
+        let Some(mut m) = self.mfa.get_mut(subject) else {
+            return Ok(StepAccept::NotEnrolled);
+        };
+        Ok(match &mut m.enrolled {
+            Some((e, _)) if e.secret == sealed => {
+                if e.last_step >= step {
+                    StepAccept::Replayed
+                } else {
+                    e.last_step = step;
+                    StepAccept::Accepted
+                }
+            }
+            _ => StepAccept::NotEnrolled,
+        })
+    }
+
+    async fn mfa_spend_backup(
+        &self,
+        subject: &str,
+        candidates: &[String],
+    ) -> Result<Option<u32>, StoreError> {
+        let Some(mut m) = self.mfa.get_mut(subject) else {
+            return Ok(None);
+        };
+        let Some((e, codes)) = &mut m.enrolled else {
+            return Ok(None);
+        };
+        let before = codes.len();
+        codes.retain(|c| !candidates.contains(c));
+        if codes.len() == before {
+            return Ok(None);
+        }
+        e.backup_codes = codes.len() as u32;
+        Ok(Some(e.backup_codes))
+    }
+
+    async fn mfa_set_backup(&self, subject: &str, backup: &[String]) -> Result<bool, StoreError> {
+        let Some(mut m) = self.mfa.get_mut(subject) else {
+            return Ok(false);
+        };
+        let Some((e, codes)) = &mut m.enrolled else {
+            return Ok(false);
+        };
+        *codes = backup.to_vec();
+        e.backup_codes = codes.len() as u32;
+        Ok(true)
+    }
+
+    async fn mfa_disable(&self, subject: &str, now: SystemTime) -> Result<bool, StoreError> {
+        Ok(self.mfa.remove(subject).is_some_and(|(_, m)| {
+            m.enrolled.is_some() || m.pending.is_some_and(|(_, until)| until > now)
+        }))
+    }
+
     async fn purge_expired(&self) -> Result<usize, StoreError> {
         // `retain` locks one shard at a time, so callers on other shards are not held up.
         let now = self.clock.now();
@@ -258,6 +381,7 @@ impl Store for MemoryStore {
                 + self.cutoffs.len()
                 + self.sessions.len()
                 + self.families.len()
+                + self.mfa.len()
         };
         let before = count();
         self.revoked.retain(|_, until| *until > now);
@@ -265,6 +389,9 @@ impl Store for MemoryStore {
         self.cutoffs.retain(|_, c| c.until_ms > now_ms);
         self.sessions.retain(|_, s| s.live_until() > now);
         self.families.retain(|_, f| f.expires_ms > now_ms);
+        self.mfa.retain(|_, m| {
+            m.enrolled.is_some() || m.pending.as_ref().is_some_and(|(_, until)| *until > now)
+        });
         let now = micros(now);
         self.limits.retain(|_, state| state.expires_us() > now);
         Ok(before.saturating_sub(count()))

@@ -141,6 +141,36 @@ pub struct Family {
     pub current: String,
 }
 
+/// A subject's second factor as a store keeps it. The store never sees a secret in clear:
+/// `mfa` seals each one (bound to its subject) before handing it over, and backup codes come
+/// as keyed hashes.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct MfaRecord {
+    /// A pending enrollment, live at the time asked: its sealed secret and its end.
+    pub pending: Option<(String, SystemTime)>,
+    pub enrolled: Option<MfaEnrolled>,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct MfaEnrolled {
+    /// The sealed secret.
+    pub secret: String,
+    pub enrolled_at: SystemTime,
+    /// The last TOTP time step accepted: none at or before it is accepted again.
+    pub last_step: i64,
+    pub backup_codes: u32,
+}
+
+/// The answer of [`Store::mfa_accept`].
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum StepAccept {
+    Accepted,
+    /// The step, or a later one, was accepted before.
+    Replayed,
+    /// The secret checked is not (or no longer) the enrolled one.
+    NotEnrolled,
+}
+
 #[async_trait]
 pub trait Store: Send + Sync + 'static {
     /// Short backend name for logs and metrics.
@@ -235,6 +265,57 @@ pub trait Store: Send + Sync + 'static {
 
     /// Takes `node` out of the registry: it is stopping.
     async fn leave(&self, node: &str) -> Result<(), StoreError>;
+
+    /// Records a pending MFA enrollment of `subject`, its sealed secret, until `until`;
+    /// replaces a pending one and leaves an enrolled secret in force.
+    async fn mfa_begin(
+        &self,
+        subject: &str,
+        sealed: &str,
+        until: SystemTime,
+    ) -> Result<(), StoreError>;
+
+    /// What is kept for `subject`; a pending enrollment ended by `now` is not returned.
+    async fn mfa_get(&self, subject: &str, now: SystemTime) -> Result<MfaRecord, StoreError>;
+
+    /// Confirms the pending enrollment, atomically: only when it holds `sealed` and is live at
+    /// `now` does that secret become the enrolled one, with time step `step` accepted and
+    /// `backup` as its backup code hashes, and the pending one go. Of two confirms of one
+    /// enrollment, on any nodes, one returns true.
+    async fn mfa_confirm(
+        &self,
+        subject: &str,
+        sealed: &str,
+        step: i64,
+        backup: &[String],
+        now: SystemTime,
+    ) -> Result<bool, StoreError>;
+
+    /// Accepts TOTP time step `step` of the enrolled secret `sealed`, atomically: only when
+    /// it is later than every step accepted before. Of two calls with one step, on any nodes,
+    /// one is accepted.
+    async fn mfa_accept(
+        &self,
+        subject: &str,
+        sealed: &str,
+        step: i64,
+    ) -> Result<StepAccept, StoreError>;
+
+    /// Spends a backup code of an enrolled subject, atomically: removes whichever of
+    /// `candidates` (one code's hashes, one per MFA key) it holds. How many are left, or
+    /// `None` when it held none of them. Of two calls with one code, one spends it.
+    async fn mfa_spend_backup(
+        &self,
+        subject: &str,
+        candidates: &[String],
+    ) -> Result<Option<u32>, StoreError>;
+
+    /// Replaces an enrolled subject's backup code hashes; false when none is enrolled.
+    async fn mfa_set_backup(&self, subject: &str, backup: &[String]) -> Result<bool, StoreError>;
+
+    /// Forgets everything of `subject`'s second factor; whether an enrolled secret or an
+    /// enrollment pending at `now` was there.
+    async fn mfa_disable(&self, subject: &str, now: SystemTime) -> Result<bool, StoreError>;
 }
 
 /// A new session id for `subject`: 128 random bits after a short tag derived from the

@@ -27,7 +27,9 @@ use async_trait::async_trait;
 
 use super::postgres::PostgresStore;
 use super::redis::RedisStore;
-use super::{Family, Rotation, Session, Store, StoreError, Successor, TokenCheck};
+use super::{
+    Family, MfaRecord, Rotation, Session, StepAccept, Store, StoreError, Successor, TokenCheck,
+};
 use crate::rules::gcra::{Decision, Gcra};
 
 /// Rows copied per batch when refilling Redis.
@@ -352,5 +354,60 @@ impl Store for TieredStore {
 
     async fn leave(&self, node: &str) -> Result<(), StoreError> {
         self.redis.leave(node).await
+    }
+
+    // Second factors live in PostgreSQL alone: an enrolled secret must outlive a Redis that
+    // loses its data, and each step is atomic there. MFA calls are few (a login's), so they
+    // need no Redis in front.
+
+    async fn mfa_begin(
+        &self,
+        subject: &str,
+        sealed: &str,
+        until: SystemTime,
+    ) -> Result<(), StoreError> {
+        self.postgres.mfa_begin(subject, sealed, until).await
+    }
+
+    async fn mfa_get(&self, subject: &str, now: SystemTime) -> Result<MfaRecord, StoreError> {
+        self.postgres.mfa_get(subject, now).await
+    }
+
+    async fn mfa_confirm(
+        &self,
+        subject: &str,
+        sealed: &str,
+        step: i64,
+        backup: &[String],
+        now: SystemTime,
+    ) -> Result<bool, StoreError> {
+        self.postgres
+            .mfa_confirm(subject, sealed, step, backup, now)
+            .await
+    }
+
+    async fn mfa_accept(
+        &self,
+        subject: &str,
+        sealed: &str,
+        step: i64,
+    ) -> Result<StepAccept, StoreError> {
+        self.postgres.mfa_accept(subject, sealed, step).await
+    }
+
+    async fn mfa_spend_backup(
+        &self,
+        subject: &str,
+        candidates: &[String],
+    ) -> Result<Option<u32>, StoreError> {
+        self.postgres.mfa_spend_backup(subject, candidates).await
+    }
+
+    async fn mfa_set_backup(&self, subject: &str, backup: &[String]) -> Result<bool, StoreError> {
+        self.postgres.mfa_set_backup(subject, backup).await
+    }
+
+    async fn mfa_disable(&self, subject: &str, now: SystemTime) -> Result<bool, StoreError> {
+        self.postgres.mfa_disable(subject, now).await
     }
 }

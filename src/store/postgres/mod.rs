@@ -14,7 +14,8 @@ use sqlx::postgres::{PgConnectOptions, PgPoolOptions};
 
 use super::cache::{Entry, Fact, Lookup, Ticket, View};
 use super::{
-    Facts, Family, Rotation, Session, Store, StoreError, Successor, TokenCheck, from_millis, millis,
+    Facts, Family, MfaEnrolled, MfaRecord, Rotation, Session, StepAccept, Store, StoreError,
+    Successor, TokenCheck, from_millis, millis,
 };
 use crate::clock::Clock;
 use crate::config::{PostgresConfig, Secret};
@@ -847,6 +848,182 @@ impl Store for PostgresStore {
         .map(|_| ())
     }
 
+    async fn mfa_begin(
+        &self,
+        subject: &str,
+        sealed: &str,
+        until: SystemTime,
+    ) -> Result<(), StoreError> {
+        self.call("mfa_begin", async |conn| {
+            sqlx::query(
+                "INSERT INTO mfa (subject, pending, pending_until_ms) VALUES ($1, $2, $3) \
+                 ON CONFLICT (subject) DO UPDATE \
+                 SET pending = EXCLUDED.pending, pending_until_ms = EXCLUDED.pending_until_ms",
+            )
+            .persistent(self.persistent)
+            .bind(subject)
+            .bind(sealed)
+            .bind(millis(until))
+            .execute(conn)
+            .await
+        })
+        .await
+        .map(|_| ())
+    }
+
+    async fn mfa_get(&self, subject: &str, now: SystemTime) -> Result<MfaRecord, StoreError> {
+        type Row = (
+            Option<String>,
+            Option<i64>,
+            Option<String>,
+            Option<i64>,
+            i64,
+            i32,
+        );
+        let row: Option<Row> = self
+            .call("mfa_get", async |conn| {
+                sqlx::query_as(
+                    "SELECT pending, pending_until_ms, secret, enrolled_ms, last_step, \
+                     cardinality(backup_codes) FROM mfa WHERE subject = $1",
+                )
+                .persistent(self.persistent)
+                .bind(subject)
+                .fetch_optional(conn)
+                .await
+            })
+            .await?;
+        let Some((pending, until, secret, enrolled_ms, last_step, codes)) = row else {
+            return Ok(MfaRecord::default());
+        };
+        Ok(MfaRecord {
+            pending: pending
+                .zip(until)
+                .filter(|(_, until)| *until > millis(now))
+                .map(|(p, until)| (p, from_millis(until))),
+            enrolled: secret.map(|secret| MfaEnrolled {
+                secret,
+                enrolled_at: from_millis(enrolled_ms.unwrap_or(0)),
+                last_step,
+                backup_codes: codes.max(0) as u32,
+            }),
+        })
+    }
+
+    async fn mfa_confirm(
+        &self,
+        subject: &str,
+        sealed: &str,
+        step: i64,
+        backup: &[String],
+        now: SystemTime,
+    ) -> Result<bool, StoreError> {
+        // Under the row's lock; a second confirm waiting on it re-reads the row, finds no
+        // pending enrollment, and changes nothing.
+        let done = self
+            .call("mfa_confirm", async |conn| {
+                sqlx::query(
+                    "UPDATE mfa SET secret = pending, enrolled_ms = $3, last_step = $4, \
+                     backup_codes = $5, pending = NULL, pending_until_ms = NULL \
+                     WHERE subject = $1 AND pending = $2 AND pending_until_ms > $3",
+                )
+                .persistent(self.persistent)
+                .bind(subject)
+                .bind(sealed)
+                .bind(millis(now))
+                .bind(step)
+                .bind(backup)
+                .execute(conn)
+                .await
+            })
+            .await?;
+        Ok(done.rows_affected() == 1)
+    }
+
+    async fn mfa_accept(
+        &self,
+        subject: &str,
+        sealed: &str,
+        step: i64,
+    ) -> Result<StepAccept, StoreError> {
+        let (accepted, enrolled): (i64, Option<bool>) = self
+            .call("mfa_accept", async |conn| {
+                sqlx::query_as(
+                    "WITH accepted AS (UPDATE mfa SET last_step = $3 \
+                       WHERE subject = $1 AND secret = $2 AND last_step < $3 RETURNING 1) \
+                     SELECT (SELECT count(*) FROM accepted), \
+                       (SELECT secret = $2 FROM mfa WHERE subject = $1)",
+                )
+                .persistent(self.persistent)
+                .bind(subject)
+                .bind(sealed)
+                .bind(step)
+                .fetch_one(conn)
+                .await
+            })
+            .await?;
+        Ok(match (accepted, enrolled) {
+            (1, _) => StepAccept::Accepted,
+            (_, Some(true)) => StepAccept::Replayed,
+            _ => StepAccept::NotEnrolled,
+        })
+    }
+
+    async fn mfa_spend_backup(
+        &self,
+        subject: &str,
+        candidates: &[String],
+    ) -> Result<Option<u32>, StoreError> {
+        let left: Option<i32> = self
+            .call("mfa_spend_backup", async |conn| {
+                sqlx::query_scalar(
+                    "UPDATE mfa SET backup_codes = \
+                       array(SELECT c FROM unnest(backup_codes) AS c WHERE c <> ALL($2)) \
+                     WHERE subject = $1 AND secret IS NOT NULL AND backup_codes && $2 \
+                     RETURNING cardinality(backup_codes)",
+                )
+                .persistent(self.persistent)
+                .bind(subject)
+                .bind(candidates)
+                .fetch_optional(conn)
+                .await
+            })
+            .await?;
+        Ok(left.map(|n| n.max(0) as u32))
+    }
+
+    async fn mfa_set_backup(&self, subject: &str, backup: &[String]) -> Result<bool, StoreError> {
+        let done = self
+            .call("mfa_set_backup", async |conn| {
+                sqlx::query(
+                    "UPDATE mfa SET backup_codes = $2 WHERE subject = $1 AND secret IS NOT NULL",
+                )
+                .persistent(self.persistent)
+                .bind(subject)
+                .bind(backup)
+                .execute(conn)
+                .await
+            })
+            .await?;
+        Ok(done.rows_affected() == 1)
+    }
+
+    async fn mfa_disable(&self, subject: &str, now: SystemTime) -> Result<bool, StoreError> {
+        let live: Option<bool> = self
+            .call("mfa_disable", async |conn| {
+                sqlx::query_scalar(
+                    "DELETE FROM mfa WHERE subject = $1 \
+                     RETURNING secret IS NOT NULL OR pending_until_ms > $2",
+                )
+                .persistent(self.persistent)
+                .bind(subject)
+                .bind(millis(now))
+                .fetch_optional(conn)
+                .await
+            })
+            .await?;
+        Ok(live == Some(true))
+    }
+
     async fn ping(&self) -> Result<(), StoreError> {
         let result = self
             .call("ping", async |conn| {
@@ -931,6 +1108,8 @@ impl Store for PostgresStore {
             "DELETE FROM rate_limits WHERE (policy, key) IN \
              (SELECT policy, key FROM rate_limits \
               WHERE expires_at <= to_timestamp($1 / 1000.0) LIMIT $2)",
+            "DELETE FROM mfa WHERE subject IN (SELECT subject FROM mfa \
+             WHERE secret IS NULL AND pending_until_ms <= $1 LIMIT $2)",
         ] {
             loop {
                 let done = self

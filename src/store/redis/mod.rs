@@ -19,8 +19,8 @@ use tokio::sync::OnceCell;
 
 use super::cache::{Entry, Fact, Lookup, View};
 use super::{
-    Facts, Family, Rotation, Session, Store, StoreError, Successor, TokenCheck, from_millis,
-    micros, millis, session_tag, subject_tag,
+    Facts, Family, MfaEnrolled, MfaRecord, Rotation, Session, StepAccept, Store, StoreError,
+    Successor, TokenCheck, from_millis, micros, millis, session_tag, subject_tag,
 };
 use crate::config::{RedisConfig, RedisTls};
 use crate::rules::gcra::{Decision, Gcra};
@@ -90,6 +90,7 @@ struct Scripts {
     rotate: Script,
     mark_complete: Script,
     heartbeat: Script,
+    mfa: Script,
 }
 
 impl Scripts {
@@ -108,6 +109,7 @@ impl Scripts {
             rotate: Script::new(include_str!("rotate.lua")),
             mark_complete: Script::new(include_str!("mark_complete.lua")),
             heartbeat: Script::new(include_str!("heartbeat.lua")),
+            mfa: Script::new(include_str!("mfa.lua")),
         }
     }
 }
@@ -335,6 +337,11 @@ impl RedisStore {
     /// on a cluster too.
     fn nodes_key(&self) -> String {
         format!("{}nodes", self.prefix)
+    }
+
+    /// A subject's second factor: one hash, under the subject's hash tag.
+    fn mfa_key(&self, subject: &str) -> String {
+        format!("{}mfa:{{{}}}:{subject}", self.prefix, subject_tag(subject))
     }
 
     /// Runs one call against the connection, bounded by the backend timeout.
@@ -828,6 +835,104 @@ impl Store for RedisStore {
                 .await
         })
         .await
+    }
+
+    async fn mfa_begin(
+        &self,
+        subject: &str,
+        sealed: &str,
+        until: SystemTime,
+    ) -> Result<(), StoreError> {
+        let mut invocation = self.scripts.mfa.key(self.mfa_key(subject));
+        invocation.arg("begin").arg(sealed).arg(millis(until));
+        self.invoke::<i64>("mfa_begin", invocation)
+            .await
+            .map(|_| ())
+    }
+
+    async fn mfa_get(&self, subject: &str, now: SystemTime) -> Result<MfaRecord, StoreError> {
+        let key = self.mfa_key(subject);
+        let fields: HashMap<String, String> = self
+            .call("mfa_get", |mut c| async move {
+                redis::cmd("HGETALL").arg(key).query_async(&mut c).await
+            })
+            .await?;
+        let number = |name: &str| fields.get(name).and_then(|v| v.parse::<i64>().ok());
+        let pending = match (fields.get("p"), number("pu")) {
+            (Some(p), Some(until)) if until > millis(now) => Some((p.clone(), from_millis(until))),
+            _ => None,
+        };
+        let enrolled = fields.get("s").map(|secret| MfaEnrolled {
+            secret: secret.clone(),
+            enrolled_at: from_millis(number("e").unwrap_or(0)),
+            last_step: number("l").unwrap_or(0),
+            backup_codes: fields
+                .get("b")
+                .map_or(0, |b| b.split_whitespace().count() as u32),
+        });
+        Ok(MfaRecord { pending, enrolled })
+    }
+
+    async fn mfa_confirm(
+        &self,
+        subject: &str,
+        sealed: &str,
+        step: i64,
+        backup: &[String],
+        now: SystemTime,
+    ) -> Result<bool, StoreError> {
+        let mut invocation = self.scripts.mfa.key(self.mfa_key(subject));
+        invocation
+            .arg("confirm")
+            .arg(sealed)
+            .arg(millis(now))
+            .arg(step)
+            .arg(backup.join(" "));
+        Ok(self.invoke::<i64>("mfa_confirm", invocation).await? == 1)
+    }
+
+    async fn mfa_accept(
+        &self,
+        subject: &str,
+        sealed: &str,
+        step: i64,
+    ) -> Result<StepAccept, StoreError> {
+        let mut invocation = self.scripts.mfa.key(self.mfa_key(subject));
+        invocation.arg("accept").arg(sealed).arg(step);
+        Ok(match self.invoke::<i64>("mfa_accept", invocation).await? {
+            2 => StepAccept::Accepted,
+            1 => StepAccept::Replayed,
+            _ => StepAccept::NotEnrolled,
+        })
+    }
+
+    async fn mfa_spend_backup(
+        &self,
+        subject: &str,
+        candidates: &[String],
+    ) -> Result<Option<u32>, StoreError> {
+        let mut invocation = self.scripts.mfa.key(self.mfa_key(subject));
+        invocation.arg("spend").arg(candidates);
+        let left = self.invoke::<i64>("mfa_spend_backup", invocation).await?;
+        Ok(u32::try_from(left).ok())
+    }
+
+    async fn mfa_set_backup(&self, subject: &str, backup: &[String]) -> Result<bool, StoreError> {
+        let mut invocation = self.scripts.mfa.key(self.mfa_key(subject));
+        invocation.arg("backup").arg(backup.join(" "));
+        Ok(self.invoke::<i64>("mfa_set_backup", invocation).await? == 1)
+    }
+
+    async fn mfa_disable(&self, subject: &str, _now: SystemTime) -> Result<bool, StoreError> {
+        // A key with only a pending enrollment expires with it, so a key that is there holds
+        // something live.
+        let key = self.mfa_key(subject);
+        let deleted: i64 = self
+            .call("mfa_disable", |mut c| async move {
+                redis::cmd("DEL").arg(key).query_async(&mut c).await
+            })
+            .await?;
+        Ok(deleted > 0)
     }
 
     async fn ping(&self) -> Result<(), StoreError> {
