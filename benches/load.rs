@@ -5,8 +5,8 @@
 //! on redis and tiered, and Validate and Issue with every family of signing key (HS256,
 //! ES256, EdDSA, RS256), in one run. The shared backends run twice, with the revocation view
 //! and without it (`--revocation-cache 0`), for a repeated token, 20,000 distinct tokens and a
-//! hot denied rate-limit key; Envoy's ext_authz Check (a valid token) and ShouldRateLimit on
-//! memory and redis. Scenarios run in alternating rounds, so drift on a shared machine touches
+//! hot denied rate-limit key; Envoy's ext_authz Check (a valid token), ShouldRateLimit and
+//! MfaService's VerifyTotp on memory and redis. Scenarios run in alternating rounds, so drift on a shared machine touches
 //! all of them alike; the figures are medians over the rounds, and each is given as a ratio to
 //! Check.
 //!
@@ -21,7 +21,9 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use auth_sidecar::keys::{self, Alg};
+use auth_sidecar::mfa::totp;
 use auth_sidecar::pb;
+use auth_sidecar::pb::mfa_service_client::MfaServiceClient;
 use auth_sidecar::pb::token_service_client::TokenServiceClient;
 use envoy_types::pb::envoy::extensions::common::ratelimit::v3::RateLimitDescriptor;
 use envoy_types::pb::envoy::extensions::common::ratelimit::v3::rate_limit_descriptor::Entry;
@@ -101,6 +103,10 @@ enum Scenario {
     ExtAuthz,
     /// Envoy's ShouldRateLimit of one descriptor, one key per caller.
     ShouldRateLimit,
+    /// MfaService's VerifyTotp of the current code of an enrolled subject, one per caller:
+    /// the first call of each 30-second step is accepted, the rest are refused as replays by
+    /// the store's atomic step, after the same reads and checks.
+    VerifyTotp,
 }
 
 /// A sidecar measured: a storage backend, the algorithm of its signing key, and whether it
@@ -170,6 +176,9 @@ impl Target {
 
 const BENCH_DATABASE: &str = "auth_sidecar_bench";
 
+/// The MFA key of every sidecar measured.
+const MFA_KEY: &str = "bench:AAECAwQFBgcICQoLDA0ODxAREhMUFRYXGBkaGxwdHh8=";
+
 /// A scenario against the sidecar of one backend.
 #[derive(Clone, Copy)]
 struct Case {
@@ -190,6 +199,7 @@ impl Case {
             Scenario::RateLimitDenied => format!("CheckRateLimit denied ({backend})"),
             Scenario::ExtAuthz => format!("ext_authz Check ({backend})"),
             Scenario::ShouldRateLimit => format!("ShouldRateLimit ({backend})"),
+            Scenario::VerifyTotp => format!("VerifyTotp ({backend})"),
         }
     }
 }
@@ -266,6 +276,7 @@ fn main() {
                 Scenario::RateLimit,
                 Scenario::ExtAuthz,
                 Scenario::ShouldRateLimit,
+                Scenario::VerifyTotp,
             ] {
                 cases.push(Case { scenario, backend });
             }
@@ -293,6 +304,8 @@ fn main() {
         }
         // Tokens of each sidecar's own key; many where the miss path is measured.
         let mut tokens = Vec::new();
+        // Subjects enrolled in MFA, one per caller, with their secrets.
+        let mut enrolled = Vec::new();
         for (backend, c) in channels.iter().enumerate() {
             let misses = cases
                 .iter()
@@ -302,6 +315,11 @@ fn main() {
             // The last one is bound to a session, for ValidateSession.
             pool.push(issue_in_session(&c[0]).await);
             tokens.push(Arc::new(pool));
+            let verifies = cases
+                .iter()
+                .any(|c| c.backend == backend && c.scenario == Scenario::VerifyTotp);
+            let n = if verifies { opts.concurrency } else { 0 };
+            enrolled.push(Arc::new(enroll(&c[0], n).await));
         }
         // Warm up connections, allocator and caches; the distinct tokens each once, so that
         // the shared backends' revocation views hold them ("once warm").
@@ -315,7 +333,7 @@ fn main() {
             run(
                 c.scenario,
                 &channels[c.backend],
-                &tokens[c.backend],
+                (&tokens[c.backend], &enrolled[c.backend]),
                 opts.concurrency,
                 warmup,
             )
@@ -329,7 +347,7 @@ fn main() {
                 let mut round = run(
                     c.scenario,
                     &channels[c.backend],
-                    &tokens[c.backend],
+                    (&tokens[c.backend], &enrolled[c.backend]),
                     opts.concurrency,
                     d,
                 )
@@ -541,10 +559,48 @@ async fn issue_in_session(channel: &Channel) -> String {
         .token
 }
 
+/// Subjects enrolled in MFA and their secrets.
+type Enrolled = Arc<Vec<(String, Vec<u8>)>>;
+
+/// `n` subjects enrolled in MFA through `channel`.
+async fn enroll(channel: &Channel, n: usize) -> Vec<(String, Vec<u8>)> {
+    let mut mfa = MfaServiceClient::new(channel.clone());
+    let mut enrolled = Vec::with_capacity(n);
+    for i in 0..n {
+        let subject = format!("mfa-bench-{i}");
+        let begun = mfa
+            .begin_totp_enrollment(pb::BeginTotpEnrollmentRequest {
+                subject: subject.clone(),
+                account_label: String::new(),
+            })
+            .await
+            .unwrap()
+            .into_inner();
+        let secret = data_encoding::BASE32_NOPAD
+            .decode(begun.secret.as_bytes())
+            .unwrap();
+        mfa.confirm_totp_enrollment(pb::ConfirmTotpEnrollmentRequest {
+            subject: subject.clone(),
+            code: totp::code(&secret, totp_step()),
+        })
+        .await
+        .unwrap();
+        enrolled.push((subject, secret));
+    }
+    enrolled
+}
+
+fn totp_step() -> u64 {
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap();
+    totp::step_at(now.as_secs())
+}
+
 async fn run(
     scenario: Scenario,
     channels: &[Channel],
-    tokens: &Arc<Vec<String>>,
+    (tokens, enrolled): (&Arc<Vec<String>>, &Enrolled),
     concurrency: usize,
     duration: Duration,
 ) -> Round {
@@ -554,6 +610,7 @@ async fn run(
     for i in 0..concurrency {
         let channel = channels[i % channels.len()].clone();
         let tokens = tokens.clone();
+        let enrolled = enrolled.clone();
         tasks.push(tokio::spawn(async move {
             // Each task walks its own stride of the pool; task 0's first token is the hot one.
             let mut next = i;
@@ -562,6 +619,7 @@ async fn run(
             let mut authz = tonic::client::Grpc::new(channel.clone());
             let check = Encoded(prost::Message::encode_to_vec(&envoy_check(&tokens[0])).into());
             let mut rls = RateLimitServiceClient::new(channel.clone());
+            let mut mfa = MfaServiceClient::new(channel.clone());
             let mut api = TokenServiceClient::new(channel);
             while Instant::now() < deadline {
                 let t = Instant::now();
@@ -635,6 +693,18 @@ async fn run(
                         })
                         .await
                         .unwrap();
+                    }
+                    Scenario::VerifyTotp => {
+                        let (subject, secret) = &enrolled[i];
+                        let r = mfa
+                            .verify_totp(pb::VerifyTotpRequest {
+                                subject: subject.clone(),
+                                code: totp::code(secret, totp_step()),
+                            })
+                            .await
+                            .unwrap()
+                            .into_inner();
+                        assert!(r.valid || r.reason() == pb::MfaInvalidReason::Replayed);
                     }
                     Scenario::Issue => {
                         api.issue(pb::IssueRequest {
@@ -889,6 +959,8 @@ fn start_sidecar(
         "DATABASE_URL",
         format!("postgres://postgres@127.0.0.1:5432/{BENCH_DATABASE}"),
     )
+    .args(["--mfa-verify-limit", "1000000/1s"])
+    .env("AUTH_MFA_KEY", MFA_KEY)
     .env("RUST_LOG", "info")
     .stdout(Stdio::null())
     .stderr(Stdio::piped());

@@ -1,5 +1,5 @@
 //! One table of traces for every atomic step that a backend restates (the GCRA step, a refresh
-//! rotation, a session touch and end, a logout), with explicit times and expected answers. Each
+//! rotation, a session touch and end, a logout, MFA's enrollment, step and backup-code steps), with explicit times and expected answers. Each
 //! trace runs against the pure rule in `src/rules/` and against every store: memory (which runs
 //! the rule), Redis (the Lua scripts), PostgreSQL (the SQL functions) and tiered. So the
 //! restatements answer the same, case by case, and cannot drift apart unnoticed.
@@ -13,6 +13,7 @@ use std::time::{Duration, SystemTime, UNIX_EPOCH};
 use auth_sidecar::clock::{Clock, ManualClock};
 use auth_sidecar::config::{PostgresConfig, RedisConfig, Secret, StoreConfig};
 use auth_sidecar::rules::gcra::{Decision, Gcra, KeyState, gcra};
+use auth_sidecar::rules::mfa::{self as mfa_rules, MfaState, StepAccept};
 use auth_sidecar::rules::rotation::{self, FamilyState, Rotation, Successor};
 use auth_sidecar::rules::session::{self, Cutoff, SessionTimes};
 use auth_sidecar::store::{self, Store, TokenCheck};
@@ -73,7 +74,42 @@ enum Step {
         now: i64,
         expect: bool,
     },
+    /// Begins an MFA enrollment with sealed secret `sealed`, pending until `until`.
+    MfaBegin { sealed: &'static str, until: i64 },
+    /// Confirms the pending `sealed` at `now`, spending `step`, with backup code hashes
+    /// `codes`: whether it enrolled.
+    MfaConfirm {
+        sealed: &'static str,
+        step: i64,
+        codes: &'static [&'static str],
+        now: i64,
+        expect: bool,
+    },
+    /// Accepts time step `step` of the enrolled `sealed`.
+    MfaAccept {
+        sealed: &'static str,
+        step: i64,
+        expect: StepAccept,
+    },
+    /// Spends one of `candidates`: the codes left, or none spent.
+    MfaSpend {
+        candidates: &'static [&'static str],
+        expect: Option<u32>,
+    },
+    /// Replaces the backup codes: whether enrolled.
+    MfaBackup {
+        codes: &'static [&'static str],
+        expect: bool,
+    },
+    /// Forgets everything at `now`: whether something live was there.
+    MfaDisable { now: i64, expect: bool },
+    /// What is kept at `now`: the pending sealed secret, and the enrolled one with its last
+    /// step and codes left.
+    MfaGet { now: i64, expect: MfaSeen },
 }
+
+/// An MFA record as the traces compare it.
+type MfaSeen = (Option<&'static str>, Option<(&'static str, i64, u32)>);
 
 /// A rotation's expected outcome, with family ends and successors by number.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -134,7 +170,105 @@ fn traces() -> Vec<(&'static str, Gcra, Vec<Step>)> {
         now,
         expect,
     };
+    let begin = |sealed, until| MfaBegin { sealed, until };
+    let confirm = |sealed, step, codes, now, expect| MfaConfirm {
+        sealed,
+        step,
+        codes,
+        now,
+        expect,
+    };
+    let accept = |sealed, step, expect| MfaAccept {
+        sealed,
+        step,
+        expect,
+    };
+    let spend = |candidates, expect| MfaSpend { candidates, expect };
+    let seen = |now, pending, enrolled| MfaGet {
+        now,
+        expect: (pending, enrolled),
+    };
     vec![
+        (
+            "mfa: the one pending enrollment is confirmed once, while live",
+            SMOOTH,
+            vec![
+                seen(0, None, None),
+                begin("p1", 1_000),
+                seen(0, Some("p1"), None),
+                confirm("p0", 5, &["h1", "h2"], 10, false),
+                begin("p2", 1_000),
+                confirm("p1", 5, &["h1", "h2"], 10, false),
+                confirm("p2", 5, &["h1", "h2", "h3"], 10, true),
+                confirm("p2", 6, &["h4"], 11, false),
+                seen(10, None, Some(("p2", 5, 3))),
+                begin("p3", 100),
+                seen(99, Some("p3"), Some(("p2", 5, 3))),
+                seen(100, None, Some(("p2", 5, 3))),
+                confirm("p3", 9, &[], 100, false),
+                seen(100, None, Some(("p2", 5, 3))),
+            ],
+        ),
+        (
+            "mfa: a time step is accepted once, only after the last, for the enrolled secret",
+            SMOOTH,
+            vec![
+                accept("s", 1, StepAccept::NotEnrolled),
+                begin("s", 1_000),
+                accept("s", 1, StepAccept::NotEnrolled),
+                confirm("s", 5, &["a", "b"], 0, true),
+                accept("s", 5, StepAccept::Replayed),
+                accept("s", 4, StepAccept::Replayed),
+                accept("s", 6, StepAccept::Accepted),
+                accept("s", 6, StepAccept::Replayed),
+                accept("x", 7, StepAccept::NotEnrolled),
+                accept("s", 8, StepAccept::Accepted),
+                seen(0, None, Some(("s", 8, 2))),
+            ],
+        ),
+        (
+            "mfa: a backup code is spent once; new codes replace the old; disable forgets",
+            SMOOTH,
+            vec![
+                spend(&["a"], None),
+                MfaBackup {
+                    codes: &["z"],
+                    expect: false,
+                },
+                begin("s", 1_000),
+                confirm("s", 5, &["a", "b", "c"], 0, true),
+                spend(&["x", "b"], Some(2)),
+                spend(&["b"], None),
+                spend(&["a"], Some(1)),
+                MfaBackup {
+                    codes: &["d", "e"],
+                    expect: true,
+                },
+                spend(&["c"], None),
+                spend(&["e"], Some(1)),
+                seen(0, None, Some(("s", 5, 1))),
+                MfaDisable {
+                    now: 0,
+                    expect: true,
+                },
+                seen(0, None, None),
+                MfaDisable {
+                    now: 0,
+                    expect: false,
+                },
+                accept("s", 9, StepAccept::NotEnrolled),
+                begin("q", 100),
+                MfaDisable {
+                    now: 100,
+                    expect: false,
+                },
+                begin("q", 100),
+                MfaDisable {
+                    now: 99,
+                    expect: true,
+                },
+            ],
+        ),
         (
             "gcra: the burst, then one per interval, peeks, a cost above the burst",
             SMOOTH,
@@ -270,6 +404,9 @@ enum Answer {
     Session(Option<(i64, Option<i64>)>),
     Bool(bool),
     Count(u32),
+    Accept(StepAccept),
+    Spent(Option<u32>),
+    Mfa(Option<String>, Option<(String, i64, u32)>),
     Done,
 }
 
@@ -278,9 +415,20 @@ fn expected(step: &Step) -> Answer {
         Rate { expect: e, .. } => Answer::Rate(e.0, e.1, e.2, e.3),
         Rotate { expect, .. } => Answer::Rotation(*expect),
         Touch { expect, .. } => Answer::Session(*expect),
-        End { expect, .. } | Live { expect, .. } | CutOff { expect, .. } => Answer::Bool(*expect),
+        End { expect, .. }
+        | Live { expect, .. }
+        | CutOff { expect, .. }
+        | MfaConfirm { expect, .. }
+        | MfaBackup { expect, .. }
+        | MfaDisable { expect, .. } => Answer::Bool(*expect),
         Logout { expect, .. } => Answer::Count(*expect),
-        Family { .. } | Session { .. } => Answer::Done,
+        MfaAccept { expect, .. } => Answer::Accept(*expect),
+        MfaSpend { expect, .. } => Answer::Spent(*expect),
+        MfaGet { expect, .. } => Answer::Mfa(
+            expect.0.map(str::to_owned),
+            expect.1.map(|(s, step, n)| (s.to_owned(), step, n)),
+        ),
+        Family { .. } | Session { .. } | MfaBegin { .. } => Answer::Done,
     }
 }
 
@@ -353,6 +501,7 @@ struct Model {
     family: Option<FamilyState>,
     sessions: HashMap<usize, (String, SessionTimes)>,
     cutoffs: HashMap<&'static str, Cutoff>,
+    mfa: MfaState,
 }
 
 impl Model {
@@ -445,13 +594,52 @@ impl Model {
             } => Answer::Bool(self.cutoffs.get(subject).is_some_and(|c| {
                 c.until_ms > T + now && session::cuts_off(c.cutoff_ms, T + issued)
             })),
+            MfaBegin { sealed, until } => {
+                mfa_rules::begin(&mut self.mfa, sealed, T + until);
+                Answer::Done
+            }
+            MfaConfirm {
+                sealed,
+                step,
+                codes,
+                now,
+                ..
+            } => Answer::Bool(mfa_rules::confirm(
+                &mut self.mfa,
+                sealed,
+                step,
+                &owned(codes),
+                T + now,
+            )),
+            MfaAccept { sealed, step, .. } => {
+                Answer::Accept(mfa_rules::accept(&mut self.mfa, sealed, step))
+            }
+            MfaSpend { candidates, .. } => {
+                Answer::Spent(mfa_rules::spend(&mut self.mfa, &owned(candidates)))
+            }
+            MfaBackup { codes, .. } => {
+                Answer::Bool(mfa_rules::set_backup(&mut self.mfa, &owned(codes)))
+            }
+            MfaDisable { now, .. } => Answer::Bool(mfa_rules::disable(&mut self.mfa, T + now)),
+            MfaGet { now, .. } => Answer::Mfa(
+                self.mfa.pending_at(T + now).map(|(p, _)| p.clone()),
+                self.mfa
+                    .enrolled
+                    .as_ref()
+                    .map(|e| (e.secret.clone(), e.last_step, e.backup.len() as u32)),
+            ),
         }
     }
+}
+
+fn owned(codes: &[&str]) -> Vec<String> {
+    codes.iter().map(|c| c.to_string()).collect()
 }
 
 /// Runs one step against a store, through the `Store` trait the domain uses.
 async fn apply(store: &dyn Store, names: &mut Names, p: Gcra, step: &Step) -> Answer {
     let family = format!("fam-{}", names.run);
+    let mfa = names.subject("mfa");
     match *step {
         Rate { at: t, cost, .. } => decision(
             store
@@ -575,6 +763,45 @@ async fn apply(store: &dyn Store, names: &mut Names, p: Gcra, step: &Step) -> An
                 fresh: false,
             };
             Answer::Bool(store.is_revoked(&check).await.unwrap())
+        }
+        MfaBegin { sealed, until } => {
+            store.mfa_begin(&mfa, sealed, at(until)).await.unwrap();
+            Answer::Done
+        }
+        MfaConfirm {
+            sealed,
+            step,
+            codes,
+            now,
+            ..
+        } => Answer::Bool(
+            store
+                .mfa_confirm(&mfa, sealed, step, &owned(codes), at(now))
+                .await
+                .unwrap(),
+        ),
+        MfaAccept { sealed, step, .. } => {
+            Answer::Accept(store.mfa_accept(&mfa, sealed, step).await.unwrap())
+        }
+        MfaSpend { candidates, .. } => Answer::Spent(
+            store
+                .mfa_spend_backup(&mfa, &owned(candidates))
+                .await
+                .unwrap(),
+        ),
+        MfaBackup { codes, .. } => {
+            Answer::Bool(store.mfa_set_backup(&mfa, &owned(codes)).await.unwrap())
+        }
+        MfaDisable { now, .. } => Answer::Bool(store.mfa_disable(&mfa, at(now)).await.unwrap()),
+        MfaGet { now, .. } => {
+            let r = store.mfa_get(&mfa, at(now)).await.unwrap();
+            if let Some((_, until)) = &r.pending {
+                assert!(*until > at(now), "a pending enrollment past its end");
+            }
+            Answer::Mfa(
+                r.pending.map(|(p, _)| p),
+                r.enrolled.map(|e| (e.secret, e.last_step, e.backup_codes)),
+            )
         }
     }
 }

@@ -10,10 +10,11 @@ use dashmap::mapref::entry::Entry;
 
 use super::{
     Family, MfaEnrolled, MfaRecord, Rotation, Session, StepAccept, Store, StoreError, Successor,
-    TokenCheck, micros, millis,
+    TokenCheck, from_millis, micros, millis,
 };
 use crate::clock::Clock;
 use crate::rules::gcra::{Decision, Gcra, KeyState, gcra};
+use crate::rules::mfa::{self as mfa_rules, MfaState};
 use crate::rules::rotation::{self, FamilyState};
 use crate::rules::session::{self as session_rules, Cutoff};
 
@@ -29,15 +30,7 @@ pub struct MemoryStore {
     /// The registry of live nodes: this process alone.
     nodes: DashMap<String, (SystemTime, String)>,
     /// Second factors by subject.
-    mfa: DashMap<String, MfaEntry>,
-}
-
-/// One subject's second factor: a pending enrollment and the enrolled secret with its last
-/// accepted step and backup code hashes.
-#[derive(Default)]
-struct MfaEntry {
-    pending: Option<(String, SystemTime)>,
-    enrolled: Option<(MfaEnrolled, Vec<String>)>,
+    mfa: DashMap<String, MfaState>,
 }
 
 impl MemoryStore {
@@ -269,18 +262,26 @@ impl Store for MemoryStore {
         sealed: &str,
         until: SystemTime,
     ) -> Result<(), StoreError> {
-        self.mfa.entry(subject.to_owned()).or_default().pending = Some((sealed.to_owned(), until));
+        let mut state = self.mfa.entry(subject.to_owned()).or_default();
+        mfa_rules::begin(&mut state, sealed, millis(until));
         Ok(())
     }
 
     async fn mfa_get(&self, subject: &str, now: SystemTime) -> Result<MfaRecord, StoreError> {
-        Ok(self
-            .mfa
-            .get(subject)
-            .map_or_else(MfaRecord::default, |m| MfaRecord {
-                pending: m.pending.clone().filter(|(_, until)| *until > now),
-                enrolled: m.enrolled.as_ref().map(|(e, _)| e.clone()),
-            }))
+        let Some(state) = self.mfa.get(subject) else {
+            return Ok(MfaRecord::default());
+        };
+        Ok(MfaRecord {
+            pending: state
+                .pending_at(millis(now))
+                .map(|(p, until)| (p.clone(), from_millis(*until))),
+            enrolled: state.enrolled.as_ref().map(|e| MfaEnrolled {
+                secret: e.secret.clone(),
+                enrolled_at: from_millis(e.enrolled_ms),
+                last_step: e.last_step,
+                backup_codes: e.backup.len() as u32,
+            }),
+        })
     }
 
     async fn mfa_confirm(
@@ -291,25 +292,9 @@ impl Store for MemoryStore {
         backup: &[String],
         now: SystemTime,
     ) -> Result<bool, StoreError> {
-        let Some(mut m) = self.mfa.get_mut(subject) else {
-            return Ok(false);
-        };
-        if !m
-            .pending
-            .as_ref()
-            .is_some_and(|(p, until)| p == sealed && *until > now)
-        {
-            return Ok(false);
-        }
-        m.pending = None;
-        let enrolled = MfaEnrolled {
-            secret: sealed.to_owned(),
-            enrolled_at: now,
-            last_step: step,
-            backup_codes: backup.len() as u32,
-        };
-        m.enrolled = Some((enrolled, backup.to_vec()));
-        Ok(true)
+        Ok(self.mfa.get_mut(subject).is_some_and(|mut state| {
+            mfa_rules::confirm(&mut state, sealed, step, backup, millis(now))
+        }))
     }
 
     async fn mfa_accept(
@@ -318,19 +303,9 @@ impl Store for MemoryStore {
         sealed: &str,
         step: i64,
     ) -> Result<StepAccept, StoreError> {
-        let Some(mut m) = self.mfa.get_mut(subject) else {
-            return Ok(StepAccept::NotEnrolled);
-        };
-        Ok(match &mut m.enrolled {
-            Some((e, _)) if e.secret == sealed => {
-                if e.last_step >= step {
-                    StepAccept::Replayed
-                } else {
-                    e.last_step = step;
-                    StepAccept::Accepted
-                }
-            }
-            _ => StepAccept::NotEnrolled,
+        Ok(match self.mfa.get_mut(subject) {
+            Some(mut state) => mfa_rules::accept(&mut state, sealed, step),
+            None => StepAccept::NotEnrolled,
         })
     }
 
@@ -339,37 +314,24 @@ impl Store for MemoryStore {
         subject: &str,
         candidates: &[String],
     ) -> Result<Option<u32>, StoreError> {
-        let Some(mut m) = self.mfa.get_mut(subject) else {
-            return Ok(None);
-        };
-        let Some((e, codes)) = &mut m.enrolled else {
-            return Ok(None);
-        };
-        let before = codes.len();
-        codes.retain(|c| !candidates.contains(c));
-        if codes.len() == before {
-            return Ok(None);
-        }
-        e.backup_codes = codes.len() as u32;
-        Ok(Some(e.backup_codes))
+        Ok(self
+            .mfa
+            .get_mut(subject)
+            .and_then(|mut state| mfa_rules::spend(&mut state, candidates)))
     }
 
     async fn mfa_set_backup(&self, subject: &str, backup: &[String]) -> Result<bool, StoreError> {
-        let Some(mut m) = self.mfa.get_mut(subject) else {
-            return Ok(false);
-        };
-        let Some((e, codes)) = &mut m.enrolled else {
-            return Ok(false);
-        };
-        *codes = backup.to_vec();
-        e.backup_codes = codes.len() as u32;
-        Ok(true)
+        Ok(self
+            .mfa
+            .get_mut(subject)
+            .is_some_and(|mut state| mfa_rules::set_backup(&mut state, backup)))
     }
 
     async fn mfa_disable(&self, subject: &str, now: SystemTime) -> Result<bool, StoreError> {
-        Ok(self.mfa.remove(subject).is_some_and(|(_, m)| {
-            m.enrolled.is_some() || m.pending.is_some_and(|(_, until)| until > now)
-        }))
+        Ok(self
+            .mfa
+            .remove(subject)
+            .is_some_and(|(_, mut state)| mfa_rules::disable(&mut state, millis(now))))
     }
 
     async fn purge_expired(&self) -> Result<usize, StoreError> {
@@ -389,9 +351,7 @@ impl Store for MemoryStore {
         self.cutoffs.retain(|_, c| c.until_ms > now_ms);
         self.sessions.retain(|_, s| s.live_until() > now);
         self.families.retain(|_, f| f.expires_ms > now_ms);
-        self.mfa.retain(|_, m| {
-            m.enrolled.is_some() || m.pending.as_ref().is_some_and(|(_, until)| *until > now)
-        });
+        self.mfa.retain(|_, m| m.is_live(now_ms));
         let now = micros(now);
         self.limits.retain(|_, state| state.expires_us() > now);
         Ok(before.saturating_sub(count()))

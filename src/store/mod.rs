@@ -18,6 +18,7 @@ use async_trait::async_trait;
 use crate::clock::{Clock, from_unix_millis as from_millis, unix_millis as millis};
 use crate::config::StoreConfig;
 use crate::rules::gcra::{Decision, Gcra};
+pub use crate::rules::mfa::StepAccept;
 pub use crate::rules::rotation::{Rotation, Successor};
 use crate::rules::session::SessionTimes;
 
@@ -159,16 +160,6 @@ pub struct MfaEnrolled {
     /// The last TOTP time step accepted: none at or before it is accepted again.
     pub last_step: i64,
     pub backup_codes: u32,
-}
-
-/// The answer of [`Store::mfa_accept`].
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum StepAccept {
-    Accepted,
-    /// The step, or a later one, was accepted before.
-    Replayed,
-    /// The secret checked is not (or no longer) the enrolled one.
-    NotEnrolled,
 }
 
 #[async_trait]

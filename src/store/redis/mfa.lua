@@ -68,4 +68,13 @@ if op == 'backup' then -- hashes: 1 when enrolled
   return 1
 end
 
+if op == 'disable' then -- now: 1 when something live was there
+  local v = redis.call('HMGET', key, 's', 'pu')
+  redis.call('DEL', key)
+  if v[1] or (v[2] and tonumber(v[2]) > tonumber(ARGV[2])) then
+    return 1
+  end
+  return 0
+end
+
 return redis.error_reply('mfa.lua: unknown step ' .. tostring(op))

@@ -923,16 +923,10 @@ impl Store for RedisStore {
         Ok(self.invoke::<i64>("mfa_set_backup", invocation).await? == 1)
     }
 
-    async fn mfa_disable(&self, subject: &str, _now: SystemTime) -> Result<bool, StoreError> {
-        // A key with only a pending enrollment expires with it, so a key that is there holds
-        // something live.
-        let key = self.mfa_key(subject);
-        let deleted: i64 = self
-            .call("mfa_disable", |mut c| async move {
-                redis::cmd("DEL").arg(key).query_async(&mut c).await
-            })
-            .await?;
-        Ok(deleted > 0)
+    async fn mfa_disable(&self, subject: &str, now: SystemTime) -> Result<bool, StoreError> {
+        let mut invocation = self.scripts.mfa.key(self.mfa_key(subject));
+        invocation.arg("disable").arg(millis(now));
+        Ok(self.invoke::<i64>("mfa_disable", invocation).await? == 1)
     }
 
     async fn ping(&self) -> Result<(), StoreError> {

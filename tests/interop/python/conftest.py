@@ -32,12 +32,21 @@ def stubs(tmp_path_factory):
         f"--python_out={out}",
         f"--grpc_python_out={out}",
         str(ROOT / "proto/authsidecar/v1/token_service.proto"),
+        str(ROOT / "proto/authsidecar/v1/mfa_service.proto"),
     ])
     assert rc == 0, "protoc failed"
     sys.path.insert(0, str(out))
     from authsidecar.v1 import token_service_pb2, token_service_pb2_grpc
 
     return token_service_pb2, token_service_pb2_grpc
+
+
+@pytest.fixture(scope="session")
+def mfa_stubs(stubs):
+    """The authsidecar.v1 MfaService modules."""
+    from authsidecar.v1 import mfa_service_pb2, mfa_service_pb2_grpc
+
+    return mfa_service_pb2, mfa_service_pb2_grpc
 
 
 def run_sidecar(args, env_extra, listen="127.0.0.1:0"):
