@@ -143,6 +143,10 @@ def test_defaults_are_three_replicas_on_shared_storage_from_an_existing_secret()
      "needs a Redis URL"),
     (["--set", "sidecar.storage=postgres", "--set", "secrets.existingSecret=",
       "--set", "secrets.jwtSecret=" + "s" * 32], "needs a PostgreSQL URL"),
+    (["--set", "secrets.existingSecret=", "--set", "secrets.jwtSecret=" + "s" * 32,
+      "--set", "secrets.redisUrl=redis://r", "--set", "mfa.enabled=true"],
+     "mfa.enabled needs the same MFA key on every pod"),
+    (["--set", "mfa.issuer=https://x"], "mfa.issuer: Does not match pattern"),
     (["--set", "sidecar.bogus=1"], "Additional property bogus is not allowed"),
     (["--set", "replicas=three"], "replicas: Invalid type"),
     (["--set", "sidecar.listen=0.0.0.0:50051"], "sidecar.listen: Does not match pattern"),
@@ -192,6 +196,19 @@ def test_the_admin_ui_is_on_loopback_only_and_off_by_default():
     assert all(p["containerPort"] != 8082 for p in sidecar(pod_specs(docs)[0])["ports"])
     env = {e["name"]: e for e in sidecar(pod_specs(render())[0])["env"]}
     assert env["AUTH_ADMIN_LISTEN"]["value"] == "off" and "ADMIN_GUI_PASSWORD_HASH" not in env
+
+
+def test_mfa_is_off_unless_enabled_and_its_key_comes_from_the_secret():
+    docs = render("-f", str(CHART / "ci" / "tls-values.yaml"))
+    env = {e["name"]: e for e in sidecar(pod_specs(docs)[0])["env"]}
+    assert env["AUTH_MFA"]["value"] == "on"
+    ref = env["AUTH_MFA_KEY"]["valueFrom"]["secretKeyRef"]
+    assert ref == {"name": "rel-auth-sidecar", "key": "AUTH_MFA_KEY"}
+    [secret] = kinds(docs, "Secret")
+    assert "AUTH_MFA_KEY" in secret["data"]
+    assert env["AUTH_MFA_VERIFY_LIMIT"]["value"] == "5/1m:lockout=5m"
+    env = {e["name"]: e for e in sidecar(pod_specs(render())[0])["env"]}
+    assert env["AUTH_MFA"]["value"] == "off" and "AUTH_MFA_KEY" not in env
 
 
 def test_a_single_memory_replica_renders():

@@ -59,6 +59,9 @@ app.kubernetes.io/instance: {{ .Release.Name }}
 {{- if and (ne $s.storage "memory") (not $s.keysSecret) (not (include "auth-sidecar.hasSecret" (list . .Values.secrets.jwtSecret))) -}}
 {{- fail "shared storage needs the same signing key on every pod: set secrets.jwtSecret, secrets.existingSecret or sidecar.keysSecret" -}}
 {{- end -}}
+{{- if and .Values.mfa.enabled (not (include "auth-sidecar.hasSecret" (list . .Values.secrets.mfaKey))) -}}
+{{- fail "mfa.enabled needs the same MFA key on every pod: set secrets.mfaKey or secrets.existingSecret (holding AUTH_MFA_KEY)" -}}
+{{- end -}}
 {{- if and (has $s.storage (list "redis" "tiered")) (not (include "auth-sidecar.hasSecret" (list . .Values.secrets.redisUrl))) -}}
 {{- fail (printf "sidecar.storage: %s needs a Redis URL: set secrets.redisUrl or secrets.existingSecret" $s.storage) -}}
 {{- end -}}
@@ -133,6 +136,22 @@ exec:
     {{- include "auth-sidecar.secretEnv" (list . "ADMIN_GUI_PASSWORD_HASH" .Values.secrets.keys.adminPasswordHash) | nindent 4 }}
     {{- else }}
     - name: AUTH_ADMIN_LISTEN
+      value: "off"
+    {{- end }}
+    {{- if .Values.mfa.enabled }}
+    - name: AUTH_MFA
+      value: "on"
+    {{- include "auth-sidecar.secretEnv" (list . "AUTH_MFA_KEY" .Values.secrets.keys.mfaKey) | nindent 4 }}
+    {{- with .Values.mfa.issuer }}
+    - name: AUTH_MFA_ISSUER
+      value: {{ . | quote }}
+    {{- end }}
+    - name: AUTH_MFA_ENROLLMENT_TTL
+      value: {{ .Values.mfa.enrollmentTtl | quote }}
+    - name: AUTH_MFA_VERIFY_LIMIT
+      value: {{ .Values.mfa.verifyLimit | quote }}
+    {{- else }}
+    - name: AUTH_MFA
       value: "off"
     {{- end }}
     - name: AUTH_ISSUER
