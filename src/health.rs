@@ -45,6 +45,8 @@ pub struct Health {
     shutting_down: Arc<AtomicBool>,
     /// Whether every live node agrees with this one; counts only with `strict_cluster`.
     cluster_agrees: Arc<AtomicBool>,
+    /// Why the active key's PKCS#11 token does not sign, while it does not.
+    signer_failure: Arc<Mutex<Option<String>>>,
     strict_cluster: bool,
     drained: CancellationToken,
 }
@@ -69,6 +71,7 @@ impl Health {
             failure: Arc::default(),
             shutting_down: Arc::new(AtomicBool::new(false)),
             cluster_agrees: Arc::new(AtomicBool::new(true)),
+            signer_failure: Arc::default(),
             strict_cluster,
             drained,
         };
@@ -80,6 +83,7 @@ impl Health {
     pub fn serving(&self) -> bool {
         self.backends_up.load(Ordering::SeqCst)
             && !self.shutting_down.load(Ordering::SeqCst)
+            && self.signer_failure().is_none()
             && (!self.strict_cluster || self.cluster_agrees.load(Ordering::SeqCst))
     }
 
@@ -88,6 +92,38 @@ impl Health {
         if self.cluster_agrees.swap(agrees, Ordering::SeqCst) != agrees && self.strict_cluster {
             self.publish().await;
         }
+    }
+
+    /// Records whether the active key's PKCS#11 token signs (a probe's outcome); logs the
+    /// changes. A token that does not sign makes the node NOT_SERVING: it cannot issue.
+    pub async fn set_signer(&self, result: Result<(), String>) {
+        let changed = {
+            let mut failure = self
+                .signer_failure
+                .lock()
+                .unwrap_or_else(|e| e.into_inner());
+            let was_down = failure.is_some();
+            match &result {
+                Ok(()) if was_down => tracing::info!("the signing key's PKCS#11 token signs again"),
+                Err(e) if !was_down => {
+                    tracing::error!(error = %e, "the signing key's PKCS#11 token does not sign");
+                }
+                _ => {}
+            }
+            *failure = result.err();
+            was_down != failure.is_some()
+        };
+        if changed {
+            self.publish().await;
+        }
+    }
+
+    /// Why the active key's token does not sign, if it does not.
+    pub fn signer_failure(&self) -> Option<String> {
+        self.signer_failure
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .clone()
     }
 
     /// Why the backends are down, if they are: the last failed ping's reason, in the

@@ -51,6 +51,8 @@ enum Command {
 enum KeysCommand {
     /// Write a new private key (PKCS#8 PEM) or HMAC secret to DIR/KID.pem or DIR/KID.secret,
     /// readable by its owner only, and print the manifest entry that adds it as `verify`.
+    /// With --pkcs11: make the key pair in the PKCS#11 token instead (CRYPTOKI_LIB, and the
+    /// PIN in PKCS11_PIN or PKCS11_PIN_FILE), its private key non-extractable and sensitive.
     Generate {
         #[arg(long, value_parser = clap::value_parser!(Alg))]
         alg: Alg,
@@ -59,6 +61,15 @@ enum KeysCommand {
         /// The keys directory to write into.
         #[arg(long, default_value = ".")]
         dir: PathBuf,
+        /// Make the key in the PKCS#11 token of CRYPTOKI_LIB.
+        #[arg(long)]
+        pkcs11: bool,
+        /// With --pkcs11: the key's label in the token; the kid when unset.
+        #[arg(long, requires = "pkcs11")]
+        label: Option<String>,
+        /// With --pkcs11: the label of the token to make it in, when the module has several.
+        #[arg(long, requires = "pkcs11")]
+        token: Option<String>,
     },
     /// Load a keys directory as `serve` would, and print its key set or what is wrong with it.
     Check {
@@ -124,6 +135,12 @@ fn main() -> ExitCode {
                 .context("serve")
             {
                 Ok(()) => ExitCode::SUCCESS,
+                // Keys that do not load (a broken file, a wrong PKCS#11 PIN, a missing label)
+                // are a setting to fix, as an invalid flag is.
+                Err(e) if e.downcast_ref::<keys::KeyError>().is_some() => {
+                    tracing::error!("{e:#}");
+                    ExitCode::from(USAGE)
+                }
                 Err(e) => {
                     tracing::error!("{e:#}");
                     ExitCode::FAILURE
@@ -205,7 +222,26 @@ async fn migrate(args: MigrateArgs) -> anyhow::Result<()> {
 
 fn keys_command(command: KeysCommand) -> anyhow::Result<()> {
     match command {
-        KeysCommand::Generate { alg, kid, dir } => {
+        KeysCommand::Generate {
+            alg,
+            kid,
+            pkcs11: true,
+            label,
+            token,
+            ..
+        } => {
+            let label = label.unwrap_or_else(|| kid.clone());
+            let id = keys::pkcs11::generate(alg, &label, token.as_deref())
+                .map_err(|e| anyhow::anyhow!("{e}"))?;
+            let id: String = id.iter().map(|b| format!("{b:02x}")).collect();
+            eprintln!("made a non-extractable {alg} key pair labelled `{label}` in the token");
+            let token = token.map_or_else(String::new, |t| format!("token = \"{t}\"\n"));
+            println!(
+                "[[key]]\nkid = \"{kid}\"\nalg = \"{alg}\"\nsource = \"pkcs11\"\nlabel = \"{label}\"\nid = \"{id}\"\n{token}state = \"verify\""
+            );
+            Ok(())
+        }
+        KeysCommand::Generate { alg, kid, dir, .. } => {
             use std::io::Write;
             use std::os::unix::fs::OpenOptionsExt;
             let file = format!("{kid}.{}", if alg.is_hmac() { "secret" } else { "pem" });

@@ -164,6 +164,33 @@ pub fn load_keys(config: &Config) -> anyhow::Result<Keys> {
     })
 }
 
+/// Probes the active key's PKCS#11 token now and then every `interval` (more often while it
+/// does not sign), so that readiness says whether this node can issue. Keys in a file need
+/// no probe.
+async fn watch_signer(tokens: Arc<Tokens>, health: Health, interval: Duration) {
+    let probe = async |tokens: &Tokens, health: &Health| {
+        let set = tokens.keys().snapshot();
+        if let Some(result) = set.active().probe().await {
+            health.set_signer(result).await;
+        } else {
+            health.set_signer(Ok(())).await;
+        }
+    };
+    probe(&tokens, &health).await;
+    tokio::spawn(async move {
+        loop {
+            let down = health.signer_failure().is_some();
+            let wait = if down {
+                interval.min(Duration::from_millis(250))
+            } else {
+                interval
+            };
+            tokio::time::sleep(wait).await;
+            probe(&tokens, &health).await;
+        }
+    });
+}
+
 /// The MFA keys the configuration names; `Err` says why MFA is off.
 fn mfa_sealer(keys: &crate::config::MfaKeys) -> Result<crate::mfa::seal::Sealer, String> {
     use crate::config::MfaKeys;
@@ -279,6 +306,12 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
     app.health
         .watch_backends(app.tokens.store().clone(), config.backend_check_interval)
         .await;
+    watch_signer(
+        app.tokens.clone(),
+        app.health.clone(),
+        config.backend_check_interval,
+    )
+    .await;
     let store = app.tokens.store().clone();
     tokio::spawn(async move {
         loop {
@@ -298,7 +331,9 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
     let not_serving = (!app.health.serving()).then(|| {
         app.health
             .backend_failure()
-            .map_or_else(|| "starting".to_owned(), |(reason, _)| reason)
+            .map(|(reason, _)| reason)
+            .or_else(|| app.health.signer_failure())
+            .unwrap_or_else(|| "starting".to_owned())
     });
     tracing::info!(
         api = %api_addr,
@@ -318,7 +353,7 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
         version = env!("CARGO_PKG_VERSION"),
         "{}",
         if not_serving.is_some() {
-            "listening, not yet serving: a backend does not answer"
+            "listening, not yet serving: a backend or the signing key's token does not answer"
         } else {
             "serving"
         }

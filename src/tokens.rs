@@ -120,6 +120,9 @@ pub enum Error {
     Store(#[from] StoreError),
     #[error("signing failed: {0}")]
     Signing(String),
+    /// The signing key's PKCS#11 token did not sign; the detail is for the log.
+    #[error("the signing key's token does not sign: {0}")]
+    SignerUnavailable(String),
 }
 
 impl Error {
@@ -352,10 +355,11 @@ impl Tokens {
             self.store.create_family(&family).await?;
         }
         self.mint(&body, params.kind, token_id, millis(now), exp)
+            .await
     }
 
     /// Signs one token of `body`.
-    fn mint(
+    async fn mint(
         &self,
         body: &Body,
         kind: Kind,
@@ -390,16 +394,22 @@ impl Tokens {
         }
         claims.insert("typ".into(), kind.claim().into());
 
-        let keys = self.keys.current();
+        let keys = self.keys.snapshot();
         let key = keys.active();
         let payload = serde_json::to_vec(&claims).map_err(|e| Error::Signing(e.to_string()))?;
         let mut token = String::with_capacity(MAX_TOKEN_LEN.min(2 * payload.len() + 512));
         token.push_str(key.encoded_header());
         token.push('.');
         URL_SAFE_NO_PAD.encode_string(&payload, &mut token);
+        // A key in a PKCS#11 token signs there, off the async workers; a token it does not
+        // sign is UNAVAILABLE, never a token signed by another key.
         let signature = key
-            .sign(token.as_bytes())
-            .ok_or_else(|| Error::Signing(format!("key `{}` cannot sign", key.kid())))?;
+            .sign_async(token.as_bytes().to_vec())
+            .await
+            .map_err(|e| match e {
+                crate::keys::SignError::CannotSign(_) => Error::Signing(e.to_string()),
+                crate::keys::SignError::Unavailable(detail) => Error::SignerUnavailable(detail),
+            })?;
         token.push('.');
         URL_SAFE_NO_PAD.encode_string(signature, &mut token);
         if token.len() > MAX_TOKEN_LEN {
@@ -506,20 +516,24 @@ impl Tokens {
         let access_exp = (issued + self.settings.access_ttl).min(family_ends);
         let refresh_exp = (issued + lifetime).min(family_ends);
         Ok(Refreshed {
-            access: self.mint(
-                &body,
-                Kind::Access,
-                successor.access_id,
-                successor.issued_at_ms,
-                access_exp,
-            )?,
-            refresh: self.mint(
-                &body,
-                Kind::Refresh,
-                successor.refresh_id,
-                successor.issued_at_ms,
-                refresh_exp,
-            )?,
+            access: self
+                .mint(
+                    &body,
+                    Kind::Access,
+                    successor.access_id,
+                    successor.issued_at_ms,
+                    access_exp,
+                )
+                .await?,
+            refresh: self
+                .mint(
+                    &body,
+                    Kind::Refresh,
+                    successor.refresh_id,
+                    successor.issued_at_ms,
+                    refresh_exp,
+                )
+                .await?,
         })
     }
 

@@ -205,6 +205,10 @@ impl From<tokens::Error> for Status {
                 tracing::error!(error = %detail, "signing failed");
                 Status::internal("signing failed")
             }
+            tokens::Error::SignerUnavailable(detail) => {
+                tracing::error!(error = %detail, "the signing key's PKCS#11 token did not sign");
+                Status::unavailable("the signing key's token does not sign")
+            }
         }
     }
 }

@@ -3,9 +3,11 @@
 //! algorithm, whatever its header claims.
 //!
 //! A key set comes from `AUTH_JWT_SECRET` (one HS256 key) or from a directory holding a
-//! manifest (`keys.toml`) and one file per key, such as a mounted Kubernetes Secret. The
-//! directory can be re-read at any time; a key set that does not load is refused as a whole
-//! and the one in use is kept.
+//! manifest (`keys.toml`) and one file per key, such as a mounted Kubernetes Secret, or keys
+//! that stay in a PKCS#11 token (`pkcs11`). The directory can be re-read at any time; a key
+//! set that does not load is refused as a whole and the one in use is kept.
+
+pub mod pkcs11;
 
 use std::collections::{BTreeSet, HashMap};
 use std::fmt;
@@ -185,6 +187,21 @@ enum Material {
         public: ParsedPublicKey,
     },
     Public(ParsedPublicKey),
+    /// A private key in a PKCS#11 token; its public key read from the token at load.
+    Hsm {
+        key: Arc<pkcs11::HsmKey>,
+        public: Arc<ParsedPublicKey>,
+    },
+}
+
+/// Why a key did not sign.
+#[derive(Debug, thiserror::Error)]
+pub enum SignError {
+    #[error("key `{0}` holds no private key")]
+    CannotSign(String),
+    /// The token did not sign (or signed with another key); the detail is for the log.
+    #[error("{0}")]
+    Unavailable(String),
 }
 
 enum Signer {
@@ -329,32 +346,9 @@ impl SigningKey {
         };
         let public = match &material {
             Material::Private { public, .. } | Material::Public(public) => public,
-            Material::Hmac(_) => unreachable!("not HMAC"),
+            Material::Hmac(_) | Material::Hsm { .. } => unreachable!("a PEM key"),
         };
-        let spki = public
-            .as_der()
-            .map_err(|_| format!("not a valid {alg} key"))?;
-        if matches!(alg, Alg::RS256 | Alg::PS256) {
-            let bits = rsa::PublicKey::from_der(spki.as_ref())
-                .map_err(|_| format!("not a valid {alg} key"))?
-                .modulus_len()
-                * 8;
-            if bits < MIN_RSA_BITS {
-                return Err(format!(
-                    "an RSA key of {bits} bits is too short, use at least {MIN_RSA_BITS}"
-                ));
-            }
-        }
-        let params = public_jwk(alg, &spki).ok_or_else(|| format!("not a valid {alg} key"))?;
-        let jwk = jwk::Jwk {
-            common: jwk::CommonParameters {
-                public_key_use: Some(jwk::PublicKeyUse::Signature),
-                key_algorithm: Some(alg.jwk()),
-                key_id: Some(kid.clone()),
-                ..Default::default()
-            },
-            algorithm: params,
-        };
+        let jwk = public_key_jwk(&kid, alg, public)?;
         let private = matches!(material, Material::Private { .. });
         let mut key = SigningKey::new(kid, alg, state, material, Some(jwk));
         if private {
@@ -364,6 +358,24 @@ impl SigningKey {
             key.derivation = Some(hmac::Key::new(hmac::HMAC_SHA256, digest.finish().as_ref()));
         }
         Ok(key)
+    }
+
+    /// A key in a PKCS#11 token: it signs there; its public key, read from the token,
+    /// verifies here.
+    pub fn hsm(
+        kid: String,
+        alg: Alg,
+        state: KeyState,
+        loaded: pkcs11::Loaded,
+    ) -> Result<SigningKey, String> {
+        let public = ParsedPublicKey::new(alg.verification(), &loaded.spki)
+            .map_err(|_| format!("the token's public key is not a valid {alg} key"))?;
+        let jwk = public_key_jwk(&kid, alg, &public)?;
+        let material = Material::Hsm {
+            key: loaded.key,
+            public: Arc::new(public),
+        };
+        Ok(SigningKey::new(kid, alg, state, material, Some(jwk)))
     }
 
     fn new(
@@ -402,12 +414,13 @@ impl SigningKey {
         &self.header
     }
 
-    /// Signs `message`; `None` for a key that holds no private part.
+    /// Signs `message` in-process; `None` for a key that holds no private part here (a
+    /// public key, or a key in a PKCS#11 token: see [`SigningKey::sign_async`]).
     pub fn sign(&self, message: &[u8]) -> Option<Vec<u8>> {
         let signer = match &self.material {
             Material::Hmac(key) => return Some(hmac::sign(key, message).as_ref().to_vec()),
             Material::Private { signer, .. } => signer,
-            Material::Public(_) => return None,
+            Material::Public(_) | Material::Hsm { .. } => return None,
         };
         let rng = SystemRandom::new();
         match signer {
@@ -422,6 +435,35 @@ impl SigningKey {
         }
     }
 
+    /// Signs `message`, in the token for a PKCS#11 key (off the async workers), in-process
+    /// for any other.
+    pub async fn sign_async(&self, message: Vec<u8>) -> Result<Vec<u8>, SignError> {
+        match &self.material {
+            Material::Hsm { key, public } => key
+                .sign(message, public.clone())
+                .await
+                .map_err(SignError::Unavailable),
+            _ => self
+                .sign(&message)
+                .ok_or_else(|| SignError::CannotSign(self.kid.clone())),
+        }
+    }
+
+    /// For a key in a PKCS#11 token, whether it still signs: one signature of a fixed
+    /// message, verified. `None` for any other key.
+    pub async fn probe(&self) -> Option<Result<(), String>> {
+        let Material::Hsm { key, public } = &self.material else {
+            return None;
+        };
+        let probe = b"auth-sidecar signing probe".to_vec();
+        Some(key.sign(probe, public.clone()).await.map(drop))
+    }
+
+    /// Whether this key is in a PKCS#11 token.
+    pub fn in_token(&self) -> bool {
+        matches!(self.material, Material::Hsm { .. })
+    }
+
     /// Whether `signature` (the raw bytes of the third segment) signs `message` under this key
     /// and its algorithm. HMAC tags are compared in constant time.
     pub fn verify(&self, message: &[u8], signature: &[u8]) -> bool {
@@ -430,6 +472,7 @@ impl SigningKey {
             Material::Private { public, .. } | Material::Public(public) => {
                 public.verify_sig(message, signature).is_ok()
             }
+            Material::Hsm { public, .. } => public.verify_sig(message, signature).is_ok(),
         }
     }
 
@@ -505,6 +548,35 @@ impl Signer {
             Signer::Rsa(pair, _) => pair.public_key().as_der(),
         }
     }
+}
+
+/// The JWK of a public key, after the checks every public key gets (an RSA modulus long
+/// enough).
+fn public_key_jwk(kid: &str, alg: Alg, public: &ParsedPublicKey) -> Result<jwk::Jwk, String> {
+    let spki = public
+        .as_der()
+        .map_err(|_| format!("not a valid {alg} key"))?;
+    if matches!(alg, Alg::RS256 | Alg::PS256) {
+        let bits = rsa::PublicKey::from_der(spki.as_ref())
+            .map_err(|_| format!("not a valid {alg} key"))?
+            .modulus_len()
+            * 8;
+        if bits < MIN_RSA_BITS {
+            return Err(format!(
+                "an RSA key of {bits} bits is too short, use at least {MIN_RSA_BITS}"
+            ));
+        }
+    }
+    let params = public_jwk(alg, &spki).ok_or_else(|| format!("not a valid {alg} key"))?;
+    Ok(jwk::Jwk {
+        common: jwk::CommonParameters {
+            public_key_use: Some(jwk::PublicKeyUse::Signature),
+            key_algorithm: Some(alg.jwk()),
+            key_id: Some(kid.to_owned()),
+            ..Default::default()
+        },
+        algorithm: params,
+    })
 }
 
 /// The JWK parameters of a public key, from its SubjectPublicKeyInfo as aws-lc writes it (an
@@ -648,7 +720,11 @@ impl KeySet {
         let mut kids = BTreeSet::new();
         let mut keys = Vec::with_capacity(manifest.keys.len());
         for entry in manifest.keys {
-            let path = dir.join(&entry.file);
+            // A key in a token is named in the manifest.
+            let path = match &entry.file {
+                Some(file) => dir.join(file),
+                None => manifest_path.clone(),
+            };
             let key_error = |reason: String| KeyError::Key {
                 kid: entry.kid.clone(),
                 path: path.clone(),
@@ -661,7 +737,20 @@ impl KeySet {
                     entry.kid
                 )));
             }
-            check_file_name(&entry.file).map_err(key_error)?;
+            if entry.source == Source::Pkcs11 {
+                keys.push(load_hsm_key(&entry).map_err(key_error)?);
+                continue;
+            }
+            if entry.label.is_some() || entry.id.is_some() || entry.token.is_some() {
+                return Err(key_error(
+                    "`label`, `id` and `token` are for `source = \"pkcs11\"`".to_owned(),
+                ));
+            }
+            let file = entry
+                .file
+                .as_deref()
+                .ok_or_else(|| key_error("`file` is required".to_owned()))?;
+            check_file_name(file).map_err(key_error)?;
             let bytes = std::fs::read(&path).map_err(|e| key_error(e.to_string()))?;
             fingerprint.update(&(bytes.len() as u64).to_be_bytes());
             fingerprint.update(&bytes);
@@ -735,8 +824,47 @@ struct Manifest {
 struct ManifestKey {
     kid: String,
     alg: Alg,
-    file: String,
+    /// A file of the directory; not with `source = "pkcs11"`.
+    file: Option<String>,
     state: KeyState,
+    #[serde(default)]
+    source: Source,
+    /// Where a pkcs11 key is: its label and/or id (hex), and the token's label.
+    label: Option<String>,
+    id: Option<String>,
+    token: Option<String>,
+    /// Sessions a pkcs11 key signs on at once.
+    sessions: Option<usize>,
+}
+
+/// Where a key's private part is.
+#[derive(Debug, Default, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "lowercase")]
+enum Source {
+    #[default]
+    File,
+    Pkcs11,
+}
+
+/// A key of a PKCS#11 token, as a manifest entry names it.
+fn load_hsm_key(entry: &ManifestKey) -> Result<SigningKey, String> {
+    if entry.file.is_some() {
+        return Err("a pkcs11 key has no `file`: name it with `label` or `id`".to_owned());
+    }
+    if entry.label.is_none() && entry.id.is_none() {
+        return Err("a pkcs11 key needs `label` or `id`".to_owned());
+    }
+    let locator = pkcs11::Locator {
+        label: entry.label.clone(),
+        id: entry.id.as_deref().map(pkcs11::parse_id).transpose()?,
+        token: entry.token.clone(),
+    };
+    let sessions = entry.sessions.unwrap_or(pkcs11::DEFAULT_SESSIONS);
+    if !(1..=64).contains(&sessions) {
+        return Err("`sessions` must be 1 to 64".to_owned());
+    }
+    let loaded = pkcs11::HsmKey::load(locator, entry.alg, sessions)?;
+    SigningKey::hsm(entry.kid.clone(), entry.alg, entry.state, loaded)
 }
 
 /// A `kid` goes into every token header and into logs: keep it short and plain.
@@ -817,6 +945,11 @@ impl Keys {
 
     pub fn current(&self) -> arc_swap::Guard<Arc<KeySet>> {
         self.current.load()
+    }
+
+    /// The set in use, to hold across an await (a signature in a PKCS#11 token).
+    pub fn snapshot(&self) -> Arc<KeySet> {
+        self.current.load_full()
     }
 
     pub fn generation(&self) -> u64 {
