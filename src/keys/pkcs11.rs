@@ -276,7 +276,7 @@ impl HsmKey {
             ));
         }
         let spki = public_spki(&session, public, alg)?;
-        let key = Arc::new(HsmKey {
+        let key = HsmKey {
             pkcs11,
             slot,
             locator,
@@ -285,8 +285,24 @@ impl HsmKey {
             idle: Mutex::new(vec![(session, private)]),
             permits: tokio::sync::Semaphore::new(sessions.max(1)),
             signing: AtomicBool::new(true),
-        });
-        Ok(Loaded { key, spki })
+        };
+        // One signature now, checked with the public key: the private and public objects
+        // are one pair, the key may sign, and the token knows the mechanism.
+        let probe = b"auth-sidecar key check";
+        let signature = key.sign_blocking(probe)?;
+        let verifier = ParsedPublicKey::new(alg.verification(), &spki)
+            .map_err(|_| format!("the token's public key is not a valid {alg} key"))?;
+        verifier.verify_sig(probe, &signature).map_err(|_| {
+            format!(
+                "the private and public keys with {} are not one pair: a signature of the \
+                 private key does not verify with the public key",
+                key.locator.describe()
+            )
+        })?;
+        Ok(Loaded {
+            key: Arc::new(key),
+            spki,
+        })
     }
 
     /// Whether the last signature succeeded.
@@ -511,7 +527,10 @@ fn hex(bytes: &[u8]) -> String {
 
 /// Parses an `id` as the manifest gives it: hex digits.
 pub fn parse_id(text: &str) -> Result<Vec<u8>, String> {
-    if text.is_empty() || !text.len().is_multiple_of(2) || !text.bytes().all(|b| b.is_ascii_hexdigit()) {
+    if text.is_empty()
+        || !text.len().is_multiple_of(2)
+        || !text.bytes().all(|b| b.is_ascii_hexdigit())
+    {
         return Err(format!("id `{text}` must be an even number of hex digits"));
     }
     Ok(hex_bytes(text))
@@ -544,13 +563,21 @@ pub fn generate(alg: Alg, label: &str, token: Option<&str>) -> Result<Vec<u8>, S
             Attribute::Private(private),
         ]
     };
+    // A signing key and nothing else: no decrypting, unwrapping or deriving with it.
     let mut public = common(false);
-    public.push(Attribute::Verify(true));
+    public.extend([
+        Attribute::Verify(true),
+        Attribute::Encrypt(false),
+        Attribute::Wrap(false),
+    ]);
     let mut private = common(true);
     private.extend([
         Attribute::Sign(true),
         Attribute::Sensitive(true),
         Attribute::Extractable(false),
+        Attribute::Decrypt(false),
+        Attribute::Unwrap(false),
+        Attribute::Derive(false),
     ]);
     let mechanism = match alg {
         Alg::ES256 | Alg::ES384 => {

@@ -4,6 +4,7 @@
 #![allow(dead_code)] // each test binary uses its own part of this module
 
 pub mod backends;
+pub mod hsm;
 pub mod tls;
 
 use std::io::{BufRead, BufReader, Read, Write};

@@ -1,0 +1,488 @@
+//! Signing keys in a PKCS#11 token (SoftHSM2, a throwaway token per test): every algorithm the
+//! token supports issues tokens the sidecar and the JWKS verify, 64 concurrent Issues on one
+//! key, the attributes of a generated key read back with OpenSC's pkcs11-tool, rotation from a
+//! file key to an HSM key and back under load, a token that stops signing, a wrong PIN and a
+//! missing label at start. (PyJWT verifies HSM-signed tokens in tests/interop/python.)
+
+mod support;
+
+use std::path::Path;
+use std::process::Command;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::{Duration, Instant};
+
+use auth_sidecar::pb;
+use support::hsm::{PIN, SoftHsm};
+use support::{Client, Sidecar, SidecarBuilder};
+use tempfile::TempDir;
+use tonic::Code;
+
+const BIN: &str = env!("CARGO_BIN_EXE_auth-sidecar");
+
+/// A keys directory whose manifest is `entries`, replaced whole.
+fn write_manifest(dir: &Path, entries: &[String]) {
+    let tmp = dir.join(".keys.toml.tmp");
+    std::fs::write(&tmp, entries.join("\n")).unwrap();
+    std::fs::rename(tmp, dir.join("keys.toml")).unwrap();
+}
+
+/// A `keys generate` entry with its state set.
+fn with_state(entry: &str, state: &str) -> String {
+    entry.replace("state = \"verify\"", &format!("state = \"{state}\""))
+}
+
+fn builder(hsm: &SoftHsm, keys: &Path) -> SidecarBuilder {
+    hsm.env()
+        .into_iter()
+        .fold(Sidecar::builder().keys_dir(keys), |b, (k, v)| b.env(k, v))
+        .arg("--backend-check-interval=200ms")
+}
+
+/// Verifies `token` against the JWKS with jsonwebtoken, an independent verifier.
+fn verify_with_jwks(token: &str, jwks_json: &str) {
+    let set: jsonwebtoken::jwk::JwkSet = serde_json::from_str(jwks_json).unwrap();
+    let header = jsonwebtoken::decode_header(token).unwrap();
+    let jwk = set
+        .find(header.kid.as_deref().unwrap())
+        .expect("kid in the JWKS");
+    let key = jsonwebtoken::DecodingKey::from_jwk(jwk).unwrap();
+    let mut validation = jsonwebtoken::Validation::new(header.alg);
+    validation.set_issuer(&["auth-sidecar"]);
+    jsonwebtoken::decode::<serde_json::Value>(token, &key, &validation)
+        .unwrap_or_else(|e| panic!("{:?}: {e}", header.alg));
+}
+
+async fn jwks(client: &mut Client) -> pb::GetJwksResponse {
+    client
+        .0
+        .get_jwks(pb::GetJwksRequest {})
+        .await
+        .unwrap()
+        .into_inner()
+}
+
+#[tokio::test]
+async fn every_algorithm_softhsm_supports_signs_in_the_token() {
+    let hsm = SoftHsm::new();
+    let keys = TempDir::new().unwrap();
+    // SoftHSM2 2.6 signs all five: CKM_ECDSA (P-256, P-384), CKM_EDDSA (Ed25519),
+    // CKM_SHA256_RSA_PKCS and CKM_SHA256_RSA_PKCS_PSS.
+    let algs = ["ES256", "ES384", "EdDSA", "RS256", "PS256"];
+    let entries: Vec<String> = algs
+        .iter()
+        .map(|alg| hsm.generate(alg, &format!("hsm-{alg}")))
+        .collect();
+    for (i, alg) in algs.iter().enumerate() {
+        let manifest: Vec<String> = entries
+            .iter()
+            .enumerate()
+            .map(|(j, e)| with_state(e, if i == j { "active" } else { "verify" }))
+            .collect();
+        write_manifest(keys.path(), &manifest);
+        let node = builder(&hsm, keys.path()).start();
+        let mut client = node.client().await;
+        let issued = client.issue("alice").await;
+        assert_eq!(issued.key_id, format!("hsm-{alg}"));
+        let header = jsonwebtoken::decode_header(&issued.token).unwrap();
+        assert_eq!(format!("{:?}", header.alg), *alg);
+        client.assert_valid(&issued.token).await;
+        verify_with_jwks(&issued.token, &jwks(&mut client).await.jwks_json);
+        let log = node.logs().join("\n");
+        assert!(!log.contains(PIN), "the PIN in the log");
+    }
+}
+
+#[tokio::test]
+async fn sixty_four_concurrent_issues_on_one_hsm_key_all_verify() {
+    let hsm = SoftHsm::new();
+    let keys = TempDir::new().unwrap();
+    let entry = hsm.generate("ES256", "hsm-1");
+    write_manifest(
+        keys.path(),
+        &[with_state(&entry, "active") + "sessions = 4\n"],
+    );
+    let node = builder(&hsm, keys.path()).start();
+    let channel = node.channel().await;
+    let calls = (0..64).map(|i| {
+        let mut client = Client(pb::token_service_client::TokenServiceClient::new(
+            channel.clone(),
+        ));
+        tokio::spawn(async move { client.issue(&format!("user-{i}")).await })
+    });
+    let issued: Vec<pb::IssueResponse> = futures_util::future::join_all(calls)
+        .await
+        .into_iter()
+        .map(Result::unwrap)
+        .collect();
+    let mut client = node.client().await;
+    let jwks_json = jwks(&mut client).await.jwks_json;
+    for token in &issued {
+        assert_eq!(token.key_id, "hsm-1");
+        client.assert_valid(&token.token).await;
+        verify_with_jwks(&token.token, &jwks_json);
+    }
+}
+
+#[test]
+fn a_generated_key_is_sensitive_and_never_extractable() {
+    let hsm = SoftHsm::new();
+    let entry = hsm.generate("ES256", "made-here");
+    assert!(entry.contains("source = \"pkcs11\"") && entry.contains("label = \"made-here\""));
+    let listing = hsm.pkcs11_tool(&[
+        "--list-objects",
+        "--type",
+        "privkey",
+        "--label",
+        "made-here",
+    ]);
+    let access = listing
+        .lines()
+        .find_map(|l| l.trim().strip_prefix("Access:"))
+        .unwrap_or_else(|| panic!("no Access line: {listing}"));
+    for flag in ["sensitive", "always sensitive", "never extractable"] {
+        assert!(access.contains(flag), "{flag} missing: {access}");
+    }
+    let usage = listing
+        .lines()
+        .find_map(|l| l.trim().strip_prefix("Usage:"))
+        .unwrap_or_default();
+    assert_eq!(usage.trim(), "sign", "a signing key only: {listing}");
+    // A second key under the same label is refused, not made.
+    let again = hsm.try_run(
+        BIN,
+        &[
+            "keys",
+            "generate",
+            "--pkcs11",
+            "--alg",
+            "ES256",
+            "--kid",
+            "made-here",
+        ],
+    );
+    assert!(!again.status.success());
+    assert!(String::from_utf8_lossy(&again.stderr).contains("already"));
+}
+
+/// Issues and validates on `node` until told to stop; the rejected tokens and the kids seen.
+fn load(
+    node: &Sidecar,
+    stop: Arc<AtomicBool>,
+) -> tokio::task::JoinHandle<(Vec<String>, Vec<String>)> {
+    let api = node.api.clone();
+    tokio::spawn(async move {
+        let channel = support::connect(&api).await;
+        let mut client = Client(pb::token_service_client::TokenServiceClient::new(channel));
+        let (mut rejected, mut kids) = (Vec::new(), Vec::new());
+        while !stop.load(Ordering::Relaxed) {
+            let token = client.issue("alice").await;
+            if kids.last() != Some(&token.key_id) {
+                kids.push(token.key_id.clone());
+            }
+            let verdict = client.validate(&token.token).await.unwrap();
+            if !verdict.valid {
+                rejected.push(format!("{:?} by {}", verdict.reason(), token.key_id));
+            }
+        }
+        (rejected, kids)
+    })
+}
+
+async fn wait_until<F: AsyncFnMut() -> bool>(what: &str, mut done: F) {
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while !done().await {
+        assert!(Instant::now() < deadline, "timed out waiting until {what}");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+/// The README's rotation from a file key to an HSM key and back, under constant load.
+#[tokio::test]
+async fn rotation_between_a_file_key_and_an_hsm_key_rejects_no_token() {
+    let hsm = SoftHsm::new();
+    let keys = TempDir::new().unwrap();
+    let out = Command::new(BIN)
+        .args([
+            "keys", "generate", "--alg", "ES256", "--kid", "file-1", "--dir",
+        ])
+        .arg(keys.path())
+        .output()
+        .unwrap();
+    let file_entry = String::from_utf8(out.stdout).unwrap();
+    let hsm_entry = hsm.generate("ES256", "hsm-1");
+    write_manifest(keys.path(), &[with_state(&file_entry, "active")]);
+    let node = builder(&hsm, keys.path()).start();
+    let mut watch = node.client().await;
+    let stop = Arc::new(AtomicBool::new(false));
+    let task = load(&node, stop.clone());
+    let early = watch.issue("early").await;
+    for (manifest, signer) in [
+        (
+            vec![
+                with_state(&file_entry, "active"),
+                with_state(&hsm_entry, "verify"),
+            ],
+            "file-1",
+        ),
+        (
+            vec![
+                with_state(&file_entry, "verify"),
+                with_state(&hsm_entry, "active"),
+            ],
+            "hsm-1",
+        ),
+        (
+            vec![
+                with_state(&file_entry, "active"),
+                with_state(&hsm_entry, "verify"),
+            ],
+            "file-1",
+        ),
+    ] {
+        write_manifest(keys.path(), &manifest);
+        wait_until("the key set changes", async || {
+            let j = jwks(&mut watch).await;
+            j.active_key_id == signer && j.jwks_json.contains("\"hsm-1\"")
+        })
+        .await;
+        tokio::time::sleep(Duration::from_millis(300)).await;
+    }
+    stop.store(true, Ordering::Relaxed);
+    let (rejected, kids) = task.await.unwrap();
+    assert!(
+        rejected.is_empty(),
+        "{} rejected: {:?}",
+        rejected.len(),
+        rejected.first()
+    );
+    assert_eq!(kids, ["file-1", "hsm-1", "file-1"], "the signers in turn");
+    watch.assert_valid(&early.token).await;
+}
+
+/// A token that stops signing takes the node out of service, and Issue is UNAVAILABLE, never
+/// a token signed by another key; when it signs again, so does the node.
+#[tokio::test]
+async fn a_token_that_stops_signing_makes_the_node_not_serving() {
+    let hsm = SoftHsm::new();
+    let keys = TempDir::new().unwrap();
+    let pem = keys.path().join("imported.pem");
+    std::fs::write(
+        &pem,
+        auth_sidecar::keys::generate(auth_sidecar::keys::Alg::ES256).unwrap(),
+    )
+    .unwrap();
+    hsm.import(&pem, "imported", "0a0b");
+    let backup = keys.path().join("backup.pem");
+    std::fs::rename(&pem, &backup).unwrap();
+    // A file key that could sign, as `verify`: it must not stand in.
+    let out = Command::new(BIN)
+        .args([
+            "keys", "generate", "--alg", "ES256", "--kid", "file-1", "--dir",
+        ])
+        .arg(keys.path())
+        .output()
+        .unwrap();
+    let file_entry = String::from_utf8(out.stdout).unwrap();
+    write_manifest(
+        keys.path(),
+        &[
+            "[[key]]\nkid = \"hsm\"\nalg = \"ES256\"\nsource = \"pkcs11\"\nlabel = \"imported\"\nstate = \"active\"\n".to_owned(),
+            file_entry,
+        ],
+    );
+    let node = builder(&hsm, keys.path()).start();
+    node.wait_ops_status(200, Duration::from_secs(5));
+    let mut client = node.client().await;
+    assert_eq!(client.issue("a").await.key_id, "hsm");
+
+    hsm.delete_private("imported");
+    node.wait_ops_status(503, Duration::from_secs(5));
+    let refused = client
+        .issue_with(pb::IssueRequest {
+            subject: "a".into(),
+            ..Default::default()
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(refused.code(), Code::Unavailable, "{refused:?}");
+    let healthz = support::http_get(node.ops, "/healthz");
+    assert!(healthz.body.contains("does not sign"), "{}", healthz.body);
+    let mut health = node.health().await;
+    let status = health
+        .check(tonic_health::pb::HealthCheckRequest {
+            service: "readiness".into(),
+        })
+        .await
+        .unwrap()
+        .into_inner()
+        .status();
+    assert_eq!(
+        status,
+        tonic_health::pb::health_check_response::ServingStatus::NotServing
+    );
+
+    hsm.import(&backup, "imported", "0a0b");
+    node.wait_ops_status(200, Duration::from_secs(5));
+    assert_eq!(client.issue("a").await.key_id, "hsm");
+}
+
+/// Each signature the token returns is checked with the public key published: a private key
+/// swapped under the same label and id while the node serves mints nothing (a token nobody
+/// could verify); Issue is UNAVAILABLE.
+#[tokio::test]
+async fn a_token_that_signs_with_another_key_mints_nothing() {
+    let hsm = SoftHsm::new();
+    let keys = TempDir::new().unwrap();
+    let pem = |name: &str| {
+        let path = keys.path().join(name);
+        std::fs::write(
+            &path,
+            auth_sidecar::keys::generate(auth_sidecar::keys::Alg::ES256).unwrap(),
+        )
+        .unwrap();
+        path
+    };
+    let (first, second) = (pem("first.pem"), pem("second.pem"));
+    hsm.import(&first, "swap", "0101");
+    write_manifest(
+        keys.path(),
+        &["[[key]]\nkid = \"hsm\"\nalg = \"ES256\"\nsource = \"pkcs11\"\nlabel = \"swap\"\nid = \"0101\"\nstate = \"active\"\n".to_owned()],
+    );
+    let node = builder(&hsm, keys.path()).start();
+    let mut client = node.client().await;
+    client.issue("a").await;
+    hsm.delete_private("swap");
+    hsm.import(&second, "swap", "0101");
+    let refused = client
+        .issue_with(pb::IssueRequest {
+            subject: "a".into(),
+            ..Default::default()
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(refused.code(), Code::Unavailable, "{refused:?}");
+    node.wait_ops_status(503, Duration::from_secs(5));
+    let healthz = support::http_get(node.ops, "/healthz");
+    assert!(
+        healthz.body.contains("signed with another key"),
+        "{}",
+        healthz.body
+    );
+}
+
+/// `serve` with the keys directory, waited for: its exit code and its output.
+fn serve_once(hsm_env: Vec<(&'static str, String)>, keys: &Path) -> (i32, String) {
+    let out = Command::new(BIN)
+        .args([
+            "serve",
+            "--listen",
+            "127.0.0.1:0",
+            "--ops-listen",
+            "127.0.0.1:0",
+        ])
+        .args(["--admin-listen", "off", "--keys-dir"])
+        .arg(keys)
+        .envs(hsm_env)
+        .env_remove("AUTH_JWT_SECRET")
+        .output()
+        .unwrap();
+    let text = format!(
+        "{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    (out.status.code().unwrap_or(-1), text)
+}
+
+#[test]
+fn a_wrong_pin_or_a_missing_label_stops_the_start_with_the_reason() {
+    let hsm = SoftHsm::new();
+    let keys = TempDir::new().unwrap();
+    let entry = hsm.generate("ES256", "hsm-1");
+    write_manifest(keys.path(), &[with_state(&entry, "active")]);
+    let wrong = "wrong-pin-31337";
+    let env: Vec<_> = hsm
+        .env()
+        .into_iter()
+        .map(|(k, v)| {
+            (
+                k,
+                if k == "PKCS11_PIN" {
+                    wrong.to_owned()
+                } else {
+                    v
+                },
+            )
+        })
+        .collect();
+    let (code, text) = serve_once(env, keys.path());
+    assert_eq!(code, 2, "{text}");
+    assert!(
+        text.contains("PIN is incorrect") && text.contains("hsm-1"),
+        "{text}"
+    );
+    assert!(!text.contains(wrong), "the PIN echoed: {text}");
+
+    write_manifest(
+        keys.path(),
+        &[with_state(&entry, "active").replace("label = \"hsm-1\"", "label = \"nowhere\"")],
+    );
+    let (code, text) = serve_once(hsm.env(), keys.path());
+    assert_eq!(code, 2, "{text}");
+    assert!(
+        text.contains("no private key with label `nowhere`"),
+        "{text}"
+    );
+    // keys check says the same.
+    let check = hsm.try_run(
+        BIN,
+        &[
+            "keys",
+            "check",
+            "--keys-dir",
+            &keys.path().display().to_string(),
+        ],
+    );
+    assert!(!check.status.success());
+    assert!(String::from_utf8_lossy(&check.stderr).contains("label `nowhere`"));
+
+    // Without the module or the PIN, the setting is named.
+    write_manifest(keys.path(), &[with_state(&entry, "active")]);
+    let no_module: Vec<_> = hsm
+        .env()
+        .into_iter()
+        .filter(|(k, _)| *k != "CRYPTOKI_LIB")
+        .collect();
+    let (code, text) = serve_once(no_module, keys.path());
+    assert_eq!(code, 2, "{text}");
+    assert!(text.contains("CRYPTOKI_LIB"), "{text}");
+    let no_pin: Vec<_> = hsm
+        .env()
+        .into_iter()
+        .filter(|(k, _)| *k != "PKCS11_PIN")
+        .collect();
+    let (code, text) = serve_once(no_pin, keys.path());
+    assert_eq!(code, 2, "{text}");
+    assert!(text.contains("PKCS11_PIN"), "{text}");
+    // The PIN from a file (a mounted Secret).
+    let pin_file = keys.path().join("pin");
+    std::fs::write(&pin_file, format!("{PIN}\n")).unwrap();
+    let mut from_file: Vec<_> = hsm
+        .env()
+        .into_iter()
+        .filter(|(k, _)| *k != "PKCS11_PIN")
+        .collect();
+    from_file.push(("PKCS11_PIN_FILE", pin_file.display().to_string()));
+    let check = Command::new(BIN)
+        .args(["keys", "check", "--keys-dir"])
+        .arg(keys.path())
+        .envs(from_file)
+        .output()
+        .unwrap();
+    assert!(
+        check.status.success(),
+        "{}",
+        String::from_utf8_lossy(&check.stderr)
+    );
+}
