@@ -3,7 +3,7 @@
 //! ceiling of a no-op call on this server), and Validate and Issue on every storage backend
 //! (memory, and the machine's Redis and PostgreSQL), Validate of a token bound to a session
 //! on redis and tiered, and Validate and Issue with every family of signing key (HS256,
-//! ES256, EdDSA, RS256), in one run. The shared backends run twice, with the revocation view
+//! ES256, EdDSA, RS256) and with an ES256 key in a SoftHSM2 token, in one run. The shared backends run twice, with the revocation view
 //! and without it (`--revocation-cache 0`), for a repeated token, 20,000 distinct tokens and a
 //! hot denied rate-limit key; Envoy's ext_authz Check (a valid token), ShouldRateLimit and
 //! MfaService's VerifyTotp on memory and redis. Scenarios run in alternating rounds, so drift on a shared machine touches
@@ -118,11 +118,13 @@ struct Target {
     traced: bool,
     /// Whether the revocation view is on (the default).
     cache: bool,
+    /// Whether the key is in a PKCS#11 token (a SoftHSM2 token made for the run).
+    hsm: bool,
 }
 
 /// Every backend with an HS256 key, the memory backend with each public-key algorithm, and
 /// the memory backend exporting every span to an OTLP collector.
-const TARGETS: [Target; 11] = [
+const TARGETS: [Target; 12] = [
     Target::hs256("memory"),
     Target::hs256("redis"),
     Target::hs256("postgres"),
@@ -134,11 +136,20 @@ const TARGETS: [Target; 11] = [
     Target::keyed("memory EdDSA", Alg::EdDSA),
     Target::keyed("memory RS256", Alg::RS256),
     Target {
+        name: "memory HSM ES256",
+        storage: "memory",
+        alg: Alg::ES256,
+        traced: false,
+        cache: true,
+        hsm: true,
+    },
+    Target {
         name: "memory traced",
         storage: "memory",
         alg: Alg::HS256,
         traced: true,
         cache: true,
+        hsm: false,
     },
 ];
 
@@ -150,6 +161,7 @@ impl Target {
             alg: Alg::HS256,
             traced: false,
             cache: true,
+            hsm: false,
         }
     }
 
@@ -160,6 +172,7 @@ impl Target {
             alg: Alg::HS256,
             traced: false,
             cache: false,
+            hsm: false,
         }
     }
 
@@ -170,6 +183,7 @@ impl Target {
             alg,
             traced: false,
             cache: true,
+            hsm: false,
         }
     }
 }
@@ -969,7 +983,43 @@ fn start_sidecar(
     } else {
         cmd.env_remove("OTEL_EXPORTER_OTLP_ENDPOINT");
     }
-    if target.alg == Alg::HS256 {
+    if target.hsm {
+        let dir = keys_root.join("hsm");
+        std::fs::create_dir_all(dir.join("tokens")).unwrap();
+        let conf = dir.join("softhsm2.conf");
+        std::fs::write(
+            &conf,
+            format!(
+                "directories.tokendir = {}\nobjectstore.backend = file\nlog.level = ERROR\n",
+                dir.join("tokens").display()
+            ),
+        )
+        .unwrap();
+        let env = [
+            ("SOFTHSM2_CONF", conf.display().to_string()),
+            ("CRYPTOKI_LIB", "/usr/lib/softhsm/libsofthsm2.so".to_owned()),
+            ("PKCS11_PIN", "bench-pin".to_owned()),
+        ];
+        let init = Command::new("softhsm2-util")
+            .args(["--init-token", "--free", "--label", "bench"])
+            .args(["--so-pin", "bench-so", "--pin", "bench-pin"])
+            .envs(env.clone())
+            .output()
+            .expect("softhsm2-util (Debian's softhsm2) runs");
+        assert!(init.status.success(), "{init:?}");
+        let entry = Command::new(env!("CARGO_BIN_EXE_auth-sidecar"))
+            .args(["keys", "generate", "--pkcs11", "--alg", target.alg.as_str()])
+            .args(["--kid", "bench"])
+            .envs(env.clone())
+            .output()
+            .unwrap();
+        assert!(entry.status.success(), "{entry:?}");
+        let manifest = String::from_utf8(entry.stdout)
+            .unwrap()
+            .replace("\"verify\"", "\"active\"");
+        std::fs::write(dir.join(keys::MANIFEST), manifest).unwrap();
+        cmd.envs(env).arg("--keys-dir").arg(dir);
+    } else if target.alg == Alg::HS256 {
         cmd.env("AUTH_JWT_SECRET", SECRET);
     } else {
         let dir = keys_root.join(target.alg.as_str());

@@ -19,7 +19,7 @@ use std::time::{Duration, SystemTime};
 
 use crate::clock::Clock;
 use crate::ratelimit::{self, Policy, RateLimiter};
-use crate::store::{StepAccept, Store, StoreError};
+use crate::store::{MfaRecord, StepAccept, Store, StoreError};
 use seal::{OpenError, Sealer};
 
 /// Backup codes made at a time.
@@ -173,9 +173,8 @@ impl Mfa {
         let sealer = self.sealer()?;
         check_subject(subject)?;
         check_totp(code)?;
-        self.attempt(subject).await?;
         let now = self.clock.now();
-        let record = self.store.mfa_get(subject, now).await?;
+        let record = self.counted_read(subject, now).await?;
         let Some((pending, _)) = record.pending else {
             return Err(Error::FailedPrecondition(
                 "no enrollment is pending for this subject (none begun, ended after \
@@ -207,9 +206,8 @@ impl Mfa {
         let sealer = self.sealer()?;
         check_subject(subject)?;
         check_totp(code)?;
-        self.attempt(subject).await?;
         let now = self.clock.now();
-        let Some(enrolled) = self.store.mfa_get(subject, now).await?.enrolled else {
+        let Some(enrolled) = self.counted_read(subject, now).await?.enrolled else {
             return Ok(Verdict::NotEnrolled);
         };
         let secret = sealer.open(subject, &enrolled.secret)?;
@@ -280,6 +278,15 @@ impl Mfa {
             ));
         }
         Ok(codes)
+    }
+
+    /// Counts an attempt and reads the record, together (both go out before either answer
+    /// comes back); the code is looked at only once the attempt is admitted.
+    async fn counted_read(&self, subject: &str, now: SystemTime) -> Result<MfaRecord, Error> {
+        let (attempt, record) =
+            tokio::join!(self.attempt(subject), self.store.mfa_get(subject, now));
+        attempt?;
+        Ok(record?)
     }
 
     /// Counts an attempt of `subject`, before its code is looked at: past the policy's
