@@ -38,7 +38,8 @@ pub struct Login {
     pub exp: i64,
 }
 
-/// A new login of `user` for `ttl`, as a cookie value, signed by the active key.
+/// A new login of `user` for `ttl`, as a cookie value, MACed under a secret derived from the
+/// active key (or, when that key is in a PKCS#11 token, from another key of the set).
 pub fn issue(keys: &KeySet, user: &str, ttl: Duration, now: SystemTime) -> Option<String> {
     let login = Login {
         sid: crate::ids::random_id(),
@@ -46,8 +47,16 @@ pub fn issue(keys: &KeySet, user: &str, ttl: Duration, now: SystemTime) -> Optio
         iat: unix_millis(now),
         exp: unix_millis(now + ttl),
     };
-    let key = keys.active();
-    let secret = key.derive(COOKIE_PURPOSE)?;
+    // The active key, or (one in a PKCS#11 token derives nothing) the first other key, by
+    // kid, that does: every node picks the same one.
+    let mut others: Vec<_> = keys
+        .keys()
+        .filter(|k| k.kid() != keys.active().kid())
+        .collect();
+    others.sort_by_key(|k| k.kid());
+    let (key, secret) = std::iter::once(keys.active())
+        .chain(others)
+        .find_map(|k| Some((k, k.derive(COOKIE_PURPOSE)?)))?;
     let payload = URL_SAFE_NO_PAD.encode(serde_json::to_vec(&login).ok()?);
     let signed = format!("{}.{payload}", key.kid());
     let mac = hmac::sign(

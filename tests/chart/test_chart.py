@@ -211,6 +211,24 @@ def test_mfa_is_off_unless_enabled_and_its_key_comes_from_the_secret():
     assert env["AUTH_MFA"]["value"] == "off" and "AUTH_MFA_KEY" not in env
 
 
+def test_hsm_module_and_pin_file_are_set_and_the_pin_is_a_mounted_file():
+    docs = render("-f", str(CHART / "ci" / "hsm-values.yaml"))
+    [spec] = pod_specs(docs)
+    container = sidecar(spec)
+    env = {e["name"]: e for e in container["env"]}
+    assert env["CRYPTOKI_LIB"]["value"] == "/usr/lib/pkcs11/libvendor-pkcs11.so"
+    assert env["PKCS11_PIN_FILE"]["value"] == "/etc/auth-sidecar/pkcs11/pin"
+    assert "PKCS11_PIN" not in env, "the PIN itself never goes in the environment"
+    mounts = {m["name"]: m for m in container["volumeMounts"]}
+    assert mounts["auth-sidecar-pkcs11-pin"]["mountPath"] == "/etc/auth-sidecar/pkcs11"
+    volumes = {v["name"]: v for v in spec["volumes"]}
+    secret = volumes["auth-sidecar-pkcs11-pin"]["secret"]
+    assert secret["secretName"] == "hsm-pin" and secret["defaultMode"] == 0o400
+    assert secret["items"] == [{"key": "pin", "path": "pin"}]
+    env = {e["name"] for e in sidecar(pod_specs(render())[0])["env"]}
+    assert not env & {"CRYPTOKI_LIB", "PKCS11_PIN_FILE"}
+
+
 def test_a_single_memory_replica_renders():
     docs = render("--set", "replicas=1", "--set", "sidecar.storage=memory")
     assert kinds(docs, "Deployment")[0]["spec"]["replicas"] == 1

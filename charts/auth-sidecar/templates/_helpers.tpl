@@ -216,6 +216,14 @@ exec:
     {{- else if include "auth-sidecar.hasSecret" (list . .Values.secrets.jwtSecret) }}
     {{- include "auth-sidecar.secretEnv" (list . "AUTH_JWT_SECRET" .Values.secrets.keys.jwtSecret) | nindent 4 }}
     {{- end }}
+    {{- with $s.pkcs11.module }}
+    - name: CRYPTOKI_LIB
+      value: {{ . | quote }}
+    {{- end }}
+    {{- if $s.pkcs11.pinSecret }}
+    - name: PKCS11_PIN_FILE
+      value: /etc/auth-sidecar/pkcs11/pin
+    {{- end }}
     {{- if ($s.resources.limits).cpu }}
     - name: TOKIO_WORKER_THREADS
       valueFrom:
@@ -229,7 +237,7 @@ exec:
     {{- end }}
   {{- $redisTls := and (has $s.storage (list "redis" "tiered")) $s.redis.tlsSecret }}
   {{- $postgresTls := and (has $s.storage (list "postgres" "tiered")) $s.postgres.tlsSecret }}
-  {{- if or $s.keysSecret $redisTls $postgresTls }}
+  {{- if or $s.keysSecret $redisTls $postgresTls $s.pkcs11.pinSecret }}
   volumeMounts:
     {{- if $s.keysSecret }}
     - name: auth-sidecar-keys
@@ -244,6 +252,11 @@ exec:
     {{- if $postgresTls }}
     - name: auth-sidecar-postgres-tls
       mountPath: /etc/auth-sidecar/postgres-tls
+      readOnly: true
+    {{- end }}
+    {{- if $s.pkcs11.pinSecret }}
+    - name: auth-sidecar-pkcs11-pin
+      mountPath: /etc/auth-sidecar/pkcs11
       readOnly: true
     {{- end }}
   {{- end }}
@@ -287,5 +300,14 @@ exec:
   secret:
     secretName: {{ $s.postgres.tlsSecret }}
     defaultMode: 0400
+{{- end }}
+{{- if $s.pkcs11.pinSecret }}
+- name: auth-sidecar-pkcs11-pin
+  secret:
+    secretName: {{ $s.pkcs11.pinSecret }}
+    defaultMode: 0400
+    items:
+      - key: pin
+        path: pin
 {{- end }}
 {{- end -}}
