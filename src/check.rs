@@ -65,6 +65,7 @@ pub async fn run(config: &Config) -> Vec<Row> {
     if let Some(keys) = &keys {
         rows.push(keys_row(config, keys));
     }
+    rows.push(mfa_row(config));
     rows.extend(listener_rows(config));
     if config.storage == Storage::Memory {
         rows.push(row(
@@ -185,6 +186,39 @@ fn keys_row(config: &Config, keys: &Keys) -> Row {
             "signing keys",
             "a random key made at start: its tokens validate on this process only",
         ),
+    }
+}
+
+/// Whether MFA is on, and with which keys (never the keys themselves). Off is not a fault:
+/// an app may not use MFA.
+fn mfa_row(config: &Config) -> Row {
+    use crate::config::MfaKeys;
+    match &config.mfa.keys {
+        MfaKeys::Given(text) => match crate::mfa::seal::Sealer::parse(text.expose_str()) {
+            Ok(sealer) => {
+                let kids: Vec<&str> = sealer.kids().collect();
+                row(
+                    Mark::Pass,
+                    "mfa",
+                    format!(
+                        "on: seals under key {}{}",
+                        kids[0],
+                        if kids.len() > 1 {
+                            format!(", opens {}", kids.join(", "))
+                        } else {
+                            String::new()
+                        }
+                    ),
+                )
+            }
+            Err(e) => row(Mark::Fail, "mfa", e),
+        },
+        MfaKeys::Ephemeral => row(
+            Mark::Pass,
+            "mfa",
+            "on, with a random key made at start (memory storage)",
+        ),
+        MfaKeys::Off(reason) => row(Mark::Pass, "mfa", reason.clone()),
     }
 }
 

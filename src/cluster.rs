@@ -20,13 +20,14 @@ use serde::{Deserialize, Serialize};
 use crate::config::Config;
 use crate::health::Health;
 use crate::keys::{KeySet, KeyState, Keys};
+use crate::mfa::seal::Sealer;
 use crate::ratelimit::Policy;
 use crate::rules::gcra::Gcra;
 use crate::store::Store;
 
 /// The items nodes compare, as the metric's `item` label names them.
-pub const ITEMS: [&str; 7] = [
-    "keys", "policies", "issuer", "audience", "ttl", "admin", "node_id",
+pub const ITEMS: [&str; 8] = [
+    "keys", "policies", "issuer", "audience", "ttl", "admin", "mfa", "node_id",
 ];
 
 /// A node is live for this many heartbeats after its last.
@@ -53,6 +54,9 @@ pub struct Document {
     /// A keyed fingerprint of the admin UI's user name and credential (see
     /// [`Local::admin_fingerprint`]); `None` when the UI has no password.
     pub admin: Option<String>,
+    /// MFA's keys, the sealing one first: each kid with a fingerprint keyed by the key
+    /// itself (see `Sealer::fingerprint`); `None` when MFA is off.
+    pub mfa: Option<Vec<(String, String)>>,
 }
 
 /// One key as published: never the key itself.
@@ -76,6 +80,8 @@ pub struct Local {
     policies: BTreeMap<String, String>,
     ttl: BTreeMap<String, u64>,
     admin: Option<(String, crate::config::AdminCredential)>,
+    /// MFA's keys when MFA is on with keys every node must share.
+    mfa: Option<Arc<Sealer>>,
 }
 
 impl Local {
@@ -116,6 +122,12 @@ impl Local {
                 .credential
                 .clone()
                 .map(|c| (config.admin.username.clone(), c)),
+            mfa: match &config.mfa.keys {
+                crate::config::MfaKeys::Given(text) => {
+                    Sealer::parse(text.expose_str()).ok().map(Arc::new)
+                }
+                _ => None,
+            },
         }
     }
 
@@ -169,6 +181,15 @@ impl Local {
             policies: self.policies.clone(),
             ttl: self.ttl.clone(),
             admin: self.admin_fingerprint(keys, &self.nonce),
+            mfa: self.mfa.as_ref().map(|sealer| {
+                sealer
+                    .kids()
+                    .map(|kid| {
+                        let print = sealer.fingerprint(kid, &self.nonce).unwrap_or_default();
+                        (kid.to_owned(), print)
+                    })
+                    .collect()
+            }),
         }
     }
 }
@@ -276,6 +297,42 @@ pub fn compare(
             }
         }
         (Some(_), Some(_)) => {}
+    }
+    match (&local.mfa, &theirs.mfa) {
+        (None, None) => {}
+        (Some(_), None) => say("mfa", format!("MFA is on here and off on node {node}")),
+        (None, Some(_)) => say("mfa", format!("MFA is off here and on on node {node}")),
+        (Some(sealer), Some(prints)) => {
+            // Every key the other node holds that this one does too must be the same key; the
+            // key it seals with must be one this node can open with, and the reverse.
+            for (i, (kid, print)) in prints.iter().enumerate() {
+                match sealer.same_key(kid, &nonce, print) {
+                    Some(false) => say(
+                        "mfa",
+                        format!("MFA key {kid} is a different key here than on node {node}"),
+                    ),
+                    None if i == 0 => say(
+                        "mfa",
+                        format!(
+                            "node {node} seals MFA secrets under key {kid}, which this node \
+                             does not have"
+                        ),
+                    ),
+                    _ => {}
+                }
+            }
+            if let Some(sealing) = sealer.kids().next()
+                && !prints.iter().any(|(kid, _)| kid == sealing)
+            {
+                say(
+                    "mfa",
+                    format!(
+                        "node {node} does not have MFA key {sealing}, which this node seals \
+                         MFA secrets under"
+                    ),
+                );
+            }
+        }
     }
     if mine.issuer != theirs.issuer {
         say(
@@ -631,6 +688,33 @@ mod tests {
         assert_eq!(compare(&here, &mine, &keys, "b", &none)[0].item, "admin");
         let published = serde_json::to_string(&mine).unwrap();
         assert!(!published.contains("pw-one"), "{published}");
+    }
+
+    #[test]
+    fn mfa_keys_compare_without_revealing_them() {
+        let k1 = "k1:AAECAwQFBgcICQoLDA0ODxAREhMUFRYXGBkaGxwdHh8=";
+        let k1_other = "k1:ICEiIyQlJicoKSorLC0uLzAxMjM0NTY3ODk6Ozw9Pj8=";
+        let k2 = "k2:QEFCQ0RFRkdISUpLTE1OT1BRUlNUVVZXWFlaW1xdXl8=";
+        let with = |keys: &str| Local::new(&Config::load(["serve", "--mfa-key", keys]).unwrap());
+        let keys = set(A);
+        let here = with(k1);
+        let mine = here.document(&keys);
+        let items = |theirs: &Local| {
+            compare(&here, &mine, &keys, "b", &theirs.document(&keys))
+                .into_iter()
+                .map(|d| d.detail)
+                .collect::<Vec<_>>()
+        };
+        assert!(items(&with(k1)).is_empty());
+        // Rotating: the other node seals with k2 and still opens k1; this one cannot open k2.
+        let rotated = items(&with(&format!("{k2},{k1}")));
+        assert_eq!(rotated.len(), 1, "{rotated:?}");
+        assert!(rotated[0].contains("under key k2"), "{rotated:?}");
+        assert!(items(&with(k1_other))[0].contains("different key"));
+        let off = Local::new(&Config::defaults()).document(&keys);
+        assert_eq!(compare(&here, &mine, &keys, "b", &off)[0].item, "mfa");
+        let published = serde_json::to_string(&mine).unwrap();
+        assert!(!published.contains("AAECAwQF"), "{published}");
     }
 
     #[test]

@@ -466,7 +466,7 @@ fn code_name(code: i32) -> &'static str {
 
 /// The API listener's methods by path, and the `method` label each takes: the only values it
 /// takes, besides `other`.
-const KNOWN_METHODS: [(&str, &str); 19] = [
+const KNOWN_METHODS: [(&str, &str); 26] = [
     ("/authsidecar.v1.TokenService/Issue", "Issue"),
     ("/authsidecar.v1.TokenService/Validate", "Validate"),
     ("/authsidecar.v1.TokenService/Revoke", "Revoke"),
@@ -491,6 +491,25 @@ const KNOWN_METHODS: [(&str, &str); 19] = [
         "DeleteSession",
     ),
     ("/authsidecar.v1.TokenService/ListSessions", "ListSessions"),
+    (
+        "/authsidecar.v1.MfaService/BeginTotpEnrollment",
+        "BeginTotpEnrollment",
+    ),
+    (
+        "/authsidecar.v1.MfaService/ConfirmTotpEnrollment",
+        "ConfirmTotpEnrollment",
+    ),
+    ("/authsidecar.v1.MfaService/VerifyTotp", "VerifyTotp"),
+    (
+        "/authsidecar.v1.MfaService/VerifyBackupCode",
+        "VerifyBackupCode",
+    ),
+    ("/authsidecar.v1.MfaService/GetMfaStatus", "GetMfaStatus"),
+    ("/authsidecar.v1.MfaService/DisableMfa", "DisableMfa"),
+    (
+        "/authsidecar.v1.MfaService/RegenerateBackupCodes",
+        "RegenerateBackupCodes",
+    ),
     ("/grpc.health.v1.Health/Check", "Check"),
     ("/grpc.health.v1.Health/Watch", "Watch"),
     ("/grpc.health.v1.Health/List", "List"),

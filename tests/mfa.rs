@@ -671,3 +671,40 @@ async fn the_mfa_cli_mirrors_the_rpcs() {
     );
     assert!(key.starts_with("k9:"));
 }
+
+/// Nodes with different MFA keys report each other (a secret one seals, the other cannot
+/// open), in the metric and the log, and the keys are in neither.
+#[tokio::test]
+async fn nodes_with_different_mfa_keys_report_each_other() {
+    let storage = Storage::new(Backend::Redis);
+    let other = "test-2:ICEiIyQlJicoKSorLC0uLzAxMjM0NTY3ODk6Ozw9Pj8=";
+    let start = |id: &str, key: &str| {
+        Sidecar::builder()
+            .storage(&storage)
+            .args([
+                format!("--node-id={id}"),
+                "--cluster-heartbeat=300ms".into(),
+            ])
+            .env("AUTH_MFA_KEY", key)
+            .start()
+    };
+    let a = start("mfa-a", KEY);
+    let b = start("mfa-b", other);
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    while a.metric("authsidecar_cluster_disagreements", &["item=\"mfa\""]) < 1.0 {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "no mfa disagreement reported"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let log = a.logs().join("\n");
+    assert!(log.contains("under key test-2"), "{log}");
+    for node in [&a, &b] {
+        let text = node.logs().join("\n");
+        assert!(
+            !text.contains("AAECAwQF") && !text.contains("ICEiIyQl"),
+            "a key in a log"
+        );
+    }
+}

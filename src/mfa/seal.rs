@@ -171,6 +171,32 @@ impl Sealer {
     }
 }
 
+impl Sealer {
+    /// What another node compares its own key `kid` with, to learn whether the two are the
+    /// same key and nothing else: an HMAC, under a key derived from this one, of a context and
+    /// the publishing node's `nonce`. `None` for a kid this node does not have.
+    pub fn fingerprint(&self, kid: &str, nonce: &[u8]) -> Option<String> {
+        let key = self.keys.iter().find(|k| k.kid == kid)?;
+        let mut ctx = hmac::Context::with_key(&key.backup);
+        ctx.update(b"auth-sidecar mfa key fingerprint\0");
+        ctx.update(nonce);
+        Some(URL_SAFE_NO_PAD.encode(ctx.sign()))
+    }
+
+    /// Whether `fingerprint`, published with `nonce` by another node for `kid`, is of this
+    /// node's key `kid` (in constant time); `None` when this node has no such key.
+    pub fn same_key(&self, kid: &str, nonce: &[u8], fingerprint: &str) -> Option<bool> {
+        let mine = self.fingerprint(kid, nonce)?;
+        Some(
+            aws_lc_rs::constant_time::verify_slices_are_equal(
+                mine.as_bytes(),
+                fingerprint.as_bytes(),
+            )
+            .is_ok(),
+        )
+    }
+}
+
 impl SealKey {
     fn new(kid: String, bytes: &[u8]) -> SealKey {
         let derived = hmac::sign(&hmac::Key::new(hmac::HMAC_SHA256, bytes), BACKUP_CONTEXT);
