@@ -194,11 +194,20 @@ fn find_slot(pkcs11: &Pkcs11, token: Option<&str>) -> Result<Slot, String> {
 }
 
 /// Opens a session on `slot` and logs the user in; a module that says the user is logged in
-/// already (another session of this process did it) is fine.
-fn open_session(pkcs11: &Pkcs11, slot: Slot, pin: &AuthPin) -> Result<Session, String> {
-    let session = pkcs11
-        .open_rw_session(slot)
-        .map_err(|e| format!("cannot open a PKCS#11 session: {e}"))?;
+/// already (another session of this process did it) is fine. Signing sessions are read-only:
+/// only `generate` writes to the token.
+fn open_session(
+    pkcs11: &Pkcs11,
+    slot: Slot,
+    pin: &AuthPin,
+    writes: bool,
+) -> Result<Session, String> {
+    let session = if writes {
+        pkcs11.open_rw_session(slot)
+    } else {
+        pkcs11.open_ro_session(slot)
+    }
+    .map_err(|e| format!("cannot open a PKCS#11 session: {e}"))?;
     match session.login(UserType::User, Some(pin)) {
         Ok(()) | Err(CkError::Pkcs11(RvError::UserAlreadyLoggedIn, _)) => Ok(session),
         Err(CkError::Pkcs11(RvError::PinIncorrect, _)) => {
@@ -253,7 +262,7 @@ impl HsmKey {
         let pkcs11 = module()?;
         let slot = find_slot(&pkcs11, locator.token.as_deref())?;
         let pin = pin()?;
-        let session = open_session(&pkcs11, slot, &pin)?;
+        let session = open_session(&pkcs11, slot, &pin, false)?;
         let private = find_one(&session, &locator, ObjectClass::PRIVATE_KEY)?;
         let public = find_one(&session, &locator, ObjectClass::PUBLIC_KEY)?;
         let key_type = match session.get_attributes(private, &[AttributeType::KeyType]) {
@@ -353,7 +362,7 @@ impl HsmKey {
         let (session, handle) = match idle {
             Some(pair) => pair,
             None => {
-                let session = open_session(&self.pkcs11, self.slot, &self.pin)?;
+                let session = open_session(&self.pkcs11, self.slot, &self.pin, false)?;
                 let handle = find_one(&session, &self.locator, ObjectClass::PRIVATE_KEY)?;
                 (session, handle)
             }
@@ -541,7 +550,7 @@ pub fn parse_id(text: &str) -> Result<Vec<u8>, String> {
 pub fn generate(alg: Alg, label: &str, token: Option<&str>) -> Result<Vec<u8>, String> {
     let pkcs11 = module()?;
     let slot = find_slot(&pkcs11, token)?;
-    let session = open_session(&pkcs11, slot, &pin()?)?;
+    let session = open_session(&pkcs11, slot, &pin()?, true)?;
     let locator = Locator {
         label: Some(label.to_owned()),
         id: None,

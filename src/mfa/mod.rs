@@ -359,10 +359,15 @@ fn account<'a>(subject: &'a str, label: &'a str) -> Result<&'a str, Error> {
         ("account_label", label)
     };
     if name.chars().count() > MAX_LABEL_LEN {
-        return Err(invalid(
-            "account_label",
-            format!("must be at most {MAX_LABEL_LEN} characters"),
-        ));
+        let reason = if label.is_empty() {
+            format!(
+                "is longer than an account label may be ({MAX_LABEL_LEN} characters): give an \
+                 account_label"
+            )
+        } else {
+            format!("must be at most {MAX_LABEL_LEN} characters")
+        };
+        return Err(invalid(field, reason));
     }
     if name.contains(':') || name.chars().any(char::is_control) {
         let reason = if label.is_empty() {
