@@ -10,7 +10,7 @@ use std::path::Path;
 use std::process::Command;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use auth_sidecar::pb;
 use support::hsm::{PIN, SoftHsm};
@@ -39,29 +39,6 @@ fn builder(hsm: &SoftHsm, keys: &Path) -> SidecarBuilder {
         .arg("--backend-check-interval=200ms")
 }
 
-/// Verifies `token` against the JWKS with jsonwebtoken, an independent verifier.
-fn verify_with_jwks(token: &str, jwks_json: &str) {
-    let set: jsonwebtoken::jwk::JwkSet = serde_json::from_str(jwks_json).unwrap();
-    let header = jsonwebtoken::decode_header(token).unwrap();
-    let jwk = set
-        .find(header.kid.as_deref().unwrap())
-        .expect("kid in the JWKS");
-    let key = jsonwebtoken::DecodingKey::from_jwk(jwk).unwrap();
-    let mut validation = jsonwebtoken::Validation::new(header.alg);
-    validation.set_issuer(&["auth-sidecar"]);
-    jsonwebtoken::decode::<serde_json::Value>(token, &key, &validation)
-        .unwrap_or_else(|e| panic!("{:?}: {e}", header.alg));
-}
-
-async fn jwks(client: &mut Client) -> pb::GetJwksResponse {
-    client
-        .0
-        .get_jwks(pb::GetJwksRequest {})
-        .await
-        .unwrap()
-        .into_inner()
-}
-
 #[tokio::test]
 async fn every_algorithm_softhsm_supports_signs_in_the_token() {
     let hsm = SoftHsm::new();
@@ -87,7 +64,7 @@ async fn every_algorithm_softhsm_supports_signs_in_the_token() {
         let header = jsonwebtoken::decode_header(&issued.token).unwrap();
         assert_eq!(format!("{:?}", header.alg), *alg);
         client.assert_valid(&issued.token).await;
-        verify_with_jwks(&issued.token, &jwks(&mut client).await.jwks_json);
+        support::verify_with_jwks(&issued.token, &support::jwks(&mut client).await.jwks_json);
         let log = node.logs().join("\n");
         assert!(!log.contains(PIN), "the PIN in the log");
     }
@@ -116,11 +93,11 @@ async fn sixty_four_concurrent_issues_on_one_hsm_key_all_verify() {
         .map(Result::unwrap)
         .collect();
     let mut client = node.client().await;
-    let jwks_json = jwks(&mut client).await.jwks_json;
+    let jwks_json = support::jwks(&mut client).await.jwks_json;
     for token in &issued {
         assert_eq!(token.key_id, "hsm-1");
         client.assert_valid(&token.token).await;
-        verify_with_jwks(&token.token, &jwks_json);
+        support::verify_with_jwks(&token.token, &jwks_json);
     }
 }
 
@@ -189,14 +166,6 @@ fn load(
     })
 }
 
-async fn wait_until<F: AsyncFnMut() -> bool>(what: &str, mut done: F) {
-    let deadline = Instant::now() + Duration::from_secs(10);
-    while !done().await {
-        assert!(Instant::now() < deadline, "timed out waiting until {what}");
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
-}
-
 /// The README's rotation from a file key to an HSM key and back, under constant load.
 #[tokio::test]
 async fn rotation_between_a_file_key_and_an_hsm_key_rejects_no_token() {
@@ -241,8 +210,8 @@ async fn rotation_between_a_file_key_and_an_hsm_key_rejects_no_token() {
         ),
     ] {
         write_manifest(keys.path(), &manifest);
-        wait_until("the key set changes", async || {
-            let j = jwks(&mut watch).await;
+        support::wait_until("the key set changes", async || {
+            let j = support::jwks(&mut watch).await;
             j.active_key_id == signer && j.jwks_json.contains("\"hsm-1\"")
         })
         .await;

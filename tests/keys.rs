@@ -9,7 +9,7 @@ use std::path::Path;
 use std::process::Command;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use auth_sidecar::keys::{Alg, KeyState, SigningKey};
 use auth_sidecar::pb;
@@ -148,42 +148,6 @@ fn fresh_claims() -> Value {
     })
 }
 
-async fn jwks(client: &mut Client) -> pb::GetJwksResponse {
-    client
-        .0
-        .get_jwks(pb::GetJwksRequest {})
-        .await
-        .unwrap()
-        .into_inner()
-}
-
-/// The token verified by jsonwebtoken against the JWKS: a second, independent verifier. It
-/// decodes into a struct with whole-second `u64` times, as a Rust app would, right after
-/// issue: a NumericDate with a fraction fails to decode there.
-fn verify_with_jwks(token: &str, jwks_json: &str) -> Value {
-    #[derive(serde::Deserialize)]
-    #[allow(dead_code)] // read by serde, as an app's claims struct would be
-    struct Typed {
-        sub: String,
-        iat: u64,
-        exp: u64,
-        auth_ms: u64,
-    }
-    let set: jsonwebtoken::jwk::JwkSet = serde_json::from_str(jwks_json).unwrap();
-    let header = jsonwebtoken::decode_header(token).unwrap();
-    let jwk = set
-        .find(header.kid.as_deref().unwrap())
-        .expect("kid in the JWKS");
-    let key = jsonwebtoken::DecodingKey::from_jwk(jwk).unwrap();
-    let mut validation = jsonwebtoken::Validation::new(header.alg);
-    validation.set_issuer(&["auth-sidecar"]);
-    jsonwebtoken::decode::<Typed>(token, &key, &validation)
-        .unwrap_or_else(|e| panic!("{:?} into u64 times: {e}", header.alg));
-    jsonwebtoken::decode::<Value>(token, &key, &validation)
-        .unwrap_or_else(|e| panic!("{:?}: {e}", header.alg))
-        .claims
-}
-
 #[tokio::test]
 async fn every_algorithm_issues_tokens_that_it_and_the_jwks_verify() {
     for alg in Alg::ALL {
@@ -197,7 +161,7 @@ async fn every_algorithm_issues_tokens_that_it_and_the_jwks_verify() {
         assert_eq!(issued.key_id, format!("{alg}-1"));
         assert_eq!(client.assert_valid(&issued.token).await.subject, "alice");
 
-        let jwks = jwks(&mut client).await;
+        let jwks = support::jwks(&mut client).await;
         assert_eq!(jwks.active_key_id, format!("{alg}-1"));
         let http = http_get(sidecar.ops, "/.well-known/jwks.json");
         assert_eq!(http.status, 200);
@@ -209,7 +173,7 @@ async fn every_algorithm_issues_tokens_that_it_and_the_jwks_verify() {
             );
         } else {
             assert_eq!(
-                verify_with_jwks(&issued.token, &jwks.jwks_json)["sub"],
+                support::verify_with_jwks(&issued.token, &jwks.jwks_json)["sub"],
                 "alice"
             );
         }
@@ -370,14 +334,6 @@ fn cross_load(
     })
 }
 
-async fn wait_until<F: AsyncFnMut() -> bool>(what: &str, mut done: F) {
-    let deadline = Instant::now() + Duration::from_secs(10);
-    while !done().await {
-        assert!(Instant::now() < deadline, "timed out waiting until {what}");
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
-}
-
 /// The README's rotation, walked through file changes on two nodes that each have their own
 /// copy of the keys directory and see each step at a different moment.
 #[tokio::test]
@@ -442,8 +398,11 @@ async fn rotation_rejects_no_valid_token_and_retires_the_old_key() {
     // 1. The new key as `verify` on every node.
     for (dir, client) in dirs.iter_mut().zip(&mut watch) {
         dir.set("k2", "verify");
-        wait_until("k2 is published", async || {
-            jwks(client).await.jwks_json.contains(r#""kid":"k2""#)
+        support::wait_until("k2 is published", async || {
+            support::jwks(client)
+                .await
+                .jwks_json
+                .contains(r#""kid":"k2""#)
         })
         .await;
         let_load_run().await;
@@ -451,8 +410,8 @@ async fn rotation_rejects_no_valid_token_and_retires_the_old_key() {
     // 2. The new key active, the old one verify-only: one node switches before the other.
     for (dir, client) in dirs.iter_mut().zip(&mut watch) {
         dir.update(&[("k2", "active"), ("k1", "verify")]);
-        wait_until("k2 signs", async || {
-            jwks(client).await.active_key_id == "k2"
+        support::wait_until("k2 signs", async || {
+            support::jwks(client).await.active_key_id == "k2"
         })
         .await;
         let_load_run().await;
@@ -464,8 +423,11 @@ async fn rotation_rejects_no_valid_token_and_retires_the_old_key() {
     tokio::time::sleep(Duration::from_secs(MAX_TTL + 1)).await;
     for (dir, client) in dirs.iter_mut().zip(&mut watch) {
         dir.set("k1", "retired");
-        wait_until("k1 is withdrawn", async || {
-            !jwks(client).await.jwks_json.contains(r#""kid":"k1""#)
+        support::wait_until("k1 is withdrawn", async || {
+            !support::jwks(client)
+                .await
+                .jwks_json
+                .contains(r#""kid":"k1""#)
         })
         .await;
         let_load_run().await;
@@ -520,7 +482,7 @@ async fn a_broken_key_file_is_refused_and_the_node_keeps_serving() {
     keys.entries
         .push(("bad".into(), Alg::ES256, "bad.pem".into(), "unlisted"));
     keys.update(&[("bad", "active"), ("good", "verify")]);
-    wait_until("the reload is refused", async || {
+    support::wait_until("the reload is refused", async || {
         http_get(sidecar.ops, "/healthz")
             .body
             .contains("was refused")
@@ -545,7 +507,7 @@ async fn a_broken_key_file_is_refused_and_the_node_keeps_serving() {
     keys.generate(Alg::ES256, "fixed");
     keys.entries.retain(|e| e.0 != "bad");
     keys.set("fixed", "active");
-    wait_until("the fixed key set is taken", async || {
+    support::wait_until("the fixed key set is taken", async || {
         client.issue("carol").await.key_id == "fixed"
     })
     .await;

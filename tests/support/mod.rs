@@ -636,3 +636,49 @@ pub fn struct_of(value: Value) -> prost_types::Struct {
     };
     auth_sidecar::grpc::json_to_struct(map)
 }
+
+/// The sidecar's JWKS and active key id, through GetJwks.
+pub async fn jwks(client: &mut Client) -> pb::GetJwksResponse {
+    client
+        .0
+        .get_jwks(pb::GetJwksRequest {})
+        .await
+        .unwrap()
+        .into_inner()
+}
+
+/// The token verified by jsonwebtoken against the JWKS: a second, independent verifier. It
+/// decodes into a struct with whole-second `u64` times, as a Rust app would, right after
+/// issue: a NumericDate with a fraction fails to decode there.
+pub fn verify_with_jwks(token: &str, jwks_json: &str) -> Value {
+    #[derive(serde::Deserialize)]
+    #[allow(dead_code)] // read by serde, as an app's claims struct would be
+    struct Typed {
+        sub: String,
+        iat: u64,
+        exp: u64,
+        auth_ms: u64,
+    }
+    let set: jsonwebtoken::jwk::JwkSet = serde_json::from_str(jwks_json).unwrap();
+    let header = jsonwebtoken::decode_header(token).unwrap();
+    let jwk = set
+        .find(header.kid.as_deref().unwrap())
+        .expect("kid in the JWKS");
+    let key = jsonwebtoken::DecodingKey::from_jwk(jwk).unwrap();
+    let mut validation = jsonwebtoken::Validation::new(header.alg);
+    validation.set_issuer(&["auth-sidecar"]);
+    jsonwebtoken::decode::<Typed>(token, &key, &validation)
+        .unwrap_or_else(|e| panic!("{:?} into u64 times: {e}", header.alg));
+    jsonwebtoken::decode::<Value>(token, &key, &validation)
+        .unwrap_or_else(|e| panic!("{:?}: {e}", header.alg))
+        .claims
+}
+
+/// Polls `done` every 20 ms until it holds, for at most 10 s.
+pub async fn wait_until<F: AsyncFnMut() -> bool>(what: &str, mut done: F) {
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while !done().await {
+        assert!(Instant::now() < deadline, "timed out waiting until {what}");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
