@@ -14,10 +14,33 @@ const RULES: &[(&str, &[&str], &str)] = &[
             "crate::pb",
             "crate::sessions",
             "crate::ratelimit",
+            "crate::mfa",
             "config::Config",
             "envoy_types",
         ],
         "the store sits below the domain and the wire; each backend gets its own settings",
+    ),
+    (
+        "src/mfa",
+        &[
+            "crate::pb",
+            "crate::grpc",
+            "crate::server",
+            "crate::config",
+            "envoy_types",
+        ],
+        "MFA is domain: it gets its settings and the store, and never knows the wire",
+    ),
+    (
+        "src/keys",
+        &[
+            "crate::pb",
+            "crate::grpc",
+            "crate::server",
+            "crate::store",
+            "envoy_types",
+        ],
+        "keys sit below the domain: they sign and verify, whatever calls them",
     ),
     (
         "src/rules",
