@@ -404,7 +404,7 @@ impl Tokens {
         // A key in a PKCS#11 token signs there, off the async workers; a token it does not
         // sign is UNAVAILABLE, never a token signed by another key.
         let signature = key
-            .sign_async(token.as_bytes().to_vec())
+            .sign_async(token.as_bytes())
             .await
             .map_err(|e| match e {
                 crate::keys::SignError::CannotSign(_) => Error::Signing(e.to_string()),

@@ -437,14 +437,14 @@ impl SigningKey {
 
     /// Signs `message`, in the token for a PKCS#11 key (off the async workers), in-process
     /// for any other.
-    pub async fn sign_async(&self, message: Vec<u8>) -> Result<Vec<u8>, SignError> {
+    pub async fn sign_async(&self, message: &[u8]) -> Result<Vec<u8>, SignError> {
         match &self.material {
             Material::Hsm { key, public } => key
-                .sign(message, public.clone())
+                .sign(message.to_vec(), public.clone())
                 .await
                 .map_err(SignError::Unavailable),
             _ => self
-                .sign(&message)
+                .sign(message)
                 .ok_or_else(|| SignError::CannotSign(self.kid.clone())),
         }
     }
