@@ -374,7 +374,8 @@ async fn login(
         SystemTime::now(),
     ) else {
         return forbidden(
-            "The active signing key holds no private part to derive a cookie key from.",
+            "No key of the set can key the login cookie: the active key is in a PKCS#11 token. \
+             Add a private or HMAC file key to the keys directory (as verify).",
         );
     };
     tracing::info!(user = %ui.0.config.username, client = %peer.ip(), "admin UI: logged in");

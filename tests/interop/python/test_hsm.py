@@ -2,13 +2,17 @@
 PyJWKClient against the JWKS, as an app that never calls Validate would: the public key the
 sidecar read from the token is the one that verifies."""
 
+import re
 import subprocess
+import urllib.error
+import urllib.parse
+import urllib.request
 
 import grpc
 import jwt
 import pytest
 
-from conftest import BINARY, run_sidecar
+from conftest import BINARY, free_port, run_sidecar
 
 MODULE = "/usr/lib/softhsm/libsofthsm2.so"
 PIN = "py-hsm-pin-2718"
@@ -51,3 +55,47 @@ def test_pyjwt_verifies_hsm_signed_tokens_against_the_jwks(stubs, hsm_env, tmp_p
         with pytest.raises(jwt.InvalidTokenError):
             jwt.decode(f"{header}.{payload[:-2]}AA.{signature}", signing_key.key,
                        algorithms=[alg], audience="shop")
+
+
+class NoRedirect(urllib.request.HTTPRedirectHandler):
+    def redirect_request(self, *args, **kwargs):
+        return None
+
+
+def admin_login(admin_addr):
+    """Logs in to the admin UI over HTTP: the status of the login POST."""
+    opener = urllib.request.build_opener(urllib.request.HTTPCookieProcessor(), NoRedirect)
+    with opener.open(f"http://{admin_addr}/login") as r:
+        csrf = re.search(r'name="csrf" value="([^"]+)"', r.read().decode()).group(1)
+    data = urllib.parse.urlencode({"username": "admin", "password": "hsm-admin-pw",
+                                   "csrf": csrf}).encode()
+    try:
+        with opener.open(urllib.request.Request(f"http://{admin_addr}/login", data=data)) as r:
+            return r.status, ""
+    except urllib.error.HTTPError as e:
+        return e.code, e.read().decode()
+
+
+def test_the_admin_ui_logs_in_with_an_hsm_key_active_and_a_file_key_beside_it(hsm_env, tmp_path):
+    """A key in a token cannot key the admin UI's cookie: the UI uses a file key of the set,
+    and says what to add when there is none."""
+    hsm_entry = subprocess.run(
+        [BINARY, "keys", "generate", "--pkcs11", "--alg", "ES256", "--kid", "hsm-ui"],
+        env=hsm_env, check=True, capture_output=True, text=True,
+    ).stdout.replace('"verify"', '"active"')
+    keys = tmp_path / "keys"
+    keys.mkdir()
+    file_entry = subprocess.run(
+        [BINARY, "keys", "generate", "--alg", "ES256", "--kid", "file-ui", "--dir", str(keys)],
+        check=True, capture_output=True, text=True,
+    ).stdout
+    env = dict(hsm_env, ADMIN_GUI_PASSWORD="hsm-admin-pw")
+    for manifest, expected in [(hsm_entry, 403), (hsm_entry + "\n" + file_entry, 303)]:
+        (keys / "keys.toml").write_text(manifest)
+        port = free_port()
+        args = ["--keys-dir", str(keys), "--admin-listen", f"127.0.0.1:{port}"]
+        for _ in run_sidecar(args, env):
+            status, page = admin_login(f"127.0.0.1:{port}")
+            assert status == expected, (status, page)
+            if expected == 403:
+                assert "PKCS#11" in page, page
