@@ -32,6 +32,21 @@ fn with_state(entry: &str, state: &str) -> String {
     entry.replace("state = \"verify\"", &format!("state = \"{state}\""))
 }
 
+/// `keys generate` of an ES256 file key into `dir`: its manifest entry (`verify`).
+fn file_key(dir: &Path, kid: &str) -> String {
+    let out = Command::new(BIN)
+        .args(["keys", "generate", "--alg", "ES256", "--kid", kid, "--dir"])
+        .arg(dir)
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8(out.stdout).unwrap()
+}
+
 fn builder(hsm: &SoftHsm, keys: &Path) -> SidecarBuilder {
     hsm.env()
         .into_iter()
@@ -171,14 +186,7 @@ fn load(
 async fn rotation_between_a_file_key_and_an_hsm_key_rejects_no_token() {
     let hsm = SoftHsm::new();
     let keys = TempDir::new().unwrap();
-    let out = Command::new(BIN)
-        .args([
-            "keys", "generate", "--alg", "ES256", "--kid", "file-1", "--dir",
-        ])
-        .arg(keys.path())
-        .output()
-        .unwrap();
-    let file_entry = String::from_utf8(out.stdout).unwrap();
+    let file_entry = file_key(keys.path(), "file-1");
     let hsm_entry = hsm.generate("ES256", "hsm-1");
     write_manifest(keys.path(), &[with_state(&file_entry, "active")]);
     let node = builder(&hsm, keys.path()).start();
@@ -245,14 +253,7 @@ async fn a_token_that_stops_signing_makes_the_node_not_serving() {
     let backup = keys.path().join("backup.pem");
     std::fs::rename(&pem, &backup).unwrap();
     // A file key that could sign, as `verify`: it must not stand in.
-    let out = Command::new(BIN)
-        .args([
-            "keys", "generate", "--alg", "ES256", "--kid", "file-1", "--dir",
-        ])
-        .arg(keys.path())
-        .output()
-        .unwrap();
-    let file_entry = String::from_utf8(out.stdout).unwrap();
+    let file_entry = file_key(keys.path(), "file-1");
     write_manifest(
         keys.path(),
         &[
