@@ -268,14 +268,7 @@ async fn a_token_that_stops_signing_makes_the_node_not_serving() {
 
     hsm.delete_private("imported");
     node.wait_ops_status(503, Duration::from_secs(5));
-    let refused = client
-        .issue_with(pb::IssueRequest {
-            subject: "a".into(),
-            ..Default::default()
-        })
-        .await
-        .unwrap_err();
-    assert_eq!(refused.code(), Code::Unavailable, "{refused:?}");
+    assert_issue_unavailable(&mut client).await;
     let healthz = support::http_get(node.ops, "/healthz");
     assert!(healthz.body.contains("does not sign"), "{}", healthz.body);
     let mut health = node.health().await;
@@ -324,6 +317,18 @@ async fn a_token_that_signs_with_another_key_mints_nothing() {
     client.issue("a").await;
     hsm.delete_private("swap");
     hsm.import(&second, "swap", "0101");
+    assert_issue_unavailable(&mut client).await;
+    node.wait_ops_status(503, Duration::from_secs(5));
+    let healthz = support::http_get(node.ops, "/healthz");
+    assert!(
+        healthz.body.contains("signed with another key"),
+        "{}",
+        healthz.body
+    );
+}
+
+/// Issue is refused with UNAVAILABLE: no token, and none signed by another key.
+async fn assert_issue_unavailable(client: &mut Client) {
     let refused = client
         .issue_with(pb::IssueRequest {
             subject: "a".into(),
@@ -332,13 +337,6 @@ async fn a_token_that_signs_with_another_key_mints_nothing() {
         .await
         .unwrap_err();
     assert_eq!(refused.code(), Code::Unavailable, "{refused:?}");
-    node.wait_ops_status(503, Duration::from_secs(5));
-    let healthz = support::http_get(node.ops, "/healthz");
-    assert!(
-        healthz.body.contains("signed with another key"),
-        "{}",
-        healthz.body
-    );
 }
 
 /// `serve` with the keys directory, waited for: its exit code and its output.
