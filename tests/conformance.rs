@@ -85,10 +85,11 @@ enum Step {
         now: i64,
         expect: bool,
     },
-    /// Accepts time step `step` of the enrolled `sealed`.
+    /// Accepts time step `step` of the enrolled `sealed`, sealing it again as `reseal`.
     MfaAccept {
         sealed: &'static str,
         step: i64,
+        reseal: Option<&'static str>,
         expect: StepAccept,
     },
     /// Spends one of `candidates`: the codes left, or none spent.
@@ -181,6 +182,13 @@ fn traces() -> Vec<(&'static str, Gcra, Vec<Step>)> {
     let accept = |sealed, step, expect| MfaAccept {
         sealed,
         step,
+        reseal: None,
+        expect,
+    };
+    let reseal = |sealed, step, new, expect| MfaAccept {
+        sealed,
+        step,
+        reseal: Some(new),
         expect,
     };
     let spend = |candidates, expect| MfaSpend { candidates, expect };
@@ -224,6 +232,20 @@ fn traces() -> Vec<(&'static str, Gcra, Vec<Step>)> {
                 accept("x", 7, StepAccept::NotEnrolled),
                 accept("s", 8, StepAccept::Accepted),
                 seen(0, None, Some(("s", 8, 2))),
+            ],
+        ),
+        (
+            "mfa: an accepted step seals the secret again; a refused one does not",
+            SMOOTH,
+            vec![
+                begin("old", 1_000),
+                confirm("old", 5, &["a"], 0, true),
+                reseal("old", 5, "x", StepAccept::Replayed),
+                seen(0, None, Some(("old", 5, 1))),
+                reseal("old", 6, "new", StepAccept::Accepted),
+                seen(0, None, Some(("new", 6, 1))),
+                accept("old", 7, StepAccept::NotEnrolled),
+                accept("new", 7, StepAccept::Accepted),
             ],
         ),
         (
@@ -611,9 +633,12 @@ impl Model {
                 &owned(codes),
                 T + now,
             )),
-            MfaAccept { sealed, step, .. } => {
-                Answer::Accept(mfa_rules::accept(&mut self.mfa, sealed, step))
-            }
+            MfaAccept {
+                sealed,
+                step,
+                reseal,
+                ..
+            } => Answer::Accept(mfa_rules::accept(&mut self.mfa, sealed, step, reseal)),
             MfaSpend { candidates, .. } => {
                 Answer::Spent(mfa_rules::spend(&mut self.mfa, &owned(candidates)))
             }
@@ -780,9 +805,12 @@ async fn apply(store: &dyn Store, names: &mut Names, p: Gcra, step: &Step) -> An
                 .await
                 .unwrap(),
         ),
-        MfaAccept { sealed, step, .. } => {
-            Answer::Accept(store.mfa_accept(&mfa, sealed, step).await.unwrap())
-        }
+        MfaAccept {
+            sealed,
+            step,
+            reseal,
+            ..
+        } => Answer::Accept(store.mfa_accept(&mfa, sealed, step, reseal).await.unwrap()),
         MfaSpend { candidates, .. } => Answer::Spent(
             store
                 .mfa_spend_backup(&mfa, &owned(candidates))

@@ -577,8 +577,9 @@ async fn shared_storage_without_a_key_leaves_mfa_off_or_refuses_to_start() {
     assert!(!text.contains("c2VjcmV0LXNob3J0"), "{text}");
 }
 
-/// Keys rotate: a secret sealed under the old key still verifies once the new key leads; a
-/// node without the old key says which key it lacks.
+/// Keys rotate: a secret sealed under the old key still verifies once the new key leads, and
+/// is sealed again under the new one when its code is accepted; a node without the old key
+/// says which key it lacks for a secret nobody used meanwhile.
 #[tokio::test]
 async fn mfa_keys_rotate() {
     let server = RedisServer::start();
@@ -589,15 +590,19 @@ async fn mfa_keys_rotate() {
         storage.env.push(("AUTH_MFA_KEY".into(), keys));
         Deployment::on(storage, 1, &[])
     };
-    let s = subject("mallory");
-    let (secret, backup_codes, step) = {
+    let (s, t) = (subject("mallory"), subject("trent"));
+    let ((secret, backup_codes, step), (t_secret, _, t_step)) = {
         let d = start(old.to_owned());
         let (mut a, mut b) = clients(&d).await;
-        enroll(&mut a, &mut b, &s).await
+        (
+            enroll(&mut a, &mut b, &s).await,
+            enroll(&mut a, &mut b, &t).await,
+        )
     };
     {
         let d = start(format!("{new},{old}"));
         let mut c = mfa(&d.nodes[0]).await;
+        // Accepted, and sealed again under `new` by the same step.
         assert_eq!(
             verify(&mut c, &s, &code(&secret, step + 1)).await.unwrap(),
             R::Unspecified
@@ -609,11 +614,22 @@ async fn mfa_keys_rotate() {
     }
     let d = start(new.to_owned());
     let mut c = mfa(&d.nodes[0]).await;
-    let lacking = verify(&mut c, &s, &code(&secret, now_step() + 1))
+    // The resealed secret opens under `new` alone (its code was spent: a replay, not a
+    // missing key); the one nobody used during the rotation names the key it lacks.
+    assert_eq!(
+        verify(&mut c, &s, &code(&secret, step + 1)).await.unwrap(),
+        R::Replayed
+    );
+    let lacking = verify(&mut c, &t, &code(&t_secret, t_step + 1))
         .await
         .unwrap_err();
     assert_eq!(lacking.code(), Code::FailedPrecondition);
     assert!(lacking.message().contains("`old`"), "{lacking:?}");
+    // Backup codes made under `old` go with it: regenerate them before removing it.
+    assert_eq!(
+        backup(&mut c, &s, &backup_codes[1]).await,
+        (R::WrongCode, 9)
+    );
 }
 
 /// `auth-sidecar mfa` drives the same calls for an operator.

@@ -214,12 +214,15 @@ impl Mfa {
         let Some(step) = totp::matching_step(&secret, code, step_at(now)) else {
             return Ok(Verdict::WrongCode);
         };
+        // A secret sealed under an older MFA key is sealed again under the current one by
+        // the step that accepts its code, so that the old key can go once users have signed in.
+        let reseal = (!sealer.is_current(&enrolled.secret)).then(|| sealer.seal(subject, &secret));
         // The store alone judges a replay, in one atomic step: a check here, before it,
         // would only race with the other nodes.
         Ok(
             match self
                 .store
-                .mfa_accept(subject, &enrolled.secret, step as i64)
+                .mfa_accept(subject, &enrolled.secret, step as i64, reseal.as_deref())
                 .await?
             {
                 StepAccept::Accepted => {

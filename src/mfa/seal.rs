@@ -156,6 +156,13 @@ impl Sealer {
         Ok(plain.to_vec())
     }
 
+    /// Whether `sealed` was sealed under the current key.
+    pub fn is_current(&self, sealed: &str) -> bool {
+        sealed
+            .rsplit_once('.')
+            .is_some_and(|(kid, _)| kid == self.keys[0].kid)
+    }
+
     /// The hash a backup code of `subject` is stored as, under the current key.
     pub fn backup_hash(&self, subject: &str, code: &str) -> String {
         backup_hash(&self.keys[0], subject, code)

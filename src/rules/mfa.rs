@@ -71,14 +71,18 @@ pub fn confirm(
 }
 
 /// A time step of the enrolled secret `sealed` is accepted once, and only after every step
-/// accepted before (RFC 6238 §5.2).
-pub fn accept(state: &mut MfaState, sealed: &str, step: i64) -> StepAccept {
+/// accepted before (RFC 6238 §5.2). An accepted step may also replace the sealed secret with
+/// `reseal`, the same secret sealed under the current MFA key.
+pub fn accept(state: &mut MfaState, sealed: &str, step: i64, reseal: Option<&str>) -> StepAccept {
     match &mut state.enrolled {
         Some(e) if e.secret == sealed => {
             if step <= e.last_step {
                 StepAccept::Replayed
             } else {
                 e.last_step = step;
+                if let Some(new) = reseal {
+                    e.secret = new.to_owned();
+                }
                 StepAccept::Accepted
             }
         }

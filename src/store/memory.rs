@@ -302,9 +302,10 @@ impl Store for MemoryStore {
         subject: &str,
         sealed: &str,
         step: i64,
+        reseal: Option<&str>,
     ) -> Result<StepAccept, StoreError> {
         Ok(match self.mfa.get_mut(subject) {
-            Some(mut state) => mfa_rules::accept(&mut state, sealed, step),
+            Some(mut state) => mfa_rules::accept(&mut state, sealed, step, reseal),
             None => StepAccept::NotEnrolled,
         })
     }

@@ -284,12 +284,13 @@ pub trait Store: Send + Sync + 'static {
 
     /// Accepts TOTP time step `step` of the enrolled secret `sealed`, atomically: only when
     /// it is later than every step accepted before. Of two calls with one step, on any nodes,
-    /// one is accepted.
+    /// one is accepted. An accepted step also stores `reseal`, when given, as the secret.
     async fn mfa_accept(
         &self,
         subject: &str,
         sealed: &str,
         step: i64,
+        reseal: Option<&str>,
     ) -> Result<StepAccept, StoreError>;
 
     /// Spends a backup code of an enrolled subject, atomically: removes whichever of

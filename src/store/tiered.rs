@@ -391,8 +391,11 @@ impl Store for TieredStore {
         subject: &str,
         sealed: &str,
         step: i64,
+        reseal: Option<&str>,
     ) -> Result<StepAccept, StoreError> {
-        self.postgres.mfa_accept(subject, sealed, step).await
+        self.postgres
+            .mfa_accept(subject, sealed, step, reseal)
+            .await
     }
 
     async fn mfa_spend_backup(

@@ -944,11 +944,13 @@ impl Store for PostgresStore {
         subject: &str,
         sealed: &str,
         step: i64,
+        reseal: Option<&str>,
     ) -> Result<StepAccept, StoreError> {
         let (accepted, enrolled): (i64, Option<bool>) = self
             .call("mfa_accept", async |conn| {
                 sqlx::query_as(
-                    "WITH accepted AS (UPDATE mfa SET last_step = $3 \
+                    "WITH accepted AS (UPDATE mfa SET last_step = $3, \
+                       secret = coalesce($4, secret) \
                        WHERE subject = $1 AND secret = $2 AND last_step < $3 RETURNING 1) \
                      SELECT (SELECT count(*) FROM accepted), \
                        (SELECT secret = $2 FROM mfa WHERE subject = $1)",
@@ -957,6 +959,7 @@ impl Store for PostgresStore {
                 .bind(subject)
                 .bind(sealed)
                 .bind(step)
+                .bind(reseal)
                 .fetch_one(conn)
                 .await
             })

@@ -24,7 +24,7 @@ if op == 'confirm' then -- sealed, now, step, hashes
   return 1
 end
 
-if op == 'accept' then -- sealed, step: 0 not enrolled, 1 replayed, 2 accepted
+if op == 'accept' then -- sealed, step, reseal ('' for none): 0 not enrolled, 1 replayed, 2 accepted
   local v = redis.call('HMGET', key, 's', 'l')
   if v[1] ~= ARGV[2] then
     return 0
@@ -33,6 +33,9 @@ if op == 'accept' then -- sealed, step: 0 not enrolled, 1 replayed, 2 accepted
     return 1
   end
   redis.call('HSET', key, 'l', ARGV[3])
+  if ARGV[4] ~= '' then
+    redis.call('HSET', key, 's', ARGV[4])
+  end
   return 2
 end
 

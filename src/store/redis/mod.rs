@@ -896,9 +896,14 @@ impl Store for RedisStore {
         subject: &str,
         sealed: &str,
         step: i64,
+        reseal: Option<&str>,
     ) -> Result<StepAccept, StoreError> {
         let mut invocation = self.scripts.mfa.key(self.mfa_key(subject));
-        invocation.arg("accept").arg(sealed).arg(step);
+        invocation
+            .arg("accept")
+            .arg(sealed)
+            .arg(step)
+            .arg(reseal.unwrap_or_default());
         Ok(match self.invoke::<i64>("mfa_accept", invocation).await? {
             2 => StepAccept::Accepted,
             1 => StepAccept::Replayed,
