@@ -40,8 +40,9 @@ pub struct HealthArgs {
     pub timeout: Duration,
 }
 
+/// Where the operator commands (`token`, `mfa`) reach a running sidecar.
 #[derive(Debug, Args)]
-pub struct TokenArgs {
+pub struct ApiAddr {
     /// Address of the sidecar's token API: HOST:PORT or unix:/path.sock.
     #[arg(
         long,
@@ -50,6 +51,12 @@ pub struct TokenArgs {
         default_value = "127.0.0.1:50051"
     )]
     pub addr: String,
+}
+
+#[derive(Debug, Args)]
+pub struct TokenArgs {
+    #[command(flatten)]
+    pub api: ApiAddr,
     #[command(subcommand)]
     pub command: TokenCommand,
 }
@@ -102,14 +109,8 @@ pub enum TokenCommand {
 
 #[derive(Debug, Args)]
 pub struct MfaArgs {
-    /// Address of the sidecar's token API: HOST:PORT or unix:/path.sock.
-    #[arg(
-        long,
-        global = true,
-        env = "AUTH_ADDR",
-        default_value = "127.0.0.1:50051"
-    )]
-    pub addr: String,
+    #[command(flatten)]
+    pub api: ApiAddr,
     #[command(subcommand)]
     pub command: MfaCommand,
 }
@@ -240,7 +241,7 @@ pub async fn health(args: HealthArgs) -> i32 {
 /// Runs a token command; returns the process exit code (0 done or valid, 1 invalid token,
 /// 2 cannot connect, 3 the call failed).
 pub async fn token(args: TokenArgs) -> i32 {
-    let channel = match connect(&args.addr).await {
+    let channel = match connect(&args.api.addr).await {
         Ok(c) => c,
         Err(code) => return code,
     };
@@ -274,7 +275,7 @@ pub async fn mfa(args: MfaArgs) -> i32 {
     if let MfaCommand::GenerateKey { kid } = &args.command {
         return generate_mfa_key(kid.as_deref());
     }
-    let channel = match connect(&args.addr).await {
+    let channel = match connect(&args.api.addr).await {
         Ok(c) => c,
         Err(code) => return code,
     };

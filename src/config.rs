@@ -985,19 +985,18 @@ fn admin(args: &ServeArgs) -> Result<Admin, ConfigError> {
             "must be greater than zero",
         ));
     }
-    let login_limit = format!("admin-login={}", args.admin_login_limit)
-        .parse::<crate::ratelimit::Policy>()
-        .map_err(|e| ConfigError::new("--admin-login-limit", e))?;
+    let login_limit = internal_policy(
+        "--admin-login-limit",
+        ADMIN_LOGIN_POLICY,
+        &args.admin_login_limit,
+    )?;
     Ok(Admin {
         listen: args.admin_listen.0,
         username: args.admin_username.clone(),
         credential,
         secure_cookie: args.admin_secure_cookie,
         session_ttl: args.admin_session_ttl,
-        login_limit: crate::ratelimit::Policy {
-            name: ADMIN_LOGIN_POLICY.to_owned(),
-            ..login_limit
-        },
+        login_limit,
     })
 }
 
@@ -1076,9 +1075,11 @@ fn mfa(args: &ServeArgs) -> Result<Mfa, ConfigError> {
             "must be at least 1s",
         ));
     }
-    let verify_limit = format!("mfa-verify={}", args.mfa_verify_limit)
-        .parse::<crate::ratelimit::Policy>()
-        .map_err(|e| ConfigError::new("--mfa-verify-limit", e))?;
+    let verify_limit = internal_policy(
+        "--mfa-verify-limit",
+        crate::mfa::VERIFY_POLICY,
+        &args.mfa_verify_limit,
+    )?;
     Ok(Mfa {
         keys,
         settings: crate::mfa::Settings {
@@ -1086,6 +1087,22 @@ fn mfa(args: &ServeArgs) -> Result<Mfa, ConfigError> {
             enrollment_ttl: args.mfa_enrollment_ttl,
             verify_limit,
         },
+    })
+}
+
+/// A policy the sidecar counts under its own `name` (one no configured policy can have),
+/// from the COUNT/PERIOD[:burst=B][:lockout=D] spec of `setting`.
+fn internal_policy(
+    setting: &str,
+    name: &str,
+    spec: &str,
+) -> Result<crate::ratelimit::Policy, ConfigError> {
+    let policy = format!("internal={spec}")
+        .parse::<crate::ratelimit::Policy>()
+        .map_err(|e| ConfigError::new(setting, e))?;
+    Ok(crate::ratelimit::Policy {
+        name: name.to_owned(),
+        ..policy
     })
 }
 

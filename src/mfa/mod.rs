@@ -47,7 +47,7 @@ pub struct Settings {
     /// The issuer authenticator apps show.
     pub issuer: String,
     pub enrollment_ttl: Duration,
-    /// Confirm and verify attempts per subject.
+    /// Confirm and verify attempts per subject, counted under [`VERIFY_POLICY`].
     pub verify_limit: Policy,
 }
 
@@ -128,12 +128,8 @@ impl Mfa {
         settings: Settings,
         clock: Arc<dyn Clock>,
     ) -> Mfa {
-        let policy = Policy {
-            name: VERIFY_POLICY.to_owned(),
-            ..settings.verify_limit.clone()
-        };
         Mfa {
-            attempts: RateLimiter::new(std::slice::from_ref(&policy), store.clone()),
+            attempts: RateLimiter::new(std::slice::from_ref(&settings.verify_limit), store.clone()),
             store,
             sealer,
             settings,
