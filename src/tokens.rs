@@ -430,8 +430,8 @@ impl Tokens {
     }
 
     /// Spends a refresh token for a new access token and a new refresh token of its family.
-    /// A retry of the token spent last, within the grace period, gets the same two tokens
-    /// again (same ids and claims); any other reuse revokes the family.
+    /// A retry of the token spent last, within the grace period or once after it, gets the
+    /// same two tokens again (same ids and claims); any other reuse revokes the family.
     pub async fn refresh(&self, token: &str) -> Result<Refreshed, Error> {
         let rejected =
             |reason: Reason| Error::Unauthenticated(format!("refresh_token: {}", reason.as_str()));
@@ -460,67 +460,105 @@ impl Tokens {
             access_id: random_id(),
             issued_at_ms: millis(now),
         };
-        // Without a grace period nothing replays, not even a call whose clock read an instant
-        // before the rotating call's did.
+        // Without a grace period nothing replays within it, not even a call whose clock read
+        // an instant before the rotating call's did.
         let grace = self.settings.refresh_reuse_grace;
         let replay_until = if grace.is_zero() {
             std::time::UNIX_EPOCH
         } else {
             now + grace
         };
-        let (successor, family_ends) = match self
+        // The successor is signed before the rotation commits, so that a key that cannot sign
+        // (an HSM away) answers UNAVAILABLE with nothing spent, and the client may retry. Its
+        // lifetime is bounded by the family's end, which the store answers; the family
+        // started at the login and lives `--refresh-max-lifetime`, so that is the guess, and
+        // a family whose end differs (the setting changed since) is signed again below.
+        let guessed_end = from_millis(decoded.login_ms())
+            .checked_add(self.settings.refresh_max_lifetime)
+            .unwrap_or(from_millis(i64::MAX));
+        let signed = self.mint_pair(&decoded, &successor, guessed_end).await?;
+        match self
             .store
             .rotate(family_id, &decoded.token_id, &successor, now, replay_until)
             .await?
         {
-            Rotation::Rotated { family_ends } => (successor, family_ends),
+            Rotation::Rotated { family_ends }
+                if self.pair_ends(&decoded, &successor, family_ends)
+                    == self.pair_ends(&decoded, &successor, guessed_end) =>
+            {
+                Ok(signed)
+            }
+            Rotation::Rotated { family_ends } => {
+                self.mint_pair(&decoded, &successor, family_ends).await
+            }
+            // The token spent last, retried (within the grace, or the one retry after it):
+            // the same two tokens again, as functions of the stored successor.
             Rotation::Replay {
                 successor,
                 family_ends,
-            } => (successor, family_ends),
+            } => self.mint_pair(&decoded, &successor, family_ends).await,
             Rotation::Reused => {
                 tracing::warn!(
                     family = family_id,
                     subject = %decoded.subject,
                     "refresh token reused: family revoked"
                 );
-                return Err(Error::Unauthenticated(
+                Err(Error::Unauthenticated(
                     "refresh_token: already spent; its family is now revoked".into(),
-                ));
+                ))
             }
-            Rotation::Gone => {
-                return Err(Error::Unauthenticated(
-                    "refresh_token: its family is revoked or has ended".into(),
-                ));
-            }
-        };
-        let body = Body {
-            subject: decoded.subject.clone(),
-            audience: decoded.audience.clone(),
-            extra: decoded.extra.clone(),
-            session_id: decoded.session_id.clone(),
-            family_id: decoded.family_id.clone(),
-            // The family's login: a logout after it ends the whole chain, however often it
-            // is refreshed.
-            login_ms: decoded.login_ms(),
-        };
-        // Everything below is a function of the successor, the spent token and the family,
-        // so a replay mints the same claims.
+            Rotation::Gone => Err(Error::Unauthenticated(
+                "refresh_token: its family is revoked or has ended".into(),
+            )),
+        }
+    }
+
+    /// When the access and refresh tokens that succeed `spent` as `successor` expire, in a
+    /// family that ends at `family_ends`.
+    fn pair_ends(
+        &self,
+        spent: &Decoded,
+        successor: &Successor,
+        family_ends: SystemTime,
+    ) -> (SystemTime, SystemTime) {
         let issued = from_millis(successor.issued_at_ms);
         let lifetime = Duration::from_secs(
-            decoded
+            spent
                 .exp
-                .saturating_sub(decoded.iat.unwrap_or(decoded.exp))
+                .saturating_sub(spent.iat.unwrap_or(spent.exp))
                 .max(1) as u64,
         );
-        let access_exp = (issued + self.settings.access_ttl).min(family_ends);
-        let refresh_exp = (issued + lifetime).min(family_ends);
+        (
+            (issued + self.settings.access_ttl).min(family_ends),
+            (issued + lifetime).min(family_ends),
+        )
+    }
+
+    /// Signs the access and refresh tokens that succeed `spent`: a function of the spent
+    /// token, the successor and the family's end, so that a replay mints the same claims.
+    async fn mint_pair(
+        &self,
+        spent: &Decoded,
+        successor: &Successor,
+        family_ends: SystemTime,
+    ) -> Result<Refreshed, Error> {
+        let body = Body {
+            subject: spent.subject.clone(),
+            audience: spent.audience.clone(),
+            extra: spent.extra.clone(),
+            session_id: spent.session_id.clone(),
+            family_id: spent.family_id.clone(),
+            // The family's login: a logout after it ends the whole chain, however often it
+            // is refreshed.
+            login_ms: spent.login_ms(),
+        };
+        let (access_exp, refresh_exp) = self.pair_ends(spent, successor, family_ends);
         Ok(Refreshed {
             access: self
                 .mint(
                     &body,
                     Kind::Access,
-                    successor.access_id,
+                    successor.access_id.clone(),
                     successor.issued_at_ms,
                     access_exp,
                 )
@@ -529,7 +567,7 @@ impl Tokens {
                 .mint(
                     &body,
                     Kind::Refresh,
-                    successor.refresh_id,
+                    successor.refresh_id.clone(),
                     successor.issued_at_ms,
                     refresh_exp,
                 )

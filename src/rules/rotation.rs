@@ -36,6 +36,9 @@ pub struct FamilyState {
     pub previous: Option<String>,
     pub replay_until_ms: i64,
     pub successor: Option<Successor>,
+    /// The token spent last was presented again after its grace period, and got its
+    /// successor: the one retry of a client whose answer was lost is used.
+    pub retried: bool,
     pub revoked: bool,
     pub expires_ms: i64,
 }
@@ -48,6 +51,7 @@ impl FamilyState {
             previous: None,
             replay_until_ms: 0,
             successor: None,
+            retried: false,
             revoked: false,
             expires_ms,
         }
@@ -59,9 +63,11 @@ impl FamilyState {
     }
 }
 
-/// Spends `presented`: the current token rotates; the token spent last, before
-/// `replay_until_ms` of its spend, replays its successor; anything else revokes the family. A
-/// revoked or ended family is gone. `state` is updated in place.
+/// Spends `presented`: the current token rotates; the token spent last replays its successor
+/// before `replay_until_ms` of its spend, and once more after that (the retry of a client
+/// whose answer was lost: its successor is still unspent, or the token would not be the one
+/// spent last); anything else revokes the family. A revoked or ended family is gone. `state`
+/// is updated in place.
 pub fn step(
     state: &mut FamilyState,
     presented: &str,
@@ -80,11 +86,12 @@ pub fn step(
         ));
         state.successor = Some(successor.clone());
         state.replay_until_ms = replay_until_ms;
+        state.retried = false;
         return Rotation::Rotated { family_ends };
     }
     if state.previous.as_deref() == Some(presented)
-        && now_ms < state.replay_until_ms
         && let Some(s) = &state.successor
+        && (now_ms < state.replay_until_ms || !std::mem::replace(&mut state.retried, true))
     {
         return Rotation::Replay {
             successor: s.clone(),
@@ -131,12 +138,17 @@ mod tests {
             }
         );
         assert_eq!(f.current, "r1");
-        // After the grace period: a reuse, and the family is gone for everyone.
-        assert_eq!(
+        // After the grace period: one retry more, then a reuse, and the family is gone for
+        // everyone.
+        assert!(matches!(
             step(&mut f, "r0", &successor(9), 200, 300),
+            Rotation::Replay { .. }
+        ));
+        assert_eq!(
+            step(&mut f, "r0", &successor(9), 201, 301),
             Rotation::Reused
         );
-        assert_eq!(step(&mut f, "r1", &successor(2), 201, 301), Rotation::Gone);
+        assert_eq!(step(&mut f, "r1", &successor(2), 202, 302), Rotation::Gone);
     }
 
     #[test]

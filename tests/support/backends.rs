@@ -10,7 +10,7 @@ use std::os::unix::process::CommandExt;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::{Arc, OnceLock};
+use std::sync::{Arc, Mutex, OnceLock};
 use std::time::{Duration, Instant};
 
 use super::now_nanos;
@@ -727,12 +727,20 @@ fn chown(path: &Path, uid: u32, gid: u32) {
 pub struct SlowLink {
     pub port: u16,
     frozen: Arc<AtomicBool>,
+    losing: Arc<Mutex<Option<Vec<u8>>>>,
 }
 
 impl SlowLink {
     /// Stops forwarding, leaving the connections open.
     pub fn freeze(&self) {
         self.frozen.store(true, Ordering::SeqCst);
+    }
+
+    /// Loses the backend's next answer that contains `marker` (the outcome of a write, say):
+    /// the connection that carried it closes instead, as a link that drops after the backend
+    /// committed. Once.
+    pub fn lose_answer_with(&self, marker: &[u8]) {
+        *self.losing.lock().unwrap() = Some(marker.to_vec());
     }
 
     pub fn to(upstream: u16, delay: Duration) -> SlowLink {
@@ -747,6 +755,8 @@ impl SlowLink {
     fn with(upstream: u16, delay: Duration, feed_delay: Duration) -> SlowLink {
         let frozen = Arc::new(AtomicBool::new(false));
         let held = frozen.clone();
+        let losing = Arc::new(Mutex::new(None));
+        let lost = losing.clone();
         let listener = TcpListener::bind("127.0.0.1:0").unwrap();
         let port = listener.local_addr().unwrap().port();
         listener.set_nonblocking(true).unwrap();
@@ -760,6 +770,7 @@ impl SlowLink {
                 loop {
                     let (client, _) = listener.accept().await.unwrap();
                     let frozen = held.clone();
+                    let lost = lost.clone();
                     tokio::spawn(async move {
                         let Ok(server) =
                             tokio::net::TcpStream::connect(("127.0.0.1", upstream)).await
@@ -774,19 +785,25 @@ impl SlowLink {
                             frozen: frozen.clone(),
                             feed: feed.clone(),
                             marks: true,
+                            losing: None,
                         };
                         let down = Copy {
                             delay: [delay, feed_delay],
                             frozen,
                             feed,
                             marks: false,
+                            losing: Some(lost),
                         };
                         tokio::join!(up.run(cr, sw), down.run(sr, cw));
                     });
                 }
             });
         });
-        SlowLink { port, frozen }
+        SlowLink {
+            port,
+            frozen,
+            losing,
+        }
     }
 }
 
@@ -799,6 +816,8 @@ struct Copy {
     feed: Arc<AtomicBool>,
     /// Whether this direction (client to server) watches for the feed's name.
     marks: bool,
+    /// On the backend's direction: the marker of an answer to lose.
+    losing: Option<Arc<Mutex<Option<Vec<u8>>>>>,
 }
 
 impl Copy {
@@ -819,6 +838,16 @@ impl Copy {
             tokio::time::sleep(delay).await;
             while self.frozen.load(Ordering::SeqCst) {
                 tokio::time::sleep(Duration::from_millis(10)).await;
+            }
+            if let Some(losing) = &self.losing {
+                let mut marker = losing.lock().unwrap();
+                if marker
+                    .as_ref()
+                    .is_some_and(|m| buf[..n].windows(m.len()).any(|w| w == m.as_slice()))
+                {
+                    *marker = None;
+                    break;
+                }
             }
             if to.write_all(&buf[..n]).await.is_err() {
                 break;

@@ -75,7 +75,8 @@ END
 $$;
 
 -- Spends a refresh token under the family's row lock: `rules::rotation::step`. outcome:
--- rotated, replay (with the successor), reused or gone.
+-- rotated, replay (with the successor), reused or gone. The token spent last replays within
+-- its grace, and once more after it (`retried`).
 CREATE OR REPLACE FUNCTION auth_sidecar_rotate(
     p_family TEXT, p_presented TEXT, p_refresh TEXT, p_access TEXT, p_iat_ms BIGINT,
     p_now_ms BIGINT, p_replay_until_ms BIGINT,
@@ -95,12 +96,16 @@ BEGIN
         UPDATE token_families
         SET previous_id = p_presented, current_id = p_refresh,
             replay_until_ms = p_replay_until_ms, successor_refresh = p_refresh,
-            successor_access = p_access, successor_iat_ms = p_iat_ms
+            successor_access = p_access, successor_iat_ms = p_iat_ms, retried = false
         WHERE id = p_family;
         outcome := 'rotated';
         RETURN;
     END IF;
-    IF p_presented = f.previous_id AND p_now_ms < f.replay_until_ms THEN
+    IF p_presented = f.previous_id AND f.successor_refresh IS NOT NULL
+       AND (p_now_ms < f.replay_until_ms OR NOT f.retried) THEN
+        IF p_now_ms >= f.replay_until_ms THEN
+            UPDATE token_families SET retried = true WHERE id = p_family;
+        END IF;
         outcome := 'replay';
         s_refresh := f.successor_refresh;
         s_access := f.successor_access;

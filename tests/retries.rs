@@ -1,0 +1,117 @@
+//! The retry contract (README, "Retrying a call"): a call that answers UNAVAILABLE or
+//! DEADLINE_EXCEEDED may be retried, and the retry must not trip on what the failed call did.
+//! The failures are real: a backend whose answer is lost after it committed (a proxy that
+//! closes the connection instead of forwarding that answer). Signing failures in a PKCS#11
+//! token are in tests/hsm.rs.
+
+mod support;
+
+use std::time::{Duration, Instant};
+
+use auth_sidecar::pb;
+use support::backends::{Backend, SlowLink, Storage};
+use support::{Client, Sidecar};
+use tonic::Code;
+
+/// The storage's URL setting, pointed at `link` in front of the same server.
+fn via(storage: &Storage, setting: &str, link: &SlowLink) -> (String, String) {
+    let url = storage
+        .env
+        .iter()
+        .find(|(k, _)| k == setting)
+        .map(|(_, v)| v.clone())
+        .expect("the setting");
+    let (head, rest) = url.rsplit_once("127.0.0.1:").expect("a local server");
+    let tail = rest.trim_start_matches(|c: char| c.is_ascii_digit());
+    (
+        setting.to_owned(),
+        format!("{head}127.0.0.1:{}{tail}", link.port),
+    )
+}
+
+/// A node on `backend` whose data connections pass through a link that can lose answers.
+fn node_behind_link(backend: Backend) -> (Storage, SlowLink, Sidecar) {
+    let storage = Storage::new(backend);
+    let (setting, port) = match backend {
+        Backend::Redis => ("REDIS_URL", support::backends::shared_redis()),
+        _ => ("DATABASE_URL", support::backends::shared_postgres()),
+    };
+    let port: u16 = port.rsplit(':').next().unwrap().parse().unwrap();
+    let link = SlowLink::to(port, Duration::ZERO);
+    let (k, v) = via(&storage, setting, &link);
+    let node = Sidecar::builder()
+        .storage(&storage)
+        .env(&k, v)
+        .arg("--backend-timeout=1s")
+        .arg("--revocation-cache=0")
+        .start();
+    (storage, link, node)
+}
+
+/// Retries a call while it answers UNAVAILABLE (a connection the lost answer broke is being
+/// replaced), at most for five seconds: the first other answer.
+async fn settled<T>(
+    mut call: impl AsyncFnMut() -> Result<T, tonic::Status>,
+) -> Result<T, tonic::Status> {
+    let started = Instant::now();
+    loop {
+        match call().await {
+            Err(s)
+                if s.code() == Code::Unavailable && started.elapsed() < Duration::from_secs(5) =>
+            {
+                tokio::time::sleep(Duration::from_millis(50)).await;
+            }
+            other => return other,
+        }
+    }
+}
+
+async fn refresh_token(client: &mut Client, subject: &str) -> String {
+    client
+        .issue_with(pb::IssueRequest {
+            subject: subject.into(),
+            kind: pb::TokenKind::Refresh as i32,
+            ..Default::default()
+        })
+        .await
+        .unwrap()
+        .token
+}
+
+/// A refresh whose answer was lost after the store rotated the family may be retried once,
+/// with the default zero grace: the retry gets the successor the lost answer held, and the
+/// family lives on. A second retry is a reuse, as RFC 9700 asks.
+async fn a_refresh_whose_answer_was_lost_is_retried_once(backend: Backend) {
+    let (_storage, link, node) = node_behind_link(backend);
+    let mut client = node.client().await;
+    let spent = refresh_token(&mut client, "dora").await;
+
+    // The backend's answer that says the family rotated (Redis's reply and PostgreSQL's row
+    // both carry the word).
+    link.lose_answer_with(b"rotated");
+    let lost = client.refresh(&spent).await.unwrap_err();
+    assert!(
+        matches!(lost.code(), Code::Unavailable | Code::DeadlineExceeded),
+        "{lost:?}"
+    );
+
+    let retried = settled(async || client.refresh(&spent).await)
+        .await
+        .expect("the retry of a refresh whose answer was lost refreshes");
+    client
+        .assert_valid(&retried.access.as_ref().unwrap().token)
+        .await;
+    let again = client.refresh(&spent).await.unwrap_err();
+    assert_eq!(again.code(), Code::Unauthenticated, "{again:?}");
+    assert!(again.message().contains("already spent"), "{again:?}");
+}
+
+#[tokio::test]
+async fn redis_a_refresh_whose_answer_was_lost_is_retried_once() {
+    a_refresh_whose_answer_was_lost_is_retried_once(Backend::Redis).await;
+}
+
+#[tokio::test]
+async fn postgres_a_refresh_whose_answer_was_lost_is_retried_once() {
+    a_refresh_whose_answer_was_lost_is_retried_once(Backend::Postgres).await;
+}
