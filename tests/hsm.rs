@@ -454,3 +454,117 @@ fn a_wrong_pin_or_a_missing_label_stops_the_start_with_the_reason() {
         String::from_utf8_lossy(&check.stderr)
     );
 }
+
+/// A refresh whose successor cannot be signed (the token lost its key) answers UNAVAILABLE and
+/// spends nothing, however often it is retried: once the key is back, the same refresh token
+/// refreshes. (Before the successor was signed first, the retry found its token spent and
+/// revoked the family.)
+#[tokio::test]
+async fn a_refresh_that_cannot_sign_spends_nothing_and_the_retry_refreshes() {
+    let hsm = SoftHsm::new();
+    let keys = TempDir::new().unwrap();
+    let pem = keys.path().join("k.pem");
+    std::fs::write(
+        &pem,
+        auth_sidecar::keys::generate(auth_sidecar::keys::Alg::ES256).unwrap(),
+    )
+    .unwrap();
+    hsm.import(&pem, "refresh", "0c0d");
+    write_manifest(
+        keys.path(),
+        &["[[key]]\nkid = \"hsm\"\nalg = \"ES256\"\nsource = \"pkcs11\"\nlabel = \"refresh\"\nstate = \"active\"\n".to_owned()],
+    );
+    let node = builder(&hsm, keys.path()).start();
+    let mut client = node.client().await;
+    let refresh = client
+        .issue_with(pb::IssueRequest {
+            subject: "carol".into(),
+            kind: pb::TokenKind::Refresh as i32,
+            ..Default::default()
+        })
+        .await
+        .unwrap()
+        .token;
+
+    hsm.delete_private("refresh");
+    // However often the client retries during the outage.
+    for _ in 0..3 {
+        let refused = client.refresh(&refresh).await.unwrap_err();
+        assert_eq!(refused.code(), Code::Unavailable, "{refused:?}");
+    }
+    hsm.import(&pem, "refresh", "0c0d");
+    let renewed = client.refresh(&refresh).await.expect("the retry refreshes");
+    client.assert_valid(&renewed.access.unwrap().token).await;
+    // And the family goes on: the new refresh token refreshes too.
+    client
+        .refresh(&renewed.refresh.unwrap().token)
+        .await
+        .unwrap();
+}
+
+/// A key whose private object was replaced by another key's (`--set-id`), and then put back,
+/// signs again at the next probe: the handle that signed with the other key is looked up
+/// again rather than kept.
+#[tokio::test]
+async fn an_hsm_key_whose_object_was_swapped_and_restored_serves_again_at_once() {
+    let hsm = SoftHsm::new();
+    let keys = TempDir::new().unwrap();
+    let pem = |name: &str| {
+        let path = keys.path().join(name);
+        std::fs::write(
+            &path,
+            auth_sidecar::keys::generate(auth_sidecar::keys::Alg::ES256).unwrap(),
+        )
+        .unwrap();
+        path
+    };
+    let (first, second) = (pem("f1.pem"), pem("f2.pem"));
+    hsm.import(&first, "k1", "f1");
+    hsm.import(&second, "k2", "f2");
+    write_manifest(
+        keys.path(),
+        &["[[key]]\nkid = \"hsm\"\nalg = \"ES256\"\nsource = \"pkcs11\"\nid = \"f1\"\nstate = \"active\"\n".to_owned()],
+    );
+    let node = builder(&hsm, keys.path()).start();
+    node.wait_ops_status(200, Duration::from_secs(5));
+    let mut client = node.client().await;
+    client.issue("a").await;
+
+    hsm.pkcs11_tool(&["--delete-object", "--type", "privkey", "--id", "f1"]);
+    hsm.pkcs11_tool(&["--set-id", "f1", "--type", "privkey", "--id", "f2"]);
+    assert_issue_unavailable(&mut client).await;
+    node.wait_ops_status(503, Duration::from_secs(5));
+
+    hsm.pkcs11_tool(&["--set-id", "f2", "--type", "privkey", "--id", "f1"]);
+    hsm.pkcs11_tool(&["--delete-object", "--type", "pubkey", "--id", "f1"]);
+    hsm.import(&first, "k1", "f1");
+    node.wait_ops_status(200, Duration::from_secs(2));
+    assert_eq!(client.issue("a").await.key_id, "hsm");
+}
+
+/// A 1024-bit RSA key in the token is refused at start as too small, naming the minimum, not
+/// as a pair that does not verify.
+#[test]
+fn a_small_rsa_key_is_refused_as_too_small() {
+    let hsm = SoftHsm::new();
+    let keys = TempDir::new().unwrap();
+    hsm.pkcs11_tool(&[
+        "--keypairgen",
+        "--key-type",
+        "rsa:1024",
+        "--label",
+        "small",
+        "--id",
+        "5a",
+    ]);
+    write_manifest(
+        keys.path(),
+        &["[[key]]\nkid = \"small\"\nalg = \"RS256\"\nsource = \"pkcs11\"\nlabel = \"small\"\nstate = \"active\"\n".to_owned()],
+    );
+    let (code, text) = serve_once(hsm.env(), keys.path());
+    assert_eq!(code, 2, "{text}");
+    assert!(
+        text.contains("1024 bits, too small") && text.contains("at least 2048 bits"),
+        "{text}"
+    );
+}

@@ -248,6 +248,14 @@ fn find_one(
     }
 }
 
+/// Why a signature was not made.
+enum SignFailure {
+    /// The token did not sign, or the key is not there.
+    Token(String),
+    /// The token signed with another key than the published one.
+    OtherKey,
+}
+
 impl HsmKey {
     /// Finds the key the locator names, checks that it is of `alg`'s type, and reads its
     /// public key: what `serve` and `keys check` do at load.
@@ -285,6 +293,8 @@ impl HsmKey {
             ));
         }
         let spki = public_spki(&session, public, alg)?;
+        let verifier = ParsedPublicKey::new(alg.verification(), &spki)
+            .map_err(|_| format!("the token's public key is not a valid {alg} key"))?;
         let key = HsmKey {
             pkcs11,
             slot,
@@ -297,17 +307,15 @@ impl HsmKey {
         };
         // One signature now, checked with the public key: the private and public objects
         // are one pair, the key may sign, and the token knows the mechanism.
-        let probe = b"auth-sidecar key check";
-        let signature = key.sign_blocking(probe)?;
-        let verifier = ParsedPublicKey::new(alg.verification(), &spki)
-            .map_err(|_| format!("the token's public key is not a valid {alg} key"))?;
-        verifier.verify_sig(probe, &signature).map_err(|_| {
-            format!(
-                "the private and public keys with {} are not one pair: a signature of the \
-                 private key does not verify with the public key",
-                key.locator.describe()
-            )
-        })?;
+        key.sign_blocking(b"auth-sidecar key check", &verifier)
+            .map_err(|e| match e {
+                SignFailure::Token(e) => e,
+                SignFailure::OtherKey => format!(
+                    "the private and public keys with {} are not one pair: a signature of the \
+                     private key does not verify with the public key",
+                    key.locator.describe()
+                ),
+            })?;
         Ok(Loaded {
             key: Arc::new(key),
             spki,
@@ -333,13 +341,12 @@ impl HsmKey {
             .map_err(|_| "the PKCS#11 key is closed".to_owned())?;
         let key = self.clone();
         let result = tokio::task::spawn_blocking(move || {
-            let signature = key.sign_blocking(&message)?;
-            public
-                .verify_sig(&message, &signature)
-                .map_err(|_| {
+            key.sign_blocking(&message, &public).map_err(|e| match e {
+                SignFailure::Token(e) => e,
+                SignFailure::OtherKey => {
                     "the PKCS#11 token signed with another key than the one it published".to_owned()
-                })
-                .map(|()| signature)
+                }
+            })
         })
         .await
         .unwrap_or_else(|e| Err(format!("the PKCS#11 signing task failed: {e}")));
@@ -355,36 +362,59 @@ impl HsmKey {
         result
     }
 
-    /// One signature on an idle session, or on a new one. A session that fails is dropped
-    /// (closed), so the next call opens a fresh one; a stale key handle is looked up again.
-    fn sign_blocking(&self, message: &[u8]) -> Result<Vec<u8>, String> {
+    /// One signature on an idle session, or on a new one, returned only when it verifies with
+    /// `public`. A session that fails is dropped (closed), so the next call opens a fresh one.
+    /// A key handle is trusted only while its signatures verify: a handle that is stale, or
+    /// that now names another key (an object deleted, restored or given another id), is
+    /// looked up again by the locator at once, and only a pair whose signature verified goes
+    /// back to the pool. So the key signs again as soon as the token holds it again.
+    fn sign_blocking(
+        &self,
+        message: &[u8],
+        public: &ParsedPublicKey,
+    ) -> Result<Vec<u8>, SignFailure> {
         let idle = self.idle.lock().unwrap_or_else(|e| e.into_inner()).pop();
-        let (session, handle) = match idle {
-            Some(pair) => pair,
-            None => {
-                let session = open_session(&self.pkcs11, self.slot, &self.pin, false)?;
-                let handle = find_one(&session, &self.locator, ObjectClass::PRIVATE_KEY)?;
-                (session, handle)
-            }
+        let (session, cached) = match idle {
+            Some((session, handle)) => (session, Some(handle)),
+            None => (
+                open_session(&self.pkcs11, self.slot, &self.pin, false)
+                    .map_err(SignFailure::Token)?,
+                None,
+            ),
         };
         let (mechanism, data) = self.mechanism(message);
-        let signed = match session.sign(&mechanism, handle, &data) {
-            Err(CkError::Pkcs11(RvError::KeyHandleInvalid | RvError::ObjectHandleInvalid, _)) => {
-                let handle = find_one(&session, &self.locator, ObjectClass::PRIVATE_KEY)?;
-                session.sign(&mechanism, handle, &data).map(|s| (s, handle))
+        let failed = |e: CkError| SignFailure::Token(format!("PKCS#11 signing failed: {e}"));
+        let verifies = |signature: &[u8]| public.verify_sig(message, signature).is_ok();
+        if let Some(handle) = cached {
+            match session.sign(&mechanism, handle, &data) {
+                Ok(signature) if verifies(&signature) => {
+                    self.keep(session, handle);
+                    return Ok(signature);
+                }
+                Ok(_)
+                | Err(CkError::Pkcs11(
+                    RvError::KeyHandleInvalid | RvError::ObjectHandleInvalid,
+                    _,
+                )) => {}
+                Err(e) => return Err(failed(e)),
             }
-            other => other.map(|s| (s, handle)),
-        };
-        match signed {
-            Ok((signature, handle)) => {
-                self.idle
-                    .lock()
-                    .unwrap_or_else(|e| e.into_inner())
-                    .push((session, handle));
-                Ok(signature)
-            }
-            Err(e) => Err(format!("PKCS#11 signing failed: {e}")),
         }
+        let handle = find_one(&session, &self.locator, ObjectClass::PRIVATE_KEY)
+            .map_err(SignFailure::Token)?;
+        let signature = session.sign(&mechanism, handle, &data).map_err(failed)?;
+        if !verifies(&signature) {
+            return Err(SignFailure::OtherKey);
+        }
+        self.keep(session, handle);
+        Ok(signature)
+    }
+
+    /// Returns a session whose key handle just made a good signature to the pool.
+    fn keep(&self, session: Session, handle: ObjectHandle) {
+        self.idle
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .push((session, handle));
     }
 
     /// The mechanism and what it signs: ECDSA over the digest (CKM_ECDSA, whose r‖s output
@@ -467,12 +497,31 @@ fn public_spki(session: &Session, public: ObjectHandle, alg: Alg) -> Result<Vec<
                     _ => {}
                 }
             }
+            // aws-lc verifies RS256 and PS256 with keys of 2048 to 8192 bits only; a smaller key
+            // would otherwise fail the load check as a pair that does not verify.
+            let bits = rsa_bits(&n);
+            if bits < MIN_RSA_BITS {
+                return Err(format!(
+                    "the RSA key is {bits} bits, too small: {alg} keys need at least \
+                     {MIN_RSA_BITS} bits"
+                ));
+            }
             let rsa_key = der(0x30, &[der_uint(&n), der_uint(&e)].concat());
             let algorithm = hex_bytes("300d06092a864886f70d0101010500");
             let bits = der(0x03, &[&[0u8][..], &rsa_key].concat());
             Ok(der(0x30, &[algorithm, bits].concat()))
         }
     }
+}
+
+/// The smallest RSA modulus that signs here (RFC 7518 §3.3 asks for 2048 bits too).
+const MIN_RSA_BITS: usize = 2048;
+
+/// The size of a big-endian modulus in bits.
+fn rsa_bits(n: &[u8]) -> usize {
+    let n = &n[n.iter().take_while(|b| **b == 0).count()..];
+    n.first()
+        .map_or(0, |b| n.len() * 8 - b.leading_zeros() as usize)
 }
 
 /// SubjectPublicKeyInfo prefixes, the point following.
@@ -631,6 +680,14 @@ mod tests {
         assert_eq!(der_uint(&[]), vec![0x02, 0x01, 0x00]);
         let long = der(0x30, &[0u8; 300]);
         assert_eq!(&long[..4], &[0x30, 0x82, 0x01, 0x2c]);
+    }
+
+    #[test]
+    fn rsa_sizes_count_bits_not_bytes() {
+        assert_eq!(rsa_bits(&[0x00, 0x80, 0x00]), 16);
+        assert_eq!(rsa_bits(&[0x01, 0xff]), 9);
+        assert_eq!(rsa_bits(&[0u8; 4]), 0);
+        assert_eq!(rsa_bits(&[0xc0; 128]), 1024);
     }
 
     #[test]
