@@ -77,9 +77,10 @@ enum Step {
     /// Begins an MFA enrollment with sealed secret `sealed`, pending until `until`.
     MfaBegin { sealed: &'static str, until: i64 },
     /// Confirms the pending `sealed` at `now`, spending `step`, with backup code hashes
-    /// `codes`: whether it enrolled.
+    /// `codes`, sealing it again as `reseal`: whether it enrolled.
     MfaConfirm {
         sealed: &'static str,
+        reseal: Option<&'static str>,
         step: i64,
         codes: &'static [&'static str],
         now: i64,
@@ -174,6 +175,7 @@ fn traces() -> Vec<(&'static str, Gcra, Vec<Step>)> {
     let begin = |sealed, until| MfaBegin { sealed, until };
     let confirm = |sealed, step, codes, now, expect| MfaConfirm {
         sealed,
+        reseal: None,
         step,
         codes,
         now,
@@ -238,6 +240,30 @@ fn traces() -> Vec<(&'static str, Gcra, Vec<Step>)> {
             "mfa: an accepted step seals the secret again; a refused one does not",
             SMOOTH,
             vec![
+                begin("pend", 1_000),
+                MfaConfirm {
+                    sealed: "pend",
+                    reseal: Some("x"),
+                    step: 5,
+                    codes: &["a"],
+                    now: 1_000,
+                    expect: false,
+                },
+                seen(0, Some("pend"), None),
+                MfaConfirm {
+                    sealed: "pend",
+                    reseal: Some("fresh"),
+                    step: 5,
+                    codes: &["a"],
+                    now: 0,
+                    expect: true,
+                },
+                seen(0, None, Some(("fresh", 5, 1))),
+                accept("pend", 6, StepAccept::NotEnrolled),
+                MfaDisable {
+                    now: 0,
+                    expect: true,
+                },
                 begin("old", 1_000),
                 confirm("old", 5, &["a"], 0, true),
                 reseal("old", 5, "x", StepAccept::Replayed),
@@ -321,24 +347,40 @@ fn traces() -> Vec<(&'static str, Gcra, Vec<Step>)> {
             ],
         ),
         (
-            "rotation: rotates, replays within grace, then a reuse revokes the family",
+            "rotation: rotates, replays within grace, once after it, then a reuse revokes the family",
             SMOOTH,
             vec![
                 Family { ends: 10_000 },
                 rotate("r0", 1, 100, T + 200, Rotated),
                 rotate("r0", 9, 150, T + 250, Replay(1)),
-                rotate("r0", 9, 200, T + 300, Reused),
-                rotate("r1", 2, 201, T + 301, Gone),
+                rotate("r0", 9, 160, T + 250, Replay(1)),
+                rotate("r0", 9, 200, T + 300, Replay(1)),
+                rotate("r0", 9, 201, T + 300, Reused),
+                rotate("r1", 2, 202, T + 302, Gone),
             ],
         ),
         (
-            "rotation: zero grace replays nothing",
+            "rotation: zero grace replays once (a lost answer), the next retry is a reuse",
             SMOOTH,
             vec![
                 Family { ends: 10_000 },
                 rotate("r0", 1, 100, 0, Rotated),
+                rotate("r0", 9, 100, 0, Replay(1)),
                 rotate("r0", 9, 100, 0, Reused),
                 rotate("r1", 2, 101, 0, Gone),
+            ],
+        ),
+        (
+            "rotation: a rotation renews the one retry; a retry after the next spend is a reuse",
+            SMOOTH,
+            vec![
+                Family { ends: 10_000 },
+                rotate("r0", 1, 100, 0, Rotated),
+                rotate("r0", 9, 101, 0, Replay(1)),
+                rotate("r1", 2, 102, 0, Rotated),
+                rotate("r1", 9, 103, 0, Replay(2)),
+                rotate("r0", 9, 104, 0, Reused),
+                rotate("r2", 3, 105, 0, Gone),
             ],
         ),
         (
@@ -622,6 +664,7 @@ impl Model {
             }
             MfaConfirm {
                 sealed,
+                reseal,
                 step,
                 codes,
                 now,
@@ -629,6 +672,7 @@ impl Model {
             } => Answer::Bool(mfa_rules::confirm(
                 &mut self.mfa,
                 sealed,
+                reseal,
                 step,
                 &owned(codes),
                 T + now,
@@ -795,13 +839,14 @@ async fn apply(store: &dyn Store, names: &mut Names, p: Gcra, step: &Step) -> An
         }
         MfaConfirm {
             sealed,
+            reseal,
             step,
             codes,
             now,
             ..
         } => Answer::Bool(
             store
-                .mfa_confirm(&mfa, sealed, step, &owned(codes), at(now))
+                .mfa_confirm(&mfa, sealed, reseal, step, &owned(codes), at(now))
                 .await
                 .unwrap(),
         ),

@@ -185,9 +185,19 @@ impl Mfa {
             ));
         };
         let (codes, hashes) = backup_codes(sealer, subject);
+        // Confirming accepts a code: a secret sealed under an older MFA key (the enrollment
+        // began on a node that had not yet rotated) is sealed again now, as `verify` does.
+        let reseal = (!sealer.is_current(&pending)).then(|| sealer.seal(subject, &secret));
         if !self
             .store
-            .mfa_confirm(subject, &pending, step as i64, &hashes, now)
+            .mfa_confirm(
+                subject,
+                &pending,
+                reseal.as_deref(),
+                step as i64,
+                &hashes,
+                now,
+            )
             .await?
         {
             return Err(Error::FailedPrecondition(

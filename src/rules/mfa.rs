@@ -49,10 +49,12 @@ pub fn begin(state: &mut MfaState, sealed: &str, until_ms: i64) {
 }
 
 /// Only the pending enrollment holding `sealed`, live at `now_ms`, is enrolled: with `step`
-/// accepted and `backup` as its codes. Whether it was.
+/// accepted and `backup` as its codes. Whether it was. As [`accept`] does, the step that
+/// accepts a code may store `reseal`, the same secret sealed under the current MFA key.
 pub fn confirm(
     state: &mut MfaState,
     sealed: &str,
+    reseal: Option<&str>,
     step: i64,
     backup: &[String],
     now_ms: i64,
@@ -62,7 +64,7 @@ pub fn confirm(
     }
     state.pending = None;
     state.enrolled = Some(Enrolled {
-        secret: sealed.to_owned(),
+        secret: reseal.unwrap_or(sealed).to_owned(),
         enrolled_ms: now_ms,
         last_step: step,
         backup: backup.to_vec(),

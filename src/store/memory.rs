@@ -288,12 +288,13 @@ impl Store for MemoryStore {
         &self,
         subject: &str,
         sealed: &str,
+        reseal: Option<&str>,
         step: i64,
         backup: &[String],
         now: SystemTime,
     ) -> Result<bool, StoreError> {
         Ok(self.mfa.get_mut(subject).is_some_and(|mut state| {
-            mfa_rules::confirm(&mut state, sealed, step, backup, millis(now))
+            mfa_rules::confirm(&mut state, sealed, reseal, step, backup, millis(now))
         }))
     }
 

@@ -272,11 +272,13 @@ pub trait Store: Send + Sync + 'static {
     /// Confirms the pending enrollment, atomically: only when it holds `sealed` and is live at
     /// `now` does that secret become the enrolled one, with time step `step` accepted and
     /// `backup` as its backup code hashes, and the pending one go. Of two confirms of one
-    /// enrollment, on any nodes, one returns true.
+    /// enrollment, on any nodes, one returns true. The enrolled secret is `reseal` when given
+    /// (the same secret sealed under the current MFA key), as in `mfa_accept`.
     async fn mfa_confirm(
         &self,
         subject: &str,
         sealed: &str,
+        reseal: Option<&str>,
         step: i64,
         backup: &[String],
         now: SystemTime,

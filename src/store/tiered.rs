@@ -377,12 +377,13 @@ impl Store for TieredStore {
         &self,
         subject: &str,
         sealed: &str,
+        reseal: Option<&str>,
         step: i64,
         backup: &[String],
         now: SystemTime,
     ) -> Result<bool, StoreError> {
         self.postgres
-            .mfa_confirm(subject, sealed, step, backup, now)
+            .mfa_confirm(subject, sealed, reseal, step, backup, now)
             .await
     }
 

@@ -197,27 +197,51 @@ pub async fn server_limits(
     config: &PostgresConfig,
     timeout: Duration,
 ) -> Result<(i64, i64), StoreError> {
-    let options = PgConnectOptions::from_str(direct_url(config).expose_str())
-        .map_err(|_| unavailable("invalid DATABASE_URL"))?
-        .application_name("auth-sidecar check-config");
-    let mut conn = connect_once(&options, timeout).await?;
-    let read = async {
+    read_direct(config, timeout, "limits", async |conn| {
         let (max, superuser, reserved): (String, String, Option<String>) = sqlx::query_as(
             "SELECT current_setting('max_connections'), \
              current_setting('superuser_reserved_connections'), \
              current_setting('reserved_connections', true)",
         )
-        .fetch_one(&mut conn)
+        .fetch_one(conn)
         .await?;
         let number = |s: &str| s.parse::<i64>().unwrap_or(0);
-        Ok::<_, sqlx::Error>((
+        Ok((
             number(&max),
             number(&superuser) + reserved.as_deref().map_or(0, number),
         ))
-    };
-    let limits = super::bounded(BACKEND, "limits", timeout, read).await;
+    })
+    .await
+}
+
+/// Whether the migrations that hold the node registry were applied: a database no node has
+/// started on yet has no tables, which is no fault.
+pub async fn schema_applied(
+    config: &PostgresConfig,
+    timeout: Duration,
+) -> Result<bool, StoreError> {
+    read_direct(config, timeout, "schema", async |conn| {
+        sqlx::query_scalar("SELECT to_regclass('nodes') IS NOT NULL")
+            .fetch_one(conn)
+            .await
+    })
+    .await
+}
+
+/// One read of `check-config` over a direct connection of its own, closed after it.
+async fn read_direct<T>(
+    config: &PostgresConfig,
+    timeout: Duration,
+    what: &'static str,
+    read: impl AsyncFnOnce(&mut sqlx::PgConnection) -> Result<T, sqlx::Error>,
+) -> Result<T, StoreError> {
+    let options = PgConnectOptions::from_str(direct_url(config).expose_str())
+        .map_err(|_| unavailable("invalid DATABASE_URL"))?
+        .application_name("auth-sidecar check-config");
+    let mut conn = connect_once(&options, timeout).await?;
+    let answer = super::bounded(BACKEND, what, timeout, read(&mut conn)).await;
     let _ = sqlx::Connection::close(conn).await;
-    limits
+    answer
 }
 
 /// The connection of one call (see `PostgresStore::conn`).
@@ -913,6 +937,7 @@ impl Store for PostgresStore {
         &self,
         subject: &str,
         sealed: &str,
+        reseal: Option<&str>,
         step: i64,
         backup: &[String],
         now: SystemTime,
@@ -922,8 +947,8 @@ impl Store for PostgresStore {
         let done = self
             .call("mfa_confirm", async |conn| {
                 sqlx::query(
-                    "UPDATE mfa SET secret = pending, enrolled_ms = $3, last_step = $4, \
-                     backup_codes = $5, pending = NULL, pending_until_ms = NULL \
+                    "UPDATE mfa SET secret = coalesce($6, pending), enrolled_ms = $3, \
+                     last_step = $4, backup_codes = $5, pending = NULL, pending_until_ms = NULL \
                      WHERE subject = $1 AND pending = $2 AND pending_until_ms > $3",
                 )
                 .persistent(self.persistent)
@@ -932,6 +957,7 @@ impl Store for PostgresStore {
                 .bind(millis(now))
                 .bind(step)
                 .bind(backup)
+                .bind(reseal)
                 .execute(conn)
                 .await
             })

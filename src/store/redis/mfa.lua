@@ -13,13 +13,17 @@ if op == 'begin' then -- sealed, until
   return 1
 end
 
-if op == 'confirm' then -- sealed, now, step, hashes
+if op == 'confirm' then -- sealed, now, step, hashes, reseal ('' for none)
   local p = redis.call('HMGET', key, 'p', 'pu')
   if p[1] ~= ARGV[2] or tonumber(p[2]) <= tonumber(ARGV[3]) then
     return 0
   end
+  local secret = ARGV[2]
+  if ARGV[6] ~= '' then
+    secret = ARGV[6]
+  end
   redis.call('HDEL', key, 'p', 'pu')
-  redis.call('HSET', key, 's', ARGV[2], 'e', ARGV[3], 'l', ARGV[4], 'b', ARGV[5])
+  redis.call('HSET', key, 's', secret, 'e', ARGV[3], 'l', ARGV[4], 'b', ARGV[5])
   redis.call('PERSIST', key)
   return 1
 end

@@ -877,6 +877,7 @@ impl Store for RedisStore {
         &self,
         subject: &str,
         sealed: &str,
+        reseal: Option<&str>,
         step: i64,
         backup: &[String],
         now: SystemTime,
@@ -887,7 +888,8 @@ impl Store for RedisStore {
             .arg(sealed)
             .arg(millis(now))
             .arg(step)
-            .arg(backup.join(" "));
+            .arg(backup.join(" "))
+            .arg(reseal.unwrap_or_default());
         Ok(self.invoke::<i64>("mfa_confirm", invocation).await? == 1)
     }
 
