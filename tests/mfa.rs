@@ -632,6 +632,50 @@ async fn mfa_keys_rotate() {
     );
 }
 
+/// An enrollment begun under the old key and confirmed during the rotation is sealed again
+/// under the new key by the confirming step: a node with only the new key verifies it. (It
+/// stayed sealed under the old key before, and such a node answered FAILED_PRECONDITION.)
+#[tokio::test]
+async fn an_enrollment_confirmed_during_a_rotation_is_sealed_under_the_new_key() {
+    let server = RedisServer::start();
+    let old = "old:AAECAwQFBgcICQoLDA0ODxAREhMUFRYXGBkaGxwdHh8=";
+    let new = "new:ICEiIyQlJicoKSorLC0uLzAxMjM0NTY3ODk6Ozw9Pj8=";
+    let start = |keys: String| {
+        let mut storage = Storage::on_redis(&server);
+        storage.env.push(("AUTH_MFA_KEY".into(), keys));
+        Deployment::on(storage, 1, &[])
+    };
+    let s = subject("victor");
+    let begun = {
+        let d = start(old.to_owned());
+        begin(&mut mfa(&d.nodes[0]).await, &s).await
+    };
+    let step = now_step();
+    {
+        let d = start(format!("{new},{old}"));
+        confirm(&mut mfa(&d.nodes[0]).await, &s, &code(&begun.secret, step))
+            .await
+            .expect("confirmed");
+    }
+    let records = server.cli(&["--scan", "--pattern", &format!("*mfa:{{*}}:{s}")]);
+    let key = records.lines().next().expect("the MFA record");
+    assert!(
+        server.cli(&["HGET", key, "s"]).starts_with("new."),
+        "still sealed under the old key"
+    );
+    let d = start(new.to_owned());
+    assert_eq!(
+        verify(
+            &mut mfa(&d.nodes[0]).await,
+            &s,
+            &code(&begun.secret, step + 1)
+        )
+        .await
+        .unwrap(),
+        R::Unspecified
+    );
+}
+
 /// `auth-sidecar mfa` drives the same calls for an operator.
 #[tokio::test]
 async fn the_mfa_cli_mirrors_the_rpcs() {
