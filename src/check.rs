@@ -110,7 +110,32 @@ pub async fn run(config: &Config) -> Vec<Row> {
             false
         }
     };
-    let nodes = if answered {
+    let unmigrated = match &store_config {
+        StoreConfig::Postgres(pg) | StoreConfig::Tiered(_, pg) if answered => {
+            match store::postgres::schema_applied(pg, CONNECT_WAIT).await {
+                Ok(applied) => !applied,
+                Err(e) => {
+                    rows.push(row(
+                        Mark::Fail,
+                        "live nodes",
+                        format!("cannot read the schema: {}", e.detail),
+                    ));
+                    return rows;
+                }
+            }
+        }
+        _ => false,
+    };
+    let nodes = if unmigrated {
+        // An init container before the first node: nothing to read, and nothing is written.
+        rows.push(row(
+            Mark::Warn,
+            "live nodes",
+            "none yet: the schema is not applied yet (the first node applies it at start, or \
+             `auth-sidecar migrate` does)",
+        ));
+        None
+    } else if answered {
         match store.heartbeat(None, Duration::ZERO).await {
             Ok(entries) => Some(cluster::parse_nodes(entries)),
             Err(e) => {

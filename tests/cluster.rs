@@ -284,6 +284,29 @@ fn every_shared_backend_keeps_the_registry() {
     }
 }
 
+/// `check-config` as an init container, before any node started: a database never migrated
+/// has no registry yet, which is a warning (exit 0), not a failure, and nothing is written.
+/// (It answered "relation \"nodes\" does not exist" with exit 1 before.)
+#[test]
+fn check_config_before_the_first_node_on_a_fresh_database_warns_and_writes_nothing() {
+    for backend in [Backend::Postgres, Backend::Tiered] {
+        let storage = Storage::new(backend);
+        let (code, out) = Sidecar::builder().storage(&storage).check_config();
+        assert_eq!(code, 0, "{backend:?}: {out}");
+        assert!(
+            out.lines().any(|l| l.starts_with('⚠')
+                && l.contains("live nodes")
+                && l.contains("the schema is not applied yet")),
+            "{backend:?}: {out}"
+        );
+        let tables = support::backends::psql_on(
+            &storage.database_url(),
+            "SELECT count(*) FROM pg_tables WHERE schemaname = 'public'",
+        );
+        assert_eq!(tables.trim(), "0", "{backend:?}: check-config wrote tables");
+    }
+}
+
 /// One node on memory: warnings, not failures (exit 0). A setting that does not load: exit 2,
 /// naming it, as `serve` would.
 #[test]
