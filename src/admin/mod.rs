@@ -113,6 +113,7 @@ impl AdminUi {
             .route("/limits", get(limits_page))
             .route("/limits/reset", post(reset_limit))
             .layer(DefaultBodyLimit::max(MAX_FORM))
+            .layer(axum::middleware::from_fn(refuse_large_bodies))
             .layer(axum::middleware::map_response(secure_headers))
             .with_state(self)
     }
@@ -221,6 +222,27 @@ async fn secure_headers(mut response: Response) -> Response {
     );
     h.insert(header::CACHE_CONTROL, HeaderValue::from_static("no-store"));
     response
+}
+
+/// Refuses at once, from its `Content-Length`, a body announced larger than any form here:
+/// the body limit alone would first wait for the bytes, for as long as the peer dribbles them.
+async fn refuse_large_bodies(
+    request: axum::extract::Request,
+    next: axum::middleware::Next,
+) -> Response {
+    let announced = request
+        .headers()
+        .get(header::CONTENT_LENGTH)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.parse::<u64>().ok());
+    if announced.is_some_and(|n| n > MAX_FORM as u64) {
+        return (
+            StatusCode::PAYLOAD_TOO_LARGE,
+            format!("A form here is at most {MAX_FORM} bytes."),
+        )
+            .into_response();
+    }
+    next.run(request).await
 }
 
 fn forbidden(why: &str) -> Response {
@@ -422,6 +444,7 @@ struct CsrfForm {
 
 async fn logout(
     State(ui): State<AdminUi>,
+    ConnectInfo(peer): ConnectInfo<SocketAddr>,
     headers: HeaderMap,
     Form(form): Form<CsrfForm>,
 ) -> Result<Response, Response> {
@@ -429,7 +452,7 @@ async fn logout(
     session::revoke(&**ui.0.tokens.store(), &who.login)
         .await
         .map_err(|e| unavailable(&e.to_string()))?;
-    tracing::info!(user = %who.login.user, "admin UI: logged out");
+    tracing::info!(user = %who.login.user, client = %peer.ip(), "admin UI: logged out");
     Ok((
         StatusCode::SEE_OTHER,
         [
@@ -581,6 +604,7 @@ struct SessionForm {
 
 async fn delete_session(
     State(ui): State<AdminUi>,
+    ConnectInfo(peer): ConnectInfo<SocketAddr>,
     headers: HeaderMap,
     Form(f): Form<SessionForm>,
 ) -> Result<Response, Response> {
@@ -592,7 +616,7 @@ async fn delete_session(
     };
     let notice = match deleted {
         Ok(true) => {
-            tracing::info!(user = %who.login.user, "admin UI: a session deleted");
+            tracing::info!(user = %who.login.user, client = %peer.ip(), "admin UI: a session deleted");
             Notice::Done("Session deleted: its tokens are rejected on every node.".to_owned())
         }
         Ok(false) => Notice::Problem("No such live session.".to_owned()),
@@ -603,6 +627,7 @@ async fn delete_session(
 
 async fn logout_subject(
     State(ui): State<AdminUi>,
+    ConnectInfo(peer): ConnectInfo<SocketAddr>,
     headers: HeaderMap,
     Form(f): Form<SessionForm>,
 ) -> Result<Response, Response> {
@@ -619,7 +644,7 @@ async fn logout_subject(
             .await
         {
             Ok(r) => {
-                tracing::info!(user = %who.login.user, "admin UI: a subject logged out everywhere");
+                tracing::info!(user = %who.login.user, client = %peer.ip(), "admin UI: a subject logged out everywhere");
                 Notice::Done(format!(
                     "Logged out everywhere: every token issued until now is rejected on every node; {} session(s) deleted.",
                     r.sessions_deleted
@@ -655,6 +680,7 @@ async fn inspect_token(
 
 async fn revoke_token(
     State(ui): State<AdminUi>,
+    ConnectInfo(peer): ConnectInfo<SocketAddr>,
     headers: HeaderMap,
     Form(f): Form<TokenForm>,
 ) -> Result<Response, Response> {
@@ -666,7 +692,7 @@ async fn revoke_token(
         .await
     {
         Ok(_) => {
-            tracing::info!(user = %who.login.user, "admin UI: a token revoked");
+            tracing::info!(user = %who.login.user, client = %peer.ip(), "admin UI: a token revoked");
             Notice::Done("Revoked on every node.".to_owned())
         }
         Err(e) => Notice::Problem(e.to_string()),
@@ -755,13 +781,14 @@ struct LimitForm {
 
 async fn reset_limit(
     State(ui): State<AdminUi>,
+    ConnectInfo(peer): ConnectInfo<SocketAddr>,
     headers: HeaderMap,
     Form(f): Form<LimitForm>,
 ) -> Result<Response, Response> {
     let who = ui.acting(&headers, &f.csrf).await?;
     let notice = match ui.0.limits.reset(&f.policy, &f.key).await {
         Ok(()) => {
-            tracing::info!(user = %who.login.user, policy = %f.policy, "admin UI: a rate-limit key reset");
+            tracing::info!(user = %who.login.user, client = %peer.ip(), policy = %f.policy, "admin UI: a rate-limit key reset");
             Notice::Done("Reset on every node: full allowance, no lockout.".to_owned())
         }
         Err(e) => Notice::Problem(e.to_string()),

@@ -8,6 +8,7 @@ CSRF token is refused; a script tag as a subject renders as text."""
 
 import http.cookiejar
 import re
+import socket
 import subprocess
 import threading
 import time
@@ -296,3 +297,52 @@ def test_a_form_without_its_csrf_token_is_403(nodes):
     status, _ = post(open_, a.url + "/login",
                      {"username": "admin", "password": PASSWORD, "csrf": "forged"})
     assert status == 403
+
+
+def test_every_action_is_logged_with_the_user_and_the_client_address(nodes, stubs):
+    a, _ = nodes
+    pb, pb_grpc = stubs
+    stub = pb_grpc.TokenServiceStub(a.channel)
+    session = stub.CreateSession(pb.CreateSessionRequest(subject="zed")).session
+    token = stub.Issue(pb.IssueRequest(subject="zed")).token
+    stub.CheckRateLimit(pb.CheckRateLimitRequest(policy="login", key="zed"))
+    open_, _ = opener()
+    csrf = login_form(open_, a)
+    status, _ = post(open_, a.url + "/login",
+                     {"username": "admin", "password": PASSWORD, "csrf": csrf})
+    assert status == 303
+    with open_.open(a.url + "/") as r:
+        csrf = re.search(r'name="csrf" value="([^"]+)"', r.read().decode()).group(1)
+    actions = [
+        ("/subject/delete", {"subject": "zed", "session": session.id}, "a session deleted"),
+        ("/subject/logout", {"subject": "zed"}, "a subject logged out everywhere"),
+        ("/token/revoke", {"token": token}, "a token revoked"),
+        ("/limits/reset", {"policy": "login", "key": "zed"}, "a rate-limit key reset"),
+        ("/logout", {}, "admin UI: logged out"),
+    ]
+    for path, fields, _ in actions:
+        status, page = post(open_, a.url + path, dict(fields, csrf=csrf))
+        assert status in (200, 303), (path, status, page)
+    deadline = time.time() + 5
+    for _, _, message in actions:
+        while True:
+            lines = [l for l in a.logs if message in l]
+            if lines or time.time() > deadline:
+                break
+            time.sleep(0.05)
+        assert lines, message
+        assert "user=admin" in lines[-1] and "client=127.0.0.1" in lines[-1], lines[-1]
+
+
+def test_a_body_announced_too_large_is_refused_at_once(nodes):
+    a, _ = nodes
+    host, port = a.admin.rsplit(":", 1)
+    with socket.create_connection((host, int(port)), timeout=5) as s:
+        s.sendall(b"POST /login HTTP/1.1\r\nHost: x\r\n"
+                  b"Content-Type: application/x-www-form-urlencoded\r\n"
+                  b"Content-Length: 10000000000\r\n\r\nabc")
+        s.settimeout(1)
+        started = time.time()
+        answer = s.recv(200)
+    assert answer.startswith(b"HTTP/1.1 413"), answer
+    assert time.time() - started < 1
