@@ -14,6 +14,17 @@ pub use crate::units::{parse_duration, parse_size};
 /// Shortest HMAC secret accepted: 256 bits, the strength of HS256.
 pub const MIN_SECRET_LEN: usize = 32;
 
+/// What `serve --help` lists after the flags: settings read from the environment only (a PIN
+/// has no flag, so that it never shows in the process list), named without their values.
+pub const ENVIRONMENT_ONLY: &str = "\
+Read from the environment only (no flag; never printed):
+  CRYPTOKI_LIB                  The PKCS#11 module, for keys in an HSM (source = \"pkcs11\")
+  PKCS11_PIN                    The HSM token's user PIN
+  PKCS11_PIN_FILE               A file whose first line is the PIN (a mounted Secret)
+  TOKIO_WORKER_THREADS          Worker threads [default: one per core]
+  RUST_LOG                      Log filter, when --log-level is unset [default: info]
+  OTEL_EXPORTER_OTLP_ENDPOINT   Export traces over OTLP/gRPC (with the other OTEL_* variables)";
+
 /// Flags of `auth-sidecar serve`. Every field also has an environment name and may be set in
 /// the `--config` file under its flag name with `_` for `-` (`max_ttl = "12h"`).
 #[derive(Debug, Clone, Args)]
@@ -120,7 +131,8 @@ pub struct ServeArgs {
 
     /// Report NOT_SERVING while another live node disagrees on keys, policies or token
     /// settings. Off by default: the disagreeing node may be the odd one out, and taking this
-    /// one out of service would not fix it (see README, "Running several nodes").
+    /// one out of service would not fix it (see README, "Running several replicas: the
+    /// checklist").
     #[arg(long, env = "AUTH_STRICT_CLUSTER", default_value_t = false, action = clap::ArgAction::Set,
           num_args = 0..=1, default_missing_value = "true", value_name = "BOOL")]
     pub strict_cluster: bool,
@@ -308,7 +320,8 @@ pub struct ServeArgs {
     pub session_idle_timeout: Duration,
 
     /// How long a spent refresh token may be retried and get the same new tokens, for a
-    /// client whose answer was lost; after that a reuse revokes the family. At most 60s.
+    /// client whose answer was lost; after it, one retry more gets them, and a further reuse
+    /// revokes the family. At most 60s.
     #[arg(long, env = "AUTH_REFRESH_REUSE_GRACE", default_value = "0s", value_parser = parse_duration)]
     pub refresh_reuse_grace: Duration,
 
@@ -1107,20 +1120,31 @@ fn internal_policy(
 }
 
 /// The issuer apps show when none is set: a URL's host, else the issuer with `:` dropped.
+/// The issuer authenticator apps show when `--mfa-issuer` is unset: the host of a URL issuer
+/// (`https://auth.example.com:8443/` gives `auth.example.com`), or the issuer itself with each
+/// `:` as `-` (`urn:example:auth` gives `urn-example-auth`), as an otpauth issuer holds no `:`.
+/// An IPv6 address is nothing a user recognises, and holds `:`: `auth-sidecar` then.
 fn default_mfa_issuer(issuer: &str) -> String {
-    let host = issuer
-        .split_once("://")
-        .map(|(_, rest)| rest.split(['/', '?', '#']).next().unwrap_or_default())
-        .map(|authority| {
-            let host = authority.rsplit('@').next().unwrap_or(authority);
-            match host.rsplit_once(':') {
-                Some((h, port)) if port.bytes().all(|b| b.is_ascii_digit()) => h,
-                _ => host,
-            }
-        })
-        .filter(|h| !h.is_empty())
-        .unwrap_or(issuer);
-    host.replace(':', "")
+    let host = issuer.split_once("://").map(|(_, rest)| {
+        let authority = rest.split(['/', '?', '#']).next().unwrap_or_default();
+        let host = authority.rsplit('@').next().unwrap_or(authority);
+        if host.starts_with('[') {
+            return "";
+        }
+        match host.rsplit_once(':') {
+            Some((h, port)) if port.bytes().all(|b| b.is_ascii_digit()) => h,
+            _ => host,
+        }
+    });
+    let name = match host {
+        Some(host) => host.replace(':', "-"),
+        None => issuer.replace(':', "-"),
+    };
+    if name.is_empty() {
+        "auth-sidecar".to_owned()
+    } else {
+        name
+    }
 }
 
 /// This node's default name in the registry: the host name (a pod's name) and a random
@@ -1279,6 +1303,20 @@ mod tests {
 
     fn parse(argv: &[&str]) -> Result<Config, ConfigError> {
         Config::load(std::iter::once("serve").chain(argv.iter().copied()))
+    }
+
+    #[test]
+    fn the_default_mfa_issuer_is_a_name_a_user_recognises() {
+        for (issuer, expected) in [
+            ("https://auth.example.com:8443/realm", "auth.example.com"),
+            ("https://admin@auth.example.com", "auth.example.com"),
+            ("auth-sidecar", "auth-sidecar"),
+            ("urn:example:auth", "urn-example-auth"),
+            ("https://[::1]:8443/", "auth-sidecar"),
+            ("http://127.0.0.1:8080", "127.0.0.1"),
+        ] {
+            assert_eq!(default_mfa_issuer(issuer), expected, "{issuer}");
+        }
     }
 
     #[test]

@@ -23,11 +23,13 @@ struct Cli {
 #[allow(clippy::large_enum_variant)] // parsed once at start; boxing buys nothing
 enum Command {
     /// Run the sidecar.
+    #[command(after_long_help = config::ENVIRONMENT_ONLY)]
     Serve(ServeArgs),
     /// Check a configuration as `serve` would load it, against its backends and the live
     /// nodes: print the multi-node checklist (✓, ⚠ or ✗ with the reason) and exit 0 when
     /// nothing is ✗, 1 otherwise, 2 for a setting that does not load. For an init container
     /// or CI; writes nothing to the backends.
+    #[command(after_long_help = config::ENVIRONMENT_ONLY)]
     CheckConfig(ServeArgs),
     /// Probe a sidecar's grpc.health.v1 (exit 0 SERVING, 1 bad arguments, 2 cannot connect or
     /// timed out, 3 the call failed, 4 not SERVING).

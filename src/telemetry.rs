@@ -193,27 +193,55 @@ fn describe() {
     describe_histogram!("authsidecar_rpc_duration_seconds", "RPC latency, by method");
     describe_counter!(
         "authsidecar_validations_total",
-        "Validate answers, by result"
+        "Validate and ext_authz answers, by result (valid, malformed, bad_signature, expired, \
+         not_yet_valid, revoked, wrong_audience, wrong_issuer, unknown_key, wrong_kind)"
     );
     describe_counter!(
         "authsidecar_mfa_verifications_total",
-        "VerifyTotp and VerifyBackupCode answers, by method and result"
+        "VerifyTotp and VerifyBackupCode answers, by method (totp, backup_code) and result \
+         (valid, wrong_code, replayed, not_enrolled)"
     );
     describe_counter!(
         "authsidecar_rate_limit_decisions_total",
-        "CheckRateLimit answers, by policy and decision"
+        "CheckRateLimit answers, by policy and decision (allowed, denied)"
     );
     describe_histogram!(
         "authsidecar_backend_duration_seconds",
-        "Store call latency, by backend and operation"
+        "Store call latency, by backend (redis, postgres) and operation"
     );
     describe_counter!(
         "authsidecar_backend_errors_total",
-        "Store calls that failed or timed out, by backend and operation"
+        "Store calls that failed or timed out, by backend (redis, postgres) and operation"
     );
     describe_gauge!(
         "authsidecar_backend_up",
-        "1 while the store answers its pings"
+        "1 while the store answers its pings, by backend (memory, redis, postgres, tiered)"
+    );
+    for (name, help) in [
+        (
+            "authsidecar_revocation_cache_hits_total",
+            "Token checks the revocation view answered, by backend (redis, postgres)",
+        ),
+        (
+            "authsidecar_revocation_cache_misses_total",
+            "Token checks the revocation view sent to the backend, by backend (redis, postgres)",
+        ),
+        (
+            "authsidecar_revocation_cache_invalidations_total",
+            "Changes the feed reported, each dropping a key from the revocation view, by backend \
+             (redis, postgres)",
+        ),
+    ] {
+        describe_counter!(name, help);
+    }
+    describe_counter!(
+        "authsidecar_revocation_cache_flushes_total",
+        "Times the revocation view was emptied, by backend (redis, postgres) and cause \
+         (feed_down, backend_flush, proof_gap)"
+    );
+    describe_gauge!(
+        "authsidecar_revocation_cache_feed_up",
+        "1 while the revocation view's change feed is proven live, by backend (redis, postgres)"
     );
     describe_gauge!(
         "authsidecar_keys_active",
@@ -229,7 +257,8 @@ fn describe() {
     );
     describe_gauge!(
         "authsidecar_cluster_disagreements",
-        "Live nodes that disagree with this one, by item (keys, policies, issuer, audience, ttl, node_id)"
+        "Live nodes that disagree with this one, by item (keys, policies, issuer, audience, ttl, \
+         admin, mfa, node_id)"
     );
     describe_gauge!(
         "authsidecar_cluster_nodes",

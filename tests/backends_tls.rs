@@ -30,7 +30,7 @@ fn assert_named(node: SidecarBuilder, reason: &[&str], hidden: &str) {
         }
     };
     assert!(
-        start_line.contains("not yet serving") && start_line.contains("health=\"NOT_SERVING\""),
+        start_line.contains("not yet serving") && start_line.contains("health=NOT_SERVING"),
         "{start_line}"
     );
     loop {

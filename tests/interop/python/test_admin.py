@@ -7,6 +7,7 @@ password login answers 403; wrong passwords across both nodes lock both; a form 
 CSRF token is refused; a script tag as a subject renders as text."""
 
 import http.cookiejar
+import pathlib
 import re
 import socket
 import subprocess
@@ -346,3 +347,15 @@ def test_a_body_announced_too_large_is_refused_at_once(nodes):
         answer = s.recv(200)
     assert answer.startswith(b"HTTP/1.1 413"), answer
     assert time.time() - started < 1
+
+
+def test_the_csp_served_is_the_one_the_readme_states(nodes):
+    a, _ = nodes
+    readme = (pathlib.Path(__file__).parents[3] / "README.md").read_text()
+    stated = re.search(r"`Content-Security-Policy:\s*([^`]+)`", readme).group(1)
+    try:
+        headers = urllib.request.urlopen(a.url + "/login").headers
+    except urllib.error.HTTPError as e:
+        headers = e.headers
+    served = headers["Content-Security-Policy"]
+    assert " ".join(served.split()) == " ".join(stated.split()), (served, stated)
