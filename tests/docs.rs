@@ -234,7 +234,11 @@ async fn every_label_value_a_metric_emits_is_in_its_help() {
         .args(["--rate-limit", "t=1/1m", "--cluster-heartbeat", "200ms"])
         .start();
     // The start line's words are bare, as the README quotes them (`mfa=off`).
-    let start = node.logs().into_iter().find(|l| l.contains(" api=")).unwrap();
+    let start = node
+        .logs()
+        .into_iter()
+        .find(|l| l.contains(" api="))
+        .unwrap();
     assert!(
         start.contains(" mfa=on ") && start.contains(" health="),
         "{start}"
