@@ -343,7 +343,9 @@ pub struct ServeArgs {
     #[arg(long, env = "AUTH_MAX_CONNECTIONS", default_value_t = 256, value_parser = clap::value_parser!(u32).range(1..=65536))]
     pub max_connections: u32,
 
-    /// Connections the ops listener keeps open at once.
+    /// Connections the ops listener (and the admin UI's) keeps open at once, an eighth of them
+    /// (at least 4) per peer address. Past either cap a newcomer closes the connection idle
+    /// longest (no request open, whatever PINGs it answers) of the peer holding the most.
     #[arg(long, env = "AUTH_OPS_MAX_CONNECTIONS", default_value_t = 64, value_parser = clap::value_parser!(u32).range(1..=65536))]
     pub ops_max_connections: u32,
 

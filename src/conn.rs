@@ -1,13 +1,18 @@
-//! Limits every accepted connection lives under, on both listeners: a cap on how many are
+//! Limits every accepted connection lives under, on every listener: a cap on how many are
 //! open, a deadline for a new connection's first bytes, and an idle deadline after that. A
 //! peer that connects and sends nothing (slowloris), or stops answering, is dropped; a healthy
-//! client is never idle that long, because both listeners send HTTP/2 keepalive pings that it
-//! must answer.
+//! client is never idle that long, because the listeners send HTTP/2 keepalive pings that it
+//! must answer. The HTTP listeners (ops, admin) also cap each peer address and count a
+//! connection idle while it has no request open ([`Tracker`]), so that a peer holding
+//! connections open with PINGs alone cannot keep a probe out.
 
+use std::collections::HashMap;
 use std::future::Future;
 use std::io;
+use std::net::IpAddr;
 use std::pin::Pin;
-use std::sync::Arc;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex};
 use std::task::{Context, Poll};
 use std::time::Duration;
 
@@ -16,6 +21,7 @@ use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio::net::{TcpListener, TcpStream, UnixListener, UnixStream};
 use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 use tokio::time::{Instant, Sleep};
+use tokio_util::sync::CancellationToken;
 
 /// How often a listener pings an HTTP/2 peer, and how long it waits for the answer before
 /// dropping the connection as dead.
@@ -71,7 +77,7 @@ pub fn incoming<L: Listener>(
             let permit = open.clone().acquire_owned().await.expect("never closed");
             match listener.accept_io().await {
                 Ok(io) => {
-                    let conn = Guarded::new(io, permit, limits);
+                    let conn = Guarded::new(io, Some(permit), limits);
                     return Some((Ok(conn), (listener, open)));
                 }
                 Err(e) => {
@@ -87,13 +93,13 @@ pub fn incoming<L: Listener>(
 /// the deadline.
 pub struct Guarded<IO> {
     io: IO,
-    _permit: OwnedSemaphorePermit,
+    _permit: Option<OwnedSemaphorePermit>,
     deadline: Pin<Box<Sleep>>,
     idle_timeout: Duration,
 }
 
 impl<IO> Guarded<IO> {
-    fn new(io: IO, permit: OwnedSemaphorePermit, limits: Limits) -> Guarded<IO> {
+    fn new(io: IO, permit: Option<OwnedSemaphorePermit>, limits: Limits) -> Guarded<IO> {
         Guarded {
             io,
             _permit: permit,
@@ -222,4 +228,182 @@ where
         }
         Either::Right(self.inner.call(req))
     }
+}
+
+/// The connections of one HTTP listener (ops or admin), by peer address, so that a probe gets
+/// in while other peers hold connections open. A connection is idle while no request of its is
+/// open: PINGs and SETTINGS are no activity. Past the per-peer cap, a new connection from that
+/// peer closes the peer's own connection idle longest; past the listener's cap, it closes the
+/// connection idle longest of the peer holding the most. Only when every connection it could
+/// close has a request open is the new one refused (closed at once: it costs no slot). An
+/// idle connection is closed after the idle timeout however many PINGs it answers.
+pub struct Tracker {
+    state: Mutex<TrackerState>,
+    max: usize,
+    per_peer: usize,
+    idle_timeout: Duration,
+}
+
+#[derive(Default)]
+struct TrackerState {
+    next_id: u64,
+    open: HashMap<u64, Tracked>,
+}
+
+struct Tracked {
+    peer: IpAddr,
+    activity: Arc<Activity>,
+    close: CancellationToken,
+}
+
+/// The connections one peer address may hold at once on an HTTP listener: an eighth of the
+/// listener's cap, and at least 4.
+pub fn per_peer_cap(max_connections: usize) -> usize {
+    (max_connections / 8).max(4)
+}
+
+impl Tracker {
+    pub fn new(limits: Limits) -> Arc<Tracker> {
+        Arc::new(Tracker {
+            state: Mutex::new(TrackerState::default()),
+            max: limits.max_connections.max(1),
+            per_peer: per_peer_cap(limits.max_connections),
+            idle_timeout: limits.idle_timeout,
+        })
+    }
+
+    /// Makes room for a connection from `peer` (see the type), or `None` when none can be made.
+    pub fn admit(self: &Arc<Self>, peer: IpAddr) -> Option<Admitted> {
+        let now = Instant::now();
+        let mut state = self.state.lock().unwrap_or_else(|e| e.into_inner());
+        let mut held: HashMap<IpAddr, usize> = HashMap::new();
+        for c in state.open.values() {
+            *held.entry(c.peer).or_default() += 1;
+        }
+        let mine = held.get(&peer).copied().unwrap_or(0);
+        let full = mine >= self.per_peer || state.open.len() >= self.max;
+        if full {
+            // The peer's own idle connection when it is at its cap; else the idlest of the
+            // peer holding the most.
+            let victim = state
+                .open
+                .iter()
+                .filter(|(_, c)| mine < self.per_peer || c.peer == peer)
+                .filter_map(|(id, c)| Some((held[&c.peer], c.activity.idle_for(now)?, *id)))
+                .max()
+                .map(|(_, _, id)| id)?;
+            if let Some(evicted) = state.open.remove(&victim) {
+                evicted.close.cancel();
+            }
+        }
+        let id = state.next_id;
+        state.next_id += 1;
+        let activity = Arc::new(Activity {
+            open: AtomicUsize::new(0),
+            idle_since: Mutex::new(now),
+        });
+        let close = CancellationToken::new();
+        state.open.insert(
+            id,
+            Tracked {
+                peer,
+                activity: activity.clone(),
+                close: close.clone(),
+            },
+        );
+        Some(Admitted {
+            tracker: self.clone(),
+            id,
+            activity,
+            close,
+        })
+    }
+}
+
+/// A connection's place in its [`Tracker`], given back when dropped.
+pub struct Admitted {
+    tracker: Arc<Tracker>,
+    id: u64,
+    pub activity: Arc<Activity>,
+    close: CancellationToken,
+}
+
+impl Admitted {
+    /// Completes when the connection is to close: evicted for a newcomer, or idle past the
+    /// idle timeout.
+    pub async fn closed(&self) {
+        let idle_timeout = self.tracker.idle_timeout;
+        let idle_out = async {
+            loop {
+                let wait = match self.activity.idle_for(Instant::now()) {
+                    Some(idle) if idle >= idle_timeout => return,
+                    Some(idle) => idle_timeout - idle,
+                    None => idle_timeout,
+                };
+                tokio::time::sleep(wait).await;
+            }
+        };
+        tokio::select! {
+            () = self.close.cancelled() => {}
+            () = idle_out => {}
+        }
+    }
+}
+
+impl Drop for Admitted {
+    fn drop(&mut self) {
+        let mut state = self.tracker.state.lock().unwrap_or_else(|e| e.into_inner());
+        state.open.remove(&self.id);
+    }
+}
+
+/// What a connection is doing: how many of its requests are open, and since when none is.
+pub struct Activity {
+    open: AtomicUsize,
+    idle_since: Mutex<Instant>,
+}
+
+impl Activity {
+    /// How long no request has been open, or `None` while one is.
+    fn idle_for(&self, now: Instant) -> Option<Duration> {
+        let since = *self.idle_since.lock().unwrap_or_else(|e| e.into_inner());
+        (self.open.load(Ordering::SeqCst) == 0).then(|| now.saturating_duration_since(since))
+    }
+
+    /// A request opens; it is open until the guard is dropped (with the response's body).
+    pub fn begin(self: &Arc<Self>) -> RequestOpen {
+        self.open.fetch_add(1, Ordering::SeqCst);
+        RequestOpen(self.clone())
+    }
+}
+
+/// An open request of a connection (see [`Activity::begin`]).
+pub struct RequestOpen(Arc<Activity>);
+
+impl Drop for RequestOpen {
+    fn drop(&mut self) {
+        let mut since = self.0.idle_since.lock().unwrap_or_else(|e| e.into_inner());
+        if self.0.open.fetch_sub(1, Ordering::SeqCst) == 1 {
+            *since = Instant::now();
+        }
+    }
+}
+
+/// The connections `listener` accepts, each under `limits`' deadlines but under no cap: the
+/// caller's [`Tracker`] decides which stay.
+pub fn accepted<L: Listener>(
+    listener: L,
+    limits: Limits,
+) -> impl Stream<Item = Guarded<L::Io>> + Send + 'static {
+    futures_util::stream::unfold(listener, move |listener| async move {
+        loop {
+            match listener.accept_io().await {
+                Ok(io) => return Some((Guarded::new(io, None, limits), listener)),
+                Err(e) => {
+                    tracing::warn!(error = %e, "accepting a connection failed");
+                    tokio::time::sleep(Duration::from_millis(50)).await;
+                }
+            }
+        }
+    })
 }

@@ -414,7 +414,9 @@ async fn serve_ops(
     builder
         .http1()
         .timer(TokioTimer::new())
-        .header_read_timeout(limits.handshake_timeout);
+        .header_read_timeout(limits.handshake_timeout)
+        // The request head's bound, as HTTP/2's header list: a larger one is 431.
+        .max_buf_size(MAX_HEADER_LIST as usize);
     builder
         .http2()
         .timer(TokioTimer::new())
@@ -424,28 +426,58 @@ async fn serve_ops(
         .keep_alive_timeout(KEEPALIVE_TIMEOUT);
     let builder = Arc::new(builder);
     let graceful = hyper_util::server::graceful::GracefulShutdown::new();
-    let mut incoming = std::pin::pin!(conn::incoming(listener, limits));
+    let tracker = conn::Tracker::new(limits);
+    let mut incoming = std::pin::pin!(conn::accepted(listener, limits));
     loop {
         let io = tokio::select! {
             next = incoming.next() => match next {
-                Some(io) => io?,
+                Some(io) => io,
                 None => break,
             },
             () = drained.cancelled() => break,
         };
-        let (builder, watcher) = (builder.clone(), graceful.watcher());
-        // The peer's address, for what counts by client (the admin UI's login attempts).
+        // The peer's address, for the per-peer cap and for what counts by client (the admin
+        // UI's login attempts).
         let peer = tonic::transport::server::Connected::connect_info(&io).remote_addr();
+        let peer_ip = peer.map_or(std::net::Ipv4Addr::UNSPECIFIED.into(), |p| p.ip());
+        let Some(admitted) = tracker.admit(peer_ip) else {
+            // Every connection that could make room has a request open: this one closes at
+            // once rather than wait.
+            continue;
+        };
+        let (builder, watcher) = (builder.clone(), graceful.watcher());
         let router = match peer {
             Some(peer) => router
                 .clone()
                 .layer(axum::Extension(axum::extract::ConnectInfo(peer))),
             None => router.clone(),
         };
-        let service = TowerToHyperService::new(router);
+        let activity = admitted.activity.clone();
+        let service = TowerToHyperService::new(tower::service_fn(
+            move |request: http::Request<hyper::body::Incoming>| {
+                use http_body_util::BodyExt;
+                use tower::ServiceExt;
+                // Open until the response's body is done: a Watch stream counts as activity.
+                let open = activity.begin();
+                let call = router.clone().oneshot(request);
+                async move {
+                    let response = call.await?;
+                    Ok::<_, std::convert::Infallible>(response.map(|body| {
+                        axum::body::Body::new(body.map_frame(move |frame| {
+                            let _open = &open;
+                            frame
+                        }))
+                    }))
+                }
+            },
+        ));
         tokio::spawn(async move {
             let conn = builder.serve_connection_with_upgrades(TokioIo::new(io), service);
-            let _ = watcher.watch(conn.into_owned()).await;
+            tokio::select! {
+                _ = watcher.watch(conn.into_owned()) => {}
+                // Evicted for a newcomer, or idle too long: dropping the connection closes it.
+                () = admitted.closed() => {}
+            }
         });
     }
     graceful.shutdown().await;

@@ -206,6 +206,7 @@ async fn caller_strings_cannot_forge_log_lines() {
         .unwrap()
         .token;
     c.refresh(&refresh).await.unwrap();
+    c.refresh(&refresh).await.unwrap(); // the one retry of a lost answer
     c.refresh(&refresh).await.unwrap_err(); // a reuse, logged with the subject
     let deadline = Instant::now() + Duration::from_secs(5);
     let logs = loop {
@@ -306,4 +307,95 @@ async fn memory_is_flat_when_nobody_scrapes() {
         peak - warm < 4.0,
         "RSS grew from {warm:.1} to {peak:.1} MiB in {seconds:.0}s without a scrape"
     );
+}
+
+/// An HTTP/2 connection to `addr` from `127.0.0.<host>` that sends the preface and SETTINGS,
+/// then only answers the server's PINGs: no stream, ever. Held while the handle lives.
+async fn ping_only(addr: std::net::SocketAddr, host: u8) -> h2::client::SendRequest<Bytes> {
+    let socket = tokio::net::TcpSocket::new_v4().unwrap();
+    socket
+        .bind(std::net::SocketAddr::from(([127, 0, 0, host], 0)))
+        .unwrap();
+    let stream = socket.connect(addr).await.unwrap();
+    let (send, connection) = h2::client::handshake(stream).await.unwrap();
+    tokio::spawn(connection);
+    send
+}
+
+/// The red team's starvation of the ops port: peers on the pod network fill the listener
+/// with connections that only answer PINGs. The kubelet's probe, a fresh connection each
+/// time, is still served within a second, over HTTP/1.1 and grpc.health alike: a connection
+/// without an open request is idle whatever it answers, each peer address has a cap, and a
+/// newcomer evicts the idlest connection of the peer holding the most. (Before, the probe
+/// waited in the backlog for the hostile connections' idle deadline, 60 s and more.)
+#[tokio::test]
+async fn connections_that_only_answer_pings_cannot_keep_a_probe_out() {
+    let node = Sidecar::builder()
+        .args(["--ops-max-connections", "16"])
+        .start();
+    node.wait_ops_status(200, Duration::from_secs(5));
+    // Four peers, each opening twice its cap of 4: the listener's 16 are all theirs.
+    let mut held = Vec::new();
+    for host in 2..=5 {
+        for _ in 0..8 {
+            held.push(ping_only(node.ops, host).await);
+        }
+    }
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    for _ in 0..5 {
+        let started = Instant::now();
+        let ops = node.ops;
+        let status = tokio::time::timeout(
+            Duration::from_secs(1),
+            tokio::task::spawn_blocking(move || support::http_get(ops, "/healthz").status),
+        )
+        .await
+        .expect("the HTTP probe was served within a second")
+        .unwrap();
+        assert_eq!(status, 200);
+        let mut health = tokio::time::timeout(Duration::from_secs(1), node.ops_health())
+            .await
+            .expect("the gRPC probe connected within a second");
+        let answer = tokio::time::timeout(
+            Duration::from_secs(1),
+            health.check(tonic_health::pb::HealthCheckRequest::default()),
+        )
+        .await
+        .expect("the gRPC probe was answered within a second")
+        .unwrap();
+        assert_eq!(
+            answer.into_inner().status(),
+            tonic_health::pb::health_check_response::ServingStatus::Serving
+        );
+        assert!(started.elapsed() < Duration::from_secs(2));
+        // Meanwhile the hostile peers come back for more.
+        for host in 2..=5 {
+            held.push(ping_only(node.ops, host).await);
+        }
+    }
+}
+
+/// A request head is bounded by 16 KiB on HTTP/1.1 as on HTTP/2, on the ops port: a larger
+/// one is 431. (HTTP/1.1 accepted a 200 KB header before.)
+#[test]
+fn an_http1_request_head_over_16_kib_is_refused() {
+    let node = Sidecar::start();
+    let send = |header_bytes: usize| {
+        let mut stream = TcpStream::connect(node.ops).unwrap();
+        stream
+            .set_read_timeout(Some(Duration::from_secs(5)))
+            .unwrap();
+        write!(
+            stream,
+            "GET /healthz HTTP/1.1\r\nHost: x\r\nX-Big: {}\r\nConnection: close\r\n\r\n",
+            "a".repeat(header_bytes)
+        )
+        .unwrap();
+        let mut answer = String::new();
+        let _ = stream.read_to_string(&mut answer);
+        answer
+    };
+    assert!(send(8 * 1024).starts_with("HTTP/1.1 200"));
+    let refused = send(20 * 1024);
+    assert!(refused.starts_with("HTTP/1.1 431"), "{refused:?}");
 }
