@@ -31,7 +31,7 @@ pub const ITEMS: [&str; 8] = [
 ];
 
 /// A node is live for this many heartbeats after its last.
-const LIVE_HEARTBEATS: u32 = 3;
+pub const LIVE_HEARTBEATS: u32 = 3;
 
 /// What a node publishes about itself. Unknown fields are ignored and missing ones take
 /// their defaults, so that nodes of neighbouring versions can read each other.
@@ -131,13 +131,18 @@ impl Local {
         }
     }
 
-    /// The admin credential's fingerprint under `nonce`: an HMAC, under a secret derived from
-    /// the active signing key, of the user name, the credential and the nonce. Only a node
-    /// with the same signing key can compute or test it, so even a weak password cannot be
-    /// guessed from it offline by anyone who reads the registry.
+    /// The admin credential's fingerprint under `nonce`, as `KID.TAG`: an HMAC, under a
+    /// secret derived from the set's deriving key (`KeySet::deriving`, the one the admin
+    /// cookie is keyed by) named by KID, of the user name, the credential and the nonce. Only
+    /// a node with the same key can compute or test it, so even a weak password cannot be
+    /// guessed from it offline by anyone who reads the registry. Empty when the UI has a
+    /// password but no key derives (every key in a PKCS#11 token): nothing to compare then.
     fn admin_fingerprint(&self, keys: &KeySet, nonce: &[u8]) -> Option<String> {
         let (user, credential) = self.admin.as_ref()?;
-        let secret = keys.active().derive("admin credential fingerprint")?;
+        let Some(key) = keys.deriving() else {
+            return Some(String::new());
+        };
+        let secret = key.derive("admin credential fingerprint")?;
         let (kind, value): (&[u8], &[u8]) = match credential {
             crate::config::AdminCredential::Password(p) => (b"password", p.expose()),
             crate::config::AdminCredential::Hash(h) => (b"argon2id", h.as_bytes()),
@@ -151,7 +156,11 @@ impl Local {
             &aws_lc_rs::hmac::Key::new(aws_lc_rs::hmac::HMAC_SHA256, &secret),
             &message,
         );
-        Some(URL_SAFE_NO_PAD.encode(tag.as_ref()))
+        Some(format!(
+            "{}.{}",
+            key.kid(),
+            URL_SAFE_NO_PAD.encode(tag.as_ref())
+        ))
     }
 
     /// The document this node publishes with `keys`.
@@ -272,8 +281,9 @@ pub fn compare(
             );
         }
     }
-    // The admin fingerprints are keyed by the active signing key: comparable only when both
-    // nodes sign with the same one (a different one is a disagreement on `keys` already).
+    // The admin fingerprints are keyed by the deriving key they name: comparable only when
+    // both nodes derive with the same one (a different one is a disagreement on `keys`
+    // already).
     let same_signer = theirs
         .keys
         .iter()
@@ -288,8 +298,10 @@ pub fn compare(
             "admin",
             format!("the admin UI has no password here and one on node {node}"),
         ),
-        (Some(_), Some(fingerprint)) if same_signer => {
-            if local.admin_fingerprint(keys, &nonce).as_ref() != Some(fingerprint) {
+        (Some(_), Some(fingerprint)) if admin_comparable(keys, fingerprint, same_signer) => {
+            let mine = local.admin_fingerprint(keys, &nonce).unwrap_or_default();
+            let tag = |print: &str| print.rsplit('.').next().unwrap_or_default().to_owned();
+            if tag(&mine) != tag(fingerprint) {
                 say(
                     "admin",
                     format!("the admin UI's user name or password differs on node {node}"),
@@ -420,6 +432,8 @@ impl Node {
 pub fn parse_nodes(entries: Vec<(String, String)>) -> Vec<Node> {
     let mut nodes: Vec<Node> = entries
         .into_iter()
+        // An id no node can have was written by hand: not a node.
+        .filter(|(id, _)| crate::ids::valid_node_id(id))
         .map(|(id, document)| Node {
             id,
             document: serde_json::from_str(&document).ok(),
@@ -588,15 +602,18 @@ impl Cluster {
     }
 
     /// Lines for `/healthz`: the live nodes and each disagreement.
+    /// What `/healthz` and the admin UI show. What peers published (ids, versions, kids,
+    /// issuers) has its control characters escaped: a line never starts inside one.
     pub fn health_detail(&self) -> String {
         let view = self.view();
         let mut out = format!(
             "cluster: node {}; {} live node(s): {}",
             self.id,
             view.nodes.len(),
-            view.nodes.join(", ")
+            printable(&view.nodes.join(", "))
         );
         if let Some(error) = &view.error {
+            let error = printable(error);
             out.push_str(&format!("\ncluster: last heartbeat failed: {error}"));
         }
         if view.disagreements.is_empty() {
@@ -605,10 +622,40 @@ impl Cluster {
         for d in &view.disagreements {
             out.push_str(&format!(
                 "\ncluster: disagreement with node {} on {}: {}",
-                d.node, d.item, d.detail
+                printable(&d.node),
+                d.item,
+                printable(&d.detail)
             ));
         }
         out
+    }
+}
+
+/// `text` with its control characters escaped, so that it stays within its line.
+fn printable(text: &str) -> String {
+    text.chars()
+        .flat_map(|c| {
+            let escaped: Vec<char> = if c.is_control() {
+                c.escape_default().collect()
+            } else {
+                vec![c]
+            };
+            escaped
+        })
+        .collect()
+}
+
+/// Whether a peer's admin fingerprint can be compared with this node's: it is keyed by the
+/// key this node derives with. A fingerprint without a kid is an older node's, keyed by its
+/// active key; an empty one has no key to compare under.
+fn admin_comparable(keys: &KeySet, theirs: &str, same_signer: bool) -> bool {
+    match theirs.rsplit_once('.') {
+        Some((kid, _)) => keys.deriving().is_some_and(|k| k.kid() == kid),
+        None => {
+            !theirs.is_empty()
+                && same_signer
+                && keys.deriving().map(|k| k.kid()) == Some(keys.active().kid())
+        }
     }
 }
 

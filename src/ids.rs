@@ -12,3 +12,8 @@ pub fn random_id() -> String {
     aws_lc_rs::rand::fill(&mut bytes).expect("the system random source works");
     URL_SAFE_NO_PAD.encode(bytes)
 }
+/// What a node id may be (`--node-id` is held to it, and a registry entry not of it is no
+/// node): 1 to 128 characters, without control characters or `|`.
+pub fn valid_node_id(id: &str) -> bool {
+    !id.is_empty() && id.len() <= 128 && !id.chars().any(|c| c.is_control() || c == '|')
+}

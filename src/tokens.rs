@@ -207,6 +207,9 @@ pub struct Settings {
     pub refresh_reuse_grace: Duration,
     /// The absolute lifetime of a refresh-token family.
     pub refresh_max_lifetime: Duration,
+    /// How long a logout cutoff is kept: the longest any login it cuts off lives, a token
+    /// (the maximum TTL) or an admin UI login (its session TTL), before the leeway.
+    pub cutoff_lifetime: Duration,
 }
 
 impl From<&Config> for Settings {
@@ -220,6 +223,7 @@ impl From<&Config> for Settings {
             verify_cache: c.verify_cache,
             refresh_reuse_grace: c.refresh_reuse_grace,
             refresh_max_lifetime: c.refresh_max_lifetime,
+            cutoff_lifetime: c.max_ttl.max(c.admin.session_ttl),
         }
     }
 }
@@ -615,8 +619,9 @@ impl Tokens {
         let (token_id, until) = match target {
             RevokeTarget::Subject(subject) => {
                 // Every token of the subject has expired by `until`: none, a refresh token
-                // included, lives longer than the maximum TTL.
-                let until = now + self.settings.max_ttl + leeway;
+                // included, lives longer than the maximum TTL (nor an admin UI login longer
+                // than its session TTL).
+                let until = now + self.settings.cutoff_lifetime + leeway;
                 let cutoff = from_millis(millis(now));
                 let sessions_deleted = self.store.revoke_subject(&subject, cutoff, until).await?;
                 self.wait_past(cutoff).await;

@@ -63,6 +63,9 @@ pub struct AdminUi(Arc<Inner>);
 
 struct Inner {
     config: crate::config::Admin,
+    /// The deployment's `--issuer`: a login of another deployment that shares the keys is
+    /// refused.
+    issuer: String,
     tokens: Arc<Tokens>,
     sessions: Arc<Sessions>,
     limits: Arc<RateLimiter>,
@@ -89,6 +92,7 @@ impl AdminUi {
         );
         AdminUi(Arc::new(Inner {
             config: config.admin.clone(),
+            issuer: config.issuer.clone(),
             tokens,
             sessions,
             limits,
@@ -106,6 +110,7 @@ impl AdminUi {
             .route("/admin.css", get(stylesheet))
             .route("/login", get(login_page).post(login))
             .route("/logout", post(logout))
+            .route("/logout/everyone", post(logout_everyone))
             .route("/subject", get(subject_page))
             .route("/subject/delete", post(delete_session))
             .route("/subject/logout", post(logout_subject))
@@ -117,6 +122,19 @@ impl AdminUi {
             .layer(axum::middleware::from_fn(refuse_large_bodies))
             .layer(axum::middleware::map_response(secure_headers))
             .with_state(self)
+    }
+
+    /// What every login is bound to: this deployment, this user name, this credential.
+    fn binding(&self) -> session::Binding<'_> {
+        session::Binding {
+            issuer: &self.0.issuer,
+            user: &self.0.config.username,
+            credential: match &self.0.config.credential {
+                Some(crate::config::AdminCredential::Password(p)) => p.expose(),
+                Some(crate::config::AdminCredential::Hash(h)) => h.as_bytes(),
+                None => b"",
+            },
+        }
     }
 
     fn cookie_name(&self) -> &'static str {
@@ -149,7 +167,7 @@ impl AdminUi {
         };
         let now = SystemTime::now();
         let keys = self.0.tokens.keys().current();
-        let Some(login) = session::verify(&keys, value, now) else {
+        let Some(login) = session::verify(&keys, &self.binding(), value, now) else {
             return Err(to_login());
         };
         match session::revoked(&**self.0.tokens.store(), &login, now).await {
@@ -157,7 +175,9 @@ impl AdminUi {
             Ok(true) => return Err(to_login()),
             Err(e) => return Err(unavailable(&e.to_string())),
         }
-        let csrf = session::csrf(&keys, &login);
+        let Some(csrf) = session::csrf(&keys, &login) else {
+            return Err(to_login());
+        };
         Ok(Authenticated { login, csrf })
     }
 
@@ -392,7 +412,7 @@ async fn login(
     let keys_now = ui.0.tokens.keys().current();
     let Some(value) = session::issue(
         &keys_now,
-        &ui.0.config.username,
+        &ui.binding(),
         ui.0.config.session_ttl,
         SystemTime::now(),
     ) else {
@@ -464,6 +484,32 @@ async fn logout(
         .into_response())
 }
 
+/// Ends every admin login, this one included, on every node.
+async fn logout_everyone(
+    State(ui): State<AdminUi>,
+    ConnectInfo(peer): ConnectInfo<SocketAddr>,
+    headers: HeaderMap,
+    Form(form): Form<CsrfForm>,
+) -> Result<Response, Response> {
+    let who = ui.acting(&headers, &form.csrf).await?;
+    session::end_all(
+        &**ui.0.tokens.store(),
+        SystemTime::now(),
+        ui.0.config.session_ttl,
+    )
+    .await
+    .map_err(|e| unavailable(&e.to_string()))?;
+    tracing::info!(user = %who.login.user, client = %peer.ip(), "admin UI: every admin session ended");
+    Ok((
+        StatusCode::SEE_OTHER,
+        [
+            (header::SET_COOKIE, ui.set_cookie(ui.cookie_name(), "", 0)),
+            (header::LOCATION, HeaderValue::from_static("/login")),
+        ],
+    )
+        .into_response())
+}
+
 async fn overview(State(ui): State<AdminUi>, headers: HeaderMap) -> Result<Response, Response> {
     let who = ui.login_of(&headers).await?;
     let keys = ui.0.tokens.keys();
@@ -508,6 +554,14 @@ async fn overview(State(ui): State<AdminUi>, headers: HeaderMap) -> Result<Respo
         section.card {
             h2 { "Calls on this node" }
             (pages::chart(&ui.0.chart.samples()))
+        }
+        section.card {
+            h2 { "Admin sessions" }
+            p { "End every admin login on every node, this one included (a stolen cookie, a departed operator). Changing the admin password or user name does the same." }
+            form method="post" action="/logout/everyone" {
+                input type="hidden" name="csrf" value=(who.csrf);
+                button type="submit" id="logout-everyone" { "End every admin session" }
+            }
         }
     };
     Ok(ui.render(&who, "Overview", None, body).into_response())

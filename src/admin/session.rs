@@ -6,7 +6,11 @@
 //! MAC an HMAC-SHA256 under a secret derived from the signing key `KID` names
 //! (`SigningKey::derive`), so every node with the same keys accepts it, a key rotation keeps
 //! it valid while the key verifies, and an app's token (signed by the key itself) is never
-//! one. Logging out revokes `sid` in the store, as a token id is revoked.
+//! one. The MAC also covers the deployment the login belongs to ([`Binding`]: the issuer, the
+//! user name and a digest of the credential), checked on every request: another deployment
+//! that shares the keys refuses the cookie, and a new password or user name ends every
+//! login. Logging out revokes `sid` in the store, as a token id is revoked; "end every admin
+//! session" is a logout cutoff for the admin subject that lives as long as the longest login.
 
 use std::time::{Duration, SystemTime};
 
@@ -38,37 +42,62 @@ pub struct Login {
     pub exp: i64,
 }
 
-/// A new login of `user` for `ttl`, as a cookie value, MACed under a secret derived from the
-/// active key (or, when that key is in a PKCS#11 token, from another key of the set).
-pub fn issue(keys: &KeySet, user: &str, ttl: Duration, now: SystemTime) -> Option<String> {
+/// What a login belongs to, and is checked against on every request: the deployment's issuer,
+/// the admin user name, and the credential (a password or its hash) as configured.
+pub struct Binding<'a> {
+    pub issuer: &'a str,
+    pub user: &'a str,
+    pub credential: &'a [u8],
+}
+
+impl Binding<'_> {
+    /// What the MAC covers besides the cookie: each part length-prefixed, the credential as
+    /// a SHA-256 (keyed by the MAC it goes into; nothing of it is in the cookie).
+    fn context(&self, signed: &str) -> Vec<u8> {
+        let credential = aws_lc_rs::digest::digest(&aws_lc_rs::digest::SHA256, self.credential);
+        let mut message = Vec::new();
+        for part in [
+            signed.as_bytes(),
+            self.issuer.as_bytes(),
+            self.user.as_bytes(),
+            credential.as_ref(),
+        ] {
+            message.extend_from_slice(&(part.len() as u32).to_be_bytes());
+            message.extend_from_slice(part);
+        }
+        message
+    }
+}
+
+/// A new login of the binding's user for `ttl`, as a cookie value, MACed under a secret
+/// derived from the set's deriving key (`KeySet::deriving`).
+pub fn issue(
+    keys: &KeySet,
+    binding: &Binding<'_>,
+    ttl: Duration,
+    now: SystemTime,
+) -> Option<String> {
     let login = Login {
         sid: crate::ids::random_id(),
-        user: user.to_owned(),
+        user: binding.user.to_owned(),
         iat: unix_millis(now),
         exp: unix_millis(now + ttl),
     };
-    // The active key, or (one in a PKCS#11 token derives nothing) the first other key, by
-    // kid, that does: every node picks the same one.
-    let mut others: Vec<_> = keys
-        .keys()
-        .filter(|k| k.kid() != keys.active().kid())
-        .collect();
-    others.sort_by_key(|k| k.kid());
-    let (key, secret) = std::iter::once(keys.active())
-        .chain(others)
-        .find_map(|k| Some((k, k.derive(COOKIE_PURPOSE)?)))?;
+    let key = keys.deriving()?;
+    let secret = key.derive(COOKIE_PURPOSE)?;
     let payload = URL_SAFE_NO_PAD.encode(serde_json::to_vec(&login).ok()?);
     let signed = format!("{}.{payload}", key.kid());
     let mac = hmac::sign(
         &hmac::Key::new(hmac::HMAC_SHA256, &secret),
-        signed.as_bytes(),
+        &binding.context(&signed),
     );
     Some(format!("{signed}.{}", URL_SAFE_NO_PAD.encode(mac.as_ref())))
 }
 
-/// The login a cookie value carries, if its MAC checks under a key this node holds and it has
-/// not expired. (Whether it was revoked is [`revoked`]'s question.)
-pub fn verify(keys: &KeySet, value: &str, now: SystemTime) -> Option<Login> {
+/// The login a cookie value carries, if its MAC checks under a key this node holds, for this
+/// binding (the same issuer, user name and credential), and it has not expired. (Whether it
+/// was revoked is [`revoked`]'s question.)
+pub fn verify(keys: &KeySet, binding: &Binding<'_>, value: &str, now: SystemTime) -> Option<Login> {
     if value.len() > MAX_COOKIE {
         return None;
     }
@@ -79,12 +108,12 @@ pub fn verify(keys: &KeySet, value: &str, now: SystemTime) -> Option<Login> {
     let mac = URL_SAFE_NO_PAD.decode(mac).ok()?;
     hmac::verify(
         &hmac::Key::new(hmac::HMAC_SHA256, &secret),
-        signed.as_bytes(),
+        &binding.context(signed),
         &mac,
     )
     .ok()?;
     let login: Login = serde_json::from_slice(&URL_SAFE_NO_PAD.decode(payload).ok()?).ok()?;
-    (login.exp > unix_millis(now)).then_some(login)
+    (login.exp > unix_millis(now) && login.user == binding.user).then_some(login)
 }
 
 /// Whether the login was logged out, on any node.
@@ -113,14 +142,30 @@ pub async fn revoke(store: &dyn Store, login: &Login) -> Result<(), StoreError> 
     store.revoke(&login.sid, until).await.map(|_| ())
 }
 
-/// The CSRF token of a login: bound to its id, so it is useless with any other login.
-pub fn csrf(keys: &KeySet, login: &Login) -> String {
-    let secret = keys.active().derive(CSRF_PURPOSE).unwrap_or_default();
+/// Ends every admin login made up to `now`, on every node: a logout cutoff of the admin
+/// subject, kept until the longest login made before it (`longest`) has expired.
+pub async fn end_all(
+    store: &dyn Store,
+    now: SystemTime,
+    longest: Duration,
+) -> Result<(), StoreError> {
+    let cutoff = crate::clock::from_unix_millis(unix_millis(now));
+    store
+        .revoke_subject(SUBJECT, cutoff, now + longest)
+        .await
+        .map(|_| ())
+}
+
+/// The CSRF token of a login: bound to its id, so it is useless with any other login. Made
+/// under the same key the cookie is (`KeySet::deriving`); `None` when no key derives, and
+/// then no form is accepted.
+pub fn csrf(keys: &KeySet, login: &Login) -> Option<String> {
+    let secret = keys.deriving()?.derive(CSRF_PURPOSE)?;
     let mac = hmac::sign(
         &hmac::Key::new(hmac::HMAC_SHA256, &secret),
         login.sid.as_bytes(),
     );
-    URL_SAFE_NO_PAD.encode(mac.as_ref())
+    Some(URL_SAFE_NO_PAD.encode(mac.as_ref()))
 }
 
 /// Whether `token` is the login's CSRF token, under any key that verifies (in constant
@@ -153,6 +198,12 @@ mod tests {
 
     const A: &str = "admin-cookie-test-secret-0123456789abcdef";
 
+    const BOUND: Binding<'static> = Binding {
+        issuer: "https://auth.example.com",
+        user: "admin",
+        credential: b"correct horse",
+    };
+
     #[test]
     fn a_kid_with_dots_is_read_whole() {
         let keys = KeySet::single(
@@ -165,19 +216,27 @@ mod tests {
             .unwrap(),
         );
         let now = SystemTime::now();
-        let cookie = issue(&keys, "admin", Duration::from_secs(60), now).unwrap();
+        let cookie = issue(&keys, &BOUND, Duration::from_secs(60), now).unwrap();
         assert!(cookie.starts_with("jwt.2026.11."));
-        assert_eq!(verify(&keys, &cookie, now).unwrap().user, "admin");
+        assert_eq!(verify(&keys, &BOUND, &cookie, now).unwrap().user, "admin");
     }
 
     #[test]
     fn a_cookie_verifies_on_a_node_with_the_same_keys_only() {
         let now = SystemTime::now();
-        let cookie = issue(&keys(A), "admin", Duration::from_secs(60), now).unwrap();
-        let login = verify(&keys(A), &cookie, now).unwrap();
+        let cookie = issue(&keys(A), &BOUND, Duration::from_secs(60), now).unwrap();
+        let login = verify(&keys(A), &BOUND, &cookie, now).unwrap();
         assert_eq!(login.user, "admin");
-        assert!(verify(&keys("another-secret-0123456789abcdefghijkl"), &cookie, now).is_none());
-        assert!(verify(&keys(A), &cookie, now + Duration::from_secs(61)).is_none());
+        assert!(
+            verify(
+                &keys("another-secret-0123456789abcdefghijkl"),
+                &BOUND,
+                &cookie,
+                now
+            )
+            .is_none()
+        );
+        assert!(verify(&keys(A), &BOUND, &cookie, now + Duration::from_secs(61)).is_none());
         // Any change to the payload breaks the MAC.
         let mut parts: Vec<&str> = cookie.split('.').collect();
         let forged = URL_SAFE_NO_PAD.encode(
@@ -188,12 +247,38 @@ mod tests {
             .unwrap(),
         );
         parts[1] = &forged;
-        assert!(verify(&keys(A), &parts.join("."), now).is_none());
-        assert!(csrf_matches(&keys(A), &login, &csrf(&keys(A), &login)));
+        assert!(verify(&keys(A), &BOUND, &parts.join("."), now).is_none());
+        let token = csrf(&keys(A), &login).unwrap();
+        assert!(csrf_matches(&keys(A), &login, &token));
         let other = Login {
             sid: "other".into(),
             ..login.clone()
         };
-        assert!(!csrf_matches(&keys(A), &other, &csrf(&keys(A), &login)));
+        assert!(!csrf_matches(&keys(A), &other, &token));
+    }
+
+    /// A cookie is good only for the deployment, user name and credential it was made for:
+    /// another deployment sharing the keys refuses it, and a new password ends it.
+    #[test]
+    fn a_cookie_is_bound_to_the_issuer_the_user_and_the_credential() {
+        let now = SystemTime::now();
+        let cookie = issue(&keys(A), &BOUND, Duration::from_secs(60), now).unwrap();
+        for other in [
+            Binding {
+                issuer: "https://other.example.com",
+                ..BOUND
+            },
+            Binding {
+                user: "root",
+                ..BOUND
+            },
+            Binding {
+                credential: b"new password",
+                ..BOUND
+            },
+        ] {
+            assert!(verify(&keys(A), &other, &cookie, now).is_none());
+        }
+        assert!(verify(&keys(A), &BOUND, &cookie, now).is_some());
     }
 }

@@ -492,6 +492,11 @@ impl SigningKey {
         tag.as_ref().try_into().ok()
     }
 
+    /// Whether [`SigningKey::derive`] gives secrets: false for a key in a PKCS#11 token.
+    pub fn derives(&self) -> bool {
+        self.derivation.is_some()
+    }
+
     /// What another node compares its own key under this kid with, to learn whether the two
     /// are the same key and nothing else. A public key's is a SHA-256 of its JWK parameters.
     /// An HMAC key's is keyed: an HMAC, under the secret itself, of the kid and `nonce` (the
@@ -767,6 +772,22 @@ impl KeySet {
     /// The key a token's `kid` names, if this node accepts it.
     pub fn get(&self, kid: &str) -> Option<&SigningKey> {
         self.by_kid.get(kid).map(|k| &**k)
+    }
+
+    /// The key that derives this node's secrets (the admin UI's cookie and CSRF keys, the
+    /// admin credential's fingerprint): the active key, or, when it derives nothing (a key in
+    /// a PKCS#11 token), the first other key by kid that does. Every node with the same set
+    /// picks the same one. `None` when no key derives.
+    pub fn deriving(&self) -> Option<&SigningKey> {
+        if self.active.derives() {
+            return Some(&self.active);
+        }
+        let mut others: Vec<&SigningKey> = self
+            .keys()
+            .filter(|k| k.kid() != self.active.kid() && k.derives())
+            .collect();
+        others.sort_by_key(|k| k.kid());
+        others.first().copied()
     }
 
     /// The active and verify keys, in no order.

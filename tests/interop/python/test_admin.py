@@ -359,3 +359,68 @@ def test_the_csp_served_is_the_one_the_readme_states(nodes):
         headers = e.headers
     served = headers["Content-Security-Policy"]
     assert " ".join(served.split()) == " ".join(stated.split()), (served, stated)
+
+
+def logged_in(node, password=PASSWORD):
+    """A fresh login on `node`: its cookie value and the page's CSRF token."""
+    open_, jar = opener()
+    csrf = login_form(open_, node)
+    status, page = post(open_, node.url + "/login",
+                        {"username": "admin", "password": password, "csrf": csrf})
+    assert status == 303, (status, page)
+    cookie = next(c.value for c in jar if c.name == COOKIE)
+    with open_.open(node.url + "/") as r:
+        csrf = re.search(r'name="csrf" value="([^"]+)"', r.read().decode()).group(1)
+    return open_, cookie, csrf
+
+
+def other_hash(password):
+    out = subprocess.run([BINARY, "hash-password"], input=password + "\n", capture_output=True,
+                         text=True, check=True)
+    return out.stdout.strip()
+
+
+def test_a_cookie_is_refused_by_another_deployment_and_after_a_password_change(
+        redis_url, password_hash):
+    """Two deployments that share the signing secret, with other issuers, do not accept each
+    other's cookies; a node whose admin password changed ends every login made before."""
+    a = Node(redis_url, "bind-a:", {"ADMIN_GUI_PASSWORD_HASH": password_hash,
+                                     "AUTH_ISSUER": "https://a.example.com"})
+    b = Node(redis_url, "bind-b:", {"ADMIN_GUI_PASSWORD_HASH": password_hash,
+                                     "AUTH_ISSUER": "https://b.example.com"})
+    changed = Node(redis_url, "bind-a:", {"ADMIN_GUI_PASSWORD_HASH": other_hash("new pass 77"),
+                                          "AUTH_ISSUER": "https://a.example.com"})
+    try:
+        _, cookie, _ = logged_in(a)
+        assert raw_get(a.url + "/", cookie)[0] == 200
+        assert raw_get(b.url + "/", cookie) == (303, "/login")
+        assert raw_get(changed.url + "/", cookie) == (303, "/login")
+    finally:
+        for node in (a, b, changed):
+            node.stop()
+
+
+def test_ending_every_admin_session_outlives_max_ttl(redis_url, password_hash):
+    """"End every admin session" ends every login on every node, this one included, and its
+    record lives as long as the longest login, not --max-ttl (a cookie came back once the
+    subject's cutoff expired after --max-ttl)."""
+    pair = [Node(redis_url, "endall:", {"ADMIN_GUI_PASSWORD_HASH": password_hash,
+                                         "AUTH_MAX_TTL": "2s", "AUTH_ACCESS_TTL": "1s"})
+            for _ in range(2)]
+    try:
+        a, b = pair
+        open_a, first, csrf = logged_in(a)
+        _, second, _ = logged_in(b)
+        status, _ = post(open_a, a.url + "/logout/everyone", {"csrf": csrf})
+        assert status == 303
+        for _ in range(2):
+            for cookie in (first, second):
+                for node in pair:
+                    assert raw_get(node.url + "/", cookie) == (303, "/login")
+            time.sleep(3)
+        _, fresh, _ = logged_in(b)
+        assert raw_get(a.url + "/", fresh)[0] == 200
+        assert any("every admin session ended" in l and "client=127.0.0.1" in l for l in a.logs)
+    finally:
+        for node in pair:
+            node.stop()

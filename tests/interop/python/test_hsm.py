@@ -2,6 +2,7 @@
 PyJWKClient against the JWKS, as an app that never calls Validate would: the public key the
 sidecar read from the token is the one that verifies."""
 
+import http.cookiejar
 import re
 import subprocess
 import urllib.error
@@ -62,9 +63,10 @@ class NoRedirect(urllib.request.HTTPRedirectHandler):
         return None
 
 
-def admin_login(admin_addr):
+def admin_login(admin_addr, opener=None):
     """Logs in to the admin UI over HTTP: the status of the login POST."""
-    opener = urllib.request.build_opener(urllib.request.HTTPCookieProcessor(), NoRedirect)
+    opener = opener or urllib.request.build_opener(urllib.request.HTTPCookieProcessor(),
+                                                   NoRedirect)
     with opener.open(f"http://{admin_addr}/login") as r:
         csrf = re.search(r'name="csrf" value="([^"]+)"', r.read().decode()).group(1)
     data = urllib.parse.urlencode({"username": "admin", "password": "hsm-admin-pw",
@@ -95,7 +97,29 @@ def test_the_admin_ui_logs_in_with_an_hsm_key_active_and_a_file_key_beside_it(hs
         port = free_port()
         args = ["--keys-dir", str(keys), "--admin-listen", f"127.0.0.1:{port}"]
         for _ in run_sidecar(args, env):
-            status, page = admin_login(f"127.0.0.1:{port}")
+            jar = http.cookiejar.CookieJar()
+            opener = urllib.request.build_opener(urllib.request.HTTPCookieProcessor(jar),
+                                                 NoRedirect)
+            status, page = admin_login(f"127.0.0.1:{port}", opener)
             assert status == expected, (status, page)
             if expected == 403:
                 assert "PKCS#11" in page, page
+                continue
+            # Logged in, it can act: the forms' CSRF token is keyed as the cookie is (it was
+            # keyed under 32 zero bytes, and every POST was 403).
+            with opener.open(f"http://127.0.0.1:{port}/") as r:
+                csrf = re.search(r'name="csrf" value="([^"]+)"', r.read().decode()).group(1)
+            cookie = next(f"{c.name}={c.value}" for c in jar)
+            data = urllib.parse.urlencode({"csrf": csrf}).encode()
+            try:
+                opener.open(urllib.request.Request(f"http://127.0.0.1:{port}/logout", data=data))
+                raise AssertionError("logout answered 2xx, not a redirect")
+            except urllib.error.HTTPError as e:
+                assert e.code == 303 and e.headers["Location"] == "/login", e.code
+            try:
+                bare = urllib.request.build_opener(NoRedirect)
+                bare.open(urllib.request.Request(f"http://127.0.0.1:{port}/",
+                                                 headers={"Cookie": cookie}))
+                raise AssertionError("the logged-out cookie still works")
+            except urllib.error.HTTPError as e:
+                assert e.code == 303, e.code
