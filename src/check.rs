@@ -136,7 +136,10 @@ pub async fn run(config: &Config) -> Vec<Row> {
         ));
         None
     } else if answered {
-        match store.heartbeat(None, Duration::ZERO).await {
+        match store
+            .heartbeat(None, config.cluster_heartbeat * cluster::LIVE_HEARTBEATS)
+            .await
+        {
             Ok(entries) => Some(cluster::parse_nodes(entries)),
             Err(e) => {
                 rows.push(row(

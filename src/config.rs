@@ -696,9 +696,11 @@ impl TryFrom<ServeArgs> for Config {
                 "must be at least 100ms",
             ));
         }
-        if args.node_id.as_deref().is_some_and(|id| {
-            id.is_empty() || id.len() > 128 || id.chars().any(|c| c.is_control() || c == '|')
-        }) {
+        if args
+            .node_id
+            .as_deref()
+            .is_some_and(|id| !crate::ids::valid_node_id(id))
+        {
             return Err(ConfigError::new(
                 "AUTH_NODE_ID",
                 "must be 1 to 128 characters, without control characters or `|`",

@@ -341,3 +341,81 @@ fn check_config_on_memory_warns_and_a_bad_setting_exits_2() {
         "{out}"
     );
 }
+
+fn redis_cli(args: &[&str]) -> String {
+    let out = std::process::Command::new("redis-cli")
+        .args(["-u", shared_redis()])
+        .args(args)
+        .output()
+        .expect("run redis-cli");
+    String::from_utf8_lossy(&out.stdout).trim().to_owned()
+}
+
+/// One `HSET` by anyone who can write to the store: a forged entry whose deadline lies ages
+/// ahead is no live node (the reader caps deadlines at three heartbeats from now, on the
+/// backend's clock), so strict nodes keep serving, and the next heartbeat drops it. (It took
+/// both nodes down for good before.) A forged entry that is live for a moment may disagree,
+/// but what it says stays on its line in `/healthz`.
+#[test]
+fn a_forged_registry_entry_cannot_take_strict_nodes_down_or_forge_health_lines() {
+    let storage = Storage::new(Backend::Redis);
+    let nodes: Vec<Sidecar> = ["node-a", "node-b"]
+        .iter()
+        .map(|id| node(&storage, id).arg("--strict-cluster").start())
+        .collect();
+    for n in &nodes {
+        n.wait_ops_status(200, Duration::from_secs(5));
+    }
+    let key = format!("{}nodes", storage.redis_prefix());
+    let genuine = redis_cli(&["HGET", &key, "node-a"]);
+    let document = genuine.split_once('|').expect("deadline|document").1;
+    let forged = document.replacen(
+        "\"issuer\":\"",
+        "\"issuer\":\"evil\\nSERVING\\nbackends: up\\n",
+        1,
+    );
+    assert_ne!(forged, document);
+    redis_cli(&["HSET", &key, "rogue", &format!("99999999999999|{forged}")]);
+    std::thread::sleep(HEARTBEAT * 4);
+    for n in &nodes {
+        let health = http_get(n.ops, "/healthz");
+        assert_eq!(health.status, 200, "{}", health.body);
+        assert!(!health.body.contains("rogue"), "{}", health.body);
+    }
+    assert_eq!(redis_cli(&["HEXISTS", &key, "rogue"]), "0");
+
+    // Kept live by its writer (a deadline within three heartbeats, on Redis's clock): a
+    // disagreement on the issuer, on one line.
+    let writing = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(true));
+    let writer = {
+        let (writing, key, forged) = (writing.clone(), key.clone(), forged.clone());
+        std::thread::spawn(move || {
+            while writing.load(std::sync::atomic::Ordering::SeqCst) {
+                let time = redis_cli(&["TIME"]);
+                let mut parts = time.lines();
+                let secs: u64 = parts.next().unwrap().parse().unwrap();
+                let micros: u64 = parts.next().unwrap().parse().unwrap();
+                let until = secs * 1000 + micros / 1000 + 1000;
+                redis_cli(&["HSET", &key, "rogue", &format!("{until}|{forged}")]);
+                std::thread::sleep(Duration::from_millis(200));
+            }
+        })
+    };
+    nodes[0].wait_ops_status(503, Duration::from_secs(3));
+    let health = http_get(nodes[0].ops, "/healthz");
+    assert!(health.body.contains("rogue"), "{}", health.body);
+    let lines: Vec<&str> = health.body.lines().collect();
+    assert!(
+        !lines[1..].contains(&"SERVING")
+            && lines.iter().filter(|l| l.starts_with("backends:")).count() == 1
+            && health.body.contains(r"evil\nSERVING\nbackends: up"),
+        "a forged line: {}",
+        health.body
+    );
+    // And once nobody keeps it live, the nodes serve again.
+    writing.store(false, std::sync::atomic::Ordering::SeqCst);
+    writer.join().unwrap();
+    for n in &nodes {
+        n.wait_ops_status(200, Duration::from_secs(5));
+    }
+}

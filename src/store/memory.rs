@@ -243,7 +243,8 @@ impl Store for MemoryStore {
             self.nodes
                 .insert(id.to_owned(), (now + ttl, document.to_owned()));
         }
-        self.nodes.retain(|_, (until, _)| *until > now);
+        self.nodes
+            .retain(|_, (until, _)| *until > now && *until <= now + ttl);
         Ok(self
             .nodes
             .iter()

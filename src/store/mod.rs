@@ -247,7 +247,9 @@ pub trait Store: Send + Sync + 'static {
 
     /// The registry of live nodes (see `cluster`): records `me`, an id and its document, as
     /// live for `ttl` on the backend's clock, drops the nodes whose time has passed, and
-    /// returns every live node's id and document, `me` included. `None` only reads.
+    /// returns every live node's id and document, `me` included. `None` only reads. A node
+    /// whose deadline lies further than `ttl` ahead is not live (no heartbeat wrote it), and
+    /// a writer drops it.
     async fn heartbeat(
         &self,
         me: Option<(&str, &str)>,

@@ -847,15 +847,25 @@ impl Store for PostgresStore {
                 .bind(ttl.as_millis() as i64)
                 .execute(&mut *conn)
                 .await?;
-                sqlx::query("DELETE FROM nodes WHERE live_until <= now()")
-                    .persistent(persistent)
-                    .execute(&mut *conn)
-                    .await?;
-            }
-            sqlx::query_as("SELECT id, document FROM nodes WHERE live_until > now() ORDER BY id")
+                // A deadline further than `ttl` ahead was not written by a heartbeat: one
+                // forged row must not stay for good.
+                sqlx::query(
+                    "DELETE FROM nodes WHERE live_until <= now() \
+                     OR live_until > now() + $1 * interval '1 millisecond'",
+                )
                 .persistent(persistent)
-                .fetch_all(&mut *conn)
-                .await
+                .bind(ttl.as_millis() as i64)
+                .execute(&mut *conn)
+                .await?;
+            }
+            sqlx::query_as(
+                "SELECT id, document FROM nodes WHERE live_until > now() \
+                 AND live_until <= now() + $1 * interval '1 millisecond' ORDER BY id",
+            )
+            .persistent(persistent)
+            .bind(ttl.as_millis() as i64)
+            .fetch_all(&mut *conn)
+            .await
         })
         .await
     }

@@ -2,7 +2,9 @@
 -- server's clock, so that the nodes' clocks do not matter.
 -- KEYS: the hash. ARGV: this node's id ('' to only read), its document, ttl_ms.
 -- Records the node, drops those whose time has passed, and returns {id, document, ...} of
--- every live node.
+-- every live node. A deadline further than ttl_ms from now (the reader's three heartbeats)
+-- was not written by a node's heartbeat: it is not live, and a writer drops it, so that one
+-- forged entry cannot stay for good.
 local t = redis.call('TIME')
 local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
 local ttl = tonumber(ARGV[3])
@@ -20,7 +22,7 @@ for i = 1, #all, 2 do
   local value = all[i + 1]
   local bar = string.find(value, '|', 1, true)
   local ends = bar and tonumber(string.sub(value, 1, bar - 1))
-  if ends and ends > now then
+  if ends and ends > now and ends <= now + ttl then
     live[#live + 1] = all[i]
     live[#live + 1] = string.sub(value, bar + 1)
   elseif writing then
