@@ -617,3 +617,59 @@ async fn redis_down_is_an_error_for_envoy_to_handle_never_an_answer() {
         assert_eq!(status.code(), Code::Unavailable, "{status:?}");
     }
 }
+
+/// A header value a client chose cannot lock out another key: `[user="alice|10.0.0.7"]` is
+/// not `[user="alice", remote_address="10.0.0.7"]`, nor an app's
+/// `CheckRateLimit(lock, "alice|10.0.0.7")`. (The values were joined with `|` before, and
+/// all three shared one count.)
+#[tokio::test]
+async fn descriptor_keys_do_not_collide_through_a_separator() {
+    let node = Sidecar::builder().args(ARGS).start();
+    let mut client = Rls::new(node.channel().await);
+    let forged = descriptor(&[("policy", "small"), ("user", "alice|10.0.0.7")], Some(3));
+    let resp = rls(&mut client, vec![forged], 1).await.unwrap();
+    assert_eq!(resp.statuses[0].limit_remaining, 0);
+    let genuine = descriptor(
+        &[("policy", "small"), ("user", "alice"), ("remote_address", "10.0.0.7")],
+        Some(0),
+    );
+    let resp = rls(&mut client, vec![genuine], 1).await.unwrap();
+    assert_eq!(resp.statuses[0].limit_remaining, 3, "the genuine key was spent");
+    assert_eq!(peek(&node, "small", "alice|10.0.0.7").await.remaining, 3);
+    // One entry is still the app's key, as documented.
+    let address = descriptor(&[("policy", "small"), ("remote_address", "10.0.0.9")], Some(1));
+    rls(&mut client, vec![address], 1).await.unwrap();
+    assert_eq!(peek(&node, "small", "10.0.0.9").await.remaining, 2);
+}
+
+/// A subject HTTP would trim is refused at Issue (and at CreateSession), naming the field;
+/// a claim that would be trimmed is not passed as a header.
+#[tokio::test]
+async fn identities_that_http_would_trim_never_reach_the_app() {
+    let node = Sidecar::builder().args(ARGS).start();
+    let mut client = node.client().await;
+    for subject in [" admin", "admin ", "admin\t"] {
+        let refused = client
+            .issue_with(pb::IssueRequest {
+                subject: subject.into(),
+                ..Default::default()
+            })
+            .await
+            .unwrap_err();
+        assert_eq!(refused.code(), tonic::Code::InvalidArgument);
+        assert!(refused.message().contains("subject"), "{refused:?}");
+    }
+    let token = issue(&node, "alice", serde_json::json!({"tenant": " acme"})).await;
+    let mut authz_client = Authz::new(node.channel().await);
+    let resp = authz(
+        &mut authz_client,
+        check_request(&[("authorization", &bearer(&token))], &[]),
+    )
+    .await
+    .unwrap();
+    let (status, headers, removed) = http_of(&resp);
+    assert_eq!(status, 200);
+    assert_eq!(headers.get("x-auth-subject").map(String::as_str), Some("alice"));
+    assert!(!headers.contains_key("x-auth-tenant"), "{headers:?}");
+    assert!(removed.contains(&"x-auth-tenant".to_owned()), "{removed:?}");
+}

@@ -26,7 +26,7 @@ impl TryFrom<pb::IssueRequest> for IssueParams {
     type Error = Error;
 
     fn try_from(req: pb::IssueRequest) -> Result<Self, Error> {
-        let subject = required("subject", req.subject)?;
+        let subject = new_subject(req.subject)?;
         for aud in &req.audience {
             if aud.is_empty() || aud.len() > MAX_ID_LEN {
                 return Err(Error::invalid(
@@ -106,7 +106,7 @@ impl TryFrom<pb::CreateSessionRequest> for CreateSessionParams {
             storable("metadata", v)?;
         }
         Ok(CreateSessionParams {
-            subject: required("subject", req.subject)?,
+            subject: new_subject(req.subject)?,
             ttl: req.ttl.map(|d| duration("ttl", d)).transpose()?,
             metadata: req.metadata.into_iter().collect(),
         })
@@ -121,6 +121,20 @@ pub fn session_id(value: String) -> Result<String, Error> {
 /// A subject from a request.
 pub fn subject(value: String) -> Result<String, Error> {
     required("subject", value)
+}
+
+/// The subject of a new token or session: also without leading or trailing white space,
+/// which an HTTP parser would trim from the `x-auth-subject` header, so that `" admin"`
+/// never reaches an app behind a proxy as `admin`.
+fn new_subject(value: String) -> Result<String, Error> {
+    let subject = required("subject", value)?;
+    if subject.trim() != subject {
+        return Err(Error::invalid(
+            "subject",
+            "has leading or trailing white space, which HTTP headers do not keep",
+        ));
+    }
+    Ok(subject)
 }
 
 /// A refresh token from a request.

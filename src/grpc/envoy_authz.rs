@@ -253,7 +253,15 @@ impl Required<'_> {
             return false;
         };
         match self {
-            Required::Present(_) => !value.is_null(),
+            // Present and holding something: `false`, `""`, `[]` and `{}` say "none" as
+            // clearly as an absent claim does.
+            Required::Present(_) => match &value {
+                Value::Null | Value::Bool(false) => false,
+                Value::String(s) => !s.is_empty(),
+                Value::Array(items) => !items.is_empty(),
+                Value::Object(fields) => !fields.is_empty(),
+                Value::Bool(true) | Value::Number(_) => true,
+            },
             Required::Equals(_, wanted) => match &value {
                 Value::Array(items) => items.iter().any(|v| scalar_is(v, wanted)),
                 v => scalar_is(v, wanted),
@@ -283,7 +291,8 @@ fn claim_value(verified: &Verified, claim: &str) -> Option<Value> {
 }
 
 /// A claim as a header value: a string as it is, anything else as compact JSON; `None` when
-/// the result is not a valid header value (a control character, say).
+/// the result would not reach the app as it is: not a valid header value (a control
+/// character, say), or with leading or trailing white space, which HTTP parsers trim.
 fn header_value(value: &Value) -> Option<String> {
     let text = match value {
         Value::Null => return None,
@@ -291,7 +300,7 @@ fn header_value(value: &Value) -> Option<String> {
         other => other.to_string(),
     };
     http::HeaderValue::from_str(&text).ok()?;
-    Some(text)
+    (text.trim_matches([' ', '\t']) == text).then_some(text)
 }
 
 /// `Retry-After` in whole seconds, rounded up.
@@ -541,6 +550,8 @@ mod tests {
         AttributeContext, CheckRequest as FullCheckRequest,
     };
 
+    use serde_json::json;
+
     use super::*;
 
     /// What `bearer` makes of one header value: the token, "missing" or "malformed".
@@ -550,6 +561,44 @@ mod tests {
             Credential::Missing => "missing".to_owned(),
             Credential::Malformed(_) => "malformed".to_owned(),
         }
+    }
+
+    #[test]
+    fn a_bare_required_claim_needs_a_value_that_holds_something() {
+        let with = |value: Value| Verified {
+            subject: "s".into(),
+            token_id: "t".into(),
+            expires_at: std::time::UNIX_EPOCH,
+            session_id: None,
+            kind: crate::tokens::Kind::Access,
+            claims: [("c".to_owned(), value)].into_iter().collect(),
+        };
+        let present = Required::Present("c");
+        for empty in [
+            Value::Null,
+            Value::Bool(false),
+            json!(""),
+            json!([]),
+            json!({}),
+        ] {
+            assert!(!present.met_by(&with(empty.clone())), "{empty}");
+        }
+        for full in [
+            json!(true),
+            json!(0),
+            json!("x"),
+            json!(["a"]),
+            json!({"a": 1}),
+        ] {
+            assert!(present.met_by(&with(full.clone())), "{full}");
+        }
+    }
+
+    #[test]
+    fn claim_headers_never_carry_what_http_would_trim() {
+        assert_eq!(header_value(&json!(" admin")), None);
+        assert_eq!(header_value(&json!("admin\t")), None);
+        assert_eq!(header_value(&json!("ad min")).as_deref(), Some("ad min"));
     }
 
     #[test]

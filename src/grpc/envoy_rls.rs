@@ -3,9 +3,9 @@
 //! CheckRateLimit counts, in the same store, so every node and every app share the count.
 //!
 //! The mapping (the README has it for operators): the entry whose key is `policy` names the
-//! policy; the values of the other entries, in order, joined with `|`, are the key (the
-//! request's `domain` when there are none). The hits are the descriptor's `hits_addend` when
-//! set (0 peeks), else the request's (0 meaning 1).
+//! policy; the other entries make the key (see [`descriptor_key`]; the request's `domain`
+//! when there are none). The hits are the descriptor's `hits_addend` when set (0 peeks), else
+//! the request's (0 meaning 1).
 
 use std::sync::Arc;
 
@@ -139,7 +139,7 @@ impl EnvoyRls {
                     return Err(invalid(format!("entries: more than one `{POLICY_ENTRY}`")));
                 }
             } else {
-                key.push(entry.value.as_str());
+                key.push((entry.key.as_str(), entry.value.as_str()));
             }
         }
         let Some(policy) = policy else {
@@ -150,7 +150,7 @@ impl EnvoyRls {
         let key = if key.is_empty() {
             domain.to_owned()
         } else {
-            key.join("|")
+            descriptor_key(&key)
         };
         let hits = match &d.hits_addend {
             Some(h) => u32::try_from(h.value)
@@ -167,6 +167,37 @@ impl EnvoyRls {
         })?;
         Ok(Counted { policy, key, hits })
     }
+}
+
+/// The rate-limit key of a descriptor's entries (the `policy` entry aside), one key for one
+/// list of entries and never the same for two: one entry is its value, with `\`, `|` and `=`
+/// escaped by a `\` (so `remote_address` alone gives the client's address, the key an app's
+/// `CheckRateLimit` uses too); several are `name=value` each, escaped alike, joined by `|`.
+/// One entry's key holds no bare `=`, several entries' always do, so `[user="alice|10.0.0.7"]`
+/// never counts against `[user="alice", remote_address="10.0.0.7"]`.
+fn descriptor_key(entries: &[(&str, &str)]) -> String {
+    fn escaped(text: &str, out: &mut String) {
+        for c in text.chars() {
+            if matches!(c, '\\' | '|' | '=') {
+                out.push('\\');
+            }
+            out.push(c);
+        }
+    }
+    let mut key = String::new();
+    if let [(_, value)] = entries {
+        escaped(value, &mut key);
+        return key;
+    }
+    for (i, (name, value)) in entries.iter().enumerate() {
+        if i > 0 {
+            key.push('|');
+        }
+        escaped(name, &mut key);
+        key.push('=');
+        escaped(value, &mut key);
+    }
+    key
 }
 
 /// The policy as Envoy's `x-ratelimit-limit` header shows it, when its period is one unit.
@@ -190,5 +221,28 @@ fn duration(d: std::time::Duration) -> protobuf::Duration {
     protobuf::Duration {
         seconds: i64::try_from(d.as_secs()).unwrap_or(i64::MAX),
         nanos: d.subsec_nanos() as i32,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::descriptor_key;
+
+    #[test]
+    fn descriptor_keys_never_collide() {
+        assert_eq!(
+            descriptor_key(&[("remote_address", "10.0.0.7")]),
+            "10.0.0.7"
+        );
+        let one = descriptor_key(&[("user", "alice|10.0.0.7")]);
+        let two = descriptor_key(&[("user", "alice"), ("remote_address", "10.0.0.7")]);
+        assert_eq!(one, "alice\\|10.0.0.7");
+        assert_eq!(two, "user=alice|remote_address=10.0.0.7");
+        assert_ne!(one, two);
+        let forged = descriptor_key(&[("user", "alice|remote_address=10.0.0.7")]);
+        assert_ne!(forged, two);
+        let split = descriptor_key(&[("user", "alice"), ("remote_address", "x|y=z")]);
+        let joined = descriptor_key(&[("user", "alice|remote_address=x"), ("y", "z")]);
+        assert_ne!(split, joined);
     }
 }

@@ -361,6 +361,15 @@ fn check_subject(subject: &str) -> Result<(), Error> {
 }
 
 /// The account name the app shows: the label, or the subject when none is given.
+/// The Unicode bidirectional formatting characters (UAX #9): embeddings, overrides,
+/// isolates and marks. Each can make a label show as another.
+fn is_bidi_control(c: char) -> bool {
+    matches!(
+        c,
+        '\u{061C}' | '\u{200E}' | '\u{200F}' | '\u{202A}'..='\u{202E}' | '\u{2066}'..='\u{2069}'
+    )
+}
+
 fn account<'a>(subject: &'a str, label: &'a str) -> Result<&'a str, Error> {
     let (field, name) = if label.is_empty() {
         ("subject", subject)
@@ -378,13 +387,15 @@ fn account<'a>(subject: &'a str, label: &'a str) -> Result<&'a str, Error> {
         };
         return Err(invalid(field, reason));
     }
-    if name.contains(':') || name.chars().any(char::is_control) {
+    if name.contains(':') || name.chars().any(|c| c.is_control() || is_bidi_control(c)) {
         let reason = if label.is_empty() {
-            "holds `:` or a control character, which an otpauth label cannot: give an \
-             account_label"
+            "holds `:`, a control character or a bidirectional control, which an otpauth \
+             label cannot: give an account_label"
                 .to_owned()
         } else {
-            "must not contain `:` or control characters (the otpauth label's separator)".to_owned()
+            "must not contain `:` (the otpauth label's separator), control characters, or \
+             bidirectional controls (U+202E and its kin reorder what an authenticator shows)"
+                .to_owned()
         };
         return Err(invalid(field, reason));
     }
@@ -488,5 +499,9 @@ mod tests {
             })
         ));
         assert!(account("u", &"x".repeat(257)).is_err());
+        // A right-to-left override (U+202E) would make the label show reordered.
+        for bidi in ['\u{202E}', '\u{2066}', '\u{200F}', '\u{061C}'] {
+            assert!(account("u", &format!("alice{bidi}x")).is_err(), "{bidi:?}");
+        }
     }
 }
