@@ -3,16 +3,17 @@ as its ext_authz and rate limit service, in front of an upstream that echoes the
 got. Driven over plain HTTP, as a browser or curl would."""
 
 import http.client
-import http.server
 import json
 import os
 import pathlib
 import shutil
 import socket
+import socketserver
 import subprocess
 import tempfile
 import threading
 import time
+import wsgiref.simple_server
 
 import jwt
 import pytest
@@ -26,27 +27,30 @@ EXAMPLE = ROOT / "examples/envoy/envoy.yaml"
 ENVOY = shutil.which("envoy") or str(pathlib.Path(os.sys.executable).parent / "envoy")
 
 
-class Echo(http.server.ThreadingHTTPServer):
-    """The app behind Envoy: answers 200 with the request's headers as JSON, and counts."""
+class Echo(socketserver.ThreadingMixIn, wsgiref.simple_server.WSGIServer):
+    """The app behind Envoy, a WSGI app as Python web apps are: answers 200 with the request's
+    headers as the WSGI environ holds them (lower case, `-` for `_`) as JSON, and counts."""
+
+    daemon_threads = True
 
     def __init__(self):
         self.hits = 0
-        echo = self
 
-        class Handler(http.server.BaseHTTPRequestHandler):
-            def do_GET(self):
-                echo.hits += 1
-                body = json.dumps({k.lower(): v for k, v in self.headers.items()}).encode()
-                self.send_response(200)
-                self.send_header("content-type", "application/json")
-                self.send_header("content-length", str(len(body)))
-                self.end_headers()
-                self.wfile.write(body)
+        def app(environ, start_response):
+            self.hits += 1
+            seen = {k[5:].lower().replace("_", "-"): v for k, v in environ.items()
+                    if k.startswith("HTTP_")}
+            body = json.dumps(seen).encode()
+            start_response("200 OK", [("content-type", "application/json"),
+                                      ("content-length", str(len(body)))])
+            return [body]
 
+        class Quiet(wsgiref.simple_server.WSGIRequestHandler):
             def log_message(self, *args):
                 pass
 
-        super().__init__(("127.0.0.1", 0), Handler)
+        super().__init__(("127.0.0.1", 0), Quiet)
+        self.set_app(app)
         threading.Thread(target=self.serve_forever, daemon=True).start()
 
 
@@ -262,3 +266,29 @@ def test_redis_down_is_503_on_authorized_routes_and_500_on_counted_ones(stubs):
         assert [stack.get("/orders", bearer(token))[0] for _ in range(3)] == [503] * 3
         assert stack.get("/public/x", {})[0] == 500  # ratelimit: error, failure_mode_deny
         assert stack.app.hits == before
+
+
+def test_a_client_never_sets_an_identity_header_on_any_route(stubs):
+    """The shipped example strips the identity headers before ext_authz, on every route (one
+    without ext_authz too), and refuses underscored header names, which a WSGI server would
+    merge with the real ones. The app is a WSGI app."""
+    with Stack(stubs) as stack:
+        forged_identities_are_dropped(stack)
+
+
+def forged_identities_are_dropped(stack):
+    forged = {"x-auth-subject": "admin", "x-auth-tenant": "evil"}
+    status, _, body = stack.get("/public/x", forged)
+    assert status == 200, body
+    seen = json.loads(body)
+    assert "x-auth-subject" not in seen and "x-auth-tenant" not in seen, seen
+    status, _, body = stack.get("/orders", {**bearer(stack.issue("alice", tenant="acme")),
+                                            **forged})
+    assert status == 200, body
+    seen = json.loads(body)
+    assert (seen["x-auth-subject"], seen["x-auth-tenant"]) == ("alice", "acme"), seen
+    hits = stack.app.hits
+    for path in ("/orders", "/public/x"):
+        status, _, _ = stack.get(path, {**bearer(stack.issue("alice")), "x_auth_subject": "admin"})
+        assert status == 400, (path, status)
+    assert stack.app.hits == hits, "an underscored header reached the app"
