@@ -207,16 +207,7 @@ async fn every_rejection_is_the_http_answer_rfc_6750_gives() {
     let node = Sidecar::builder().args(ARGS).start();
     let mut client = Authz::new(node.channel().await);
     let token = issue(&node, "carol", serde_json::json!({"role": ["user"]})).await;
-    let mut refresh = node.client().await;
-    let refresh = refresh
-        .issue_with(pb::IssueRequest {
-            subject: "carol".into(),
-            kind: pb::TokenKind::Refresh as i32,
-            ..Default::default()
-        })
-        .await
-        .unwrap()
-        .token;
+    let refresh = node.client().await.issue_refresh("carol").await;
     let huge = "A".repeat(64 * 1024);
     let two = format!("Bearer {token}, Bearer {token}");
     // (request headers, route settings, HTTP status, the challenge's error)
@@ -630,14 +621,24 @@ async fn descriptor_keys_do_not_collide_through_a_separator() {
     let resp = rls(&mut client, vec![forged], 1).await.unwrap();
     assert_eq!(resp.statuses[0].limit_remaining, 0);
     let genuine = descriptor(
-        &[("policy", "small"), ("user", "alice"), ("remote_address", "10.0.0.7")],
+        &[
+            ("policy", "small"),
+            ("user", "alice"),
+            ("remote_address", "10.0.0.7"),
+        ],
         Some(0),
     );
     let resp = rls(&mut client, vec![genuine], 1).await.unwrap();
-    assert_eq!(resp.statuses[0].limit_remaining, 3, "the genuine key was spent");
+    assert_eq!(
+        resp.statuses[0].limit_remaining, 3,
+        "the genuine key was spent"
+    );
     assert_eq!(peek(&node, "small", "alice|10.0.0.7").await.remaining, 3);
     // One entry is still the app's key, as documented.
-    let address = descriptor(&[("policy", "small"), ("remote_address", "10.0.0.9")], Some(1));
+    let address = descriptor(
+        &[("policy", "small"), ("remote_address", "10.0.0.9")],
+        Some(1),
+    );
     rls(&mut client, vec![address], 1).await.unwrap();
     assert_eq!(peek(&node, "small", "10.0.0.9").await.remaining, 2);
 }
@@ -669,7 +670,10 @@ async fn identities_that_http_would_trim_never_reach_the_app() {
     .unwrap();
     let (status, headers, removed) = http_of(&resp);
     assert_eq!(status, 200);
-    assert_eq!(headers.get("x-auth-subject").map(String::as_str), Some("alice"));
+    assert_eq!(
+        headers.get("x-auth-subject").map(String::as_str),
+        Some("alice")
+    );
     assert!(!headers.contains_key("x-auth-tenant"), "{headers:?}");
     assert!(removed.contains(&"x-auth-tenant".to_owned()), "{removed:?}");
 }

@@ -243,12 +243,7 @@ async fn rotation_between_a_file_key_and_an_hsm_key_rejects_no_token() {
 async fn a_token_that_stops_signing_makes_the_node_not_serving() {
     let hsm = SoftHsm::new();
     let keys = TempDir::new().unwrap();
-    let pem = keys.path().join("imported.pem");
-    std::fs::write(
-        &pem,
-        auth_sidecar::keys::generate(auth_sidecar::keys::Alg::ES256).unwrap(),
-    )
-    .unwrap();
+    let pem = es256_pem(keys.path(), "imported.pem");
     hsm.import(&pem, "imported", "0a0b");
     let backup = keys.path().join("backup.pem");
     std::fs::rename(&pem, &backup).unwrap();
@@ -297,15 +292,7 @@ async fn a_token_that_stops_signing_makes_the_node_not_serving() {
 async fn a_token_that_signs_with_another_key_mints_nothing() {
     let hsm = SoftHsm::new();
     let keys = TempDir::new().unwrap();
-    let pem = |name: &str| {
-        let path = keys.path().join(name);
-        std::fs::write(
-            &path,
-            auth_sidecar::keys::generate(auth_sidecar::keys::Alg::ES256).unwrap(),
-        )
-        .unwrap();
-        path
-    };
+    let pem = |name: &str| es256_pem(keys.path(), name);
     let (first, second) = (pem("first.pem"), pem("second.pem"));
     hsm.import(&first, "swap", "0101");
     write_manifest(
@@ -325,6 +312,17 @@ async fn a_token_that_signs_with_another_key_mints_nothing() {
         "{}",
         healthz.body
     );
+}
+
+/// A new ES256 key pair as PKCS#8 PEM at `dir/name`.
+fn es256_pem(dir: &Path, name: &str) -> std::path::PathBuf {
+    let path = dir.join(name);
+    std::fs::write(
+        &path,
+        auth_sidecar::keys::generate(auth_sidecar::keys::Alg::ES256).unwrap(),
+    )
+    .unwrap();
+    path
 }
 
 /// Issue is refused with UNAVAILABLE: no token, and none signed by another key.
@@ -463,12 +461,7 @@ fn a_wrong_pin_or_a_missing_label_stops_the_start_with_the_reason() {
 async fn a_refresh_that_cannot_sign_spends_nothing_and_the_retry_refreshes() {
     let hsm = SoftHsm::new();
     let keys = TempDir::new().unwrap();
-    let pem = keys.path().join("k.pem");
-    std::fs::write(
-        &pem,
-        auth_sidecar::keys::generate(auth_sidecar::keys::Alg::ES256).unwrap(),
-    )
-    .unwrap();
+    let pem = es256_pem(keys.path(), "k.pem");
     hsm.import(&pem, "refresh", "0c0d");
     write_manifest(
         keys.path(),
@@ -476,15 +469,7 @@ async fn a_refresh_that_cannot_sign_spends_nothing_and_the_retry_refreshes() {
     );
     let node = builder(&hsm, keys.path()).start();
     let mut client = node.client().await;
-    let refresh = client
-        .issue_with(pb::IssueRequest {
-            subject: "carol".into(),
-            kind: pb::TokenKind::Refresh as i32,
-            ..Default::default()
-        })
-        .await
-        .unwrap()
-        .token;
+    let refresh = client.issue_refresh("carol").await;
 
     hsm.delete_private("refresh");
     // However often the client retries during the outage.
@@ -509,15 +494,7 @@ async fn a_refresh_that_cannot_sign_spends_nothing_and_the_retry_refreshes() {
 async fn an_hsm_key_whose_object_was_swapped_and_restored_serves_again_at_once() {
     let hsm = SoftHsm::new();
     let keys = TempDir::new().unwrap();
-    let pem = |name: &str| {
-        let path = keys.path().join(name);
-        std::fs::write(
-            &path,
-            auth_sidecar::keys::generate(auth_sidecar::keys::Alg::ES256).unwrap(),
-        )
-        .unwrap();
-        path
-    };
+    let pem = |name: &str| es256_pem(keys.path(), name);
     let (first, second) = (pem("f1.pem"), pem("f2.pem"));
     hsm.import(&first, "k1", "f1");
     hsm.import(&second, "k2", "f2");

@@ -577,19 +577,25 @@ async fn shared_storage_without_a_key_leaves_mfa_off_or_refuses_to_start() {
     assert!(!text.contains("c2VjcmV0LXNob3J0"), "{text}");
 }
 
+/// Two MFA keys, for rotations.
+const OLD_KEY: &str = "old:AAECAwQFBgcICQoLDA0ODxAREhMUFRYXGBkaGxwdHh8=";
+const NEW_KEY: &str = "new:ICEiIyQlJicoKSorLC0uLzAxMjM0NTY3ODk6Ozw9Pj8=";
+
+/// One node on `server` with `AUTH_MFA_KEY=keys`.
+fn with_mfa_keys(server: &RedisServer, keys: String) -> Deployment {
+    let mut storage = Storage::on_redis(server);
+    storage.env.push(("AUTH_MFA_KEY".into(), keys));
+    Deployment::on(storage, 1, &[])
+}
+
 /// Keys rotate: a secret sealed under the old key still verifies once the new key leads, and
 /// is sealed again under the new one when its code is accepted; a node without the old key
 /// says which key it lacks for a secret nobody used meanwhile.
 #[tokio::test]
 async fn mfa_keys_rotate() {
     let server = RedisServer::start();
-    let old = "old:AAECAwQFBgcICQoLDA0ODxAREhMUFRYXGBkaGxwdHh8=";
-    let new = "new:ICEiIyQlJicoKSorLC0uLzAxMjM0NTY3ODk6Ozw9Pj8=";
-    let start = |keys: String| {
-        let mut storage = Storage::on_redis(&server);
-        storage.env.push(("AUTH_MFA_KEY".into(), keys));
-        Deployment::on(storage, 1, &[])
-    };
+    let (old, new) = (OLD_KEY, NEW_KEY);
+    let start = |keys: String| with_mfa_keys(&server, keys);
     let (s, t) = (subject("mallory"), subject("trent"));
     let ((secret, backup_codes, step), (t_secret, _, t_step)) = {
         let d = start(old.to_owned());
@@ -638,13 +644,8 @@ async fn mfa_keys_rotate() {
 #[tokio::test]
 async fn an_enrollment_confirmed_during_a_rotation_is_sealed_under_the_new_key() {
     let server = RedisServer::start();
-    let old = "old:AAECAwQFBgcICQoLDA0ODxAREhMUFRYXGBkaGxwdHh8=";
-    let new = "new:ICEiIyQlJicoKSorLC0uLzAxMjM0NTY3ODk6Ozw9Pj8=";
-    let start = |keys: String| {
-        let mut storage = Storage::on_redis(&server);
-        storage.env.push(("AUTH_MFA_KEY".into(), keys));
-        Deployment::on(storage, 1, &[])
-    };
+    let (old, new) = (OLD_KEY, NEW_KEY);
+    let start = |keys: String| with_mfa_keys(&server, keys);
     let s = subject("victor");
     let begun = {
         let d = start(old.to_owned());

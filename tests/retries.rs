@@ -8,9 +8,8 @@ mod support;
 
 use std::time::{Duration, Instant};
 
-use auth_sidecar::pb;
+use support::Sidecar;
 use support::backends::{Backend, SlowLink, Storage};
-use support::{Client, Sidecar};
 use tonic::Code;
 
 /// The storage's URL setting, pointed at `link` in front of the same server.
@@ -66,25 +65,13 @@ async fn settled<T>(
     }
 }
 
-async fn refresh_token(client: &mut Client, subject: &str) -> String {
-    client
-        .issue_with(pb::IssueRequest {
-            subject: subject.into(),
-            kind: pb::TokenKind::Refresh as i32,
-            ..Default::default()
-        })
-        .await
-        .unwrap()
-        .token
-}
-
 /// A refresh whose answer was lost after the store rotated the family may be retried once,
 /// with the default zero grace: the retry gets the successor the lost answer held, and the
 /// family lives on. A second retry is a reuse, as RFC 9700 asks.
 async fn a_refresh_whose_answer_was_lost_is_retried_once(backend: Backend) {
     let (_storage, link, node) = node_behind_link(backend);
     let mut client = node.client().await;
-    let spent = refresh_token(&mut client, "dora").await;
+    let spent = client.issue_refresh("dora").await;
 
     // The backend's answer that says the family rotated (Redis's reply and PostgreSQL's row
     // both carry the word).

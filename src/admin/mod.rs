@@ -137,6 +137,21 @@ impl AdminUi {
         }
     }
 
+    /// To the login page, the cookie deleted.
+    fn logged_out(&self) -> Response {
+        (
+            StatusCode::SEE_OTHER,
+            [
+                (
+                    header::SET_COOKIE,
+                    self.set_cookie(self.cookie_name(), "", 0),
+                ),
+                (header::LOCATION, HeaderValue::from_static("/login")),
+            ],
+        )
+            .into_response()
+    }
+
     fn cookie_name(&self) -> &'static str {
         if self.0.config.secure_cookie {
             "__Host-authsidecar_admin"
@@ -474,14 +489,7 @@ async fn logout(
         .await
         .map_err(|e| unavailable(&e.to_string()))?;
     tracing::info!(user = %who.login.user, client = %peer.ip(), "admin UI: logged out");
-    Ok((
-        StatusCode::SEE_OTHER,
-        [
-            (header::SET_COOKIE, ui.set_cookie(ui.cookie_name(), "", 0)),
-            (header::LOCATION, HeaderValue::from_static("/login")),
-        ],
-    )
-        .into_response())
+    Ok(ui.logged_out())
 }
 
 /// Ends every admin login, this one included, on every node.
@@ -500,14 +508,7 @@ async fn logout_everyone(
     .await
     .map_err(|e| unavailable(&e.to_string()))?;
     tracing::info!(user = %who.login.user, client = %peer.ip(), "admin UI: every admin session ended");
-    Ok((
-        StatusCode::SEE_OTHER,
-        [
-            (header::SET_COOKIE, ui.set_cookie(ui.cookie_name(), "", 0)),
-            (header::LOCATION, HeaderValue::from_static("/login")),
-        ],
-    )
-        .into_response())
+    Ok(ui.logged_out())
 }
 
 async fn overview(State(ui): State<AdminUi>, headers: HeaderMap) -> Result<Response, Response> {

@@ -539,6 +539,18 @@ impl Client {
             .expect("a session")
     }
 
+    /// A new refresh token (a new family) of `subject`.
+    pub async fn issue_refresh(&mut self, subject: &str) -> String {
+        self.issue_with(pb::IssueRequest {
+            subject: subject.into(),
+            kind: pb::TokenKind::Refresh as i32,
+            ..Default::default()
+        })
+        .await
+        .expect("issue a refresh token")
+        .token
+    }
+
     pub async fn refresh(&mut self, token: &str) -> Result<pb::RefreshResponse, tonic::Status> {
         self.0
             .refresh(pb::RefreshRequest {
