@@ -327,3 +327,46 @@ async fn a_write_redis_missed_voids_the_complete_marker() {
         c.assert_valid(&kept).await;
     }
 }
+
+/// A FLUSHALL between the view's copy of the complete marker and a record read from Redis:
+/// the record is gone, and a marker from before the flush must not vouch for its absence. Node
+/// B's feed is slowed (300 ms), so its view still holds the marker when it reads the revoked
+/// token's records from the flushed Redis. (B answered `valid` for tokens revoked long before:
+/// the view's marker was older than the record it vouched for.)
+#[tokio::test]
+async fn a_flush_is_never_vouched_for_by_a_marker_the_view_kept() {
+    let redis = RedisServer::start();
+    let storage = Storage::tiered_on(&redis);
+    let prefix = storage.redis_prefix();
+    let feed = SlowLink::slow_feed(redis.port, Duration::from_millis(300));
+    let a = Sidecar::builder().storage(&storage).start();
+    let b = Sidecar::builder()
+        .storage(&storage)
+        .env("REDIS_URL", format!("redis://127.0.0.1:{}", feed.port))
+        .start();
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while b.metric("authsidecar_revocation_cache_feed_up", &[]) < 1.0 {
+        assert!(Instant::now() < deadline, "B's feed never went live");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    let (mut ca, mut cb) = (a.client().await, b.client().await);
+    let revoked: Vec<String> = join_all((0..20).map(|i| {
+        let mut ca = ca.clone();
+        async move {
+            let token = ca.issue(&format!("rev-{i}")).await.token;
+            ca.revoke(Target::Token(token.clone())).await.unwrap();
+            token
+        }
+    }))
+    .await;
+    let unrelated = ca.issue("unrelated").await.token;
+    wait_complete(&redis, &prefix, &mut cb, &unrelated).await;
+    // B's view now holds the marker.
+    cb.assert_valid(&unrelated).await;
+    cb.assert_valid(&unrelated).await;
+
+    assert_eq!(redis.cli(&["FLUSHALL"]), "OK");
+    for token in &revoked {
+        cb.assert_rejected(token, R::Revoked).await;
+    }
+}

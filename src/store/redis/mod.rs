@@ -27,6 +27,10 @@ use crate::rules::gcra::{Decision, Gcra};
 
 const BACKEND: &str = "redis";
 
+/// Where `RedisStore::evidence` keeps the complete marker among the facts it reads: last, so
+/// that it is read after the records it vouches for.
+const MARKER: usize = 4;
+
 /// Prepended to the scripts that work on sessions and cutoffs.
 const SESSION_LIB: &str = include_str!("session_lib.lua");
 
@@ -431,6 +435,16 @@ impl RedisStore {
                 Some(Lookup::Bypass) | None => reads.push((i, key, read, None)),
             }
         }
+        // The marker vouches for the records it is read with, so it is never older than they
+        // are: when a record goes to Redis, the marker is read there too, after it (a FLUSHALL
+        // between the two then shows as a missing marker), even if the view holds one.
+        if with_marker
+            && reads.first().is_some_and(|(i, ..)| *i < MARKER)
+            && reads.last().is_none_or(|(i, ..)| *i != MARKER)
+        {
+            facts[MARKER] = None;
+            reads.push((MARKER, self.complete_key(), Read::Deadline, None));
+        }
         if !reads.is_empty() {
             let read = self
                 .call("check", |c| {
@@ -774,6 +788,7 @@ impl Store for RedisStore {
         &self,
         family_id: &str,
         presented: &str,
+        presented_revoked: bool,
         successor: &Successor,
         now: SystemTime,
         replay_until: SystemTime,
@@ -787,7 +802,8 @@ impl Store for RedisStore {
             .arg(&successor.access_id)
             .arg(successor.issued_at_ms)
             .arg(millis(now))
-            .arg(millis(replay_until));
+            .arg(millis(replay_until))
+            .arg(u8::from(presented_revoked));
         let answer: Vec<String> = self.invoke_writing("rotate", &key, invocation).await?;
         let ends = |i: usize| from_millis(answer[i].parse().unwrap_or(0));
         Ok(match answer.first().map(String::as_str) {
