@@ -448,6 +448,11 @@ impl Tokens {
             ));
         };
         let now = self.clock.now();
+        let successor = Successor {
+            refresh_id: random_id(),
+            access_id: random_id(),
+            issued_at_ms: millis(now),
+        };
         if self
             .store
             .is_revoked(&TokenCheck {
@@ -457,13 +462,31 @@ impl Tokens {
             })
             .await?
         {
+            // A revoked token never rotates; but one that was spent before is presented again
+            // all the same, a reuse, and its family goes.
+            let step = self
+                .store
+                .rotate(
+                    family_id,
+                    &decoded.token_id,
+                    true,
+                    &successor,
+                    now,
+                    std::time::UNIX_EPOCH,
+                )
+                .await?;
+            if step == Rotation::Reused {
+                tracing::warn!(
+                    family = family_id,
+                    subject = %decoded.subject,
+                    "revoked refresh token reused: family revoked"
+                );
+                return Err(Error::Unauthenticated(
+                    "refresh_token: revoked, and spent before: its family is now revoked".into(),
+                ));
+            }
             return Err(rejected(Reason::Revoked));
         }
-        let successor = Successor {
-            refresh_id: random_id(),
-            access_id: random_id(),
-            issued_at_ms: millis(now),
-        };
         // Without a grace period nothing replays within it, not even a call whose clock read
         // an instant before the rotating call's did.
         let grace = self.settings.refresh_reuse_grace;
@@ -483,7 +506,14 @@ impl Tokens {
         let signed = self.mint_pair(&decoded, &successor, guessed_end).await?;
         match self
             .store
-            .rotate(family_id, &decoded.token_id, &successor, now, replay_until)
+            .rotate(
+                family_id,
+                &decoded.token_id,
+                false,
+                &successor,
+                now,
+                replay_until,
+            )
             .await?
         {
             Rotation::Rotated { family_ends }

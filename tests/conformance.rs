@@ -34,10 +34,12 @@ enum Step {
     },
     /// A family whose current token is `r0`, ending at `ends`.
     Family { ends: i64 },
-    /// Spends refresh token `presented` for successor `n` at `now`, replayable until
-    /// `replay_until` (absolute: 0 is "no grace", as the domain passes it).
+    /// Spends refresh token `presented` (revoked by id when `revoked`) for successor `n` at
+    /// `now`, replayable until `replay_until` (absolute: 0 is "no grace", as the domain passes
+    /// it).
     Rotate {
         presented: &'static str,
+        revoked: bool,
         n: u32,
         now: i64,
         replay_until: i64,
@@ -142,6 +144,7 @@ fn traces() -> Vec<(&'static str, Gcra, Vec<Step>)> {
     let rate = |at, cost, expect| Rate { at, cost, expect };
     let rotate = |presented, n, now, replay_until, expect| Rotate {
         presented,
+        revoked: false,
         n,
         now,
         replay_until,
@@ -384,6 +387,31 @@ fn traces() -> Vec<(&'static str, Gcra, Vec<Step>)> {
             ],
         ),
         (
+            "rotation: a revoked token never rotates; spent and presented again, it is a reuse",
+            SMOOTH,
+            vec![
+                Family { ends: 10_000 },
+                Rotate {
+                    presented: "r0",
+                    revoked: true,
+                    n: 1,
+                    now: 100,
+                    replay_until: T + 5_000,
+                    expect: Gone,
+                },
+                rotate("r0", 1, 101, T + 5_000, Rotated),
+                Rotate {
+                    presented: "r0",
+                    revoked: true,
+                    n: 9,
+                    now: 102,
+                    replay_until: T + 5_000,
+                    expect: Reused,
+                },
+                rotate("r1", 2, 103, T + 5_000, Gone),
+            ],
+        ),
+        (
             "rotation: an expired family is gone, by the caller's time",
             SMOOTH,
             vec![
@@ -584,6 +612,7 @@ impl Model {
             }
             Rotate {
                 presented,
+                revoked,
                 n,
                 now,
                 replay_until,
@@ -591,7 +620,7 @@ impl Model {
             } => {
                 let f = self.family.as_mut().unwrap();
                 let ends = f.expires_ms - T;
-                let r = rotation::step(f, presented, &successor(n), T + now, replay_until);
+                let r = rotation::step(f, presented, revoked, &successor(n), T + now, replay_until);
                 rotation_answer(r, ends)
             }
             Session {
@@ -731,6 +760,7 @@ async fn apply(store: &dyn Store, names: &mut Names, p: Gcra, step: &Step) -> An
         }
         Rotate {
             presented,
+            revoked,
             n,
             now,
             replay_until,
@@ -738,7 +768,14 @@ async fn apply(store: &dyn Store, names: &mut Names, p: Gcra, step: &Step) -> An
         } => {
             let replay_until = UNIX_EPOCH + Duration::from_millis(replay_until as u64);
             let r = store
-                .rotate(&family, presented, &successor(n), at(now), replay_until)
+                .rotate(
+                    &family,
+                    presented,
+                    revoked,
+                    &successor(n),
+                    at(now),
+                    replay_until,
+                )
                 .await
                 .unwrap();
             rotation_answer(r, names.family_ends)

@@ -54,6 +54,12 @@ macro_rules! suite {
             }
 
             #[tokio::test]
+            async fn a_revoked_spent_refresh_token_presented_again_revokes_its_family() {
+                super::a_revoked_spent_refresh_token_presented_again_revokes_its_family(&start(&[]))
+                    .await
+            }
+
+            #[tokio::test]
             async fn parallel_refreshes() {
                 super::parallel_refreshes(&start(&[])).await
             }
@@ -501,6 +507,31 @@ async fn refresh_chain_and_reuse(d: &Deployment) {
         a.refresh("").await.unwrap_err().code(),
         Code::InvalidArgument
     );
+}
+
+/// R0 refreshed to R1, then R0 revoked by token and presented again: still a reuse of a spent
+/// token, so the family goes, R1 and its access token with it. (Revoked was answered first,
+/// and R1 lived on.)
+async fn a_revoked_spent_refresh_token_presented_again_revokes_its_family(d: &Deployment) {
+    let (mut a, mut b) = clients(d).await;
+    let spent = a.issue_refresh("ivan").await;
+    let r = a.refresh(&spent).await.unwrap();
+    let (access, next) = (r.access.unwrap().token, r.refresh.unwrap().token);
+    a.revoke(Target::Token(spent.clone())).await.unwrap();
+    let err = b.refresh(&spent).await.unwrap_err();
+    assert_eq!(err.code(), Code::Unauthenticated);
+    assert!(err.message().contains("family is now revoked"), "{err:?}");
+    b.assert_rejected(&access, R::Revoked).await;
+    a.assert_rejected_soon(&access, R::Revoked).await;
+    assert_eq!(
+        a.refresh(&next).await.unwrap_err().code(),
+        Code::Unauthenticated
+    );
+    // A revoked token of a live family that was never spent is refused, and changes nothing.
+    let current = a.issue_refresh("judy").await;
+    a.revoke(Target::Token(current.clone())).await.unwrap();
+    let err = b.refresh(&current).await.unwrap_err();
+    assert!(err.message().contains("revoked"), "{err:?}");
 }
 
 /// 20 refreshes of one token at once, half on each node.

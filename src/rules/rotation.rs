@@ -66,11 +66,14 @@ impl FamilyState {
 /// Spends `presented`: the current token rotates; the token spent last replays its successor
 /// before `replay_until_ms` of its spend, and once more after that (the retry of a client
 /// whose answer was lost: its successor is still unspent, or the token would not be the one
-/// spent last); anything else revokes the family. A revoked or ended family is gone. `state`
-/// is updated in place.
+/// spent last); anything else revokes the family. A revoked or ended family is gone. A token
+/// that was revoked (`presented_revoked`) never rotates or replays: the current one is gone,
+/// and a spent one is a reuse, which revokes the family, as for any spent token presented
+/// again. `state` is updated in place.
 pub fn step(
     state: &mut FamilyState,
     presented: &str,
+    presented_revoked: bool,
     successor: &Successor,
     now_ms: i64,
     replay_until_ms: i64,
@@ -79,6 +82,13 @@ pub fn step(
         return Rotation::Gone;
     }
     let family_ends = super::from_millis(state.expires_ms);
+    if presented_revoked {
+        if presented == state.current {
+            return Rotation::Gone;
+        }
+        state.revoked = true;
+        return Rotation::Reused;
+    }
     if presented == state.current {
         state.previous = Some(std::mem::replace(
             &mut state.current,
@@ -125,13 +135,13 @@ mod tests {
         let mut f = family();
         let ends = UNIX_EPOCH + Duration::from_millis(10_000);
         assert_eq!(
-            step(&mut f, "r0", &successor(1), 100, 200),
+            step(&mut f, "r0", false, &successor(1), 100, 200),
             Rotation::Rotated { family_ends: ends }
         );
         assert_eq!(f.current, "r1");
         // The spent token again, within grace: the same successor, not a new one.
         assert_eq!(
-            step(&mut f, "r0", &successor(9), 150, 250),
+            step(&mut f, "r0", false, &successor(9), 150, 250),
             Rotation::Replay {
                 successor: successor(1),
                 family_ends: ends
@@ -141,31 +151,34 @@ mod tests {
         // After the grace period: one retry more, then a reuse, and the family is gone for
         // everyone.
         assert!(matches!(
-            step(&mut f, "r0", &successor(9), 200, 300),
+            step(&mut f, "r0", false, &successor(9), 200, 300),
             Rotation::Replay { .. }
         ));
         assert_eq!(
-            step(&mut f, "r0", &successor(9), 201, 301),
+            step(&mut f, "r0", false, &successor(9), 201, 301),
             Rotation::Reused
         );
-        assert_eq!(step(&mut f, "r1", &successor(2), 202, 302), Rotation::Gone);
+        assert_eq!(
+            step(&mut f, "r1", false, &successor(2), 202, 302),
+            Rotation::Gone
+        );
     }
 
     #[test]
     fn an_older_token_or_an_ended_family_is_never_spent() {
         let mut f = family();
-        step(&mut f, "r0", &successor(1), 100, 100);
-        step(&mut f, "r1", &successor(2), 101, 101);
+        step(&mut f, "r0", false, &successor(1), 100, 100);
+        step(&mut f, "r1", false, &successor(2), 101, 101);
         // Two generations back is a reuse even within a grace period.
         let mut g = f.clone();
         g.replay_until_ms = i64::MAX;
         assert_eq!(
-            step(&mut g, "r0", &successor(9), 102, 102),
+            step(&mut g, "r0", false, &successor(9), 102, 102),
             Rotation::Reused
         );
         assert!(g.revoked);
         assert_eq!(
-            step(&mut f, "r2", &successor(3), 10_000, 10_000),
+            step(&mut f, "r2", false, &successor(3), 10_000, 10_000),
             Rotation::Gone
         );
     }

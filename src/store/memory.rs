@@ -178,6 +178,7 @@ impl Store for MemoryStore {
         &self,
         family_id: &str,
         presented: &str,
+        presented_revoked: bool,
         successor: &Successor,
         now: SystemTime,
         replay_until: SystemTime,
@@ -189,6 +190,7 @@ impl Store for MemoryStore {
         Ok(rotation::step(
             &mut state,
             presented,
+            presented_revoked,
             successor,
             millis(now),
             millis(replay_until),

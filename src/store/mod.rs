@@ -214,10 +214,13 @@ pub trait Store: Send + Sync + 'static {
     /// Spends refresh token `presented` of family `family_id`, atomically: of two calls with
     /// the same token, on any nodes, one rotates and the other replays or revokes.
     /// `replay_until` is how long the spent token may still be retried for its successor.
+    /// `presented_revoked`: the token was revoked (by id), so it never rotates or replays,
+    /// and a spent one presented again revokes the family (`rules::rotation::step`).
     async fn rotate(
         &self,
         family_id: &str,
         presented: &str,
+        presented_revoked: bool,
         successor: &Successor,
         now: SystemTime,
         replay_until: SystemTime,

@@ -301,13 +301,21 @@ impl Store for TieredStore {
         &self,
         family_id: &str,
         presented: &str,
+        presented_revoked: bool,
         successor: &Successor,
         now: SystemTime,
         replay_until: SystemTime,
     ) -> Result<Rotation, StoreError> {
         let rotation = self
             .postgres
-            .rotate(family_id, presented, successor, now, replay_until)
+            .rotate(
+                family_id,
+                presented,
+                presented_revoked,
+                successor,
+                now,
+                replay_until,
+            )
             .await?;
         if rotation == Rotation::Reused
             && let Some((family, revoked)) = self.postgres.family(family_id).await?

@@ -76,10 +76,11 @@ $$;
 
 -- Spends a refresh token under the family's row lock: `rules::rotation::step`. outcome:
 -- rotated, replay (with the successor), reused or gone. The token spent last replays within
--- its grace, and once more after it (`retried`).
+-- its grace, and once more after it (`retried`). A revoked token never rotates or replays;
+-- a spent one presented again revokes the family.
 CREATE OR REPLACE FUNCTION auth_sidecar_rotate(
     p_family TEXT, p_presented TEXT, p_refresh TEXT, p_access TEXT, p_iat_ms BIGINT,
-    p_now_ms BIGINT, p_replay_until_ms BIGINT,
+    p_now_ms BIGINT, p_replay_until_ms BIGINT, p_revoked BOOLEAN,
     OUT outcome TEXT, OUT family_ends_ms BIGINT, OUT s_refresh TEXT, OUT s_access TEXT,
     OUT s_iat_ms BIGINT)
 LANGUAGE plpgsql AS $$
@@ -92,6 +93,15 @@ BEGIN
         RETURN;
     END IF;
     family_ends_ms := f.expires_ms;
+    IF p_revoked THEN
+        IF p_presented = f.current_id THEN
+            outcome := 'gone';
+            RETURN;
+        END IF;
+        UPDATE token_families SET revoked = true WHERE id = p_family;
+        outcome := 'reused';
+        RETURN;
+    END IF;
     IF p_presented = f.current_id THEN
         UPDATE token_families
         SET previous_id = p_presented, current_id = p_refresh,
@@ -115,6 +125,17 @@ BEGIN
     UPDATE token_families SET revoked = true WHERE id = p_family;
     outcome := 'reused';
 END
+$$;
+
+-- The seven-argument form, for nodes of the previous version during a rolling upgrade.
+CREATE OR REPLACE FUNCTION auth_sidecar_rotate(
+    p_family TEXT, p_presented TEXT, p_refresh TEXT, p_access TEXT, p_iat_ms BIGINT,
+    p_now_ms BIGINT, p_replay_until_ms BIGINT,
+    OUT outcome TEXT, OUT family_ends_ms BIGINT, OUT s_refresh TEXT, OUT s_access TEXT,
+    OUT s_iat_ms BIGINT)
+LANGUAGE sql AS $$
+    SELECT * FROM auth_sidecar_rotate(p_family, p_presented, p_refresh, p_access, p_iat_ms,
+                                      p_now_ms, p_replay_until_ms, false)
 $$;
 
 -- A touch: `rules::session::touch`. Returns the session as it is now, or no row when it is not

@@ -792,13 +792,14 @@ impl Store for PostgresStore {
         &self,
         family_id: &str,
         presented: &str,
+        presented_revoked: bool,
         successor: &Successor,
         now: SystemTime,
         replay_until: SystemTime,
     ) -> Result<Rotation, StoreError> {
         let (outcome, ends, refresh, access, iat): Rotated = self
             .call_writing("rotate", format!("f:{family_id}"), async |conn| {
-                sqlx::query_as("SELECT * FROM auth_sidecar_rotate($1, $2, $3, $4, $5, $6, $7)")
+                sqlx::query_as("SELECT * FROM auth_sidecar_rotate($1, $2, $3, $4, $5, $6, $7, $8)")
                     .persistent(self.persistent)
                     .bind(family_id)
                     .bind(presented)
@@ -807,6 +808,7 @@ impl Store for PostgresStore {
                     .bind(successor.issued_at_ms)
                     .bind(millis(now))
                     .bind(millis(replay_until))
+                    .bind(presented_revoked)
                     .fetch_one(conn)
                     .await
             })
