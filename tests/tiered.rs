@@ -370,3 +370,166 @@ async fn a_flush_is_never_vouched_for_by_a_marker_the_view_kept() {
         cb.assert_rejected(token, R::Revoked).await;
     }
 }
+
+/// A session write held on a frozen link lands after its session was deleted and Redis lost
+/// everything (the tombstone with it): the refill that follows must end the session again
+/// before it vouches for Redis. Node A touches the session while its Redis link is frozen
+/// (A answers UNAVAILABLE, PostgreSQL took the touch); B deletes the session; FLUSHALL; A's
+/// link thaws and the touch's copy lands. (Every node answered `valid` after the next
+/// refill before: the refill copied live sessions only, never the ends.)
+#[tokio::test]
+async fn a_held_session_write_after_a_flush_never_brings_a_deleted_session_back() {
+    let redis = RedisServer::start();
+    let storage = Storage::tiered_on(&redis);
+    let prefix = storage.redis_prefix();
+    let link = SlowLink::to(redis.port, Duration::ZERO);
+    let a = Sidecar::builder()
+        .storage(&storage)
+        .env("REDIS_URL", format!("redis://127.0.0.1:{}", link.port))
+        .args(["--backend-timeout=500ms", "--session-idle-timeout=1h"])
+        .start();
+    let b = Sidecar::builder()
+        .storage(&storage)
+        .args(["--backend-timeout=500ms", "--session-idle-timeout=1h"])
+        .start();
+    let (mut ca, mut cb) = (a.client().await, b.client().await);
+    let session = cb.create_session("kim").await;
+    let token = cb
+        .issue_with(pb::IssueRequest {
+            subject: "kim".into(),
+            session_id: session.id.clone(),
+            ..Default::default()
+        })
+        .await
+        .unwrap()
+        .token;
+    wait_complete(&redis, &prefix, &mut cb, &token).await;
+
+    link.freeze();
+    let held =
+        ca.0.touch_session(pb::TouchSessionRequest {
+            session_id: session.id.clone(),
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(held.code(), Code::Unavailable, "{held:?}");
+    let ended =
+        cb.0.delete_session(pb::DeleteSessionRequest {
+            session_id: session.id.clone(),
+        })
+        .await
+        .unwrap();
+    assert!(ended.into_inner().deleted);
+    assert_eq!(redis.cli(&["FLUSHALL"]), "OK");
+    link.thaw();
+    tokio::time::sleep(Duration::from_millis(300)).await;
+
+    // The next refill, then every node, from the view or from Redis.
+    cb.assert_rejected(&token, R::Revoked).await;
+    let mut conn = redis_conn(&redis).await;
+    wait_for_key(
+        &mut conn,
+        &format!("{prefix}tier:{{marker}}:complete"),
+        Duration::from_secs(20),
+    )
+    .await;
+    for c in [&mut ca, &mut cb] {
+        c.assert_rejected_soon(&token, R::Revoked).await;
+        for _ in 0..20 {
+            c.assert_rejected(&token, R::Revoked).await;
+        }
+    }
+}
+
+/// A subject whose session ids sort first (`first`) or last among sessions: its tag starts
+/// with a digit, or with `zz`.
+fn subject_sorting(first: bool, n: usize) -> Vec<String> {
+    (0..)
+        .map(|i| format!("sort-{first}-{i}"))
+        .filter(|s| {
+            let tag = subject_tag(s);
+            if first {
+                tag.starts_with(|c: char| c.is_ascii_digit())
+            } else {
+                tag.starts_with("zz")
+            }
+        })
+        .take(n)
+        .collect()
+}
+
+/// A refill that copies a session, then sees it deleted and Redis flushed again (the tombstone
+/// with it), writes its copy after the flush: the next refill must end it again before it
+/// vouches. Node A reaches Redis over a link with 10 ms each way, so its refill of 300
+/// sessions takes seconds, and the target's session sorts last. (Every node answered `valid`
+/// from about 15 s on before: nothing removed the stray copy.)
+#[tokio::test]
+async fn a_refill_copy_after_a_flush_never_brings_a_deleted_session_back() {
+    let redis = RedisServer::start();
+    let storage = Storage::tiered_on(&redis);
+    let prefix = storage.redis_prefix();
+    let slow = SlowLink::to(redis.port, Duration::from_millis(10));
+    let a = Sidecar::builder()
+        .storage(&storage)
+        .env("REDIS_URL", format!("redis://127.0.0.1:{}", slow.port))
+        .arg("--backend-timeout=5s")
+        .start();
+    let b = Sidecar::builder()
+        .storage(&storage)
+        .arg("--backend-timeout=5s")
+        .start();
+    let (mut ca, mut cb) = (a.client().await, b.client().await);
+    join_all(subject_sorting(true, 299).into_iter().map(|s| {
+        let mut cb = cb.clone();
+        async move { cb.create_session(&s).await }
+    }))
+    .await;
+    let target = &subject_sorting(false, 1)[0];
+    let session = cb.create_session(target).await;
+    let token = cb
+        .issue_with(pb::IssueRequest {
+            subject: target.clone(),
+            session_id: session.id.clone(),
+            ..Default::default()
+        })
+        .await
+        .unwrap()
+        .token;
+
+    assert_eq!(redis.cli(&["FLUSHALL"]), "OK");
+    ca.assert_valid(&token).await; // from PostgreSQL; A's slow refill starts
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+    let ended =
+        cb.0.delete_session(pb::DeleteSessionRequest {
+            session_id: session.id.clone(),
+        })
+        .await
+        .unwrap();
+    assert!(ended.into_inner().deleted);
+    ca.assert_rejected(&token, R::Revoked).await;
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    assert_eq!(redis.cli(&["FLUSHALL"]), "OK");
+
+    // A's first refill fails (its ticket went with the flush); a later one vouches.
+    let mut conn = redis_conn(&redis).await;
+    let deadline = Instant::now() + Duration::from_secs(60);
+    let marker = format!("{prefix}tier:{{marker}}:complete");
+    loop {
+        ca.assert_rejected(&token, R::Revoked).await;
+        let marked: bool = redis::cmd("EXISTS")
+            .arg(&marker)
+            .query_async(&mut conn)
+            .await
+            .unwrap();
+        if marked {
+            break;
+        }
+        assert!(Instant::now() < deadline, "no refill completed");
+        tokio::time::sleep(Duration::from_millis(250)).await;
+    }
+    for c in [&mut ca, &mut cb] {
+        for _ in 0..20 {
+            c.assert_rejected(&token, R::Revoked).await;
+        }
+    }
+}

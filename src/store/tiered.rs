@@ -151,9 +151,9 @@ impl TieredStore {
     }
 }
 
-/// Copies every live revocation, cutoff, session and family to Redis, then marks Redis
-/// complete if its ticket survived. A write made while this runs goes to Redis by its own
-/// call; the copies only move state forward, so neither undoes the other.
+/// Copies every live revocation, cutoff, session, session end and family to Redis, then marks
+/// Redis complete if its ticket survived. A write made while this runs goes to Redis by its
+/// own call; the copies only move state forward, so neither undoes the other.
 async fn refill(redis: &RedisStore, postgres: &PostgresStore) -> Result<usize, StoreError> {
     let ticket = redis.begin_refill(COMPLETE_FOR).await?;
     let mut copied = 0;
@@ -188,6 +188,22 @@ async fn refill(redis: &RedisStore, postgres: &PostgresStore) -> Result<usize, S
         copied += batch.len();
         match batch.last() {
             Some(last) if batch.len() as i64 == REFILL_BATCH => after = last.id.clone(),
+            _ => break,
+        }
+    }
+    // Sessions that ended, as tombstones: each deletes a copy of its session that a write
+    // landing after a loss of Redis data put back (a copy read before the end, a mirror write
+    // held on a link), and refuses any that lands later.
+    let mut after = String::new();
+    let now = postgres.now();
+    loop {
+        let batch = postgres.session_ends_after(&after, REFILL_BATCH).await?;
+        for (id, ends) in &batch {
+            redis.end_session(id, now, Some(*ends)).await?;
+        }
+        copied += batch.len();
+        match batch.last() {
+            Some((last, _)) if batch.len() as i64 == REFILL_BATCH => after = last.clone(),
             _ => break,
         }
     }

@@ -736,6 +736,11 @@ impl SlowLink {
         self.frozen.store(true, Ordering::SeqCst);
     }
 
+    /// Forwards again what it held while frozen, in order.
+    pub fn thaw(&self) {
+        self.frozen.store(false, Ordering::SeqCst);
+    }
+
     /// Loses the backend's next answer that contains `marker` (the outcome of a write, say):
     /// the connection that carried it closes instead, as a link that drops after the backend
     /// committed. Once.

@@ -162,14 +162,17 @@ $$;
 CREATE OR REPLACE FUNCTION auth_sidecar_end_session(
     p_id TEXT, p_now_ms BIGINT, OUT live BOOLEAN, OUT expires_ms BIGINT)
 LANGUAGE sql AS $$
-    WITH gone AS (DELETE FROM sessions WHERE id = p_id RETURNING live_until_ms, expires_ms)
-    SELECT coalesce(bool_or(live_until_ms > p_now_ms), false), max(expires_ms) FROM gone
+    WITH gone AS (DELETE FROM sessions WHERE id = p_id RETURNING id, live_until_ms, expires_ms),
+         kept AS (INSERT INTO session_ends (id, expires_ms)
+                  SELECT g.id, g.expires_ms FROM gone g WHERE g.expires_ms > p_now_ms
+                  ON CONFLICT ON CONSTRAINT session_ends_pkey DO NOTHING)
+    SELECT coalesce(bool_or(g.live_until_ms > p_now_ms), false), max(g.expires_ms) FROM gone g
 $$;
 
 -- Logout everywhere: the cutoff only rises and its record only lives longer
--- (`rules::session::raise`); every session of the subject goes. Returns each ended session
--- with its absolute end and whether it was live at p_now_ms (`rules::session::ended_by_logout`
--- counts those).
+-- (`rules::session::raise`); every session of the subject goes, remembered in `session_ends`
+-- until its absolute end. Returns each ended session with its absolute end and whether it was
+-- live at p_now_ms (`rules::session::ended_by_logout` counts those).
 CREATE OR REPLACE FUNCTION auth_sidecar_logout(
     p_subject TEXT, p_cutoff_ms BIGINT, p_until_ms BIGINT, p_now_ms BIGINT)
 RETURNS TABLE (id TEXT, expires_ms BIGINT, live BOOLEAN)
@@ -181,7 +184,12 @@ BEGIN
     SET cutoff_ms = greatest(c.cutoff_ms, EXCLUDED.cutoff_ms),
         expires_ms = greatest(c.expires_ms, EXCLUDED.expires_ms);
     RETURN QUERY
-    DELETE FROM sessions s WHERE s.subject = p_subject
-    RETURNING s.id, s.expires_ms, s.live_until_ms > p_now_ms;
+    WITH gone AS (DELETE FROM sessions s WHERE s.subject = p_subject
+                  RETURNING s.id AS gone_id, s.expires_ms AS gone_ends,
+                            s.live_until_ms > p_now_ms AS gone_live),
+         kept AS (INSERT INTO session_ends (id, expires_ms)
+                  SELECT g.gone_id, g.gone_ends FROM gone g WHERE g.gone_ends > p_now_ms
+                  ON CONFLICT ON CONSTRAINT session_ends_pkey DO NOTHING)
+    SELECT g.gone_id, g.gone_ends, g.gone_live FROM gone g;
 END
 $$;

@@ -381,6 +381,38 @@ impl PostgresStore {
     }
 
     /// Every live session after `after` in id order, at most `limit` of them (tiered refill).
+    /// The time on this store's clock.
+    pub(super) fn now(&self) -> SystemTime {
+        self.clock.now()
+    }
+
+    /// Sessions ended before their absolute end (ids after `after`), with that end: what a
+    /// refill copies as tombstones.
+    pub(super) async fn session_ends_after(
+        &self,
+        after: &str,
+        limit: i64,
+    ) -> Result<Vec<(String, SystemTime)>, StoreError> {
+        let rows: Vec<(String, i64)> = self
+            .call("select", async |conn| {
+                sqlx::query_as(
+                    "SELECT id, expires_ms FROM session_ends WHERE id > $1 AND expires_ms > $2 \
+                     ORDER BY id LIMIT $3",
+                )
+                .persistent(self.persistent)
+                .bind(after)
+                .bind(millis(self.clock.now()))
+                .bind(limit)
+                .fetch_all(conn)
+                .await
+            })
+            .await?;
+        Ok(rows
+            .into_iter()
+            .map(|(id, ends)| (id, from_millis(ends)))
+            .collect())
+    }
+
     pub(super) async fn live_sessions_after(
         &self,
         after: &str,
@@ -1139,6 +1171,8 @@ impl Store for PostgresStore {
         for sql in [
             "DELETE FROM sessions WHERE id IN (SELECT id FROM sessions \
              WHERE live_until_ms <= $1 LIMIT $2)",
+            "DELETE FROM session_ends WHERE id IN (SELECT id FROM session_ends \
+             WHERE expires_ms <= $1 LIMIT $2)",
             "DELETE FROM subject_cutoffs WHERE subject IN (SELECT subject FROM subject_cutoffs \
              WHERE expires_ms <= $1 LIMIT $2)",
             "DELETE FROM token_families WHERE id IN (SELECT id FROM token_families \
