@@ -407,3 +407,52 @@ pub fn accepted<L: Listener>(
         }
     })
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn tracker(max: usize) -> Arc<Tracker> {
+        Tracker::new(Limits {
+            max_connections: max,
+            handshake_timeout: Duration::from_secs(10),
+            idle_timeout: Duration::from_secs(60),
+        })
+    }
+
+    fn ip(last: u8) -> IpAddr {
+        IpAddr::from([127, 0, 0, last])
+    }
+
+    #[test]
+    fn a_peer_at_its_cap_evicts_its_own_idlest_connection() {
+        let t = tracker(64); // 8 per peer
+        let held: Vec<Admitted> = (0..8).map(|_| t.admit(ip(2)).unwrap()).collect();
+        let busy = held[0].activity.begin();
+        let newcomer = t.admit(ip(2)).expect("room made");
+        assert!(!held[0].close.is_cancelled(), "a busy connection stays");
+        assert_eq!(held.iter().filter(|h| h.close.is_cancelled()).count(), 1);
+        drop((busy, newcomer));
+    }
+
+    #[test]
+    fn a_full_listener_evicts_from_the_peer_holding_the_most_and_never_a_busy_one() {
+        let t = tracker(8); // 4 per peer
+        let a: Vec<Admitted> = (0..4).map(|_| t.admit(ip(2)).unwrap()).collect();
+        let b: Vec<Admitted> = (0..3).map(|_| t.admit(ip(3)).unwrap()).collect();
+        let c = t.admit(ip(4)).unwrap();
+        let probe = t.admit(ip(5)).expect("a probe always gets in");
+        assert_eq!(a.iter().filter(|h| h.close.is_cancelled()).count(), 1);
+        assert!(!b.iter().chain([&c, &probe]).any(|h| h.close.is_cancelled()));
+        // Every connection busy: nothing can make room.
+        let open: Vec<RequestOpen> = a
+            .iter()
+            .chain(&b)
+            .chain([&c, &probe])
+            .filter(|h| !h.close.is_cancelled())
+            .map(|h| h.activity.begin())
+            .collect();
+        assert!(t.admit(ip(6)).is_none());
+        drop(open);
+    }
+}
