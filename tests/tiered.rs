@@ -32,15 +32,18 @@ async fn redis_conn(server: &RedisServer) -> redis::aio::MultiplexedConnection {
         .unwrap()
 }
 
+async fn key_exists(conn: &mut redis::aio::MultiplexedConnection, key: &str) -> bool {
+    redis::cmd("EXISTS")
+        .arg(key)
+        .query_async(conn)
+        .await
+        .unwrap()
+}
+
 async fn wait_for_key(conn: &mut redis::aio::MultiplexedConnection, key: &str, limit: Duration) {
     let deadline = Instant::now() + limit;
     loop {
-        let exists: bool = redis::cmd("EXISTS")
-            .arg(key)
-            .query_async(conn)
-            .await
-            .unwrap();
-        if exists {
+        if key_exists(conn, key).await {
             return;
         }
         assert!(Instant::now() < deadline, "{key} never appeared");
@@ -195,12 +198,7 @@ async fn a_refill_never_undoes_a_revocation_it_races() {
     let deadline = Instant::now() + limit;
     loop {
         check.assert_valid(tokens[0]).await;
-        let exists: bool = redis::cmd("EXISTS")
-            .arg(&first_cutoff)
-            .query_async(&mut conn)
-            .await
-            .unwrap();
-        if exists {
+        if key_exists(&mut conn, &first_cutoff).await {
             break;
         }
         assert!(Instant::now() < deadline, "{first_cutoff} never appeared");
@@ -516,12 +514,7 @@ async fn a_refill_copy_after_a_flush_never_brings_a_deleted_session_back() {
     let marker = format!("{prefix}tier:{{marker}}:complete");
     loop {
         ca.assert_rejected(&token, R::Revoked).await;
-        let marked: bool = redis::cmd("EXISTS")
-            .arg(&marker)
-            .query_async(&mut conn)
-            .await
-            .unwrap();
-        if marked {
+        if key_exists(&mut conn, &marker).await {
             break;
         }
         assert!(Instant::now() < deadline, "no refill completed");
