@@ -545,3 +545,45 @@ fn a_small_rsa_key_is_refused_as_too_small() {
         "{text}"
     );
 }
+
+/// Two nodes whose active key is in the token, with a file key beside it, compare their admin
+/// credentials under the file key (the one the admin cookie uses): different passwords are a
+/// disagreement, the same ones are not. (With an HSM key active, nodes published no
+/// fingerprint, so different passwords passed as "every live node agrees", and a file-active
+/// node saw "no password" on them.)
+#[test]
+fn hsm_active_nodes_compare_their_admin_passwords() {
+    let hsm = SoftHsm::new();
+    let keys = TempDir::new().unwrap();
+    let hsm_entry = with_state(&hsm.generate("ES256", "hsm-admin"), "active");
+    let file_entry = file_key(keys.path(), "file-admin");
+    write_manifest(keys.path(), &[hsm_entry, file_entry]);
+    let storage = support::backends::Storage::new(support::backends::Backend::Redis);
+    let node = |id: &str, password: &str| {
+        builder(&hsm, keys.path())
+            .storage(&storage)
+            .args(["--node-id", id, "--cluster-heartbeat", "200ms"])
+            .env("ADMIN_GUI_PASSWORD", password)
+            .start()
+    };
+    let (a, b) = (node("a", "one password"), node("b", "another password"));
+    let wait_for = |n: &Sidecar, text: &str| {
+        let deadline = std::time::Instant::now() + Duration::from_secs(10);
+        loop {
+            let body = support::http_get(n.ops, "/healthz").body;
+            if body.contains(text) {
+                return body;
+            }
+            assert!(
+                std::time::Instant::now() < deadline,
+                "{text} never shown: {body}"
+            );
+            std::thread::sleep(Duration::from_millis(100));
+        }
+    };
+    let body = wait_for(&a, "user name or password differs on node b");
+    assert!(!body.contains("no password"), "{body}");
+    drop(b);
+    let _c = node("c", "one password");
+    wait_for(&a, "every live node agrees");
+}
