@@ -174,10 +174,13 @@ impl SidecarBuilder {
             for line in BufReader::new(stderr).lines() {
                 let Ok(line) = line else { break };
                 let text = line.contains(" api=") && line.contains(" ops=");
-                if text || line.contains(r#""ops":""#) {
-                    let _ = ready_tx.send(line.clone());
+                let ready = text || line.contains(r#""ops":""#);
+                // Kept before it is announced, so that `logs()` holds the start line once
+                // `start` returns.
+                sink.lock().unwrap().push(line.clone());
+                if ready {
+                    let _ = ready_tx.send(line);
                 }
-                sink.lock().unwrap().push(line);
             }
         });
         let line = match ready_rx.recv_timeout(Duration::from_secs(20)) {
