@@ -411,13 +411,7 @@ async fn a_held_session_write_after_a_flush_never_brings_a_deleted_session_back(
         .await
         .unwrap_err();
     assert_eq!(held.code(), Code::Unavailable, "{held:?}");
-    let ended =
-        cb.0.delete_session(pb::DeleteSessionRequest {
-            session_id: session.id.clone(),
-        })
-        .await
-        .unwrap();
-    assert!(ended.into_inner().deleted);
+    delete_session(&mut cb, &session.id).await;
     assert_eq!(redis.cli(&["FLUSHALL"]), "OK");
     link.thaw();
     tokio::time::sleep(Duration::from_millis(300)).await;
@@ -437,6 +431,17 @@ async fn a_held_session_write_after_a_flush_never_brings_a_deleted_session_back(
             c.assert_rejected(&token, R::Revoked).await;
         }
     }
+}
+
+/// Deletes a live session through `c`.
+async fn delete_session(c: &mut Client, id: &str) {
+    let ended =
+        c.0.delete_session(pb::DeleteSessionRequest {
+            session_id: id.to_owned(),
+        })
+        .await
+        .unwrap();
+    assert!(ended.into_inner().deleted);
 }
 
 /// A subject whose session ids sort first (`first`) or last among sessions: its tag starts
@@ -497,13 +502,7 @@ async fn a_refill_copy_after_a_flush_never_brings_a_deleted_session_back() {
     assert_eq!(redis.cli(&["FLUSHALL"]), "OK");
     ca.assert_valid(&token).await; // from PostgreSQL; A's slow refill starts
     tokio::time::sleep(Duration::from_millis(1500)).await;
-    let ended =
-        cb.0.delete_session(pb::DeleteSessionRequest {
-            session_id: session.id.clone(),
-        })
-        .await
-        .unwrap();
-    assert!(ended.into_inner().deleted);
+    delete_session(&mut cb, &session.id).await;
     ca.assert_rejected(&token, R::Revoked).await;
     tokio::time::sleep(Duration::from_millis(200)).await;
     assert_eq!(redis.cli(&["FLUSHALL"]), "OK");
