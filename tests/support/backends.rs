@@ -9,7 +9,7 @@ use std::net::TcpListener;
 use std::os::unix::process::CommandExt;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, OnceLock};
 use std::time::{Duration, Instant};
 
@@ -320,13 +320,21 @@ pub fn psql_on(url: &str, sql: &str) -> String {
     String::from_utf8_lossy(&out.stdout).trim().to_owned()
 }
 
-/// A port nobody listens on now.
+/// A port nobody listens on now, below the kernel's range of ephemeral ports: a server the
+/// tests stop and start again on its port must not find it taken by a client socket that the
+/// kernel gave that port while the server was down (a socket connecting to the free port can
+/// even connect to itself, and then hears its own words as the server's answer).
 pub fn free_port() -> u16 {
-    TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
+    let first_ephemeral: u16 = std::fs::read_to_string("/proc/sys/net/ipv4/ip_local_port_range")
+        .ok()
+        .and_then(|r| r.split_whitespace().next()?.parse().ok())
+        .unwrap_or(32768);
+    loop {
+        let port = rand::random_range(10_000..first_ephemeral.max(10_001));
+        if TcpListener::bind(("127.0.0.1", port)).is_ok() {
+            return port;
+        }
+    }
 }
 
 /// Kills the child if the thread that spawned it dies, so no server outlives a crashed test.
@@ -719,33 +727,70 @@ fn chown(path: &Path, uid: u32, gid: u32) {
     std::os::unix::fs::chown(path, Some(uid), Some(gid)).expect("chown");
 }
 
-/// A TCP proxy to a local port that holds every chunk it forwards for `delay`: a slow link
+/// A TCP proxy to a local port that holds every chunk it forwards for a delay: a slow link
 /// to a backend, for one node only. It can also freeze: forward nothing, in either direction,
 /// yet keep every connection open, as a link that silently stops carrying packets does. Or
 /// it delays only what the backend sends a sidecar's change feed (the connection that names
-/// itself `auth-sidecar-feed` to Redis, `auth-sidecar feed` to PostgreSQL). Runs until the test binary exits.
+/// itself `auth-sidecar-feed` to Redis, `auth-sidecar feed` to PostgreSQL). It can cut every
+/// open connection, and refuse new ones (a partition). The delays can change at any time.
+/// Runs until the test binary exits.
 pub struct SlowLink {
     pub port: u16,
-    frozen: Arc<AtomicBool>,
-    losing: Arc<Mutex<Option<Vec<u8>>>>,
+    state: Arc<LinkState>,
+}
+
+struct LinkState {
+    frozen: AtomicBool,
+    refusing: AtomicBool,
+    /// Microseconds each chunk is held: on an ordinary connection, and what a feed receives.
+    delay: AtomicU64,
+    feed_delay: AtomicU64,
+    losing: Mutex<Option<Vec<u8>>>,
+    /// Bumped to close every open connection.
+    cuts: tokio::sync::watch::Sender<u64>,
 }
 
 impl SlowLink {
     /// Stops forwarding, leaving the connections open.
     pub fn freeze(&self) {
-        self.frozen.store(true, Ordering::SeqCst);
+        self.state.frozen.store(true, Ordering::SeqCst);
     }
 
     /// Forwards again what it held while frozen, in order.
     pub fn thaw(&self) {
-        self.frozen.store(false, Ordering::SeqCst);
+        self.state.frozen.store(false, Ordering::SeqCst);
     }
 
     /// Loses the backend's next answer that contains `marker` (the outcome of a write, say):
     /// the connection that carried it closes instead, as a link that drops after the backend
     /// committed. Once.
     pub fn lose_answer_with(&self, marker: &[u8]) {
-        *self.losing.lock().unwrap() = Some(marker.to_vec());
+        *self.state.losing.lock().unwrap() = Some(marker.to_vec());
+    }
+
+    /// Holds every chunk for `delay` from now on (what the feed receives too, unless
+    /// [`SlowLink::set_feed_delay`] says otherwise after this).
+    pub fn set_delay(&self, delay: Duration) {
+        self.state.delay.store(micros(delay), Ordering::SeqCst);
+        self.state.feed_delay.store(micros(delay), Ordering::SeqCst);
+    }
+
+    /// Holds what the backend sends a change feed for `delay` from now on.
+    pub fn set_feed_delay(&self, delay: Duration) {
+        self.state.feed_delay.store(micros(delay), Ordering::SeqCst);
+    }
+
+    /// Closes every open connection, as a reset link does; new ones go through.
+    pub fn cut(&self) {
+        self.state.cuts.send_modify(|n| *n += 1);
+    }
+
+    /// While on, closes every open connection and every new one at once.
+    pub fn partition(&self, on: bool) {
+        self.state.refusing.store(on, Ordering::SeqCst);
+        if on {
+            self.cut();
+        }
     }
 
     pub fn to(upstream: u16, delay: Duration) -> SlowLink {
@@ -758,10 +803,15 @@ impl SlowLink {
     }
 
     fn with(upstream: u16, delay: Duration, feed_delay: Duration) -> SlowLink {
-        let frozen = Arc::new(AtomicBool::new(false));
-        let held = frozen.clone();
-        let losing = Arc::new(Mutex::new(None));
-        let lost = losing.clone();
+        let state = Arc::new(LinkState {
+            frozen: AtomicBool::new(false),
+            refusing: AtomicBool::new(false),
+            delay: AtomicU64::new(micros(delay)),
+            feed_delay: AtomicU64::new(micros(feed_delay)),
+            losing: Mutex::new(None),
+            cuts: tokio::sync::watch::Sender::new(0),
+        });
+        let shared = state.clone();
         let listener = TcpListener::bind("127.0.0.1:0").unwrap();
         let port = listener.local_addr().unwrap().port();
         listener.set_nonblocking(true).unwrap();
@@ -774,55 +824,55 @@ impl SlowLink {
                 let listener = tokio::net::TcpListener::from_std(listener).unwrap();
                 loop {
                     let (client, _) = listener.accept().await.unwrap();
-                    let frozen = held.clone();
-                    let lost = lost.clone();
+                    if shared.refusing.load(Ordering::SeqCst) {
+                        continue;
+                    }
+                    let state = shared.clone();
                     tokio::spawn(async move {
                         let Ok(server) =
                             tokio::net::TcpStream::connect(("127.0.0.1", upstream)).await
                         else {
                             return;
                         };
+                        // While the backend is down its port is free, and the kernel may pick
+                        // it as this socket's own port: a socket connected to itself, which
+                        // echoes what it is sent. Nothing listens, so that is a refusal.
+                        if server.local_addr().is_ok_and(|a| a.port() == upstream) {
+                            return;
+                        }
                         let (cr, cw) = client.into_split();
                         let (sr, sw) = server.into_split();
                         let feed = Arc::new(AtomicBool::new(false));
                         let up = Copy {
-                            delay: [delay, delay],
-                            frozen: frozen.clone(),
+                            state: state.clone(),
                             feed: feed.clone(),
-                            marks: true,
-                            losing: None,
+                            upstream: true,
                         };
                         let down = Copy {
-                            delay: [delay, feed_delay],
-                            frozen,
+                            state,
                             feed,
-                            marks: false,
-                            losing: Some(lost),
+                            upstream: false,
                         };
                         tokio::join!(up.run(cr, sw), down.run(sr, cw));
                     });
                 }
             });
         });
-        SlowLink {
-            port,
-            frozen,
-            losing,
-        }
+        SlowLink { port, state }
     }
+}
+
+fn micros(d: Duration) -> u64 {
+    u64::try_from(d.as_micros()).unwrap_or(u64::MAX)
 }
 
 /// One direction of a [`SlowLink`] connection.
 struct Copy {
-    /// The delay for an ordinary connection, and for the tracking connection.
-    delay: [Duration; 2],
-    frozen: Arc<AtomicBool>,
-    /// Whether this connection is a sidecar's tracking connection.
+    state: Arc<LinkState>,
+    /// Whether this connection is a sidecar's change feed.
     feed: Arc<AtomicBool>,
-    /// Whether this direction (client to server) watches for the feed's name.
-    marks: bool,
-    /// On the backend's direction: the marker of an answer to lose.
-    losing: Option<Arc<Mutex<Option<Vec<u8>>>>>,
+    /// Client to server: watches for the feed's name. Server to client: may lose an answer.
+    upstream: bool,
 }
 
 impl Copy {
@@ -832,20 +882,38 @@ impl Copy {
         mut to: tokio::net::tcp::OwnedWriteHalf,
     ) {
         use tokio::io::{AsyncReadExt, AsyncWriteExt};
+        let mut cuts = self.state.cuts.subscribe();
         let mut buf = vec![0u8; 64 * 1024];
-        while let Ok(n @ 1..) = from.read(&mut buf).await {
+        loop {
+            let n = tokio::select! {
+                read = from.read(&mut buf) => match read {
+                    Ok(n @ 1..) => n,
+                    _ => break,
+                },
+                _ = cuts.changed() => break,
+            };
             // The Redis feed's client name, or the PostgreSQL feed's application_name.
             let named = |name: &[u8]| buf[..n].windows(name.len()).any(|w| w == name);
-            if self.marks && (named(b"auth-sidecar-feed") || named(b"auth-sidecar feed")) {
+            if self.upstream && (named(b"auth-sidecar-feed") || named(b"auth-sidecar feed")) {
                 self.feed.store(true, Ordering::SeqCst);
             }
-            let delay = self.delay[usize::from(self.feed.load(Ordering::SeqCst))];
-            tokio::time::sleep(delay).await;
-            while self.frozen.load(Ordering::SeqCst) {
-                tokio::time::sleep(Duration::from_millis(10)).await;
+            let delay = if !self.upstream && self.feed.load(Ordering::SeqCst) {
+                &self.state.feed_delay
+            } else {
+                &self.state.delay
+            };
+            let held = async {
+                tokio::time::sleep(Duration::from_micros(delay.load(Ordering::SeqCst))).await;
+                while self.state.frozen.load(Ordering::SeqCst) {
+                    tokio::time::sleep(Duration::from_millis(10)).await;
+                }
+            };
+            tokio::select! {
+                () = held => {}
+                _ = cuts.changed() => break,
             }
-            if let Some(losing) = &self.losing {
-                let mut marker = losing.lock().unwrap();
+            if !self.upstream {
+                let mut marker = self.state.losing.lock().unwrap();
                 if marker
                     .as_ref()
                     .is_some_and(|m| buf[..n].windows(m.len()).any(|w| w == m.as_slice()))
