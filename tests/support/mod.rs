@@ -4,6 +4,7 @@
 #![allow(dead_code)] // each test binary uses its own part of this module
 
 pub mod backends;
+pub mod faults;
 pub mod hsm;
 pub mod tls;
 
@@ -70,6 +71,7 @@ pub struct Sidecar {
 
 #[derive(Clone)]
 pub struct SidecarBuilder {
+    binary: std::path::PathBuf,
     args: Vec<String>,
     env: Vec<(String, String)>,
     listen: String,
@@ -108,6 +110,12 @@ impl SidecarBuilder {
         self
     }
 
+    /// Runs `binary` rather than this build's.
+    pub fn binary(mut self, binary: &std::path::Path) -> Self {
+        self.binary = binary.to_owned();
+        self
+    }
+
     pub fn listen(mut self, listen: impl Into<String>) -> Self {
         self.listen = listen.into();
         self
@@ -116,7 +124,7 @@ impl SidecarBuilder {
     /// The binary's `subcommand` with these settings, and no AUTH_ variable of the test's
     /// own environment.
     fn command(&self, subcommand: &str) -> Command {
-        let mut cmd = Command::new(env!("CARGO_BIN_EXE_auth-sidecar"));
+        let mut cmd = Command::new(&self.binary);
         cmd.arg(subcommand)
             .arg("--listen")
             .arg(&self.listen)
@@ -222,6 +230,7 @@ impl Sidecar {
     /// A sidecar on a free loopback port with the shared test secret.
     pub fn builder() -> SidecarBuilder {
         SidecarBuilder {
+            binary: env!("CARGO_BIN_EXE_auth-sidecar").into(),
             args: Vec::new(),
             env: vec![("AUTH_JWT_SECRET".into(), SECRET.into())],
             listen: "127.0.0.1:0".into(),
