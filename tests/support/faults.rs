@@ -289,9 +289,11 @@ impl Fleet {
         let mut nodes = Vec::new();
         for _ in 0..o.nodes {
             let api = format!("127.0.0.1:{}", free_port());
+            // Access tokens outlive the run, so that the last checks find none expired.
             let mut builder = Sidecar::builder()
                 .listen(api.clone())
-                .arg(format!("--rate-limit={POLICY}"));
+                .arg(format!("--rate-limit={POLICY}"))
+                .arg(format!("--access-ttl={}s", o.duration.as_secs() + 600));
             if let Some(bin) = &o.binary {
                 builder = builder.binary(bin);
             }
