@@ -21,7 +21,7 @@
 //!
 //! The schedule is the seed's; the timing of the calls is the machine's, so a seed replays the
 //! same faults in the same order, not the same interleaving. `tests/faults.rs` runs it short on
-//! every backend, and `benches/soak.rs` long.
+//! every backend, and `benches/soak.rs` long. `AUTH_FAULT_LOGS=dir` keeps the nodes' logs.
 
 use std::collections::{BTreeMap, HashMap};
 use std::path::PathBuf;
@@ -271,6 +271,10 @@ struct Fleet {
 
 impl Fleet {
     fn start(o: &Options) -> Fleet {
+        assert!(
+            o.backend != Backend::PgBouncer,
+            "the fault test runs on PostgreSQL directly"
+        );
         let uses_redis = matches!(o.backend, Backend::Redis | Backend::Tiered);
         let uses_postgres = matches!(o.backend, Backend::Postgres | Backend::Tiered);
         let redis = uses_redis.then(RedisServer::start);
@@ -358,6 +362,7 @@ impl Fleet {
         use Fault::*;
         match self.backend {
             Backend::Memory => vec![Quiet],
+            Backend::PgBouncer => unreachable!("refused at start"),
             Backend::RedisCluster => vec![RestartNode, PauseRedis, KillConnections],
             Backend::Redis => vec![
                 Latency,
@@ -369,7 +374,7 @@ impl Fleet {
                 PauseRedis,
                 KillFeeds,
             ],
-            Backend::Postgres | Backend::PgBouncer => vec![
+            Backend::Postgres => vec![
                 Latency,
                 FeedDelay,
                 Freeze,
@@ -402,7 +407,7 @@ impl Fleet {
         }
     }
 
-    /// Injects faults until the run's time is up; returns how many of each.
+    /// Injects faults until the run's time is up; returns how many of each, and each one.
     fn schedule(
         &mut self,
         o: &Options,
@@ -1071,46 +1076,50 @@ async fn final_checks(addrs: &[String], history: &Mutex<History>) {
     tokio::time::sleep(VIEW_BOUND + Duration::from_millis(100)).await;
     let tokens = Arc::new(tokens);
     let mut tasks = Vec::new();
+    // Four callers per node, each on a quarter of the tokens.
     for (node, client) in clients(addrs).into_iter().enumerate() {
-        let tokens = tokens.clone();
-        tasks.push(async move {
-            let mut client = client;
-            let mut events = Vec::new();
-            for (token, text) in tokens.iter() {
-                let mut tries = 0;
-                loop {
-                    let sent = Instant::now();
-                    let answer = match client
-                        .validate(pb::ValidateRequest {
-                            token: text.clone(),
-                            ..Default::default()
-                        })
-                        .await
-                    {
-                        Ok(r) if r.get_ref().valid => Answer::Valid,
-                        Ok(r) => Answer::Rejected(r.get_ref().reason()),
-                        Err(status) => Answer::Failed(status.code()),
-                    };
-                    tries += 1;
-                    if matches!(answer, Answer::Failed(_)) && tries < 20 {
-                        tokio::time::sleep(Duration::from_millis(250)).await;
-                        continue;
+        for part in 0..4 {
+            let tokens = tokens.clone();
+            let client = client.clone();
+            tasks.push(async move {
+                let mut client = client;
+                let mut events = Vec::new();
+                for (token, text) in tokens.iter().skip(part).step_by(4) {
+                    let mut tries = 0;
+                    loop {
+                        let sent = Instant::now();
+                        let answer = match client
+                            .validate(pb::ValidateRequest {
+                                token: text.clone(),
+                                ..Default::default()
+                            })
+                            .await
+                        {
+                            Ok(r) if r.get_ref().valid => Answer::Valid,
+                            Ok(r) => Answer::Rejected(r.get_ref().reason()),
+                            Err(status) => Answer::Failed(status.code()),
+                        };
+                        tries += 1;
+                        if matches!(answer, Answer::Failed(_)) && tries < 20 {
+                            tokio::time::sleep(Duration::from_millis(250)).await;
+                            continue;
+                        }
+                        events.push(Event {
+                            node,
+                            sent,
+                            answered: Instant::now(),
+                            what: What::Validate {
+                                token: *token,
+                                answer,
+                                last: true,
+                            },
+                        });
+                        break;
                     }
-                    events.push(Event {
-                        node,
-                        sent,
-                        answered: Instant::now(),
-                        what: What::Validate {
-                            token: *token,
-                            answer,
-                            last: true,
-                        },
-                    });
-                    break;
                 }
-            }
-            events
-        });
+                events
+            });
+        }
     }
     for events in join_all(tasks).await {
         history.lock().unwrap().events.extend(events);
