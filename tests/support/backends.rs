@@ -681,6 +681,11 @@ impl PostgresServer {
         }
     }
 
+    /// The postmaster's process id.
+    pub fn pid(&self) -> u32 {
+        self.child.as_ref().expect("a running server").id()
+    }
+
     /// SIGKILL to the postmaster, as a crash would; its backends follow.
     pub fn kill(&mut self) {
         if let Some(mut c) = self.child.take() {

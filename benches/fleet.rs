@@ -1,0 +1,283 @@
+//! The fleet benchmark: N release sidecars (default settings, the revocation view on) on one
+//! throwaway backend, for each N asked, and what they cost it:
+//!
+//! - idle, over `--idle` seconds: the backend's CPU and the bytes it sends, per node (Redis:
+//!   `INFO`; PostgreSQL: the server processes' CPU from /proc), and its client connections;
+//! - per revocation, at `--rate` a second through one node, less the idle cost of the same
+//!   time: backend CPU and bytes; and the time until the last node rejects a revoked token;
+//! - each node's resident memory, idle.
+//!
+//! Kept out of the test command: at N = 100 it holds some 3 GB and takes minutes.
+//!
+//! `cargo bench --bench fleet -- [--backend redis|postgres] [--nodes 1,10,50,100]
+//!   [--idle 10] [--revocations 300] [--rate 100]`
+
+#[path = "../tests/support/mod.rs"]
+mod support;
+
+use std::time::{Duration, Instant};
+
+use auth_sidecar::pb;
+use support::backends::{PostgresServer, RedisServer, psql_on};
+use support::{Client, Sidecar};
+
+struct Options {
+    backend: String,
+    nodes: Vec<usize>,
+    idle: Duration,
+    revocations: usize,
+    rate: f64,
+}
+
+/// What the backend has used and sent so far, and its client connections now.
+#[derive(Debug, Clone, Copy)]
+struct Usage {
+    cpu: Duration,
+    bytes_out: Option<u64>,
+    connections: u64,
+}
+
+enum Backend {
+    Redis(RedisServer),
+    Postgres(PostgresServer),
+}
+
+impl Backend {
+    fn start(kind: &str) -> Backend {
+        match kind {
+            "redis" => Backend::Redis(RedisServer::start()),
+            "postgres" => Backend::Postgres(PostgresServer::start_with(|_| {
+                vec!["max_connections=2000".into()]
+            })),
+            other => panic!("unknown backend {other} (redis, postgres)"),
+        }
+    }
+
+    fn node(&self) -> Sidecar {
+        let builder = Sidecar::builder();
+        match self {
+            Backend::Redis(r) => builder
+                .args(["--storage", "redis", "--redis-prefix=fleet:"])
+                .env("REDIS_URL", r.url()),
+            Backend::Postgres(p) => builder
+                .args(["--storage", "postgres"])
+                .env("DATABASE_URL", p.url()),
+        }
+        .start()
+    }
+
+    fn usage(&self) -> Usage {
+        match self {
+            Backend::Redis(r) => {
+                let info = r.cli(&["INFO"]);
+                let field = |name: &str| -> f64 {
+                    info.lines()
+                        .find_map(|l| l.strip_prefix(&format!("{name}:")))
+                        .and_then(|v| v.trim().parse().ok())
+                        .unwrap_or_else(|| panic!("{name} in INFO"))
+                };
+                Usage {
+                    cpu: Duration::from_secs_f64(field("used_cpu_sys") + field("used_cpu_user")),
+                    bytes_out: Some(field("total_net_output_bytes") as u64),
+                    connections: field("connected_clients") as u64,
+                }
+            }
+            Backend::Postgres(p) => {
+                let connections = psql_on(
+                    &p.url(),
+                    "SELECT count(*) FROM pg_stat_activity WHERE backend_type = 'client backend'",
+                )
+                .parse()
+                .unwrap();
+                Usage {
+                    cpu: process_tree_cpu(p.pid()),
+                    bytes_out: None,
+                    connections,
+                }
+            }
+        }
+    }
+}
+
+/// The CPU time of `root` and its children, from /proc (the postmaster and its backends).
+fn process_tree_cpu(root: u32) -> Duration {
+    let ticks = 100.0; // USER_HZ on Linux
+    let mut total = 0.0;
+    for entry in std::fs::read_dir("/proc").unwrap().flatten() {
+        let Ok(stat) = std::fs::read_to_string(entry.path().join("stat")) else {
+            continue;
+        };
+        // pid (comm) state ppid ... utime stime: fields after the closing parenthesis.
+        let Some((head, rest)) = stat.rsplit_once(") ") else {
+            continue;
+        };
+        let pid: u32 = head.split(' ').next().unwrap().parse().unwrap_or(0);
+        let f: Vec<&str> = rest.split(' ').collect();
+        let ppid: u32 = f[1].parse().unwrap_or(0);
+        if pid == root || ppid == root {
+            let utime: f64 = f[11].parse().unwrap_or(0.0);
+            let stime: f64 = f[12].parse().unwrap_or(0.0);
+            total += (utime + stime) / ticks;
+        }
+    }
+    Duration::from_secs_f64(total)
+}
+
+fn rss_kib(pid: i32) -> u64 {
+    std::fs::read_to_string(format!("/proc/{pid}/status"))
+        .unwrap()
+        .lines()
+        .find_map(|l| l.strip_prefix("VmRSS:"))
+        .and_then(|v| v.trim().trim_end_matches(" kB").trim().parse().ok())
+        .unwrap()
+}
+
+fn options() -> Options {
+    let mut o = Options {
+        backend: "redis".into(),
+        nodes: vec![1, 10, 50, 100],
+        idle: Duration::from_secs(10),
+        revocations: 300,
+        rate: 100.0,
+    };
+    let mut args = std::env::args().skip(1);
+    while let Some(arg) = args.next() {
+        let mut value = || args.next().unwrap_or_else(|| panic!("{arg} needs a value"));
+        match arg.as_str() {
+            "--backend" => o.backend = value(),
+            "--nodes" => o.nodes = value().split(',').map(|n| n.parse().unwrap()).collect(),
+            "--idle" => o.idle = Duration::from_secs(value().parse().unwrap()),
+            "--revocations" => o.revocations = value().parse().unwrap(),
+            "--rate" => o.rate = value().parse().unwrap(),
+            "--bench" => {}
+            other => panic!("unknown argument {other}"),
+        }
+    }
+    o
+}
+
+fn main() {
+    let o = options();
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+        .unwrap();
+    println!(
+        "backend {}: idle over {:?}; {} revocations at {}/s through one node",
+        o.backend, o.idle, o.revocations, o.rate
+    );
+    println!(
+        "| N | connections | idle CPU per node | idle bytes/s per node | CPU per revocation | bytes per revocation | last node rejects (p50 / max) | node RSS (median) |"
+    );
+    println!("|---|---|---|---|---|---|---|---|");
+    for &n in &o.nodes {
+        let backend = Backend::start(&o.backend);
+        let nodes: Vec<Sidecar> = (0..n).map(|_| backend.node()).collect();
+        for node in &nodes {
+            node.wait_ops_status(200, Duration::from_secs(60));
+        }
+        // Let the heartbeats and feeds settle.
+        std::thread::sleep(Duration::from_secs(3));
+        let before = backend.usage();
+        std::thread::sleep(o.idle);
+        let after = backend.usage();
+        let idle_cpu = after.cpu.saturating_sub(before.cpu).as_secs_f64() / o.idle.as_secs_f64();
+        let idle_bytes = after
+            .bytes_out
+            .zip(before.bytes_out)
+            .map(|(a, b)| (a - b) as f64 / o.idle.as_secs_f64());
+        let mut rss: Vec<u64> = nodes.iter().map(|s| rss_kib(s.pid())).collect();
+        rss.sort();
+
+        let (elapsed, spent, staleness) = runtime.block_on(revoke(&o, &backend, &nodes));
+        let cpu_per = (spent.cpu.as_secs_f64() - idle_cpu * elapsed.as_secs_f64()).max(0.0)
+            / o.revocations as f64;
+        let bytes_per = spent.bytes_out.map(|b| {
+            (b as f64 - idle_bytes.unwrap() * elapsed.as_secs_f64()).max(0.0) / o.revocations as f64
+        });
+        let p50 = staleness[staleness.len() / 2];
+        let max = staleness[staleness.len() - 1];
+        println!(
+            "| {n} | {} | {:.3} % | {} | {:.0} µs | {} | {:.1} / {:.1} ms | {:.1} MB |",
+            after.connections,
+            idle_cpu * 100.0 / n as f64,
+            idle_bytes.map_or("–".into(), |b| format!("{:.0}", b / n as f64)),
+            cpu_per * 1e6,
+            bytes_per.map_or("–".into(), |b| format!("{b:.0}")),
+            p50.as_secs_f64() * 1e3,
+            max.as_secs_f64() * 1e3,
+            rss[rss.len() / 2] as f64 / 1024.0,
+        );
+        drop(nodes);
+        drop(backend);
+    }
+}
+
+/// Revokes `o.revocations` tokens through the first node at `o.rate` a second: how long it
+/// took and what the backend spent meanwhile; then, for a sample of tokens, how long after
+/// the Revoke's answer the last node rejected it.
+async fn revoke(
+    o: &Options,
+    backend: &Backend,
+    nodes: &[Sidecar],
+) -> (Duration, Usage, Vec<Duration>) {
+    let mut writer = nodes[0].client().await;
+    let mut tokens = Vec::new();
+    for i in 0..o.revocations {
+        tokens.push(writer.issue(&format!("fleet-{i}")).await.token);
+    }
+    let before = backend.usage();
+    let started = Instant::now();
+    let gap = Duration::from_secs_f64(1.0 / o.rate);
+    for (i, token) in tokens.iter().enumerate() {
+        tokio::time::sleep_until((started + gap * i as u32).into()).await;
+        writer
+            .revoke(pb::revoke_request::Target::Token(token.clone()))
+            .await
+            .expect("revoke");
+    }
+    let elapsed = started.elapsed();
+    let after = backend.usage();
+    let spent = Usage {
+        cpu: after.cpu.saturating_sub(before.cpu),
+        bytes_out: after.bytes_out.zip(before.bytes_out).map(|(a, b)| a - b),
+        connections: after.connections,
+    };
+
+    // Staleness: a token every node has validated (so every view holds it as valid), revoked
+    // through the first node; each node is polled until it rejects.
+    let mut readers: Vec<Client> = Vec::new();
+    for node in nodes {
+        readers.push(node.client().await);
+    }
+    let mut staleness = Vec::new();
+    for i in 0..20 {
+        let token = writer.issue(&format!("stale-{i}")).await.token;
+        for r in readers.iter_mut() {
+            r.assert_valid(&token).await;
+        }
+        writer
+            .revoke(pb::revoke_request::Target::Token(token.clone()))
+            .await
+            .expect("revoke");
+        let acked = Instant::now();
+        let polls = readers.iter().map(|r| {
+            let mut r = r.clone();
+            let token = token.clone();
+            tokio::spawn(async move {
+                while r.validate(&token).await.expect("validate").valid {
+                    tokio::time::sleep(Duration::from_micros(200)).await;
+                }
+                acked.elapsed()
+            })
+        });
+        let mut last = Duration::ZERO;
+        for p in polls.collect::<Vec<_>>() {
+            last = last.max(p.await.unwrap());
+        }
+        staleness.push(last);
+    }
+    staleness.sort();
+    (elapsed, spent, staleness)
+}
