@@ -320,17 +320,21 @@ pub fn psql_on(url: &str, sql: &str) -> String {
     String::from_utf8_lossy(&out.stdout).trim().to_owned()
 }
 
+/// The first port of the kernel's range for client sockets.
+fn first_ephemeral_port() -> u16 {
+    std::fs::read_to_string("/proc/sys/net/ipv4/ip_local_port_range")
+        .ok()
+        .and_then(|r| r.split_whitespace().next()?.parse().ok())
+        .unwrap_or(32768)
+}
+
 /// A port nobody listens on now, below the kernel's range of ephemeral ports: a server the
 /// tests stop and start again on its port must not find it taken by a client socket that the
 /// kernel gave that port while the server was down (a socket connecting to the free port can
 /// even connect to itself, and then hears its own words as the server's answer).
 pub fn free_port() -> u16 {
-    let first_ephemeral: u16 = std::fs::read_to_string("/proc/sys/net/ipv4/ip_local_port_range")
-        .ok()
-        .and_then(|r| r.split_whitespace().next()?.parse().ok())
-        .unwrap_or(32768);
     loop {
-        let port = rand::random_range(10_000..first_ephemeral.max(10_001));
+        let port = rand::random_range(10_000..first_ephemeral_port().max(10_001));
         if TcpListener::bind(("127.0.0.1", port)).is_ok() {
             return port;
         }
@@ -350,18 +354,26 @@ fn die_with_parent(cmd: &mut Command) -> &mut Command {
 
 /// Waits until `redis-cli -p port ping` answers PONG.
 fn wait_redis(port: u16) {
-    let deadline = Instant::now() + Duration::from_secs(10);
+    assert!(
+        redis_answers(port, Duration::from_secs(10)),
+        "redis on port {port} did not start"
+    );
+}
+
+/// Whether a Redis on `port` answers PING within `limit`.
+fn redis_answers(port: u16, limit: Duration) -> bool {
+    let deadline = Instant::now() + limit;
     while Instant::now() < deadline {
         let out = Command::new("redis-cli")
             .args(["-p", &port.to_string(), "ping"])
             .output()
             .expect("run redis-cli");
         if String::from_utf8_lossy(&out.stdout).trim() == "PONG" {
-            return;
+            return true;
         }
         std::thread::sleep(Duration::from_millis(50));
     }
-    panic!("redis on port {port} did not start");
+    false
 }
 
 /// A throwaway Redis: no persistence, on a free port, killed when dropped.
@@ -486,12 +498,21 @@ pub fn cluster() -> &'static Cluster {
         let (tx, rx) = std::sync::mpsc::channel();
         std::thread::spawn(move || {
             let dir = tempfile::tempdir().unwrap();
-            let ports: Vec<u16> = (0..6).map(|_| free_port()).collect();
+            let mut ports = Vec::new();
             let mut children = Vec::new();
-            for port in &ports {
+            while ports.len() < 6 {
+                // A master also listens on its cluster bus, at port + 10000: both must be
+                // free. A start that loses a race for either tries another port.
+                let port = free_port();
+                let bus = port
+                    .checked_add(10_000)
+                    .filter(|b| *b < first_ephemeral_port());
+                if bus.is_none_or(|b| TcpListener::bind(("127.0.0.1", b)).is_err()) {
+                    continue;
+                }
                 let node_dir = dir.path().join(port.to_string());
                 std::fs::create_dir_all(&node_dir).unwrap();
-                let child = die_with_parent(
+                let mut child = die_with_parent(
                     Command::new("redis-server")
                         .args(["--port", &port.to_string(), "--bind", "127.0.0.1"])
                         .args([
@@ -509,10 +530,13 @@ pub fn cluster() -> &'static Cluster {
                 )
                 .spawn()
                 .expect("spawn redis-server");
-                children.push(child);
-            }
-            for port in &ports {
-                wait_redis(*port);
+                if redis_answers(port, Duration::from_secs(10)) {
+                    ports.push(port);
+                    children.push(child);
+                } else {
+                    let _ = child.kill();
+                    let _ = child.wait();
+                }
             }
             let nodes: Vec<String> = ports.iter().map(|p| format!("127.0.0.1:{p}")).collect();
             let out = Command::new("redis-cli")
