@@ -360,30 +360,14 @@ impl Fleet {
     /// The kinds of fault this backend can be given.
     fn menu(&self) -> Vec<Fault> {
         use Fault::*;
+        // What a node's own links and process can suffer, on every backend it has links to.
+        const LINK_FAULTS: [Fault; 6] = [Latency, FeedDelay, Freeze, Cut, Partition, RestartNode];
         match self.backend {
             Backend::Memory => vec![Quiet],
             Backend::PgBouncer => unreachable!("refused at start"),
             Backend::RedisCluster => vec![RestartNode, PauseRedis, KillConnections],
-            Backend::Redis => vec![
-                Latency,
-                FeedDelay,
-                Freeze,
-                Cut,
-                Partition,
-                RestartNode,
-                PauseRedis,
-                KillFeeds,
-            ],
-            Backend::Postgres => vec![
-                Latency,
-                FeedDelay,
-                Freeze,
-                Cut,
-                Partition,
-                RestartNode,
-                KillFeeds,
-                RestartPostgres,
-            ],
+            Backend::Redis => [LINK_FAULTS.as_slice(), &[PauseRedis, KillFeeds]].concat(),
+            Backend::Postgres => [LINK_FAULTS.as_slice(), &[KillFeeds, RestartPostgres]].concat(),
             // Weighted towards what endangers tiered most: a flush while links are slow or
             // frozen.
             Backend::Tiered => vec![
@@ -718,8 +702,8 @@ struct History {
     bound: Vec<bool>,
     /// Tokens whose end was asked for, the newest last.
     ended: Vec<usize>,
-    /// Tokens nobody asked to end.
-    clean: Vec<usize>,
+    /// Whether each token's end was asked for.
+    asked: Vec<bool>,
     events: Vec<Event>,
 }
 
@@ -736,13 +720,13 @@ impl History {
     fn add_token(&mut self, token: String, bound: bool) -> usize {
         self.tokens.push(token);
         self.bound.push(bound);
-        self.clean.push(self.tokens.len() - 1);
+        self.asked.push(false);
         self.tokens.len() - 1
     }
 
     /// Marks `token` as one whose end is asked for, before the call is sent.
     fn ending(&mut self, token: usize) {
-        self.clean.retain(|t| *t != token);
+        self.asked[token] = true;
         self.ended.push(token);
     }
 
@@ -818,25 +802,14 @@ impl Worker {
     async fn validate(&mut self, node: usize, token: usize) -> Answer {
         let text = self.history.lock().unwrap().tokens[token].clone();
         let sent = Instant::now();
-        let answer = match self.nodes[node]
-            .validate(pb::ValidateRequest {
-                token: text,
-                ..Default::default()
-            })
-            .await
-        {
-            Ok(r) if r.get_ref().valid => Answer::Valid,
-            Ok(r) => Answer::Rejected(r.get_ref().reason()),
-            Err(status) => Answer::Failed(status.code()),
-        };
-        let last = false;
+        let answer = ask(&mut self.nodes[node], text).await;
         self.record(
             node,
             sent,
             What::Validate {
                 token,
                 answer,
-                last,
+                last: false,
             },
         );
         answer
@@ -948,8 +921,11 @@ impl Worker {
                     recent(50).choose(&mut self.rng).copied()
                 } else if roll < 70 && !h.ended.is_empty() {
                     recent(500).choose(&mut self.rng).copied()
-                } else if roll < 85 && !h.clean.is_empty() {
-                    h.clean.choose(&mut self.rng).copied()
+                } else if roll < 85 && !h.tokens.is_empty() {
+                    // A live one: most tokens are ended, so a few draws find one.
+                    (0..8)
+                        .map(|_| self.rng.random_range(0..h.tokens.len()))
+                        .find(|t| !h.asked[*t])
                 } else {
                     (!h.tokens.is_empty()).then(|| self.rng.random_range(0..h.tokens.len()))
                 }
@@ -1045,6 +1021,19 @@ impl Worker {
     }
 }
 
+/// Validates `token` on `client`'s node.
+async fn ask(client: &mut TokenServiceClient<Channel>, token: String) -> Answer {
+    let req = pb::ValidateRequest {
+        token,
+        ..Default::default()
+    };
+    match client.validate(req).await {
+        Ok(r) if r.get_ref().valid => Answer::Valid,
+        Ok(r) => Answer::Rejected(r.get_ref().reason()),
+        Err(status) => Answer::Failed(status.code()),
+    }
+}
+
 fn subject_only(subject: &str) -> pb::IssueRequest {
     pb::IssueRequest {
         subject: subject.into(),
@@ -1088,17 +1077,7 @@ async fn final_checks(addrs: &[String], history: &Mutex<History>) {
                     let mut tries = 0;
                     loop {
                         let sent = Instant::now();
-                        let answer = match client
-                            .validate(pb::ValidateRequest {
-                                token: text.clone(),
-                                ..Default::default()
-                            })
-                            .await
-                        {
-                            Ok(r) if r.get_ref().valid => Answer::Valid,
-                            Ok(r) => Answer::Rejected(r.get_ref().reason()),
-                            Err(status) => Answer::Failed(status.code()),
-                        };
+                        let answer = ask(&mut client, text.clone()).await;
                         tries += 1;
                         if matches!(answer, Answer::Failed(_)) && tries < 20 {
                             tokio::time::sleep(Duration::from_millis(250)).await;
