@@ -137,7 +137,7 @@ pub async fn run(config: &Config) -> Vec<Row> {
         None
     } else if answered {
         match store
-            .heartbeat(None, config.cluster_heartbeat * cluster::LIVE_HEARTBEATS)
+            .nodes(config.cluster_heartbeat * cluster::LIVE_HEARTBEATS, None)
             .await
         {
             Ok(entries) => Some(cluster::parse_nodes(entries)),

@@ -1,15 +1,19 @@
 //! Nodes that check each other. Every node on shared storage records itself in the store's
 //! registry of live nodes (id, version, start) with a heartbeat and a time to live, and
 //! publishes fingerprints of what every node must agree on: its keys, its rate-limit
-//! policies, its issuer, audience and token lifetimes. At each heartbeat it compares itself
-//! with every other live node and reports each disagreement once, naming the node and the
-//! item: an error line in the log, `authsidecar_cluster_disagreements{item}`, the `/healthz`
-//! detail; `check-config` makes the same comparison from a configuration.
+//! policies, its issuer, audience and token lifetimes, and a digest of them that agreeing
+//! nodes share. A heartbeat reads back only how many live nodes publish each digest, so that
+//! it costs the same at any fleet size; when another digest is live, the node reads the
+//! documents of the nodes that publish it, compares itself with each, and reports each
+//! disagreement once, naming the node and the item: an error line in the log,
+//! `authsidecar_cluster_disagreements{item}`, the `/healthz` detail; `check-config` makes the
+//! same comparison from a configuration.
 //!
 //! Nothing secret is published: an HMAC key is represented by a keyed fingerprint that only a
 //! holder of the same secret can reproduce (`SigningKey::fingerprint`).
 
 use std::collections::{BTreeMap, BTreeSet};
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, SystemTime};
 
@@ -23,12 +27,15 @@ use crate::keys::{KeySet, KeyState, Keys};
 use crate::mfa::seal::Sealer;
 use crate::ratelimit::Policy;
 use crate::rules::gcra::Gcra;
-use crate::store::Store;
+use crate::store::{Beat, Registry, Store};
 
 /// The items nodes compare, as the metric's `item` label names them.
 pub const ITEMS: [&str; 8] = [
     "keys", "policies", "issuer", "audience", "ttl", "admin", "mfa", "node_id",
 ];
+
+/// The nonce every node makes its digest's fingerprints under (see [`Local::digest`]).
+const DIGEST_NONCE: &[u8] = b"auth-sidecar cluster digest v1";
 
 /// A node is live for this many heartbeats after its last.
 pub const LIVE_HEARTBEATS: u32 = 3;
@@ -165,6 +172,30 @@ impl Local {
 
     /// The document this node publishes with `keys`.
     pub fn document(&self, keys: &KeySet) -> Document {
+        self.document_under(keys, &self.nonce)
+    }
+
+    /// The digest of what every node must agree on, as this node holds it with `keys`: the
+    /// agreeing items of a document made under a nonce every node uses for it, hashed. Nodes
+    /// with the same digest agree; nodes whose digests differ compare their documents. Keyed
+    /// as the document's fingerprints are, so it reveals no more than they do.
+    pub fn digest(&self, keys: &KeySet) -> String {
+        let d = self.document_under(keys, DIGEST_NONCE);
+        let agreed = serde_json::to_vec(&(
+            &d.keys,
+            &d.issuer,
+            &d.audience,
+            &d.policies,
+            &d.ttl,
+            &d.admin,
+            &d.mfa,
+        ))
+        .expect("a document serializes");
+        let hash = aws_lc_rs::digest::digest(&aws_lc_rs::digest::SHA256, &agreed);
+        URL_SAFE_NO_PAD.encode(&hash.as_ref()[..18])
+    }
+
+    fn document_under(&self, keys: &KeySet, nonce: &[u8]) -> Document {
         let mut prints: Vec<KeyPrint> = keys
             .keys()
             .map(|k| KeyPrint {
@@ -176,25 +207,25 @@ impl Local {
                     KeyState::Retired => "retired",
                 }
                 .to_owned(),
-                fingerprint: k.fingerprint(&self.nonce),
+                fingerprint: k.fingerprint(nonce),
             })
             .collect();
         prints.sort_by(|a, b| a.kid.cmp(&b.kid));
         Document {
             version: env!("CARGO_PKG_VERSION").to_owned(),
             started_ms: self.started_ms,
-            nonce: URL_SAFE_NO_PAD.encode(self.nonce),
+            nonce: URL_SAFE_NO_PAD.encode(nonce),
             keys: prints,
             issuer: self.issuer.clone(),
             audience: self.audience.clone(),
             policies: self.policies.clone(),
             ttl: self.ttl.clone(),
-            admin: self.admin_fingerprint(keys, &self.nonce),
+            admin: self.admin_fingerprint(keys, nonce),
             mfa: self.mfa.as_ref().map(|sealer| {
                 sealer
                     .kids()
                     .map(|kid| {
-                        let print = sealer.fingerprint(kid, &self.nonce).unwrap_or_default();
+                        let print = sealer.fingerprint(kid, nonce).unwrap_or_default();
                         (kid.to_owned(), print)
                     })
                     .collect()
@@ -487,12 +518,19 @@ fn by_pair(all: &BTreeSet<Disagreement>) -> BTreeMap<(&str, &'static str), Vec<&
 /// What this node last learned of the cluster, for `/healthz` and readiness.
 #[derive(Debug, Clone, Default)]
 pub struct View {
-    /// The live nodes at the last heartbeat that reached the store.
-    pub nodes: Vec<String>,
+    /// How many nodes were live at the last heartbeat that reached the store, this one
+    /// included.
+    pub live: usize,
+    /// Their ids, when there were at most [`Registry::LISTED`] of them.
+    pub ids: Vec<String>,
     pub disagreements: BTreeSet<Disagreement>,
     /// Why the last heartbeat failed, if it did.
     pub error: Option<String>,
 }
+
+/// What the documents were last read against: the registry's generation and digests, and
+/// this node's digest. While all three stay, the documents say the same.
+type Basis = (u64, Vec<(String, usize)>, String);
 
 /// This node's membership: its heartbeat, and what it found at the last one.
 pub struct Cluster {
@@ -502,6 +540,12 @@ pub struct Cluster {
     store: Arc<dyn Store>,
     heartbeat: Duration,
     view: Mutex<View>,
+    /// Set once the documents were read and compared; cleared while every node agrees.
+    compared: Mutex<Option<Basis>>,
+    /// Whether a heartbeat of this process reached the store: until then, a live entry under
+    /// its id with another nonce is most likely its own predecessor's (a restart), not
+    /// another process's.
+    beaten: AtomicBool,
 }
 
 impl Cluster {
@@ -513,6 +557,8 @@ impl Cluster {
             store,
             heartbeat: config.cluster_heartbeat,
             view: Mutex::new(View::default()),
+            compared: Mutex::new(None),
+            beaten: AtomicBool::new(false),
         }
     }
 
@@ -529,28 +575,37 @@ impl Cluster {
         self.heartbeat * LIVE_HEARTBEATS
     }
 
-    /// One heartbeat: records this node, reads the others, compares, and reports what
-    /// changed. Returns whether every live node agrees with this one (true when the store
-    /// could not be read: that is the backends' health to report, not a disagreement).
+    /// One heartbeat: records this node with the digest of what must agree, and learns how
+    /// many live nodes publish each digest. Only when a digest differs from this node's does
+    /// it read the documents of the nodes that publish it, and then again only once the
+    /// registry changes, so that a heartbeat costs the backend the same at any fleet size.
+    /// Reports what changed. Returns whether every live node agrees with this one (true when
+    /// the store could not be read: that is the backends' health to report, not a
+    /// disagreement).
     pub async fn beat(&self) -> bool {
         let keys: Arc<KeySet> = Arc::clone(&self.keys.current());
         let mine = self.local.document(&keys);
         let published = serde_json::to_string(&mine).expect("a document serializes");
-        let entries = self
-            .store
-            .heartbeat(Some((&self.id, &published)), self.ttl())
-            .await;
+        let digest = self.local.digest(&keys);
+        let me = Beat {
+            id: &self.id,
+            nonce: &mine.nonce,
+            digest: &digest,
+            document: &published,
+        };
+        let found = match self.store.heartbeat(me, self.ttl()).await {
+            Ok(registry) => self.compare(registry, &digest, &mine, &keys).await,
+            Err(e) => Err(e),
+        };
         let mut view = self.view.lock().unwrap_or_else(|e| e.into_inner());
-        let entries = match entries {
-            Ok(entries) => entries,
+        let (registry, now) = match found {
+            Ok(found) => found,
             Err(e) => {
                 tracing::debug!(error = %e, "cluster heartbeat failed");
                 view.error = Some(e.to_string());
                 return view.disagreements.is_empty();
             }
         };
-        let nodes = parse_nodes(entries);
-        let now = disagreements(&self.id, &self.local, &mine, &keys, &nodes);
         // One line per node and item, with every detail, when the pair appears or goes.
         let (before, after) = (by_pair(&view.disagreements), by_pair(&now));
         for ((node, item), details) in &after {
@@ -572,13 +627,63 @@ impl Cluster {
             let count = after.keys().filter(|(_, i)| *i == item).count();
             crate::telemetry::record_cluster_disagreements(item, count);
         }
-        crate::telemetry::record_cluster_nodes(nodes.len());
+        crate::telemetry::record_cluster_nodes(registry.live);
         *view = View {
-            nodes: nodes.iter().map(|n| n.id.clone()).collect(),
+            live: registry.live,
+            ids: registry.ids,
             disagreements: now,
             error: None,
         };
         view.disagreements.is_empty()
+    }
+
+    /// The disagreements the heartbeat's `registry` shows, reading the documents only when a
+    /// digest other than this node's (`digest`) is live and the registry moved since they
+    /// were last read.
+    async fn compare(
+        &self,
+        registry: Registry,
+        digest: &str,
+        mine: &Document,
+        keys: &KeySet,
+    ) -> Result<(Registry, BTreeSet<Disagreement>), crate::store::StoreError> {
+        let agreed = registry.undigested == 0 && registry.digests.iter().all(|(d, _)| d == digest);
+        let basis: Basis = (
+            registry.generation,
+            registry.digests.clone(),
+            digest.to_owned(),
+        );
+        let mut found = if agreed {
+            *self.compared.lock().unwrap_or_else(|e| e.into_inner()) = None;
+            BTreeSet::new()
+        } else if registry.undigested == 0
+            && self
+                .compared
+                .lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .as_ref()
+                == Some(&basis)
+        {
+            let view = self.view.lock().unwrap_or_else(|e| e.into_inner());
+            view.disagreements
+                .iter()
+                .filter(|d| d.item != "node_id")
+                .cloned()
+                .collect()
+        } else {
+            let entries = self.store.nodes(self.ttl(), Some(digest)).await?;
+            *self.compared.lock().unwrap_or_else(|e| e.into_inner()) = Some(basis);
+            disagreements(&self.id, &self.local, mine, keys, &parse_nodes(entries))
+        };
+        if registry.taken && self.beaten.load(Ordering::Relaxed) {
+            found.insert(Disagreement {
+                node: self.id.clone(),
+                item: "node_id",
+                detail: format!("another process registers under this node's id {}", self.id),
+            });
+        }
+        self.beaten.store(true, Ordering::Relaxed);
+        Ok((registry, found))
     }
 
     /// Takes this node out of the registry, so that the others stop comparing with it at
@@ -606,12 +711,10 @@ impl Cluster {
     /// issuers) has its control characters escaped: a line never starts inside one.
     pub fn health_detail(&self) -> String {
         let view = self.view();
-        let mut out = format!(
-            "cluster: node {}; {} live node(s): {}",
-            self.id,
-            view.nodes.len(),
-            printable(&view.nodes.join(", "))
-        );
+        let mut out = format!("cluster: node {}; {} live node(s)", self.id, view.live);
+        if !view.ids.is_empty() {
+            out.push_str(&format!(": {}", printable(&view.ids.join(", "))));
+        }
         if let Some(error) = &view.error {
             let error = printable(error);
             out.push_str(&format!("\ncluster: last heartbeat failed: {error}"));

@@ -53,6 +53,18 @@ pub struct ServeArgs {
     #[arg(long, env = "REDIS_URL", hide_env_values = true, value_name = "URL")]
     pub redis_url: Option<Secret>,
 
+    /// A Redis replica of --redis-url (or a Service over several) that carries this node's
+    /// revocation feed instead of the primary, so that the fan-out of invalidations to many
+    /// nodes is the replicas' work. Probes written to the primary prove that the replica keeps
+    /// up; one that lags past the view's bound is distrusted. Not with --redis-cluster.
+    #[arg(
+        long,
+        env = "REDIS_FEED_URL",
+        hide_env_values = true,
+        value_name = "URL"
+    )]
+    pub redis_feed_url: Option<Secret>,
+
     /// Treat --redis-url as the seed nodes of a Redis Cluster.
     #[arg(long, env = "AUTH_REDIS_CLUSTER", default_value_t = false, action = clap::ArgAction::Set,
           num_args = 0..=1, default_missing_value = "true", value_name = "BOOL")]
@@ -429,6 +441,8 @@ pub enum StoreConfig {
 pub struct RedisConfig {
     /// One URL, or with `cluster` comma-separated seed nodes.
     pub url: Secret,
+    /// A replica that carries the revocation view's feed; `None`: the primary does.
+    pub feed_url: Option<Secret>,
     pub cluster: bool,
     /// Prefix of every key.
     pub prefix: String,
@@ -502,6 +516,7 @@ pub struct Config {
     pub ops_listen: SocketAddr,
     pub storage: Storage,
     pub redis_url: Option<Secret>,
+    pub redis_feed_url: Option<Secret>,
     pub redis_cluster: bool,
     pub redis_prefix: String,
     pub redis_tls: RedisTls,
@@ -670,6 +685,27 @@ impl TryFrom<ServeArgs> for Config {
         if args.storage.uses_redis() && args.redis_url.is_none() {
             return Err(ConfigError::new("REDIS_URL", "required by this --storage"));
         }
+        if let Some(feed) = &args.redis_feed_url {
+            if !args.storage.uses_redis() {
+                return Err(ConfigError::new(
+                    "REDIS_FEED_URL",
+                    "applies to --storage redis and tiered only",
+                ));
+            }
+            if args.redis_cluster {
+                return Err(ConfigError::new(
+                    "REDIS_FEED_URL",
+                    "not with --redis-cluster: a cluster's feed follows its masters",
+                ));
+            }
+            let url = feed.expose_str();
+            if url.contains(',') || !(url.starts_with("redis://") || url.starts_with("rediss://")) {
+                return Err(ConfigError::new(
+                    "REDIS_FEED_URL",
+                    "one redis:// or rediss:// URL",
+                ));
+            }
+        }
         if args.storage.uses_postgres() && args.database_url.is_none() {
             return Err(ConfigError::new(
                 "DATABASE_URL",
@@ -786,6 +822,7 @@ impl TryFrom<ServeArgs> for Config {
             ops_listen: args.ops_listen,
             storage: args.storage,
             redis_url: args.redis_url,
+            redis_feed_url: args.redis_feed_url,
             redis_cluster: args.redis_cluster,
             redis_prefix: args.redis_prefix,
             redis_tls,
@@ -875,6 +912,7 @@ impl Config {
                     .redis_url
                     .clone()
                     .ok_or_else(|| ConfigError::new("REDIS_URL", "required by this --storage"))?,
+                feed_url: self.redis_feed_url.clone(),
                 cluster: self.redis_cluster,
                 prefix: self.redis_prefix.clone(),
                 timeout: self.backend_timeout,

@@ -419,3 +419,52 @@ fn a_forged_registry_entry_cannot_take_strict_nodes_down_or_forge_health_lines()
         n.wait_ops_status(200, Duration::from_secs(5));
     }
 }
+
+/// What a heartbeat costs Redis does not grow with the number of nodes: the bytes Redis sends
+/// each node while idle are about the same with 20 nodes as with 4. (Each heartbeat read every
+/// node's document before, so each node's share grew with the fleet: about 4× here.) The
+/// heartbeat is fast so that heartbeats dominate the bytes.
+#[test]
+fn a_heartbeat_costs_redis_the_same_at_any_fleet_size() {
+    let redis = support::backends::RedisServer::start();
+    let storage = Storage::on_redis(&redis);
+    let bytes_out = || -> u64 {
+        let info = redis.cli(&["INFO", "stats"]);
+        info.lines()
+            .find_map(|l| l.strip_prefix("total_net_output_bytes:"))
+            .and_then(|v| v.trim().parse().ok())
+            .expect("total_net_output_bytes in INFO")
+    };
+    // Bytes per node per second over 3 s, once every node of the fleet counts it.
+    let per_node = |fleet: &[Sidecar]| -> f64 {
+        for n in fleet {
+            let want = format!("{} live node(s)", fleet.len());
+            let started = Instant::now();
+            while !http_get(n.ops, "/healthz").body.contains(&want) {
+                assert!(started.elapsed() < Duration::from_secs(10), "{want}");
+                std::thread::sleep(Duration::from_millis(50));
+            }
+        }
+        let (before, started) = (bytes_out(), Instant::now());
+        std::thread::sleep(Duration::from_secs(3));
+        let sent = bytes_out() - before;
+        sent as f64 / started.elapsed().as_secs_f64() / fleet.len() as f64
+    };
+    let start = |i: usize| {
+        Sidecar::builder()
+            .storage(&storage)
+            .arg(format!("--node-id=fleet-{i:02}"))
+            .arg("--cluster-heartbeat=100ms")
+            .start()
+    };
+    let mut fleet: Vec<Sidecar> = (0..4).map(start).collect();
+    let small = per_node(&fleet);
+    fleet.extend((4..20).map(start));
+    let large = per_node(&fleet);
+    eprintln!("idle bytes per node per second: {small:.0} with 4 nodes, {large:.0} with 20");
+    assert!(
+        large < small * 1.3,
+        "each node costs more in a larger fleet: {small:.0} B/s with 4 nodes, {large:.0} B/s \
+         with 20"
+    );
+}

@@ -931,6 +931,7 @@ async fn ready(config: StoreConfig) -> Arc<dyn Store> {
 fn redis_config() -> RedisConfig {
     RedisConfig {
         url: Secret::from(backends::shared_redis()),
+        feed_url: None,
         cluster: false,
         prefix: format!("conformance{}:", support::now_nanos()),
         timeout: Duration::from_secs(5),
@@ -1007,4 +1008,86 @@ async fn tiered_conforms() {
     ))
     .await;
     conforms("tiered", store.as_ref()).await;
+}
+
+/// The registry's summary, the same on every store: how many live nodes publish each digest,
+/// a generation that moves only when a node joins, leaves or changes its digest, the ids only
+/// for a small fleet, the documents only of nodes with another digest, and a process that
+/// writes under another's id.
+async fn registry_conforms(name: &str, store: &dyn Store) {
+    let ttl = Duration::from_secs(60);
+    let beat = async |id: &str, nonce: &str, digest: &str| {
+        let document = format!("{{\"version\":\"{id}\"}}");
+        let me = store::Beat {
+            id,
+            nonce,
+            digest,
+            document: &document,
+        };
+        store.heartbeat(me, ttl).await.unwrap()
+    };
+    let ids: Vec<String> = (0..20).map(|i| format!("node-{i:02}")).collect();
+    for id in &ids[..3] {
+        beat(id, id, "same").await;
+    }
+    let small = beat(&ids[0], &ids[0], "same").await;
+    assert_eq!(small.live, 3, "{name}");
+    assert_eq!(small.ids, &ids[..3], "{name}: a small fleet is listed");
+    for id in &ids[3..] {
+        beat(id, id, "same").await;
+    }
+    let first = beat(&ids[0], &ids[0], "same").await;
+    let again = beat(&ids[1], &ids[1], "same").await;
+    assert_eq!(first.live, 20, "{name}");
+    assert_eq!(first.digests, vec![("same".to_owned(), 20)], "{name}");
+    assert!(first.ids.is_empty(), "{name}: a large fleet is not listed");
+    assert_eq!((first.undigested, first.taken), (0, false), "{name}");
+    assert_eq!(
+        first.generation, again.generation,
+        "{name}: nothing changed, and the generation moved"
+    );
+
+    let odd = beat(&ids[7], &ids[7], "other").await;
+    assert_ne!(odd.generation, again.generation, "{name}");
+    assert_eq!(
+        odd.digests,
+        vec![("other".to_owned(), 1), ("same".to_owned(), 19)],
+        "{name}"
+    );
+    let unlike = store.nodes(ttl, Some("same")).await.unwrap();
+    assert_eq!(
+        unlike,
+        vec![(ids[7].clone(), format!("{{\"version\":\"{}\"}}", ids[7]))],
+        "{name}: only the odd node's document"
+    );
+    assert_eq!(store.nodes(ttl, None).await.unwrap().len(), 20, "{name}");
+
+    store.leave(&ids[7]).await.unwrap();
+    let left = beat(&ids[0], &ids[0], "same").await;
+    assert_eq!(left.live, 19, "{name}");
+    assert_eq!(left.digests, vec![("same".to_owned(), 19)], "{name}");
+    assert_ne!(left.generation, odd.generation, "{name}");
+
+    // Another process under node-00's id: each sees the other's nonce.
+    assert!(beat(&ids[0], "an impostor", "same").await.taken, "{name}");
+    assert!(beat(&ids[0], &ids[0], "same").await.taken, "{name}");
+    assert!(!beat(&ids[0], &ids[0], "same").await.taken, "{name}");
+}
+
+#[tokio::test]
+async fn memory_registry_conforms() {
+    registry_conforms("memory", ready(StoreConfig::Memory).await.as_ref()).await;
+}
+
+#[tokio::test]
+async fn redis_registry_conforms() {
+    let store = ready(StoreConfig::Redis(redis_config())).await;
+    registry_conforms("redis", store.as_ref()).await;
+}
+
+#[tokio::test]
+async fn postgres_registry_conforms() {
+    let storage = Storage::new(backends::Backend::Postgres);
+    let store = ready(StoreConfig::Postgres(postgres_config(&storage))).await;
+    registry_conforms("postgres", store.as_ref()).await;
 }

@@ -657,3 +657,99 @@ async fn denials_are_kept_until_reset_or_retry() {
     }
     assert!(locked.elapsed() + Duration::from_millis(50) >= retry);
 }
+
+/// A Redis replica of `primary`, following it through `link`, once its link is up.
+fn replica_through(link: &SlowLink) -> RedisServer {
+    let port = link.port.to_string();
+    let replica = RedisServer::with_args(&["--replicaof", "127.0.0.1", &port]);
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while !replica
+        .cli(&["INFO", "replication"])
+        .contains("master_link_status:up")
+    {
+        assert!(Instant::now() < deadline, "the replica never synced");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    replica
+}
+
+/// With `--redis-feed-url` a node's feed comes through a replica: a revocation on another node
+/// reaches it there, within the bound. A replica that stops keeping up (its link to the
+/// primary frozen, while it still answers every command) is distrusted within the bound, since
+/// each probe is a write to the primary that must come through the replica. (A PING to the
+/// replica would still be answered, and the node would keep accepting a revoked token.)
+#[tokio::test]
+async fn a_replica_carries_the_feed_and_a_lagging_one_is_distrusted() {
+    let primary = RedisServer::start();
+    let link = SlowLink::to(primary.port, Duration::ZERO);
+    let replica = replica_through(&link);
+    let storage = Storage::on_redis(&primary);
+    let a = node_on(&storage);
+    let b = Sidecar::builder()
+        .storage(&storage)
+        .env("REDIS_FEED_URL", replica.url())
+        .arg("--backend-timeout=200ms")
+        .start();
+    wait_live(&b);
+    assert_eq!(
+        feed_connections(&replica).len(),
+        1,
+        "b's feed is on the replica"
+    );
+    assert_eq!(
+        feed_connections(&primary).len(),
+        1,
+        "a's alone is on the primary"
+    );
+
+    let (mut ca, mut cb) = (a.client().await, b.client().await);
+    let t = ca.issue("alice").await;
+    cb.assert_valid(&t.token).await;
+    let hits = b.metric(HITS, &[]);
+    cb.assert_valid(&t.token).await;
+    assert!(b.metric(HITS, &[]) > hits, "answered from the view");
+    ca.revoke(Target::TokenId(t.token_id.clone()))
+        .await
+        .unwrap();
+    let (took, _) = until_rejected(&mut cb, &t.token, Instant::now()).await;
+    eprintln!("through the replica: rejected {took:?} after the Revoke's OK");
+    assert!(took < PROOF_WINDOW, "{took:?}");
+
+    let t = ca.issue("bob").await;
+    cb.assert_valid(&t.token).await;
+    cb.assert_valid(&t.token).await;
+    link.freeze();
+    let frozen = Instant::now();
+    ca.revoke(Target::TokenId(t.token_id.clone()))
+        .await
+        .unwrap();
+    let mut last_valid = Duration::ZERO;
+    loop {
+        let sent = frozen.elapsed();
+        let answer = cb.validate(&t.token).await.expect("b reads the primary");
+        if !answer.valid {
+            assert_eq!(answer.reason(), R::Revoked);
+            break;
+        }
+        last_valid = sent;
+        assert!(
+            sent < PROOF_WINDOW * 3,
+            "a lagging replica's feed was trusted for {sent:?}"
+        );
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    eprintln!("lagging replica: last answer from the view {last_valid:?} after the freeze");
+    assert!(last_valid < PROOF_WINDOW, "{last_valid:?}");
+    // The session ends at the next probe tick, and says so.
+    while b.metric(FEED_UP, &[]) >= 1.0 {
+        assert!(
+            frozen.elapsed() < PROOF_WINDOW * 3,
+            "the feed still says it is up"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+
+    // Caught up again, the replica carries the feed again.
+    link.thaw();
+    wait_live(&b);
+}

@@ -2,7 +2,8 @@
 //! (a RESP3 connection with `CLIENT TRACKING ... BCAST`) and PostgreSQL `LISTEN`.
 //!
 //! Each feed proves itself every [`PROOF_INTERVAL`] with a probe through the same connection
-//! as the changes (a PING; a NOTIFY to itself). A backend sends a connection's messages in
+//! as the changes (a PING; a NOTIFY to itself; through a Redis replica, a write to the primary
+//! whose invalidation the replica passes on). A backend sends a connection's messages in
 //! order, so a probe's answer comes after every change the backend sent before it; the feed
 //! applies those first, then lets the view answer until the probe's send time plus
 //! [`PROOF_WINDOW`]. A lost connection, a closed channel or an overdue probe makes the view
@@ -60,13 +61,31 @@ where
     });
 }
 
+/// Where a Redis feed's invalidations come from, and how it proves itself.
+#[derive(Clone)]
+pub struct RedisFeed {
+    /// The primary, or a replica of it (`--redis-feed-url`).
+    pub source: redis::Client,
+    /// With a replica: the primary, and the prefix of this feed's probe keys. A PONG from a
+    /// replica would prove nothing about how far behind the primary it is, so each probe is
+    /// then a write to the primary of a key under the prefix (tracked by this connection
+    /// alone), whose invalidation comes through the replica after every change the primary
+    /// made before it. Without one, a PING through the tracking connection proves the feed,
+    /// since the primary sends a connection's pushes and replies in order.
+    pub probes: Option<(redis::Client, String)>,
+}
+
+/// How long a replica probe's key lives: past any probe's window, so that its invalidation is
+/// the write's and never its expiry's.
+const PROBE_KEY_TTL: Duration = Duration::from_secs(30);
+
 /// Starts the Redis feed: invalidations of keys under `prefixes` reach `view`.
-pub fn spawn_redis(client: redis::Client, prefixes: Vec<String>, timeout: Duration, view: View) {
+pub fn spawn_redis(feed: RedisFeed, prefixes: Vec<String>, timeout: Duration, view: View) {
     run_forever("redis", view, move |view| {
-        let (client, prefixes) = (client.clone(), prefixes.clone());
+        let (feed, prefixes) = (feed.clone(), prefixes.clone());
         async move {
             let mut was_live = false;
-            let why = match redis_session(&client, &prefixes, timeout, &view, &mut was_live).await {
+            let why = match redis_session(&feed, &prefixes, timeout, &view, &mut was_live).await {
                 Ok(never) => match never {},
                 Err(why) => why,
             };
@@ -78,22 +97,40 @@ pub fn spawn_redis(client: redis::Client, prefixes: Vec<String>, timeout: Durati
 type Probe = Pin<Box<dyn Future<Output = redis::RedisResult<()>> + Send>>;
 
 async fn redis_session(
-    client: &redis::Client,
+    feed: &RedisFeed,
     prefixes: &[String],
     timeout: Duration,
     view: &View,
     was_live: &mut bool,
 ) -> Result<std::convert::Infallible, String> {
+    let client = &feed.source;
+    let probes = match &feed.probes {
+        None => None,
+        Some((primary, prefix)) => {
+            let conn = primary
+                .get_multiplexed_async_connection_with_config(
+                    &AsyncConnectionConfig::new()
+                        .set_connection_timeout(Some(timeout))
+                        .set_response_timeout(Some(timeout)),
+                )
+                .await
+                .map_err(|e| format!("connect to the primary: {e}"))?;
+            Some((prefix.as_str(), conn))
+        }
+    };
     // Pushes are applied in the connection's own reader, as it reads them: before any reply
     // that follows them (a probe's PONG), and with no task hop before the view drops a key.
-    // What ends the session goes to this loop.
+    // What ends the session goes to this loop, and so do the numbers of the replica probes
+    // heard of.
     let (ended, mut end) = mpsc::unbounded_channel();
+    let (heard, mut hear) = mpsc::unbounded_channel();
     let sink = view.clone();
+    let own = probes.as_ref().map(|(prefix, _)| (*prefix).to_owned());
     let config = AsyncConnectionConfig::new()
         .set_connection_timeout(Some(timeout))
         .set_response_timeout(Some(timeout))
         .set_push_sender(move |push: PushInfo| {
-            if let Err(why) = apply_push(&sink, push) {
+            if let Err(why) = apply_push(&sink, own.as_deref(), &heard, push) {
                 let _ = ended.send(why);
             }
             Ok::<(), redis::aio::SendError>(())
@@ -116,7 +153,11 @@ async fn redis_session(
         .map_err(|e| format!("client setname: {e}"))?;
     let mut tracking = redis::cmd("CLIENT");
     tracking.arg("TRACKING").arg("ON").arg("BCAST");
-    for prefix in prefixes {
+    for prefix in prefixes
+        .iter()
+        .map(String::as_str)
+        .chain(probes.as_ref().map(|p| p.0))
+    {
         tracking.arg("PREFIX").arg(prefix);
     }
     tracking
@@ -125,62 +166,117 @@ async fn redis_session(
         .map_err(|e| format!("client tracking: {e}"))?;
 
     let mut tick = tokio::time::interval(PROOF_INTERVAL);
-    let mut probe: Option<(Instant, Probe)> = None;
-    loop {
-        tokio::select! {
-            why = end.recv() => return Err(why.unwrap_or_else(|| "push sender dropped".into())),
-            answer = async { probe.as_mut().expect("guarded").1.as_mut().await }, if probe.is_some() => {
-                let (sent, _) = probe.take().expect("guarded");
-                answer.map_err(|e| format!("probe: {e}"))?;
-                // Every push Redis sent before the answer has been applied.
-                view.proven(sent);
-                *was_live = true;
+    match probes {
+        None => {
+            let mut probe: Option<(Instant, Probe)> = None;
+            loop {
+                tokio::select! {
+                    why = end.recv() => return Err(why.unwrap_or_else(|| "push sender dropped".into())),
+                    answer = async { probe.as_mut().expect("guarded").1.as_mut().await }, if probe.is_some() => {
+                        let (sent, _) = probe.take().expect("guarded");
+                        answer.map_err(|e| format!("probe: {e}"))?;
+                        // Every push Redis sent before the answer has been applied.
+                        view.proven(sent);
+                        *was_live = true;
+                    }
+                    _ = tick.tick() => match &probe {
+                        Some((sent, _)) if sent.elapsed() >= PROOF_WINDOW => {
+                            return Err("probe unanswered".into());
+                        }
+                        Some(_) => {}
+                        None => {
+                            let mut c = conn.clone();
+                            probe = Some((
+                                Instant::now(),
+                                Box::pin(async move { redis::cmd("PING").query_async::<()>(&mut c).await }),
+                            ));
+                        }
+                    },
+                }
             }
-            _ = tick.tick() => match &probe {
-                Some((sent, _)) if sent.elapsed() >= PROOF_WINDOW => {
-                    return Err("probe unanswered".into());
+        }
+        Some((prefix, mut primary)) => {
+            // Probes written and not yet heard of through the replica, oldest first.
+            let mut sent: VecDeque<(u64, Instant)> = VecDeque::new();
+            let mut next = 0u64;
+            loop {
+                tokio::select! {
+                    why = end.recv() => return Err(why.unwrap_or_else(|| "push sender dropped".into())),
+                    Some(n) = hear.recv() => {
+                        // Every change the primary made before probe n has come through.
+                        while let Some(&(m, at)) = sent.front() && m <= n {
+                            sent.pop_front();
+                            if m == n {
+                                view.proven(at);
+                                *was_live = true;
+                            }
+                        }
+                    }
+                    _ = tick.tick() => {
+                        if sent.front().is_some_and(|(_, at)| at.elapsed() >= PROOF_WINDOW) {
+                            return Err("probe unanswered through the replica: it lags or \
+                                        lost its primary".into());
+                        }
+                        // Stamped before the write: what the primary acknowledged before
+                        // this instant is ordered before the probe.
+                        sent.push_back((next, Instant::now()));
+                        redis::cmd("SET")
+                            .arg(format!("{prefix}{next}"))
+                            .arg(1)
+                            .arg("PX")
+                            .arg(PROBE_KEY_TTL.as_millis() as u64)
+                            .query_async::<()>(&mut primary)
+                            .await
+                            .map_err(|e| format!("probe: {e}"))?;
+                        next += 1;
+                    }
                 }
-                Some(_) => {}
-                None => {
-                    let mut c = conn.clone();
-                    probe = Some((
-                        Instant::now(),
-                        Box::pin(async move { redis::cmd("PING").query_async::<()>(&mut c).await }),
-                    ));
-                }
-            },
+            }
         }
     }
 }
 
-fn apply_push(view: &View, push: PushInfo) -> Result<(), String> {
+/// Applies one push to the view; the invalidation of a key under `probes` (this session's
+/// own replica probes) is not a fact, and its number goes to `heard` instead.
+fn apply_push(
+    view: &View,
+    probes: Option<&str>,
+    heard: &mpsc::UnboundedSender<u64>,
+    push: PushInfo,
+) -> Result<(), String> {
+    let key = |value: &Value| -> Option<String> {
+        match value {
+            Value::BulkString(bytes) => Some(String::from_utf8_lossy(bytes).into_owned()),
+            Value::SimpleString(s) => Some(s.clone()),
+            _ => None,
+        }
+    };
+    let invalidate = |value: &Value| match key(value) {
+        Some(name) => match probes.and_then(|p| name.strip_prefix(p)) {
+            Some(n) => {
+                if let Ok(n) = n.parse() {
+                    let _ = heard.send(n);
+                }
+            }
+            None => view.invalidate(&name),
+        },
+        // Not a key name: say nothing can be trusted.
+        None => view.flush(FlushCause::Backend),
+    };
     match push.kind {
         PushKind::Invalidate => {
             for item in &push.data {
                 match item {
                     // A null invalidation: FLUSHALL, FLUSHDB, or Redis could not say which keys.
                     Value::Nil => view.flush(FlushCause::Backend),
-                    Value::Array(keys) => {
-                        for key in keys {
-                            invalidate_value(view, key);
-                        }
-                    }
-                    key => invalidate_value(view, key),
+                    Value::Array(keys) => keys.iter().for_each(invalidate),
+                    key => invalidate(key),
                 }
             }
             Ok(())
         }
         PushKind::Disconnection => Err("disconnected".into()),
         _ => Ok(()),
-    }
-}
-
-fn invalidate_value(view: &View, key: &Value) {
-    match key {
-        Value::BulkString(bytes) => view.invalidate(&String::from_utf8_lossy(bytes)),
-        Value::SimpleString(s) => view.invalidate(s),
-        // Not a key name: say nothing can be trusted.
-        _ => view.flush(FlushCause::Backend),
     }
 }
 

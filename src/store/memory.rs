@@ -1,7 +1,9 @@
 //! The single-node store: a sharded map, no global lock on the hot path. Expired entries are
 //! never returned and are purged by [`MemoryStore::purge_expired`], run from a background task.
 
+use std::collections::BTreeMap;
 use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, SystemTime};
 
 use async_trait::async_trait;
@@ -9,8 +11,8 @@ use dashmap::DashMap;
 use dashmap::mapref::entry::Entry;
 
 use super::{
-    Family, MfaEnrolled, MfaRecord, Rotation, Session, StepAccept, Store, StoreError, Successor,
-    TokenCheck, from_millis, micros, millis,
+    Beat, Family, MfaEnrolled, MfaRecord, Registry, Rotation, Session, StepAccept, Store,
+    StoreError, Successor, TokenCheck, from_millis, micros, millis,
 };
 use crate::clock::Clock;
 use crate::rules::gcra::{Decision, Gcra, KeyState, gcra};
@@ -28,7 +30,9 @@ pub struct MemoryStore {
     sessions: DashMap<String, Session>,
     families: DashMap<String, FamilyState>,
     /// The registry of live nodes: this process alone.
-    nodes: DashMap<String, (SystemTime, String)>,
+    nodes: DashMap<String, Member>,
+    /// Moves whenever a node joins, leaves or changes its digest.
+    generation: AtomicU64,
     /// Second factors by subject.
     mfa: DashMap<String, MfaState>,
 }
@@ -42,8 +46,30 @@ impl MemoryStore {
             cutoffs: DashMap::new(),
             sessions: DashMap::new(),
             nodes: DashMap::new(),
+            generation: AtomicU64::new(0),
             families: DashMap::new(),
             mfa: DashMap::new(),
+        }
+    }
+}
+
+/// A live node in the registry.
+struct Member {
+    until: SystemTime,
+    nonce: String,
+    digest: String,
+    document: String,
+}
+
+impl MemoryStore {
+    /// Drops the nodes that are not live at `now` (a deadline further than `ttl` ahead was
+    /// not written by a heartbeat).
+    fn drop_dead(&self, now: SystemTime, ttl: Duration) {
+        let before = self.nodes.len();
+        self.nodes
+            .retain(|_, m| m.until > now && m.until <= now + ttl);
+        if self.nodes.len() != before {
+            self.generation.fetch_add(1, Ordering::Relaxed);
         }
     }
 }
@@ -235,27 +261,61 @@ impl Store for MemoryStore {
         Ok(())
     }
 
-    async fn heartbeat(
+    async fn heartbeat(&self, me: Beat<'_>, ttl: Duration) -> Result<Registry, StoreError> {
+        let now = self.clock.now();
+        self.drop_dead(now, ttl);
+        let member = Member {
+            until: now + ttl,
+            nonce: me.nonce.to_owned(),
+            digest: me.digest.to_owned(),
+            document: me.document.to_owned(),
+        };
+        let before = self.nodes.insert(me.id.to_owned(), member);
+        if before.as_ref().is_none_or(|b| b.digest != me.digest) {
+            self.generation.fetch_add(1, Ordering::Relaxed);
+        }
+        let mut digests: BTreeMap<String, usize> = BTreeMap::new();
+        let mut ids = Vec::new();
+        for m in self.nodes.iter() {
+            *digests.entry(m.digest.clone()).or_default() += 1;
+            ids.push(m.key().clone());
+        }
+        ids.sort();
+        if ids.len() > Registry::LISTED {
+            ids.clear();
+        }
+        Ok(Registry {
+            live: self.nodes.len(),
+            digests: digests.into_iter().collect(),
+            generation: self.generation.load(Ordering::Relaxed),
+            undigested: 0,
+            taken: before.is_some_and(|b| b.nonce != me.nonce),
+            ids,
+        })
+    }
+
+    async fn nodes(
         &self,
-        me: Option<(&str, &str)>,
         ttl: Duration,
+        unlike: Option<&str>,
     ) -> Result<Vec<(String, String)>, StoreError> {
         let now = self.clock.now();
-        if let Some((id, document)) = me {
-            self.nodes
-                .insert(id.to_owned(), (now + ttl, document.to_owned()));
+        if unlike.is_some() {
+            self.drop_dead(now, ttl);
         }
-        self.nodes
-            .retain(|_, (until, _)| *until > now && *until <= now + ttl);
         Ok(self
             .nodes
             .iter()
-            .map(|e| (e.key().clone(), e.value().1.clone()))
+            .filter(|m| m.until > now && m.until <= now + ttl)
+            .filter(|m| unlike != Some(m.digest.as_str()))
+            .map(|m| (m.key().clone(), m.document.clone()))
             .collect())
     }
 
     async fn leave(&self, node: &str) -> Result<(), StoreError> {
-        self.nodes.remove(node);
+        if self.nodes.remove(node).is_some() {
+            self.generation.fetch_add(1, Ordering::Relaxed);
+        }
         Ok(())
     }
 

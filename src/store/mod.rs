@@ -248,15 +248,21 @@ pub trait Store: Send + Sync + 'static {
     /// from a background task, never on a request or probe path.
     async fn purge_expired(&self) -> Result<usize, StoreError>;
 
-    /// The registry of live nodes (see `cluster`): records `me`, an id and its document, as
-    /// live for `ttl` on the backend's clock, drops the nodes whose time has passed, and
-    /// returns every live node's id and document, `me` included. `None` only reads. A node
-    /// whose deadline lies further than `ttl` ahead is not live (no heartbeat wrote it), and
-    /// a writer drops it.
-    async fn heartbeat(
+    /// The registry of live nodes (see `cluster`): records `me` as live for `ttl` on the
+    /// backend's clock, drops the nodes whose time has passed, and summarizes the live ones
+    /// at a cost that does not grow with their number (see [`Registry`]). A node whose
+    /// deadline lies further than `ttl` ahead is not live (no heartbeat wrote it), and is
+    /// dropped.
+    async fn heartbeat(&self, me: Beat<'_>, ttl: Duration) -> Result<Registry, StoreError>;
+
+    /// Every live node's id and document, `me` included; with `unlike`, only those whose
+    /// digest is not `unlike` or that have none (a node of an older version, an entry written
+    /// by hand). Reads the whole registry, and drops what is no longer live: for
+    /// `check-config`, and for a heartbeat that found a digest other than its own.
+    async fn nodes(
         &self,
-        me: Option<(&str, &str)>,
         ttl: Duration,
+        unlike: Option<&str>,
     ) -> Result<Vec<(String, String)>, StoreError>;
 
     /// Takes `node` out of the registry: it is stopping.
@@ -444,6 +450,44 @@ pub fn open(config: &StoreConfig, clock: Arc<dyn Clock>) -> Result<Arc<dyn Store
             PostgresStore::open(postgres, clock)?,
         )),
     })
+}
+
+/// What a node publishes at each heartbeat.
+#[derive(Debug, Clone, Copy)]
+pub struct Beat<'a> {
+    pub id: &'a str,
+    /// Random for each process: tells that another process wrote under the same id.
+    pub nonce: &'a str,
+    /// The digest of what every node must agree on: equal digests agree.
+    pub digest: &'a str,
+    /// The whole document, read only by a node whose digest differs.
+    pub document: &'a str,
+}
+
+/// The live nodes as one heartbeat sees them: a summary whose size does not grow with their
+/// number (while they agree), so that a heartbeat costs the backend the same at any fleet
+/// size.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Registry {
+    /// Live nodes, the caller included.
+    pub live: usize,
+    /// How many live nodes publish each digest: one entry while every node agrees.
+    pub digests: Vec<(String, usize)>,
+    /// Changes whenever a node joins, leaves or changes its digest: a node whose digest
+    /// differs reads the documents again only when this moves.
+    pub generation: u64,
+    /// Live entries without a digest (nodes of an older version, entries written by hand):
+    /// while there are any, every heartbeat reads the documents.
+    pub undigested: usize,
+    /// Another process wrote under the caller's id since its last heartbeat.
+    pub taken: bool,
+    /// The live nodes' ids, when there are at most [`Registry::LISTED`] of them.
+    pub ids: Vec<String>,
+}
+
+impl Registry {
+    /// Up to how many live nodes a heartbeat lists by id.
+    pub const LISTED: usize = 16;
 }
 
 /// Where a backend is, and how it is reached, without any credential: what `check-config`

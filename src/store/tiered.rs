@@ -28,7 +28,8 @@ use async_trait::async_trait;
 use super::postgres::PostgresStore;
 use super::redis::RedisStore;
 use super::{
-    Family, MfaRecord, Rotation, Session, StepAccept, Store, StoreError, Successor, TokenCheck,
+    Beat, Family, MfaRecord, Registry, Rotation, Session, StepAccept, Store, StoreError, Successor,
+    TokenCheck,
 };
 use crate::rules::gcra::{Decision, Gcra};
 
@@ -368,12 +369,16 @@ impl Store for TieredStore {
 
     /// The registry is ephemeral, as counters are: Redis only. A flush loses it until the
     /// next heartbeat of every node.
-    async fn heartbeat(
-        &self,
-        me: Option<(&str, &str)>,
-        ttl: Duration,
-    ) -> Result<Vec<(String, String)>, StoreError> {
+    async fn heartbeat(&self, me: Beat<'_>, ttl: Duration) -> Result<Registry, StoreError> {
         self.redis.heartbeat(me, ttl).await
+    }
+
+    async fn nodes(
+        &self,
+        ttl: Duration,
+        unlike: Option<&str>,
+    ) -> Result<Vec<(String, String)>, StoreError> {
+        self.redis.nodes(ttl, unlike).await
     }
 
     async fn leave(&self, node: &str) -> Result<(), StoreError> {

@@ -14,8 +14,8 @@ use sqlx::postgres::{PgConnectOptions, PgPoolOptions};
 
 use super::cache::{Entry, Fact, Lookup, Ticket, View};
 use super::{
-    Facts, Family, MfaEnrolled, MfaRecord, Rotation, Session, StepAccept, Store, StoreError,
-    Successor, TokenCheck, from_millis, millis,
+    Beat, Facts, Family, MfaEnrolled, MfaRecord, Registry, Rotation, Session, StepAccept, Store,
+    StoreError, Successor, TokenCheck, from_millis, millis,
 };
 use crate::clock::Clock;
 use crate::config::{PostgresConfig, Secret};
@@ -861,43 +861,94 @@ impl Store for PostgresStore {
         })
     }
 
-    async fn heartbeat(
+    async fn heartbeat(&self, me: Beat<'_>, ttl: Duration) -> Result<Registry, StoreError> {
+        let persistent = self.persistent;
+        let ttl_ms = ttl.as_millis() as i64;
+        self.call("heartbeat", async |conn| {
+            // The nonce under this id before this write, if it was live.
+            let (before,): (Option<String>,) = sqlx::query_as(
+                "WITH before AS (SELECT nonce FROM nodes WHERE id = $1 AND live_until > now()) \
+                 INSERT INTO nodes (id, document, live_until, digest, nonce) \
+                 VALUES ($1, $2, now() + $3 * interval '1 millisecond', $4, $5) \
+                 ON CONFLICT (id) DO UPDATE \
+                 SET document = EXCLUDED.document, live_until = EXCLUDED.live_until, \
+                 digest = EXCLUDED.digest, nonce = EXCLUDED.nonce \
+                 RETURNING (SELECT nonce FROM before)",
+            )
+            .persistent(persistent)
+            .bind(me.id)
+            .bind(me.document)
+            .bind(ttl_ms)
+            .bind(me.digest)
+            .bind(me.nonce)
+            .fetch_one(&mut *conn)
+            .await?;
+            // A deadline further than `ttl` ahead was not written by a heartbeat: one forged
+            // row must not stay for good. Both ends are on the index.
+            sqlx::query(
+                "DELETE FROM nodes WHERE live_until <= now() \
+                 OR live_until > now() + $1 * interval '1 millisecond'",
+            )
+            .persistent(persistent)
+            .bind(ttl_ms)
+            .execute(&mut *conn)
+            .await?;
+            // One row per digest (NULL for rows without one), with a sum over the ids that
+            // moves when a node joins or leaves, and the first ids.
+            let groups: Vec<(Option<String>, i64, i64, Vec<String>)> = sqlx::query_as(
+                "SELECT digest, count(*), coalesce(sum(hashtext(id)), 0)::bigint, \
+                 (array_agg(id ORDER BY id))[1:$2] \
+                 FROM nodes WHERE live_until > now() \
+                 AND live_until <= now() + $1 * interval '1 millisecond' GROUP BY digest",
+            )
+            .persistent(persistent)
+            .bind(ttl_ms)
+            .bind(Registry::LISTED as i32 + 1)
+            .fetch_all(&mut *conn)
+            .await?;
+            Ok((before, groups))
+        })
+        .await
+        .map(|(before, groups)| {
+            let mut registry = Registry {
+                taken: before.is_some_and(|b| b != me.nonce),
+                ..Registry::default()
+            };
+            let mut generation = std::hash::DefaultHasher::new();
+            for (digest, count, ids_sum, ids) in groups {
+                std::hash::Hash::hash(&(&digest, count, ids_sum), &mut generation);
+                registry.live += count as usize;
+                registry.ids.extend(ids);
+                match digest {
+                    Some(digest) => registry.digests.push((digest, count as usize)),
+                    None => registry.undigested += count as usize,
+                }
+            }
+            registry.digests.sort();
+            registry.generation = std::hash::Hasher::finish(&generation);
+            registry.ids.sort();
+            if registry.live > Registry::LISTED {
+                registry.ids.clear();
+            }
+            registry
+        })
+    }
+
+    async fn nodes(
         &self,
-        me: Option<(&str, &str)>,
         ttl: Duration,
+        unlike: Option<&str>,
     ) -> Result<Vec<(String, String)>, StoreError> {
         let persistent = self.persistent;
-        self.call("heartbeat", async |conn| {
-            if let Some((id, document)) = me {
-                sqlx::query(
-                    "INSERT INTO nodes (id, document, live_until) \
-                     VALUES ($1, $2, now() + $3 * interval '1 millisecond') \
-                     ON CONFLICT (id) DO UPDATE \
-                     SET document = EXCLUDED.document, live_until = EXCLUDED.live_until",
-                )
-                .persistent(persistent)
-                .bind(id)
-                .bind(document)
-                .bind(ttl.as_millis() as i64)
-                .execute(&mut *conn)
-                .await?;
-                // A deadline further than `ttl` ahead was not written by a heartbeat: one
-                // forged row must not stay for good.
-                sqlx::query(
-                    "DELETE FROM nodes WHERE live_until <= now() \
-                     OR live_until > now() + $1 * interval '1 millisecond'",
-                )
-                .persistent(persistent)
-                .bind(ttl.as_millis() as i64)
-                .execute(&mut *conn)
-                .await?;
-            }
+        self.call("nodes", async |conn| {
             sqlx::query_as(
                 "SELECT id, document FROM nodes WHERE live_until > now() \
-                 AND live_until <= now() + $1 * interval '1 millisecond' ORDER BY id",
+                 AND live_until <= now() + $1 * interval '1 millisecond' \
+                 AND ($2::text IS NULL OR digest IS DISTINCT FROM $2) ORDER BY id",
             )
             .persistent(persistent)
             .bind(ttl.as_millis() as i64)
+            .bind(unlike)
             .fetch_all(&mut *conn)
             .await
         })

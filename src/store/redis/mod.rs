@@ -19,8 +19,8 @@ use tokio::sync::OnceCell;
 
 use super::cache::{Entry, Fact, Lookup, View};
 use super::{
-    Facts, Family, MfaEnrolled, MfaRecord, Rotation, Session, StepAccept, Store, StoreError,
-    Successor, TokenCheck, from_millis, micros, millis, session_tag, subject_tag,
+    Beat, Facts, Family, MfaEnrolled, MfaRecord, Registry, Rotation, Session, StepAccept, Store,
+    StoreError, Successor, TokenCheck, from_millis, micros, millis, session_tag, subject_tag,
 };
 use crate::config::{RedisConfig, RedisTls};
 use crate::rules::gcra::{Decision, Gcra};
@@ -33,6 +33,7 @@ const MARKER: usize = 4;
 
 /// Prepended to the scripts that work on sessions and cutoffs.
 const SESSION_LIB: &str = include_str!("session_lib.lua");
+const REGISTRY_LIB: &str = include_str!("registry_lib.lua");
 
 /// A connection to one Redis or to a cluster; cloning shares it.
 #[derive(Clone)]
@@ -94,12 +95,15 @@ struct Scripts {
     rotate: Script,
     mark_complete: Script,
     heartbeat: Script,
+    read_registry: Script,
+    leave: Script,
     mfa: Script,
 }
 
 impl Scripts {
     fn new() -> Scripts {
         let with_lib = |body: &str| Script::new(&format!("{SESSION_LIB}{body}"));
+        let registry = |body: &str| Script::new(&format!("{REGISTRY_LIB}{body}"));
         Scripts {
             revoke: Script::new(include_str!("revoke.lua")),
             rate_limit: Script::new(include_str!("rate_limit.lua")),
@@ -112,7 +116,9 @@ impl Scripts {
             put_family: Script::new(include_str!("family_put.lua")),
             rotate: Script::new(include_str!("rotate.lua")),
             mark_complete: Script::new(include_str!("mark_complete.lua")),
-            heartbeat: Script::new(include_str!("heartbeat.lua")),
+            heartbeat: registry(include_str!("heartbeat.lua")),
+            read_registry: registry(include_str!("registry_read.lua")),
+            leave: registry(include_str!("registry_leave.lua")),
             mfa: Script::new(include_str!("mfa.lua")),
         }
     }
@@ -233,10 +239,25 @@ impl RedisStore {
             );
         } else if config.cache > 0 {
             let view = View::new(BACKEND, config.cache);
-            let client = connect
+            let primary = connect
                 .client(&connect.urls[0])
                 .map_err(|e| unavailable(format!("invalid REDIS_URL: {:?}", e.kind())))?;
-            super::feed::spawn_redis(client, store.tracked_prefixes(), timeout, view.clone());
+            let feed = match &config.feed_url {
+                Some(url) => super::feed::RedisFeed {
+                    source: connect.client(url.expose_str()).map_err(|e| {
+                        unavailable(format!("invalid REDIS_FEED_URL: {:?}", e.kind()))
+                    })?,
+                    probes: Some((
+                        primary,
+                        format!("{}feedprobe:{}:", store.prefix, crate::ids::random_id()),
+                    )),
+                },
+                None => super::feed::RedisFeed {
+                    source: primary,
+                    probes: None,
+                },
+            };
+            super::feed::spawn_redis(feed, store.tracked_prefixes(), timeout, view.clone());
             store.view = Some(view);
         }
         let cell = store.conn.clone();
@@ -337,10 +358,19 @@ impl RedisStore {
         format!("{}tier:{{marker}}:filling", self.prefix)
     }
 
-    /// The registry of live nodes: one hash, so that one script reads and writes all of it
-    /// on a cluster too.
-    fn nodes_key(&self) -> String {
-        format!("{}nodes", self.prefix)
+    /// The registry of live nodes (see `registry_lib.lua`): the hash older versions read, and
+    /// beside it the parts keyed by its name as a hash tag, so that one script reads and
+    /// writes all of them on a cluster too.
+    fn registry_keys(&self) -> [String; 5] {
+        let nodes = format!("{}nodes", self.prefix);
+        let part = |name: &str| format!("{{{nodes}}}:{name}");
+        let (live, marks, digests, generation) = (
+            part("live"),
+            part("marks"),
+            part("digests"),
+            part("generation"),
+        );
+        [nodes, live, marks, digests, generation]
     }
 
     /// A subject's second factor: one hash, under the subject's hash tag.
@@ -823,18 +853,47 @@ impl Store for RedisStore {
         })
     }
 
-    async fn heartbeat(
-        &self,
-        me: Option<(&str, &str)>,
-        ttl: Duration,
-    ) -> Result<Vec<(String, String)>, StoreError> {
-        let (id, document) = me.unwrap_or_default();
-        let mut invocation = self.scripts.heartbeat.key(self.nodes_key());
+    async fn heartbeat(&self, me: Beat<'_>, ttl: Duration) -> Result<Registry, StoreError> {
+        let mut invocation = self.scripts.heartbeat.prepare_invoke();
+        for key in self.registry_keys() {
+            invocation.key(key);
+        }
         invocation
-            .arg(id)
-            .arg(document)
-            .arg(ttl.as_millis().max(1) as u64);
-        let flat: Vec<String> = self.invoke("heartbeat", invocation).await?;
+            .arg(me.id)
+            .arg(me.nonce)
+            .arg(me.digest)
+            .arg(me.document)
+            .arg(ttl.as_millis().max(1) as u64)
+            .arg(Registry::LISTED);
+        type Reply = (usize, usize, u64, u8, Vec<String>, Vec<(String, usize)>);
+        let (live, undigested, generation, taken, mut ids, mut digests): Reply =
+            self.invoke("heartbeat", invocation).await?;
+        ids.sort();
+        digests.sort();
+        Ok(Registry {
+            live,
+            digests,
+            generation,
+            undigested,
+            taken: taken == 1,
+            ids,
+        })
+    }
+
+    async fn nodes(
+        &self,
+        ttl: Duration,
+        unlike: Option<&str>,
+    ) -> Result<Vec<(String, String)>, StoreError> {
+        let mut invocation = self.scripts.read_registry.prepare_invoke();
+        for key in self.registry_keys() {
+            invocation.key(key);
+        }
+        invocation
+            .arg(ttl.as_millis().max(1) as u64)
+            .arg(unlike.unwrap_or_default())
+            .arg(if unlike.is_some() { "1" } else { "0" });
+        let flat: Vec<String> = self.invoke("nodes", invocation).await?;
         Ok(flat
             .chunks_exact(2)
             .map(|pair| (pair[0].clone(), pair[1].clone()))
@@ -842,15 +901,12 @@ impl Store for RedisStore {
     }
 
     async fn leave(&self, node: &str) -> Result<(), StoreError> {
-        let key = self.nodes_key();
-        self.call("leave", |mut c| async move {
-            redis::cmd("HDEL")
-                .arg(key)
-                .arg(node)
-                .query_async::<()>(&mut c)
-                .await
-        })
-        .await
+        let mut invocation = self.scripts.leave.prepare_invoke();
+        for key in self.registry_keys() {
+            invocation.key(key);
+        }
+        invocation.arg(node);
+        self.invoke::<()>("leave", invocation).await
     }
 
     async fn mfa_begin(

@@ -1,0 +1,3 @@
+-- ARGV: the id of the node that stops.
+forget(ARGV[1])
+return 1
