@@ -335,8 +335,18 @@ async fn postgres_session(
         return Err("the change-feed triggers are missing: run the migrations".into());
     }
 
-    // Each probe is a NOTIFY to ourselves, numbered; the queue delivers in commit order.
-    let beat = format!("beat:{}:", crate::ids::random_id());
+    // Each probe is a NOTIFY to ourselves, numbered, on a channel of this session's own, so
+    // that no other node receives it (on the shared channel every node would receive every
+    // node's probes: N² notifications). The notification queue is one for every channel, and
+    // delivers in commit order, so a probe still comes after every change before it.
+    let mut id = [0u8; 8];
+    aws_lc_rs::rand::fill(&mut id).expect("the system random source works");
+    let probes = format!("auth_sidecar_probe_{:016x}", u64::from_be_bytes(id));
+    tokio::time::timeout(timeout, listener.listen(&probes))
+        .await
+        .map_err(|_| "listen: timed out".to_owned())?
+        .map_err(|e| format!("listen: {e}"))?;
+    let beat = "beat:";
     let mut sent: VecDeque<(u64, Instant)> = VecDeque::new();
     let mut next = 0u64;
     let mut tick = tokio::time::interval(PROOF_INTERVAL);
@@ -347,7 +357,9 @@ async fn postgres_session(
                     .map_err(|e| format!("receive: {e}"))?
                     .ok_or("connection lost")?;
                 let payload = notification.payload();
-                if let Some(n) = payload.strip_prefix(beat.as_str()) {
+                if notification.channel() == probes
+                    && let Some(n) = payload.strip_prefix(beat)
+                {
                     let n: u64 = n.parse().map_err(|_| "bad probe")?;
                     while let Some(&(m, at)) = sent.front() && m <= n {
                         sent.pop_front();
@@ -356,8 +368,8 @@ async fn postgres_session(
                             *was_live = true;
                         }
                     }
-                } else if payload.starts_with("beat:") {
-                    // Another node's probe.
+                } else if payload.starts_with(beat) {
+                    // An older version's probe, on the shared channel.
                 } else if payload == "flush" {
                     view.flush(FlushCause::Backend);
                 } else {
@@ -374,7 +386,7 @@ async fn postgres_session(
                 tokio::time::timeout(
                     timeout,
                     sqlx::query("SELECT pg_notify($1, $2)")
-                        .bind(POSTGRES_CHANNEL)
+                        .bind(&probes)
                         .bind(payload)
                         .execute(&mut listener),
                 )
