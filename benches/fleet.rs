@@ -7,10 +7,14 @@
 //!   time: backend CPU and bytes; and the time until the last node rejects a revoked token;
 //! - each node's resident memory, idle.
 //!
+//! With `--replicas R` (Redis), R replicas of the one Redis carry the revocation feed
+//! (`--redis-feed-url`, node i on replica i mod R): the figures are then the primary's, and
+//! a last column gives the CPU each replica spends per revocation.
+//!
 //! Kept out of the test command: at N = 100 it holds some 3 GB and takes minutes.
 //!
 //! `cargo bench --bench fleet -- [--backend redis|postgres] [--nodes 1,10,50,100]
-//!   [--idle 10] [--revocations 300] [--rate 100]`
+//!   [--idle 10] [--revocations 300] [--rate 100] [--replicas 0]`
 
 #[path = "../tests/support/mod.rs"]
 mod support;
@@ -27,6 +31,7 @@ struct Options {
     idle: Duration,
     revocations: usize,
     rate: f64,
+    replicas: usize,
 }
 
 /// What the backend has used and sent so far, and its client connections now.
@@ -38,14 +43,30 @@ struct Usage {
 }
 
 enum Backend {
-    Redis(RedisServer),
+    /// The primary, and the replicas that carry the feed.
+    Redis(RedisServer, Vec<RedisServer>),
     Postgres(PostgresServer),
 }
 
 impl Backend {
-    fn start(kind: &str) -> Backend {
+    fn start(kind: &str, replicas: usize) -> Backend {
         match kind {
-            "redis" => Backend::Redis(RedisServer::start()),
+            "redis" => {
+                let primary = RedisServer::start();
+                let port = primary.port.to_string();
+                let replicas: Vec<RedisServer> = (0..replicas)
+                    .map(|_| RedisServer::with_args(&["--replicaof", "127.0.0.1", &port]))
+                    .collect();
+                for r in &replicas {
+                    while !r
+                        .cli(&["INFO", "replication"])
+                        .contains("master_link_status:up")
+                    {
+                        std::thread::sleep(Duration::from_millis(20));
+                    }
+                }
+                Backend::Redis(primary, replicas)
+            }
             "postgres" => Backend::Postgres(PostgresServer::start_with(|_| {
                 vec!["max_connections=2000".into()]
             })),
@@ -53,10 +74,14 @@ impl Backend {
         }
     }
 
-    fn node(&self) -> Sidecar {
+    fn node(&self, i: usize) -> Sidecar {
         let builder = Sidecar::builder();
         match self {
-            Backend::Redis(r) => builder
+            Backend::Redis(r, replicas) if !replicas.is_empty() => builder
+                .args(["--storage", "redis", "--redis-prefix=fleet:"])
+                .env("REDIS_URL", r.url())
+                .env("REDIS_FEED_URL", replicas[i % replicas.len()].url()),
+            Backend::Redis(r, _) => builder
                 .args(["--storage", "redis", "--redis-prefix=fleet:"])
                 .env("REDIS_URL", r.url()),
             Backend::Postgres(p) => builder
@@ -68,20 +93,7 @@ impl Backend {
 
     fn usage(&self) -> Usage {
         match self {
-            Backend::Redis(r) => {
-                let info = r.cli(&["INFO"]);
-                let field = |name: &str| -> f64 {
-                    info.lines()
-                        .find_map(|l| l.strip_prefix(&format!("{name}:")))
-                        .and_then(|v| v.trim().parse().ok())
-                        .unwrap_or_else(|| panic!("{name} in INFO"))
-                };
-                Usage {
-                    cpu: Duration::from_secs_f64(field("used_cpu_sys") + field("used_cpu_user")),
-                    bytes_out: Some(field("total_net_output_bytes") as u64),
-                    connections: field("connected_clients") as u64,
-                }
-            }
+            Backend::Redis(r, _) => redis_usage(r),
             Backend::Postgres(p) => {
                 let connections = psql_on(
                     &p.url(),
@@ -96,6 +108,30 @@ impl Backend {
                 }
             }
         }
+    }
+}
+
+/// What a Redis has used and sent so far, and its client connections now.
+fn redis_usage(r: &RedisServer) -> Usage {
+    let info = r.cli(&["INFO"]);
+    let field = |name: &str| -> f64 {
+        info.lines()
+            .find_map(|l| l.strip_prefix(&format!("{name}:")))
+            .and_then(|v| v.trim().parse().ok())
+            .unwrap_or_else(|| panic!("{name} in INFO"))
+    };
+    Usage {
+        cpu: Duration::from_secs_f64(field("used_cpu_sys") + field("used_cpu_user")),
+        bytes_out: Some(field("total_net_output_bytes") as u64),
+        connections: field("connected_clients") as u64,
+    }
+}
+
+/// The CPU time the replicas have used so far, all together.
+fn replicas_cpu(backend: &Backend) -> Duration {
+    match backend {
+        Backend::Redis(_, replicas) => replicas.iter().map(|r| redis_usage(r).cpu).sum(),
+        Backend::Postgres(_) => Duration::ZERO,
     }
 }
 
@@ -139,6 +175,7 @@ fn options() -> Options {
         idle: Duration::from_secs(10),
         revocations: 300,
         rate: 100.0,
+        replicas: 0,
     };
     let mut args = std::env::args().skip(1);
     while let Some(arg) = args.next() {
@@ -149,6 +186,7 @@ fn options() -> Options {
             "--idle" => o.idle = Duration::from_secs(value().parse().unwrap()),
             "--revocations" => o.revocations = value().parse().unwrap(),
             "--rate" => o.rate = value().parse().unwrap(),
+            "--replicas" => o.replicas = value().parse().unwrap(),
             "--bench" => {}
             other => panic!("unknown argument {other}"),
         }
@@ -164,24 +202,25 @@ fn main() {
         .build()
         .unwrap();
     println!(
-        "backend {}: idle over {:?}; {} revocations at {}/s through one node",
-        o.backend, o.idle, o.revocations, o.rate
+        "backend {}: idle over {:?}; {} revocations at {}/s through one node; {} feed replicas",
+        o.backend, o.idle, o.revocations, o.rate, o.replicas
     );
     println!(
-        "| N | connections | idle CPU per node | idle bytes/s per node | CPU per revocation | bytes per revocation | last node rejects (p50 / max) | node RSS (median) |"
+        "| N | connections | idle CPU per node | idle bytes/s per node | CPU per revocation | bytes per revocation | last node rejects (p50 / max) | node RSS (median) | each replica's CPU per revocation |"
     );
-    println!("|---|---|---|---|---|---|---|---|");
+    println!("|---|---|---|---|---|---|---|---|---|");
     for &n in &o.nodes {
-        let backend = Backend::start(&o.backend);
-        let nodes: Vec<Sidecar> = (0..n).map(|_| backend.node()).collect();
+        let backend = Backend::start(&o.backend, o.replicas);
+        let nodes: Vec<Sidecar> = (0..n).map(|i| backend.node(i)).collect();
         for node in &nodes {
             node.wait_ops_status(200, Duration::from_secs(60));
         }
         // Let the heartbeats and feeds settle.
         std::thread::sleep(Duration::from_secs(3));
-        let before = backend.usage();
+        let (before, replicas_before) = (backend.usage(), replicas_cpu(&backend));
         std::thread::sleep(o.idle);
-        let after = backend.usage();
+        let (after, replicas_after) = (backend.usage(), replicas_cpu(&backend));
+        let replicas_idle = (replicas_after - replicas_before).as_secs_f64() / o.idle.as_secs_f64();
         let idle_cpu = after.cpu.saturating_sub(before.cpu).as_secs_f64() / o.idle.as_secs_f64();
         let idle_bytes = after
             .bytes_out
@@ -190,7 +229,14 @@ fn main() {
         let mut rss: Vec<u64> = nodes.iter().map(|s| rss_kib(s.pid())).collect();
         rss.sort();
 
-        let (elapsed, spent, staleness) = runtime.block_on(revoke(&o, &backend, &nodes));
+        let (elapsed, spent, replicas_spent, staleness) =
+            runtime.block_on(revoke(&o, &backend, &nodes));
+        let replicas_spent = replicas_spent.as_secs_f64();
+        let replica_per = (o.replicas > 0).then(|| {
+            (replicas_spent - replicas_idle * elapsed.as_secs_f64()).max(0.0)
+                / o.revocations as f64
+                / o.replicas as f64
+        });
         let cpu_per = (spent.cpu.as_secs_f64() - idle_cpu * elapsed.as_secs_f64()).max(0.0)
             / o.revocations as f64;
         let bytes_per = spent.bytes_out.map(|b| {
@@ -199,7 +245,7 @@ fn main() {
         let p50 = staleness[staleness.len() / 2];
         let max = staleness[staleness.len() - 1];
         println!(
-            "| {n} | {} | {:.3} % | {} | {:.0} µs | {} | {:.1} / {:.1} ms | {:.1} MB |",
+            "| {n} | {} | {:.3} % | {} | {:.0} µs | {} | {:.1} / {:.1} ms | {:.1} MB | {} |",
             after.connections,
             idle_cpu * 100.0 / n as f64,
             idle_bytes.map_or("–".into(), |b| format!("{:.0}", b / n as f64)),
@@ -208,6 +254,7 @@ fn main() {
             p50.as_secs_f64() * 1e3,
             max.as_secs_f64() * 1e3,
             rss[rss.len() / 2] as f64 / 1024.0,
+            replica_per.map_or("–".into(), |c| format!("{:.0} µs", c * 1e6)),
         );
         drop(nodes);
         drop(backend);
@@ -215,19 +262,19 @@ fn main() {
 }
 
 /// Revokes `o.revocations` tokens through the first node at `o.rate` a second: how long it
-/// took and what the backend spent meanwhile; then, for a sample of tokens, how long after
+/// took and what the backend (and its replicas, together) spent meanwhile; then, for a sample of tokens, how long after
 /// the Revoke's answer the last node rejected it.
 async fn revoke(
     o: &Options,
     backend: &Backend,
     nodes: &[Sidecar],
-) -> (Duration, Usage, Vec<Duration>) {
+) -> (Duration, Usage, Duration, Vec<Duration>) {
     let mut writer = nodes[0].client().await;
     let mut tokens = Vec::new();
     for i in 0..o.revocations {
         tokens.push(writer.issue(&format!("fleet-{i}")).await.token);
     }
-    let before = backend.usage();
+    let (before, replicas_before) = (backend.usage(), replicas_cpu(backend));
     let started = Instant::now();
     let gap = Duration::from_secs_f64(1.0 / o.rate);
     for (i, token) in tokens.iter().enumerate() {
@@ -238,7 +285,7 @@ async fn revoke(
             .expect("revoke");
     }
     let elapsed = started.elapsed();
-    let after = backend.usage();
+    let (after, replicas_after) = (backend.usage(), replicas_cpu(backend));
     let spent = Usage {
         cpu: after.cpu.saturating_sub(before.cpu),
         bytes_out: after.bytes_out.zip(before.bytes_out).map(|(a, b)| a - b),
@@ -279,5 +326,5 @@ async fn revoke(
         staleness.push(last);
     }
     staleness.sort();
-    (elapsed, spent, staleness)
+    (elapsed, spent, replicas_after - replicas_before, staleness)
 }
