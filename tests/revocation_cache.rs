@@ -753,3 +753,131 @@ async fn a_replica_carries_the_feed_and_a_lagging_one_is_distrusted() {
     link.thaw();
     wait_live(&b);
 }
+
+/// On a Redis Cluster every master carries the feed of its slots. A resharding that moves the
+/// slot of a token's revocation to a new master (one the feed did not track) ends the feed's
+/// session within a probe: the view is emptied, and a revocation written there is honoured
+/// within the bound. (Without the check of the slots at each probe, the node kept answering
+/// from its view, which no longer heard of that slot: the revoked token stayed valid.)
+#[tokio::test]
+async fn on_a_cluster_a_slot_moved_to_a_new_master_is_followed() {
+    use support::backends::RedisCluster;
+    let mut cluster = RedisCluster::start(3, 0);
+    let prefix = format!("reshard{}:", support::now_nanos());
+    let node = |id: &str| {
+        Sidecar::builder()
+            .args(["--storage", "redis", "--redis-cluster"])
+            .arg(format!("--redis-prefix={prefix}"))
+            .arg(format!("--node-id={id}"))
+            .env("REDIS_URL", &cluster.urls)
+            .start()
+    };
+    let (a, b) = (node("a"), node("b"));
+    wait_live(&a);
+    wait_live(&b);
+    let (mut ca, mut cb) = (a.client().await, b.client().await);
+
+    // Answered from the view on a cluster.
+    let t = ca.issue("alice").await;
+    cb.assert_valid(&t.token).await;
+    let hits = b.metric(HITS, &[]);
+    cb.assert_valid(&t.token).await;
+    assert!(b.metric(HITS, &[]) > hits, "answered from the view");
+    ca.revoke(Target::TokenId(t.token_id.clone()))
+        .await
+        .unwrap();
+    let (took, _) = until_rejected(&mut cb, &t.token, Instant::now()).await;
+    eprintln!("on a cluster: rejected {took:?} after the Revoke's OK");
+    assert!(took < PROOF_WINDOW, "{took:?}");
+
+    // A new master, and the slot of the next token's revocation moved to it.
+    let t = ca.issue("bob").await;
+    cb.assert_valid(&t.token).await;
+    cb.assert_valid(&t.token).await;
+    let seed = cluster.ports[0];
+    let new = cluster.spawn_node();
+    RedisCluster::cli(seed, &["CLUSTER", "MEET", "127.0.0.1", &new.to_string()]);
+    let id_of = |port: u16| RedisCluster::cli(port, &["CLUSTER", "MYID"]);
+    let new_id = id_of(new);
+    let key = format!("{prefix}revoked:{}", t.token_id);
+    let slot = RedisCluster::cli(seed, &["CLUSTER", "KEYSLOT", &key]);
+    let n: u64 = slot.parse().expect("a slot");
+    // `CLUSTER NODES`: id host:port@bus flags master ping pong epoch state slots...
+    let nodes = RedisCluster::cli(seed, &["CLUSTER", "NODES"]);
+    let owner_id = nodes
+        .lines()
+        .find(|line| {
+            line.split_whitespace().skip(8).any(|range| {
+                let (lo, hi) = range.split_once('-').unwrap_or((range, range));
+                matches!((lo.parse::<u64>(), hi.parse::<u64>()), (Ok(lo), Ok(hi)) if lo <= n && n <= hi)
+            })
+        })
+        .and_then(|line| line.split_whitespace().next())
+        .expect("the slot's master")
+        .to_owned();
+    let owner = cluster.ports[..3]
+        .iter()
+        .copied()
+        .find(|&p| id_of(p) == owner_id)
+        .expect("the owner's port");
+    // Wait until the new node and the masters know each other.
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while !RedisCluster::cli(new, &["CLUSTER", "NODES"]).contains(&owner_id)
+        || !cluster.ports[..3]
+            .iter()
+            .all(|p| RedisCluster::cli(*p, &["CLUSTER", "NODES"]).contains(&new_id))
+    {
+        assert!(Instant::now() < deadline, "the new node never joined");
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    RedisCluster::cli(new, &["CLUSTER", "SETSLOT", &slot, "IMPORTING", &owner_id]);
+    RedisCluster::cli(owner, &["CLUSTER", "SETSLOT", &slot, "MIGRATING", &new_id]);
+    // The new owner first, then the old, then the rest (as Redis's resharding does).
+    let others = cluster.ports[..3].iter().copied().filter(|p| *p != owner);
+    for port in [new, owner].into_iter().chain(others) {
+        RedisCluster::cli(port, &["CLUSTER", "SETSLOT", &slot, "NODE", &new_id]);
+    }
+    let moved = Instant::now();
+    // The writer's cluster client follows the slot (a MOVED answer, then the new map); a
+    // Revoke in between fails closed.
+    while let Err(status) = ca.revoke(Target::TokenId(t.token_id.clone())).await {
+        assert_eq!(status.code(), Code::Unavailable);
+        assert!(
+            moved.elapsed() < Duration::from_secs(10),
+            "the writer never followed the slot: {}",
+            a.logs().join("\n")
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let moved = Instant::now();
+    assert_eq!(
+        RedisCluster::cli(new, &["EXISTS", &key]),
+        "1",
+        "the revocation is on the new master"
+    );
+    let mut last_valid = Duration::ZERO;
+    loop {
+        let sent = moved.elapsed();
+        let answer = cb.validate(&t.token).await.expect("validate");
+        if !answer.valid {
+            assert_eq!(answer.reason(), R::Revoked);
+            break;
+        }
+        last_valid = sent;
+        assert!(
+            sent < PROOF_WINDOW * 3,
+            "a node's view missed a slot on a new master {sent:?} after the Revoke's OK"
+        );
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    eprintln!("slot moved: last answer from the view {last_valid:?} after the Revoke's OK");
+    assert!(last_valid < PROOF_WINDOW, "{last_valid:?}");
+    // And the feed comes back, on four masters.
+    wait_live(&b);
+    assert_eq!(
+        RedisCluster::cli(new, &["CLIENT", "LIST"])
+            .matches("name=auth-sidecar-feed")
+            .count(),
+        2
+    );
+}

@@ -13,7 +13,7 @@ use std::collections::VecDeque;
 use std::pin::Pin;
 use std::time::{Duration, Instant};
 
-use redis::{AsyncConnectionConfig, ProtocolVersion, PushInfo, PushKind, Value};
+use redis::{AsyncConnectionConfig, ConnectionAddr, ProtocolVersion, PushInfo, PushKind, Value};
 use sqlx::postgres::{PgConnectOptions, PgListener, PgPoolOptions};
 use tokio::sync::mpsc;
 
@@ -118,52 +118,12 @@ async fn redis_session(
             Some((prefix.as_str(), conn))
         }
     };
-    // Pushes are applied in the connection's own reader, as it reads them: before any reply
-    // that follows them (a probe's PONG), and with no task hop before the view drops a key.
     // What ends the session goes to this loop, and so do the numbers of the replica probes
     // heard of.
     let (ended, mut end) = mpsc::unbounded_channel();
     let (heard, mut hear) = mpsc::unbounded_channel();
-    let sink = view.clone();
-    let own = probes.as_ref().map(|(prefix, _)| (*prefix).to_owned());
-    let config = AsyncConnectionConfig::new()
-        .set_connection_timeout(Some(timeout))
-        .set_response_timeout(Some(timeout))
-        .set_push_sender(move |push: PushInfo| {
-            if let Err(why) = apply_push(&sink, own.as_deref(), &heard, push) {
-                let _ = ended.send(why);
-            }
-            Ok::<(), redis::aio::SendError>(())
-        });
-    let info = client.get_connection_info().clone();
-    let resp3 = info
-        .redis_settings()
-        .clone()
-        .set_protocol(ProtocolVersion::RESP3);
-    let client = redis::Client::open(info.set_redis_settings(resp3)).map_err(|e| e.to_string())?;
-    let mut conn = client
-        .get_multiplexed_async_connection_with_config(&config)
-        .await
-        .map_err(|e| format!("connect: {e}"))?;
-    redis::cmd("CLIENT")
-        .arg("SETNAME")
-        .arg(REDIS_FEED_NAME)
-        .query_async::<()>(&mut conn)
-        .await
-        .map_err(|e| format!("client setname: {e}"))?;
-    let mut tracking = redis::cmd("CLIENT");
-    tracking.arg("TRACKING").arg("ON").arg("BCAST");
-    for prefix in prefixes
-        .iter()
-        .map(String::as_str)
-        .chain(probes.as_ref().map(|p| p.0))
-    {
-        tracking.arg("PREFIX").arg(prefix);
-    }
-    tracking
-        .query_async::<()>(&mut conn)
-        .await
-        .map_err(|e| format!("client tracking: {e}"))?;
+    let own = probes.as_ref().map(|(prefix, _)| *prefix);
+    let conn = tracking(client, prefixes, own, timeout, view, ended, heard).await?;
 
     let mut tick = tokio::time::interval(PROOF_INTERVAL);
     match probes {
@@ -234,6 +194,246 @@ async fn redis_session(
             }
         }
     }
+}
+
+/// A RESP3 connection to `client` that tracks the keys under `prefixes` (and under `own`, a
+/// replica feed's probe keys) with `CLIENT TRACKING ON BCAST`. Its pushes are applied to
+/// `view` in the connection's own reader, as it reads them: before any reply that follows
+/// them (a probe's PONG), and with no task hop before the view drops a key. A lost connection
+/// goes to `ended`, and the numbers of the probes under `own` to `heard`.
+async fn tracking(
+    client: &redis::Client,
+    prefixes: &[String],
+    own: Option<&str>,
+    timeout: Duration,
+    view: &View,
+    ended: mpsc::UnboundedSender<String>,
+    heard: mpsc::UnboundedSender<u64>,
+) -> Result<redis::aio::MultiplexedConnection, String> {
+    let sink = view.clone();
+    let probes = own.map(str::to_owned);
+    let config = AsyncConnectionConfig::new()
+        .set_connection_timeout(Some(timeout))
+        .set_response_timeout(Some(timeout))
+        .set_push_sender(move |push: PushInfo| {
+            if let Err(why) = apply_push(&sink, probes.as_deref(), &heard, push) {
+                let _ = ended.send(why);
+            }
+            Ok::<(), redis::aio::SendError>(())
+        });
+    let info = client.get_connection_info().clone();
+    let resp3 = info
+        .redis_settings()
+        .clone()
+        .set_protocol(ProtocolVersion::RESP3);
+    let client = redis::Client::open(info.set_redis_settings(resp3)).map_err(|e| e.to_string())?;
+    let mut conn = client
+        .get_multiplexed_async_connection_with_config(&config)
+        .await
+        .map_err(|e| format!("connect: {e}"))?;
+    redis::cmd("CLIENT")
+        .arg("SETNAME")
+        .arg(REDIS_FEED_NAME)
+        .query_async::<()>(&mut conn)
+        .await
+        .map_err(|e| format!("client setname: {e}"))?;
+    let mut tracking = redis::cmd("CLIENT");
+    tracking.arg("TRACKING").arg("ON").arg("BCAST");
+    for prefix in prefixes.iter().map(String::as_str).chain(own) {
+        tracking.arg("PREFIX").arg(prefix);
+    }
+    tracking
+        .query_async::<()>(&mut conn)
+        .await
+        .map_err(|e| format!("client tracking: {e}"))?;
+    Ok(conn)
+}
+
+/// Where a cluster's slots are served: (first slot, last slot, master host, master port),
+/// sorted.
+type Slots = Vec<(i64, i64, String, u16)>;
+
+/// Starts the feed of a Redis Cluster: a tracking connection to every master, found from the
+/// first of `seeds` that answers `CLUSTER SLOTS`. Each probe PINGs every master, then asks
+/// the first for the slots again: the view is proven only while every master answered and
+/// every slot is where the session found it. A failover or a resharding (a slot on another
+/// master, a new master) ends the session: the view is emptied, and the feed starts again on
+/// the masters of the moment.
+pub fn spawn_redis_cluster(
+    seeds: Vec<redis::Client>,
+    prefixes: Vec<String>,
+    timeout: Duration,
+    view: View,
+) {
+    run_forever("redis", view, move |view| {
+        let (seeds, prefixes) = (seeds.clone(), prefixes.clone());
+        async move {
+            let mut was_live = false;
+            let why = match cluster_session(&seeds, &prefixes, timeout, &view, &mut was_live).await
+            {
+                Ok(never) => match never {},
+                Err(why) => why,
+            };
+            (why, was_live)
+        }
+    });
+}
+
+type Round = Pin<Box<dyn Future<Output = Result<Slots, String>> + Send>>;
+
+async fn cluster_session(
+    seeds: &[redis::Client],
+    prefixes: &[String],
+    timeout: Duration,
+    view: &View,
+    was_live: &mut bool,
+) -> Result<std::convert::Infallible, String> {
+    let mut found = Err("no seed node".to_owned());
+    for seed in seeds {
+        found = async {
+            let mut conn = seed
+                .get_multiplexed_async_connection_with_config(
+                    &AsyncConnectionConfig::new()
+                        .set_connection_timeout(Some(timeout))
+                        .set_response_timeout(Some(timeout)),
+                )
+                .await
+                .map_err(|e| format!("connect to a seed: {e}"))?;
+            let host = match seed.get_connection_info().addr() {
+                ConnectionAddr::Tcp(host, _) | ConnectionAddr::TcpTls { host, .. } => host.clone(),
+                _ => String::new(),
+            };
+            slots(&mut conn, &host).await.map(|s| (seed, s))
+        }
+        .await;
+        if found.is_ok() {
+            break;
+        }
+    }
+    let (seed, layout) = found?;
+    let (ended, mut end) = mpsc::unbounded_channel();
+    let (heard, _) = mpsc::unbounded_channel();
+    let mut masters: Vec<(String, u16)> = layout.iter().map(|s| (s.2.clone(), s.3)).collect();
+    masters.sort();
+    masters.dedup();
+    let mut conns = Vec::with_capacity(masters.len());
+    for (host, port) in &masters {
+        let info = seed.get_connection_info().clone();
+        let addr = match info.addr().clone() {
+            ConnectionAddr::TcpTls {
+                insecure,
+                tls_params,
+                ..
+            } => ConnectionAddr::TcpTls {
+                host: host.clone(),
+                port: *port,
+                insecure,
+                tls_params,
+            },
+            _ => ConnectionAddr::Tcp(host.clone(), *port),
+        };
+        let client = redis::Client::open(info.set_addr(addr)).map_err(|e| e.to_string())?;
+        let conn = tracking(
+            &client,
+            prefixes,
+            None,
+            timeout,
+            view,
+            ended.clone(),
+            heard.clone(),
+        )
+        .await
+        .map_err(|e| format!("master {host}:{port}: {e}"))?;
+        conns.push(conn);
+    }
+    let first_host = masters.first().map(|m| m.0.clone()).unwrap_or_default();
+
+    let mut tick = tokio::time::interval(PROOF_INTERVAL);
+    let mut round: Option<(Instant, Round)> = None;
+    loop {
+        tokio::select! {
+            why = end.recv() => return Err(why.unwrap_or_else(|| "push sender dropped".into())),
+            answer = async { round.as_mut().expect("guarded").1.as_mut().await }, if round.is_some() => {
+                let (sent, _) = round.take().expect("guarded");
+                if answer? != layout {
+                    return Err("the cluster's slots moved (a failover or a resharding)".into());
+                }
+                // Every push each master sent before its PONG has been applied, and every
+                // slot is still on a master this session tracks.
+                view.proven(sent);
+                *was_live = true;
+            }
+            _ = tick.tick() => match &round {
+                Some((sent, _)) if sent.elapsed() >= PROOF_WINDOW => {
+                    return Err("probe unanswered".into());
+                }
+                Some(_) => {}
+                None => {
+                    let (mut conns, host) = (conns.clone(), first_host.clone());
+                    round = Some((
+                        Instant::now(),
+                        Box::pin(async move {
+                            for c in conns.iter_mut() {
+                                redis::cmd("PING")
+                                    .query_async::<()>(c)
+                                    .await
+                                    .map_err(|e| format!("probe: {e}"))?;
+                            }
+                            slots(&mut conns[0], &host).await
+                        }),
+                    ));
+                }
+            },
+        }
+    }
+}
+
+/// The masters' slots as `CLUSTER SLOTS` gives them; an empty host is `host`, the one asked.
+async fn slots(conn: &mut redis::aio::MultiplexedConnection, host: &str) -> Result<Slots, String> {
+    let reply: Value = redis::cmd("CLUSTER")
+        .arg("SLOTS")
+        .query_async(conn)
+        .await
+        .map_err(|e| format!("cluster slots: {e}"))?;
+    let bad = || "cluster slots: an unexpected reply".to_owned();
+    let Value::Array(ranges) = reply else {
+        return Err(bad());
+    };
+    let mut out = Slots::new();
+    for range in ranges {
+        let Value::Array(parts) = range else {
+            return Err(bad());
+        };
+        let (Some(Value::Int(first)), Some(Value::Int(last)), Some(Value::Array(master))) =
+            (parts.first(), parts.get(1), parts.get(2))
+        else {
+            return Err(bad());
+        };
+        let name = match master.first() {
+            Some(Value::BulkString(b)) => String::from_utf8_lossy(b).into_owned(),
+            Some(Value::SimpleString(s)) => s.clone(),
+            _ => return Err(bad()),
+        };
+        let Some(Value::Int(port)) = master.get(1) else {
+            return Err(bad());
+        };
+        let name = if name.is_empty() || name == "?" {
+            host.to_owned()
+        } else {
+            name
+        };
+        out.push((
+            *first,
+            *last,
+            name,
+            u16::try_from(*port).map_err(|_| bad())?,
+        ));
+    }
+    out.sort();
+    if out.is_empty() {
+        return Err("cluster slots: no slot is served".into());
+    }
+    Ok(out)
 }
 
 /// Applies one push to the view; the invalidation of a key under `probes` (this session's

@@ -490,76 +490,17 @@ pub struct Cluster {
     pub urls: String,
 }
 
-/// Starts the cluster on first use. Its servers are spawned from a thread that lives as long
-/// as the test binary, so they die with it.
+/// Starts the cluster on first use: three masters with a replica each. Its servers are
+/// spawned from a thread that lives as long as the test binary, so they die with it.
 pub fn cluster() -> &'static Cluster {
     static CLUSTER: OnceLock<Cluster> = OnceLock::new();
     CLUSTER.get_or_init(|| {
         let (tx, rx) = std::sync::mpsc::channel();
         std::thread::spawn(move || {
-            let dir = tempfile::tempdir().unwrap();
-            let mut ports = Vec::new();
-            let mut children = Vec::new();
-            while ports.len() < 6 {
-                // A master also listens on its cluster bus, at port + 10000: both must be
-                // free. A start that loses a race for either tries another port.
-                let port = free_port();
-                let bus = port
-                    .checked_add(10_000)
-                    .filter(|b| *b < first_ephemeral_port());
-                if bus.is_none_or(|b| TcpListener::bind(("127.0.0.1", b)).is_err()) {
-                    continue;
-                }
-                let node_dir = dir.path().join(port.to_string());
-                std::fs::create_dir_all(&node_dir).unwrap();
-                let mut child = die_with_parent(
-                    Command::new("redis-server")
-                        .args(["--port", &port.to_string(), "--bind", "127.0.0.1"])
-                        .args([
-                            "--cluster-enabled",
-                            "yes",
-                            "--save",
-                            "",
-                            "--appendonly",
-                            "no",
-                        ])
-                        .arg("--dir")
-                        .arg(&node_dir)
-                        .stdout(Stdio::null())
-                        .stderr(Stdio::null()),
-                )
-                .spawn()
-                .expect("spawn redis-server");
-                if redis_answers(port, Duration::from_secs(10)) {
-                    ports.push(port);
-                    children.push(child);
-                } else {
-                    let _ = child.kill();
-                    let _ = child.wait();
-                }
-            }
-            let nodes: Vec<String> = ports.iter().map(|p| format!("127.0.0.1:{p}")).collect();
-            let out = Command::new("redis-cli")
-                .arg("--cluster")
-                .arg("create")
-                .args(&nodes)
-                .args(["--cluster-replicas", "1", "--cluster-yes"])
-                .output()
-                .expect("run redis-cli --cluster create");
-            assert!(
-                out.status.success(),
-                "cluster create: {}",
-                String::from_utf8_lossy(&out.stdout)
-            );
-            wait_cluster_ok(&ports);
-            let urls = ports[..3]
-                .iter()
-                .map(|p| format!("redis://127.0.0.1:{p}"))
-                .collect::<Vec<_>>()
-                .join(",");
-            tx.send(urls).unwrap();
+            let cluster = RedisCluster::start(3, 1);
+            tx.send(cluster.urls.clone()).unwrap();
             // Keep the servers' parent thread, and their directory, alive.
-            let _keep = (dir, children);
+            let _keep = cluster;
             loop {
                 std::thread::park();
             }
@@ -570,6 +511,118 @@ pub fn cluster() -> &'static Cluster {
                 .expect("cluster started"),
         }
     })
+}
+
+/// A Redis Cluster of a test's own, killed when dropped (or when the thread that started it
+/// ends).
+pub struct RedisCluster {
+    /// The masters' URLs, comma-separated.
+    pub urls: String,
+    /// Every node's port, the masters first.
+    pub ports: Vec<u16>,
+    dir: tempfile::TempDir,
+    children: Vec<Child>,
+}
+
+impl RedisCluster {
+    /// `masters` masters with `replicas` replicas each.
+    pub fn start(masters: usize, replicas: usize) -> RedisCluster {
+        let dir = tempfile::tempdir().unwrap();
+        let mut cluster = RedisCluster {
+            urls: String::new(),
+            ports: Vec::new(),
+            dir,
+            children: Vec::new(),
+        };
+        for _ in 0..masters * (1 + replicas) {
+            cluster.spawn_node();
+        }
+        let nodes: Vec<String> = cluster
+            .ports
+            .iter()
+            .map(|p| format!("127.0.0.1:{p}"))
+            .collect();
+        let out = Command::new("redis-cli")
+            .arg("--cluster")
+            .arg("create")
+            .args(&nodes)
+            .args(["--cluster-replicas", &replicas.to_string(), "--cluster-yes"])
+            .output()
+            .expect("run redis-cli --cluster create");
+        assert!(
+            out.status.success(),
+            "cluster create: {}",
+            String::from_utf8_lossy(&out.stdout)
+        );
+        wait_cluster_ok(&cluster.ports);
+        cluster.urls = cluster.ports[..masters]
+            .iter()
+            .map(|p| format!("redis://127.0.0.1:{p}"))
+            .collect::<Vec<_>>()
+            .join(",");
+        cluster
+    }
+
+    /// Starts one more cluster-enabled node, not yet in the cluster; returns its port.
+    pub fn spawn_node(&mut self) -> u16 {
+        loop {
+            // A node also listens on its cluster bus, at port + 10000: both must be free. A
+            // start that loses a race for either tries another port.
+            let port = free_port();
+            let bus = port
+                .checked_add(10_000)
+                .filter(|b| *b < first_ephemeral_port());
+            if bus.is_none_or(|b| TcpListener::bind(("127.0.0.1", b)).is_err()) {
+                continue;
+            }
+            let node_dir = self.dir.path().join(port.to_string());
+            std::fs::create_dir_all(&node_dir).unwrap();
+            let mut child = die_with_parent(
+                Command::new("redis-server")
+                    .args(["--port", &port.to_string(), "--bind", "127.0.0.1"])
+                    .args([
+                        "--cluster-enabled",
+                        "yes",
+                        "--save",
+                        "",
+                        "--appendonly",
+                        "no",
+                    ])
+                    .arg("--dir")
+                    .arg(&node_dir)
+                    .stdout(Stdio::null())
+                    .stderr(Stdio::null()),
+            )
+            .spawn()
+            .expect("spawn redis-server");
+            if redis_answers(port, Duration::from_secs(10)) {
+                self.ports.push(port);
+                self.children.push(child);
+                return port;
+            }
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+    }
+
+    /// `redis-cli -p port args…`, its output trimmed.
+    pub fn cli(port: u16, args: &[&str]) -> String {
+        let out = Command::new("redis-cli")
+            .args(["-p", &port.to_string()])
+            .args(args)
+            .output()
+            .expect("run redis-cli");
+        String::from_utf8_lossy(&out.stdout).trim().to_owned()
+    }
+}
+
+impl Drop for RedisCluster {
+    fn drop(&mut self) {
+        for child in &mut self.children {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+    }
 }
 
 fn wait_cluster_ok(ports: &[u16]) {

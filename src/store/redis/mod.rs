@@ -234,9 +234,20 @@ impl RedisStore {
             view: None,
         };
         if config.cache > 0 && config.cluster {
-            tracing::warn!(
-                "--revocation-cache is not kept on a Redis Cluster yet: every Validate reads Redis"
+            let view = View::new(BACKEND, config.cache);
+            let seeds = connect
+                .urls
+                .iter()
+                .map(|url| connect.client(url))
+                .collect::<Result<Vec<_>, _>>()
+                .map_err(|e| unavailable(format!("invalid REDIS_URL: {:?}", e.kind())))?;
+            super::feed::spawn_redis_cluster(
+                seeds,
+                store.tracked_prefixes(),
+                timeout,
+                view.clone(),
             );
+            store.view = Some(view);
         } else if config.cache > 0 {
             let view = View::new(BACKEND, config.cache);
             let primary = connect
