@@ -156,6 +156,11 @@ pub async fn run(config: &Config) -> Vec<Row> {
     if let (Some(nodes), Some(keys)) = (&nodes, &keys) {
         rows.extend(cluster_rows(config, keys, nodes));
     }
+    if let (StoreConfig::Redis(redis) | StoreConfig::Tiered(redis, _), Some(nodes)) =
+        (&store_config, &nodes)
+    {
+        rows.push(fleet_row(config, redis, nodes.len().max(1)));
+    }
     if let StoreConfig::Postgres(pg) | StoreConfig::Tiered(_, pg) = &store_config {
         let live = nodes.as_ref().map_or(0, Vec::len);
         rows.extend(pool_rows(config, pg, live).await);
@@ -422,6 +427,63 @@ fn cluster_rows(config: &Config, keys: &Keys, nodes: &[Node]) -> Vec<Row> {
         }
     }
     rows
+}
+
+/// What a fleet of `live` nodes costs its Redis, by the model in README's "Sizing a fleet"
+/// (constants from `cargo bench --bench fleet`), and a warning where one Redis would spend
+/// more than half a core on it.
+fn fleet_row(config: &Config, redis: &crate::config::RedisConfig, live: usize) -> Row {
+    let n = live as f64;
+    let beats = n / config.cluster_heartbeat.as_secs_f64().max(0.1);
+    let idle = n * model::IDLE_CPU_PER_NODE;
+    let mut detail = format!(
+        "{live} live node(s): {beats:.0} heartbeat(s) a second; idle, about {:.1} % of a Redis          core",
+        idle * 100.0
+    );
+    let mut saturates = idle > 0.5;
+    if redis.cache > 0 && !redis.cluster {
+        let per_revocation = match &redis.feed_url {
+            Some(_) => model::REVOCATION_WRITE,
+            None => model::REVOCATION_WRITE + n * model::PUSH_PER_NODE,
+        };
+        let load = per_revocation * model::REVOCATIONS_PER_SECOND;
+        saturates |= load > 0.5;
+        detail.push_str(&format!(
+            "; each revocation costs the primary about {:.0} µs ({:.1} % of its core at {:.0}              revocations a second)",
+            per_revocation * 1e6,
+            load * 100.0,
+            model::REVOCATIONS_PER_SECOND,
+        ));
+        match &redis.feed_url {
+            Some(_) => detail.push_str(&format!(
+                ", and each replica that carries the feed {:.1} µs per node that follows it",
+                model::PUSH_PER_NODE * 1e6
+            )),
+            None if saturates => detail.push_str(
+                "; put the revocation feed on replicas (--redis-feed-url), about one for each \
+                 200 nodes",
+            ),
+            None => {}
+        }
+    }
+    if saturates {
+        row(Mark::Warn, "fleet", detail)
+    } else {
+        row(Mark::Pass, "fleet", detail)
+    }
+}
+
+/// The cost model's constants, measured with `cargo bench --bench fleet` on one Redis 7.0
+/// (see README's "Sizing a fleet"): CPU seconds.
+mod model {
+    /// Idle: a node's heartbeats and feed probes.
+    pub const IDLE_CPU_PER_NODE: f64 = 0.000_25;
+    /// A revocation's write, with no node following the feed.
+    pub const REVOCATION_WRITE: f64 = 0.000_060;
+    /// The invalidation a revocation pushes to each node that follows the feed.
+    pub const PUSH_PER_NODE: f64 = 0.000_005_7;
+    /// The revocation rate the check assumes.
+    pub const REVOCATIONS_PER_SECOND: f64 = 100.0;
 }
 
 async fn pool_rows(config: &Config, pg: &crate::config::PostgresConfig, live: usize) -> Vec<Row> {
