@@ -495,8 +495,8 @@ async fn pool_rows(config: &Config, pg: &crate::config::PostgresConfig, live: us
             "database connections",
             format!(
                 "{per_node} per node through a transaction pooler; without \
-                 DATABASE_MIGRATE_URL the server's max_connections cannot be read, and the \
-                 revocation view is off (its LISTEN needs a direct connection)"
+                 DATABASE_MIGRATE_URL the server's max_connections cannot be read (the \
+                 revocation view reads the change log through the pooler)"
             ),
         )];
     }
@@ -518,7 +518,8 @@ async fn pool_rows(config: &Config, pg: &crate::config::PostgresConfig, live: us
             format!(
                 "through a transaction pooler: {live} node(s) × {per_node} go to the pooler; \
                  size its pool under the server's {available} (max_connections {max} − \
-                 {reserved} reserved); migrations and the LISTEN feed use DATABASE_MIGRATE_URL"
+                 {reserved} reserved); migrations use DATABASE_MIGRATE_URL, and the revocation \
+                 view reads the change log through the pooler"
             ),
         )];
     }

@@ -95,7 +95,8 @@ pub struct ServeArgs {
     pub database_url: Option<Secret>,
 
     /// A direct connection to PostgreSQL, not through a pooler, for what needs a session of its
-    /// own: the migrations (a session-level lock) and the revocation view's LISTEN feed.
+    /// own: the migrations (a session-level lock), and the revocation view's LISTEN feed when
+    /// not through a pooler (through one, the view reads the change log through the pool).
     /// Unset: DATABASE_URL.
     #[arg(
         long,
@@ -465,7 +466,8 @@ pub struct RedisTls {
 #[derive(Debug, Clone)]
 pub struct PostgresConfig {
     pub url: Secret,
-    /// A direct connection for the migrations and the LISTEN feed; `None`: `url`.
+    /// A direct connection for the migrations (and the LISTEN feed without a pooler); `None`:
+    /// `url`.
     pub direct_url: Option<Secret>,
     /// `url` goes through a pooler in transaction mode.
     pub transaction_pooling: bool,

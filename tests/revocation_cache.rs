@@ -11,7 +11,7 @@ use auth_sidecar::pb;
 use futures_util::future::join_all;
 use pb::InvalidReason as R;
 use pb::revoke_request::Target;
-use support::backends::{Backend, PostgresServer, RedisServer, SlowLink, Storage};
+use support::backends::{Backend, PgBouncer, PostgresServer, RedisServer, SlowLink, Storage};
 use support::{Client, Deployment, Sidecar};
 use tonic::Code;
 
@@ -880,4 +880,138 @@ async fn on_a_cluster_a_slot_moved_to_a_new_master_is_followed() {
             .count(),
         2
     );
+}
+
+/// The client connections of the PostgreSQL at `server` that are not this test's.
+fn server_connections(server: &PostgresServer) -> u64 {
+    support::backends::psql_on(
+        &server.url(),
+        "SELECT count(*) FROM pg_stat_activity WHERE backend_type = 'client backend' \
+         AND pid <> pg_backend_pid()",
+    )
+    .parse()
+    .unwrap()
+}
+
+/// Through PgBouncer in transaction mode the view stays on: each node reads the change log
+/// through the pool, so the server's connections stay the pooler's. Eight nodes, each allowed
+/// four connections (32, more than PgBouncer's 20): every view live, the server at most at
+/// the pool's size, and a revocation on one node rejected by the others within the bound.
+#[tokio::test]
+async fn through_pgbouncer_the_view_reads_the_change_log() {
+    let postgres = PostgresServer::start();
+    let bouncer = PgBouncer::start(&format!("postgres://postgres@127.0.0.1:{}", postgres.port));
+    let storage = Storage::through_pgbouncer(&postgres, &bouncer);
+    let nodes: Vec<Sidecar> = (0..8)
+        .map(|_| {
+            Sidecar::builder()
+                .storage(&storage)
+                .arg("--db-max-connections=4")
+                .start()
+        })
+        .collect();
+    for n in &nodes {
+        wait_live(n);
+    }
+    let mut clients = Vec::new();
+    for n in &nodes {
+        clients.push(n.client().await);
+    }
+    let t = clients[0].issue("alice").await;
+    for c in clients.iter_mut() {
+        c.assert_valid(&t.token).await;
+        c.assert_valid(&t.token).await;
+    }
+    assert!(nodes[7].metric(HITS, &[]) >= 1.0, "answered from the view");
+    let connections = server_connections(&postgres);
+    eprintln!("through PgBouncer: 8 nodes, {connections} server connections");
+    assert!(connections <= 20, "{connections} server connections");
+
+    clients[0]
+        .revoke(Target::TokenId(t.token_id.clone()))
+        .await
+        .unwrap();
+    let ok = Instant::now();
+    let seen = join_all(clients[1..].iter().map(|c| {
+        let mut c = c.clone();
+        let token = t.token.clone();
+        async move { until_rejected(&mut c, &token, ok).await.0 }
+    }))
+    .await;
+    let last = seen.into_iter().max().unwrap();
+    eprintln!("through PgBouncer: the last node rejected {last:?} after the Revoke's OK");
+    assert!(last < PROOF_WINDOW, "{last:?}");
+}
+
+/// Transactions commit in another order than they began: a revocation written by a
+/// transaction that began first and commits last is still read from the change log, and the
+/// node that held the token as valid rejects it within the bound. (Each read starts at the
+/// horizon of the previous read's snapshot, the oldest transaction then running. Started past
+/// what the previous read saw, the log skipped it, and the node kept the token valid.)
+#[tokio::test]
+async fn through_pgbouncer_a_late_commit_is_not_skipped() {
+    use std::io::Write;
+    let postgres = PostgresServer::start();
+    let bouncer = PgBouncer::start(&format!("postgres://postgres@127.0.0.1:{}", postgres.port));
+    let storage = Storage::through_pgbouncer(&postgres, &bouncer);
+    let (a, b) = (
+        Sidecar::builder().storage(&storage).start(),
+        Sidecar::builder().storage(&storage).start(),
+    );
+    wait_live(&a);
+    wait_live(&b);
+    let (mut ca, mut cb) = (a.client().await, b.client().await);
+    let (early, late) = (ca.issue("early").await, ca.issue("late").await);
+    for t in [&early, &late] {
+        cb.assert_valid(&t.token).await;
+        cb.assert_valid(&t.token).await;
+    }
+
+    // A transaction that revokes `early` by hand, begun now and committed last.
+    let mut session = std::process::Command::new(support::backends::pg_bin().join("psql"))
+        .args([&postgres.url(), "-qtA"])
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::null())
+        .spawn()
+        .expect("psql");
+    let stdin = session.stdin.as_mut().unwrap();
+    writeln!(
+        stdin,
+        "BEGIN; INSERT INTO revoked_tokens (token_id, expires_at) \
+         VALUES ('{}', now() + interval '1 hour');",
+        early.token_id
+    )
+    .unwrap();
+    stdin.flush().unwrap();
+    std::thread::sleep(Duration::from_millis(500));
+
+    // Meanwhile a later transaction commits, and the node reads past it.
+    ca.revoke(Target::TokenId(late.token_id.clone()))
+        .await
+        .unwrap();
+    let (took, _) = until_rejected(&mut cb, &late.token, Instant::now()).await;
+    assert!(took < PROOF_WINDOW, "{took:?}");
+    std::thread::sleep(Duration::from_millis(600));
+    cb.assert_valid(&early.token).await;
+
+    writeln!(stdin, "COMMIT;").unwrap();
+    stdin.flush().unwrap();
+    let committed = Instant::now();
+    drop(session.stdin.take());
+    session.wait().unwrap();
+    let mut last_valid = Duration::ZERO;
+    loop {
+        let sent = committed.elapsed();
+        if !cb.validate(&early.token).await.expect("validate").valid {
+            break;
+        }
+        last_valid = sent;
+        assert!(
+            sent < PROOF_WINDOW * 3,
+            "a revocation committed late was skipped: still valid {sent:?} after its commit"
+        );
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    eprintln!("a late commit: last valid answer {last_valid:?} after it");
+    assert!(last_valid < PROOF_WINDOW, "{last_valid:?}");
 }

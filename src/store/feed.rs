@@ -14,6 +14,7 @@ use std::pin::Pin;
 use std::time::{Duration, Instant};
 
 use redis::{AsyncConnectionConfig, ConnectionAddr, ProtocolVersion, PushInfo, PushKind, Value};
+use sqlx::PgPool;
 use sqlx::postgres::{PgConnectOptions, PgListener, PgPoolOptions};
 use tokio::sync::mpsc;
 
@@ -596,4 +597,88 @@ async fn postgres_session(
             }
         }
     }
+}
+
+/// Up to how many rows of the change log one read takes; a read that fills it empties the
+/// view rather than trust what it could not read.
+const LOG_ROWS: usize = 10_000;
+
+/// Starts the PostgreSQL feed that reads the change log (the `change_log` migration) through
+/// `pool`, for nodes behind a transaction pooler, which gives no session to LISTEN on. Each
+/// read, every [`PROOF_INTERVAL`], is one statement: the horizon of its snapshot (the oldest
+/// transaction still running) and the facts changed by transactions at or after the previous
+/// read's horizon. Every change committed before a read was sent is in it (or in an earlier
+/// one), so the read proves the view up to its send time; changes read twice are invalidated
+/// twice, which is harmless. The server's connections stay those of the pool, and each node
+/// costs it four small reads a second, however many nodes there are.
+pub fn spawn_postgres_log(pool: PgPool, timeout: Duration, view: View) {
+    run_forever("postgres", view, move |view| {
+        let pool = pool.clone();
+        async move {
+            let mut was_live = false;
+            let why = match log_session(&pool, timeout, &view, &mut was_live).await {
+                Ok(never) => match never {},
+                Err(e) => e,
+            };
+            (why, was_live)
+        }
+    });
+}
+
+async fn log_session(
+    pool: &PgPool,
+    timeout: Duration,
+    view: &View,
+    was_live: &mut bool,
+) -> Result<std::convert::Infallible, String> {
+    // A node that starts, or starts again, begins at the horizon with an empty view: nothing
+    // it holds can be older than what it reads.
+    let mut horizon: Option<u64> = None;
+    let mut tick = tokio::time::interval(PROOF_INTERVAL);
+    loop {
+        tick.tick().await;
+        let sent = Instant::now();
+        let (next, facts) = tokio::time::timeout(timeout, read_log(pool, horizon))
+            .await
+            .map_err(|_| "change log: timed out".to_owned())?
+            .map_err(|e| format!("change log: {e}"))?;
+        if facts.len() >= LOG_ROWS {
+            view.flush(FlushCause::Backend);
+        } else {
+            for fact in &facts {
+                if fact == "flush" {
+                    view.flush(FlushCause::Backend);
+                } else {
+                    view.invalidate(fact);
+                }
+            }
+        }
+        horizon = Some(next);
+        view.proven(sent);
+        *was_live = true;
+    }
+}
+
+/// One read of the change log: the snapshot's horizon, and the facts of the transactions at
+/// or after `from` (none on a first read). One statement in the simple protocol, so that a
+/// pooler in transaction mode cannot split it, and one snapshot for both.
+async fn read_log(pool: &PgPool, from: Option<u64>) -> Result<(u64, Vec<String>), sqlx::Error> {
+    use sqlx::Row;
+    let facts = match from {
+        // The numbers are ours, formatted: nothing from outside goes into the text.
+        Some(from) => format!(
+            "ARRAY(SELECT fact FROM change_log WHERE xid >= '{from}'::xid8 ORDER BY xid \
+             LIMIT {LOG_ROWS})"
+        ),
+        None => "ARRAY[]::text[]".to_owned(),
+    };
+    let sql = format!("SELECT pg_snapshot_xmin(pg_current_snapshot())::text, {facts}");
+    let row = sqlx::raw_sql(sqlx::AssertSqlSafe(sql))
+        .fetch_one(pool)
+        .await?;
+    let horizon: String = row.try_get(0)?;
+    let horizon = horizon
+        .parse()
+        .map_err(|e| sqlx::Error::Decode(Box::new(e)))?;
+    Ok((horizon, row.try_get(1)?))
 }

@@ -49,10 +49,7 @@ pub fn shared_pgbouncer() -> &'static str {
         let postgres = shared_postgres().to_owned();
         kept_alive(move || {
             let bouncer = PgBouncer::start(&postgres);
-            (
-                format!("postgres://postgres@127.0.0.1:{}", bouncer.port),
-                bouncer,
-            )
+            (bouncer.url(), bouncer)
         })
     })
 }
@@ -65,7 +62,9 @@ pub struct PgBouncer {
 }
 
 impl PgBouncer {
-    fn start(postgres_url: &str) -> PgBouncer {
+    /// In front of the PostgreSQL at `postgres_url` (without a database), with at most 20
+    /// server connections per database and user.
+    pub fn start(postgres_url: &str) -> PgBouncer {
         let (uid, gid) = (id("-u"), id("-g"));
         let dir = tempfile::tempdir().unwrap();
         chown(dir.path(), uid, gid);
@@ -105,6 +104,13 @@ impl PgBouncer {
             child,
             _dir: dir,
         }
+    }
+}
+
+impl PgBouncer {
+    /// Its URL, without a database.
+    pub fn url(&self) -> String {
+        format!("postgres://postgres@127.0.0.1:{}", self.port)
     }
 }
 
@@ -171,7 +177,7 @@ pub enum Backend {
     Redis,
     RedisCluster,
     Postgres,
-    /// PostgreSQL through PgBouncer in transaction mode; migrations and the feed go direct.
+    /// PostgreSQL through PgBouncer in transaction mode; migrations go direct.
     PgBouncer,
     Tiered,
 }
@@ -256,6 +262,20 @@ impl Storage {
         Storage {
             args: vec!["--storage".into(), "postgres".into()],
             env: vec![("DATABASE_URL".into(), server.url())],
+            database: None,
+        }
+    }
+
+    /// Storage on a throwaway PostgreSQL through `bouncer` in transaction mode; migrations go
+    /// direct.
+    pub fn through_pgbouncer(server: &PostgresServer, bouncer: &PgBouncer) -> Storage {
+        Storage {
+            args: vec!["--storage".into(), "postgres".into()],
+            env: vec![
+                ("DATABASE_URL".into(), format!("{}/postgres", bouncer.url())),
+                ("DATABASE_MIGRATE_URL".into(), server.url()),
+                ("AUTH_DB_TRANSACTION_POOLING".into(), "true".into()),
+            ],
             database: None,
         }
     }
@@ -782,7 +802,7 @@ impl Drop for PostgresServer {
 }
 
 /// The newest installed PostgreSQL's binaries (Debian keeps them per major version).
-fn pg_bin() -> PathBuf {
+pub fn pg_bin() -> PathBuf {
     let mut versions: Vec<(u32, PathBuf)> = std::fs::read_dir("/usr/lib/postgresql")
         .expect("PostgreSQL is installed under /usr/lib/postgresql")
         .filter_map(|e| {

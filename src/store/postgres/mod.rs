@@ -284,20 +284,6 @@ impl std::ops::DerefMut for Conn {
     }
 }
 
-/// Whether to keep a revocation view: its LISTEN feed needs a session of its own, which a
-/// transaction pooler cannot give, so through one it needs a direct URL.
-fn view_wanted(config: &PostgresConfig) -> bool {
-    if config.transaction_pooling && config.direct_url.is_none() && config.cache > 0 {
-        tracing::warn!(
-            "--db-transaction-pooling without --database-migrate-url: the revocation view's \
-             LISTEN feed needs a direct connection, so the view is off and every Validate \
-             reads PostgreSQL"
-        );
-        return false;
-    }
-    config.cache > 0
-}
-
 impl PostgresStore {
     /// Returns at once; with `--migrate`, a background task applies the migrations, retrying
     /// with backoff until the database answers.
@@ -312,11 +298,19 @@ impl PostgresStore {
             ready: Arc::new(AtomicBool::new(!config.migrate)),
             pending: super::Pending::default(),
             options: connect_options(config)?,
-            view: view_wanted(config).then(|| View::new(BACKEND, config.cache)),
+            view: (config.cache > 0).then(|| View::new(BACKEND, config.cache)),
             persistent: !config.transaction_pooling,
         };
-        if let Some(view) = &store.view {
-            super::feed::spawn_postgres(direct_options(config)?, config.timeout, view.clone());
+        // A transaction pooler gives no session to LISTEN on: the view then reads the change
+        // log through the pool.
+        match &store.view {
+            Some(view) if config.transaction_pooling => {
+                super::feed::spawn_postgres_log(store.pool.clone(), config.timeout, view.clone());
+            }
+            Some(view) => {
+                super::feed::spawn_postgres(direct_options(config)?, config.timeout, view.clone());
+            }
+            None => {}
         }
         if config.migrate {
             let ready = store.ready.clone();
@@ -1236,6 +1230,9 @@ impl Store for PostgresStore {
               WHERE expires_at <= to_timestamp($1 / 1000.0) LIMIT $2)",
             "DELETE FROM mfa WHERE subject IN (SELECT subject FROM mfa \
              WHERE secret IS NULL AND pending_until_ms <= $1 LIMIT $2)",
+            // The change log is read within a second of each write; ten minutes is ample.
+            "DELETE FROM change_log WHERE ctid IN (SELECT ctid FROM change_log \
+             WHERE at <= to_timestamp($1 / 1000.0) - interval '10 minutes' LIMIT $2)",
         ] {
             loop {
                 let done = self
