@@ -2,7 +2,9 @@
 //! throwaway backend, for each N asked, and what they cost it:
 //!
 //! - idle, over `--idle` seconds: the backend's CPU and the bytes it sends, per node (Redis:
-//!   `INFO`; PostgreSQL: the server processes' CPU from /proc), and its client connections;
+//!   `INFO`; PostgreSQL: the server processes' CPU from /proc), and its client connections
+//!   (`pgbouncer`: PostgreSQL through PgBouncer in transaction mode, whose pool of 20 is
+//!   what reaches the server; the PgBouncer's own CPU is not counted);
 //! - per revocation, at `--rate` a second through one node, less the idle cost of the same
 //!   time: backend CPU and bytes; and the time until the last node rejects a revoked token;
 //! - each node's resident memory, idle.
@@ -13,7 +15,7 @@
 //!
 //! Kept out of the test command: at N = 100 it holds some 3 GB and takes minutes.
 //!
-//! `cargo bench --bench fleet -- [--backend redis|postgres] [--nodes 1,10,50,100]
+//! `cargo bench --bench fleet -- [--backend redis|postgres|pgbouncer] [--nodes 1,10,50,100]
 //!   [--idle 10] [--revocations 300] [--rate 100] [--replicas 0]`
 
 #[path = "../tests/support/mod.rs"]
@@ -22,7 +24,7 @@ mod support;
 use std::time::{Duration, Instant};
 
 use auth_sidecar::pb;
-use support::backends::{PostgresServer, RedisServer, psql_on};
+use support::backends::{PgBouncer, PostgresServer, RedisServer, Storage, psql_on};
 use support::{Client, Sidecar};
 
 struct Options {
@@ -45,7 +47,8 @@ struct Usage {
 enum Backend {
     /// The primary, and the replicas that carry the feed.
     Redis(RedisServer, Vec<RedisServer>),
-    Postgres(PostgresServer),
+    /// PostgreSQL, and the PgBouncer in transaction mode the nodes reach it through.
+    Postgres(PostgresServer, Option<PgBouncer>),
 }
 
 impl Backend {
@@ -67,10 +70,14 @@ impl Backend {
                 }
                 Backend::Redis(primary, replicas)
             }
-            "postgres" => Backend::Postgres(PostgresServer::start_with(|_| {
-                vec!["max_connections=2000".into()]
-            })),
-            other => panic!("unknown backend {other} (redis, postgres)"),
+            "postgres" | "pgbouncer" => {
+                let server = PostgresServer::start_with(|_| vec!["max_connections=2000".into()]);
+                let bouncer = (kind == "pgbouncer").then(|| {
+                    PgBouncer::start(&format!("postgres://postgres@127.0.0.1:{}", server.port))
+                });
+                Backend::Postgres(server, bouncer)
+            }
+            other => panic!("unknown backend {other} (redis, postgres, pgbouncer)"),
         }
     }
 
@@ -84,9 +91,13 @@ impl Backend {
             Backend::Redis(r, _) => builder
                 .args(["--storage", "redis", "--redis-prefix=fleet:"])
                 .env("REDIS_URL", r.url()),
-            Backend::Postgres(p) => builder
+            Backend::Postgres(p, None) => builder
                 .args(["--storage", "postgres"])
                 .env("DATABASE_URL", p.url()),
+            // PgBouncer takes 500 clients: four connections a node at most.
+            Backend::Postgres(p, Some(bouncer)) => builder
+                .storage(&Storage::through_pgbouncer(p, bouncer))
+                .arg("--db-max-connections=4"),
         }
         .start()
     }
@@ -94,7 +105,7 @@ impl Backend {
     fn usage(&self) -> Usage {
         match self {
             Backend::Redis(r, _) => redis_usage(r),
-            Backend::Postgres(p) => {
+            Backend::Postgres(p, _) => {
                 let connections = psql_on(
                     &p.url(),
                     "SELECT count(*) FROM pg_stat_activity WHERE backend_type = 'client backend'",
@@ -131,7 +142,7 @@ fn redis_usage(r: &RedisServer) -> Usage {
 fn replicas_cpu(backend: &Backend) -> Duration {
     match backend {
         Backend::Redis(_, replicas) => replicas.iter().map(|r| redis_usage(r).cpu).sum(),
-        Backend::Postgres(_) => Duration::ZERO,
+        Backend::Postgres(..) => Duration::ZERO,
     }
 }
 
