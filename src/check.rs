@@ -435,7 +435,10 @@ fn cluster_rows(config: &Config, keys: &Keys, nodes: &[Node]) -> Vec<Row> {
 fn fleet_row(config: &Config, redis: &crate::config::RedisConfig, live: usize) -> Row {
     let n = live as f64;
     let beats = n / config.cluster_heartbeat.as_secs_f64().max(0.1);
-    let idle = n * model::IDLE_CPU_PER_NODE;
+    let idle = n * match redis.feed_url {
+        Some(_) => model::IDLE_CPU_PER_NODE_REPLICA_FEED,
+        None => model::IDLE_CPU_PER_NODE,
+    };
     let mut detail = format!(
         "{live} live node(s): {beats:.0} heartbeat(s) a second; idle, about {:.1} % of a Redis          core",
         idle * 100.0
@@ -474,14 +477,16 @@ fn fleet_row(config: &Config, redis: &crate::config::RedisConfig, live: usize) -
 }
 
 /// The cost model's constants, measured with `cargo bench --bench fleet` on one Redis 7.0
-/// (see README's "Sizing a fleet"): CPU seconds.
+/// (see README's "Sizing a fleet"), the higher of the runs: CPU seconds (a second).
 mod model {
-    /// Idle: a node's heartbeats and feed probes.
-    pub const IDLE_CPU_PER_NODE: f64 = 0.000_25;
+    /// Idle, a second: a node's heartbeats and feed probes (PINGs).
+    pub const IDLE_CPU_PER_NODE: f64 = 0.000_32;
+    /// Idle, a second, with the feed on a replica: the probes are writes to the primary.
+    pub const IDLE_CPU_PER_NODE_REPLICA_FEED: f64 = 0.000_6;
     /// A revocation's write, with no node following the feed.
-    pub const REVOCATION_WRITE: f64 = 0.000_060;
+    pub const REVOCATION_WRITE: f64 = 0.000_150;
     /// The invalidation a revocation pushes to each node that follows the feed.
-    pub const PUSH_PER_NODE: f64 = 0.000_005_7;
+    pub const PUSH_PER_NODE: f64 = 0.000_017;
     /// The revocation rate the check assumes.
     pub const REVOCATIONS_PER_SECOND: f64 = 100.0;
 }
@@ -549,5 +554,61 @@ async fn pool_rows(config: &Config, pg: &crate::config::PostgresConfig, live: us
         )]
     } else {
         vec![row(Mark::Pass, "database connections", numbers)]
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::config::{RedisConfig, Secret};
+
+    fn redis(feed: Option<&str>) -> RedisConfig {
+        RedisConfig {
+            url: Secret::from("redis://127.0.0.1:6379"),
+            feed_url: feed.map(Secret::from),
+            cluster: false,
+            prefix: "authsidecar:".into(),
+            timeout: Duration::from_secs(1),
+            cache: 1 << 20,
+            tls: Default::default(),
+        }
+    }
+
+    #[test]
+    fn the_fleet_row_warns_where_one_redis_would_saturate_and_names_the_fix() {
+        let config = Config::defaults();
+        let small = fleet_row(&config, &redis(None), 50);
+        assert_eq!(small.mark, Mark::Pass, "{}", small.detail);
+        assert!(
+            small.detail.starts_with("50 live node(s)"),
+            "{}",
+            small.detail
+        );
+
+        let large = fleet_row(&config, &redis(None), 1000);
+        assert_eq!(large.mark, Mark::Warn, "{}", large.detail);
+        assert!(
+            large.detail.contains("--redis-feed-url"),
+            "{}",
+            large.detail
+        );
+
+        // On replicas, a revocation costs the primary the same at any size.
+        let fed = |n| fleet_row(&config, &redis(Some("redis://replica:6379")), n).detail;
+        let cost = |d: String| {
+            d.split("costs the primary about ")
+                .nth(1)
+                .unwrap()
+                .to_owned()
+        };
+        assert_eq!(
+            cost(fed(10)).split(' ').next(),
+            cost(fed(1000)).split(' ').next()
+        );
+        assert_eq!(
+            fleet_row(&config, &redis(Some("redis://r:6379")), 1000).mark,
+            Mark::Warn,
+            "the probes of 1,000 nodes are more than half a core"
+        );
     }
 }
