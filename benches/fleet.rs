@@ -58,7 +58,15 @@ impl Backend {
                 let primary = RedisServer::start();
                 let port = primary.port.to_string();
                 let replicas: Vec<RedisServer> = (0..replicas)
-                    .map(|_| RedisServer::with_args(&["--replicaof", "127.0.0.1", &port]))
+                    .map(|_| {
+                        RedisServer::with_args(&[
+                            "--replicaof",
+                            "127.0.0.1",
+                            &port,
+                            "--repl-diskless-load",
+                            "on-empty-db",
+                        ])
+                    })
                     .collect();
                 for r in &replicas {
                     while !r

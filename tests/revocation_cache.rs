@@ -661,7 +661,14 @@ async fn denials_are_kept_until_reset_or_retry() {
 /// A Redis replica of `primary`, following it through `link`, once its link is up.
 fn replica_through(link: &SlowLink) -> RedisServer {
     let port = link.port.to_string();
-    let replica = RedisServer::with_args(&["--replicaof", "127.0.0.1", &port]);
+    // Loaded from the primary's stream, never written to the working directory.
+    let replica = RedisServer::with_args(&[
+        "--replicaof",
+        "127.0.0.1",
+        &port,
+        "--repl-diskless-load",
+        "on-empty-db",
+    ]);
     let deadline = Instant::now() + Duration::from_secs(10);
     while !replica
         .cli(&["INFO", "replication"])
