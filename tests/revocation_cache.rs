@@ -807,21 +807,7 @@ async fn on_a_cluster_a_slot_moved_to_a_new_master_is_followed() {
     let id_of = |port: u16| RedisCluster::cli(port, &["CLUSTER", "MYID"]);
     let new_id = id_of(new);
     let key = format!("{prefix}revoked:{}", t.token_id);
-    let slot = RedisCluster::cli(seed, &["CLUSTER", "KEYSLOT", &key]);
-    let n: u64 = slot.parse().expect("a slot");
-    // `CLUSTER NODES`: id host:port@bus flags master ping pong epoch state slots...
-    let nodes = RedisCluster::cli(seed, &["CLUSTER", "NODES"]);
-    let owner_id = nodes
-        .lines()
-        .find(|line| {
-            line.split_whitespace().skip(8).any(|range| {
-                let (lo, hi) = range.split_once('-').unwrap_or((range, range));
-                matches!((lo.parse::<u64>(), hi.parse::<u64>()), (Ok(lo), Ok(hi)) if lo <= n && n <= hi)
-            })
-        })
-        .and_then(|line| line.split_whitespace().next())
-        .expect("the slot's master")
-        .to_owned();
+    let (slot, owner_id) = slot_master(seed, &key);
     let owner = cluster.ports[..3]
         .iter()
         .copied()
@@ -1021,4 +1007,118 @@ async fn through_pgbouncer_a_late_commit_is_not_skipped() {
     }
     eprintln!("a late commit: last valid answer {last_valid:?} after it");
     assert!(last_valid < PROOF_WINDOW, "{last_valid:?}");
+}
+
+/// The slot of `key`, and the id of the master that serves it, as the node on `port` sees it.
+fn slot_master(port: u16, key: &str) -> (String, String) {
+    use support::backends::RedisCluster;
+    let slot = RedisCluster::cli(port, &["CLUSTER", "KEYSLOT", key]);
+    let n: u64 = slot.parse().expect("a slot");
+    // `CLUSTER NODES`: id host:port@bus flags master ping pong epoch state slots...
+    let nodes = RedisCluster::cli(port, &["CLUSTER", "NODES"]);
+    let master = nodes
+        .lines()
+        .find(|line| {
+            line.split_whitespace().skip(8).any(|range| {
+                let (lo, hi) = range.split_once('-').unwrap_or((range, range));
+                matches!((lo.parse::<u64>(), hi.parse::<u64>()), (Ok(lo), Ok(hi)) if lo <= n && n <= hi)
+            })
+        })
+        .and_then(|line| line.split_whitespace().next())
+        .expect("the slot's master")
+        .to_owned();
+    (slot, master)
+}
+
+/// A master of a Redis Cluster dies and its replica takes over: each node's feed loses that
+/// master, its view empties, and the feed comes back on the new masters. A revocation written
+/// after the failover (the writer retries while the slot has no master) is rejected by the
+/// other node within the bound, and the token is never accepted there after that.
+#[tokio::test]
+async fn on_a_cluster_a_failover_is_followed() {
+    use support::backends::RedisCluster;
+    let mut cluster = RedisCluster::start(3, 1);
+    let prefix = format!("failover{}:", support::now_nanos());
+    let node = |id: &str| {
+        Sidecar::builder()
+            .args(["--storage", "redis", "--redis-cluster"])
+            .arg(format!("--redis-prefix={prefix}"))
+            .arg(format!("--node-id={id}"))
+            .env("REDIS_URL", &cluster.urls)
+            .start()
+    };
+    let (a, b) = (node("a"), node("b"));
+    wait_live(&a);
+    wait_live(&b);
+    let (mut ca, mut cb) = (a.client().await, b.client().await);
+    let t = ca.issue("alice").await;
+    cb.assert_valid(&t.token).await;
+    cb.assert_valid(&t.token).await;
+
+    // Kill the master of the token's revocation slot.
+    let seed = cluster.ports[0];
+    let (_, master_id) = slot_master(seed, &format!("{prefix}revoked:{}", t.token_id));
+    let master = cluster
+        .ports
+        .iter()
+        .copied()
+        .find(|&p| RedisCluster::cli(p, &["CLUSTER", "MYID"]) == master_id)
+        .expect("the master's port");
+    let survivor = cluster
+        .ports
+        .iter()
+        .copied()
+        .find(|&p| p != master)
+        .unwrap();
+    let replica = cluster
+        .ports
+        .iter()
+        .copied()
+        .find(|&p| {
+            RedisCluster::cli(p, &["CLUSTER", "NODES"])
+                .lines()
+                .any(|l| l.contains("myself,slave") && l.contains(&master_id))
+        })
+        .expect("the master's replica");
+    cluster.kill(master);
+    let killed = Instant::now();
+    // The replica takes over at once, as an operator (or Redis, after its node timeout and an
+    // election) would have it.
+    RedisCluster::cli(replica, &["CLUSTER", "FAILOVER", "TAKEOVER"]);
+    while b.metric(FEED_UP, &[]) >= 1.0 {
+        assert!(
+            killed.elapsed() < PROOF_WINDOW * 2,
+            "the feed never noticed"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    eprintln!(
+        "failover: the feed went down {:?} after the kill",
+        killed.elapsed()
+    );
+
+    while let Err(status) = ca.revoke(Target::TokenId(t.token_id.clone())).await {
+        assert_eq!(status.code(), Code::Unavailable);
+        assert!(
+            killed.elapsed() < Duration::from_secs(30),
+            "no failover: {}",
+            RedisCluster::cli(survivor, &["CLUSTER", "NODES"])
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    eprintln!(
+        "failover: a Revoke succeeded {:?} after the kill",
+        killed.elapsed()
+    );
+    let (took, _) = until_rejected(&mut cb, &t.token, Instant::now()).await;
+    assert!(took < PROOF_WINDOW, "{took:?}");
+    wait_live(&b);
+    eprintln!(
+        "failover: the feed was live again {:?} after the kill",
+        killed.elapsed()
+    );
+    cb.validate(&t.token)
+        .await
+        .map(|answer| assert!(!answer.valid))
+        .unwrap();
 }

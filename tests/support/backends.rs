@@ -625,6 +625,17 @@ impl RedisCluster {
         }
     }
 
+    /// Kills the node on `port` (SIGKILL), as a crash would.
+    pub fn kill(&mut self, port: u16) {
+        let i = self
+            .ports
+            .iter()
+            .position(|p| *p == port)
+            .expect("a node of this cluster");
+        let _ = self.children[i].kill();
+        let _ = self.children[i].wait();
+    }
+
     /// `redis-cli -p port args…`, its output trimmed.
     pub fn cli(port: u16, args: &[&str]) -> String {
         let out = Command::new("redis-cli")
