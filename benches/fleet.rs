@@ -7,6 +7,7 @@
 //!   what reaches the server; the PgBouncer's own CPU is not counted);
 //! - per revocation, at `--rate` a second through one node, less the idle cost of the same
 //!   time: backend CPU and bytes; and the time until the last node rejects a revoked token;
+//! - the backend's CPU per allowed CheckRateLimit and per Validate that misses the view;
 //! - each node's resident memory, idle.
 //!
 //! With `--replicas R` (Redis), R replicas of the one Redis carry the revocation feed
@@ -15,7 +16,7 @@
 //!
 //! Kept out of the test command: at N = 100 it holds some 3 GB and takes minutes.
 //!
-//! `cargo bench --bench fleet -- [--backend redis|postgres|pgbouncer] [--nodes 1,10,50,100]
+//! `cargo bench --bench fleet -- [--backend redis|postgres|pgbouncer|cluster] [--nodes 1,10,50,100]
 //!   [--idle 10] [--revocations 300] [--rate 100] [--replicas 0]`
 
 #[path = "../tests/support/mod.rs"]
@@ -24,7 +25,13 @@ mod support;
 use std::time::{Duration, Instant};
 
 use auth_sidecar::pb;
-use support::backends::{PgBouncer, PostgresServer, RedisServer, Storage, psql_on};
+use support::backends::{PgBouncer, PostgresServer, RedisCluster, RedisServer, Storage, psql_on};
+
+/// The rate-limit policy every node has, generous enough never to deny.
+const POLICY: &str = "fleet";
+
+/// How many CheckRateLimit decisions, and how many Validate misses, measure a call's cost.
+const CALLS: usize = 1000;
 use support::{Client, Sidecar};
 
 struct Options {
@@ -49,6 +56,8 @@ enum Backend {
     Redis(RedisServer, Vec<RedisServer>),
     /// PostgreSQL, and the PgBouncer in transaction mode the nodes reach it through.
     Postgres(PostgresServer, Option<PgBouncer>),
+    /// A Redis Cluster of three masters with a replica each; its figures are the masters'.
+    Cluster(RedisCluster),
 }
 
 impl Backend {
@@ -85,12 +94,13 @@ impl Backend {
                 });
                 Backend::Postgres(server, bouncer)
             }
-            other => panic!("unknown backend {other} (redis, postgres, pgbouncer)"),
+            "cluster" => Backend::Cluster(RedisCluster::start(3, 1)),
+            other => panic!("unknown backend {other} (redis, postgres, pgbouncer, cluster)"),
         }
     }
 
     fn node(&self, i: usize) -> Sidecar {
-        let builder = Sidecar::builder();
+        let builder = Sidecar::builder().arg(format!("--rate-limit={POLICY}=1000000/1s"));
         match self {
             Backend::Redis(r, replicas) if !replicas.is_empty() => builder
                 .args(["--storage", "redis", "--redis-prefix=fleet:"])
@@ -106,13 +116,36 @@ impl Backend {
             Backend::Postgres(p, Some(bouncer)) => builder
                 .storage(&Storage::through_pgbouncer(p, bouncer))
                 .arg("--db-max-connections=4"),
+            Backend::Cluster(c) => builder
+                .args([
+                    "--storage",
+                    "redis",
+                    "--redis-cluster",
+                    "--redis-prefix=fleet:",
+                ])
+                .env("REDIS_URL", &c.urls),
         }
         .start()
     }
 
     fn usage(&self) -> Usage {
         match self {
-            Backend::Redis(r, _) => redis_usage(r),
+            Backend::Redis(r, _) => redis_usage(&r.cli(&["INFO"])),
+            Backend::Cluster(c) => c.ports[..3]
+                .iter()
+                .map(|p| redis_usage(&RedisCluster::cli(*p, &["INFO"])))
+                .fold(
+                    Usage {
+                        cpu: Duration::ZERO,
+                        bytes_out: Some(0),
+                        connections: 0,
+                    },
+                    |sum, u| Usage {
+                        cpu: sum.cpu + u.cpu,
+                        bytes_out: sum.bytes_out.zip(u.bytes_out).map(|(a, b)| a + b),
+                        connections: sum.connections + u.connections,
+                    },
+                ),
             Backend::Postgres(p, _) => {
                 let connections = psql_on(
                     &p.url(),
@@ -130,9 +163,8 @@ impl Backend {
     }
 }
 
-/// What a Redis has used and sent so far, and its client connections now.
-fn redis_usage(r: &RedisServer) -> Usage {
-    let info = r.cli(&["INFO"]);
+/// What a Redis has used and sent so far, and its client connections now, from its `INFO`.
+fn redis_usage(info: &str) -> Usage {
     let field = |name: &str| -> f64 {
         info.lines()
             .find_map(|l| l.strip_prefix(&format!("{name}:")))
@@ -149,8 +181,11 @@ fn redis_usage(r: &RedisServer) -> Usage {
 /// The CPU time the replicas have used so far, all together.
 fn replicas_cpu(backend: &Backend) -> Duration {
     match backend {
-        Backend::Redis(_, replicas) => replicas.iter().map(|r| redis_usage(r).cpu).sum(),
-        Backend::Postgres(..) => Duration::ZERO,
+        Backend::Redis(_, replicas) => replicas
+            .iter()
+            .map(|r| redis_usage(&r.cli(&["INFO"])).cpu)
+            .sum(),
+        Backend::Postgres(..) | Backend::Cluster(_) => Duration::ZERO,
     }
 }
 
@@ -225,9 +260,9 @@ fn main() {
         o.backend, o.idle, o.revocations, o.rate, o.replicas
     );
     println!(
-        "| N | connections | idle CPU per node | idle bytes/s per node | CPU per revocation | bytes per revocation | last node rejects (p50 / max) | node RSS (median) | each replica's CPU per revocation |"
+        "| N | connections | idle CPU per node | idle bytes/s per node | CPU per revocation | bytes per revocation | last node rejects (p50 / max) | node RSS (median) | each replica's CPU per revocation | CPU per CheckRateLimit | CPU per Validate miss |"
     );
-    println!("|---|---|---|---|---|---|---|---|---|");
+    println!("|---|---|---|---|---|---|---|---|---|---|---|");
     for &n in &o.nodes {
         let backend = Backend::start(&o.backend, o.replicas);
         let nodes: Vec<Sidecar> = (0..n).map(|i| backend.node(i)).collect();
@@ -261,10 +296,11 @@ fn main() {
         let bytes_per = spent.bytes_out.map(|b| {
             (b as f64 - idle_bytes.unwrap() * elapsed.as_secs_f64()).max(0.0) / o.revocations as f64
         });
+        let (limit_per, miss_per) = runtime.block_on(calls(&backend, &nodes[0], idle_cpu));
         let p50 = staleness[staleness.len() / 2];
         let max = staleness[staleness.len() - 1];
         println!(
-            "| {n} | {} | {:.3} % | {} | {:.0} µs | {} | {:.1} / {:.1} ms | {:.1} MB | {} |",
+            "| {n} | {} | {:.3} % | {} | {:.0} µs | {} | {:.1} / {:.1} ms | {:.1} MB | {} | {:.0} µs | {:.0} µs |",
             after.connections,
             idle_cpu * 100.0 / n as f64,
             idle_bytes.map_or("–".into(), |b| format!("{:.0}", b / n as f64)),
@@ -274,6 +310,8 @@ fn main() {
             max.as_secs_f64() * 1e3,
             rss[rss.len() / 2] as f64 / 1024.0,
             replica_per.map_or("–".into(), |c| format!("{:.0} µs", c * 1e6)),
+            limit_per * 1e6,
+            miss_per * 1e6,
         );
         drop(nodes);
         drop(backend);
@@ -346,4 +384,40 @@ async fn revoke(
     }
     staleness.sort();
     (elapsed, spent, replicas_after - replicas_before, staleness)
+}
+
+/// The backend's CPU per allowed CheckRateLimit (distinct keys) and per Validate that misses
+/// the view (a token the node has not seen), less the idle cost (`idle_cpu`, a share of a
+/// core) of the same time: `CALLS` of each, one at a time, through `node`.
+async fn calls(backend: &Backend, node: &Sidecar, idle_cpu: f64) -> (f64, f64) {
+    let mut client = node.client().await;
+    let mut api = client.0.clone();
+    let cost = |before: Usage, started: Instant| {
+        let spent = backend.usage().cpu.saturating_sub(before.cpu).as_secs_f64();
+        (spent - idle_cpu * started.elapsed().as_secs_f64()).max(0.0) / CALLS as f64
+    };
+    let (before, started) = (backend.usage(), Instant::now());
+    for i in 0..CALLS {
+        let answer = api
+            .check_rate_limit(pb::CheckRateLimitRequest {
+                policy: POLICY.into(),
+                key: format!("key-{i}"),
+                cost: Some(1),
+            })
+            .await
+            .expect("check rate limit")
+            .into_inner();
+        assert!(answer.allowed);
+    }
+    let limit = cost(before, started);
+
+    let mut tokens = Vec::with_capacity(CALLS);
+    for i in 0..CALLS {
+        tokens.push(client.issue(&format!("miss-{i}")).await.token);
+    }
+    let (before, started) = (backend.usage(), Instant::now());
+    for token in &tokens {
+        client.assert_valid(token).await;
+    }
+    (limit, cost(before, started))
 }
