@@ -4,7 +4,8 @@
 -- transaction's id. A node reads, four times a second through the pool, the rows of the
 -- transactions at or after the oldest one that was still running at its previous read, in one
 -- statement with the snapshot's horizon: a row is read by the first read after its commit,
--- whatever order transactions commit in. Rows older than ten minutes are purged.
+-- whatever order transactions commit in. A row goes once it is ten minutes old and its
+-- transaction ended before the previous purge's horizon: read by every node by then.
 CREATE TABLE IF NOT EXISTS change_log (
     xid  xid8        NOT NULL DEFAULT pg_current_xact_id(),
     fact TEXT        NOT NULL,

@@ -1091,3 +1091,29 @@ async fn postgres_registry_conforms() {
     let store = ready(StoreConfig::Postgres(postgres_config(&storage))).await;
     registry_conforms("postgres", store.as_ref()).await;
 }
+
+/// The change log keeps a row until every node has read it: a row that a transaction wrote
+/// twenty minutes ago and commits only now (it stayed open that long) survives the next
+/// purge, and goes at the one after, once its transaction is behind a purge's horizon. (By
+/// age alone, it went before any node could read it.)
+#[tokio::test]
+async fn the_change_log_keeps_a_late_commit_until_it_was_read() {
+    let storage = Storage::new(backends::Backend::Postgres);
+    let store = ready(StoreConfig::Postgres(postgres_config(&storage))).await;
+    let url = storage.database_url();
+    store.purge_expired().await.unwrap();
+    backends::psql_on(
+        &url,
+        "INSERT INTO change_log (fact, at) VALUES ('r:late', now() - interval '20 minutes')",
+    );
+    let count = || {
+        backends::psql_on(
+            &url,
+            "SELECT count(*) FROM change_log WHERE fact = 'r:late'",
+        )
+    };
+    store.purge_expired().await.unwrap();
+    assert_eq!(count(), "1", "purged before any node could read it");
+    store.purge_expired().await.unwrap();
+    assert_eq!(count(), "0", "kept for good");
+}

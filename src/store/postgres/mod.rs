@@ -4,7 +4,7 @@
 
 use std::str::FromStr;
 use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::time::{Duration, SystemTime};
 
 use async_trait::async_trait;
@@ -112,6 +112,10 @@ pub struct PostgresStore {
     /// Whether statements are prepared by name and kept: not through a transaction pooler,
     /// where the next statement may run on another server connection.
     persistent: bool,
+    /// The snapshot horizon the previous purge saw (0 before the first): the change log rows
+    /// of transactions before it were committed, and so read by every node's feed, at least
+    /// one purge interval ago.
+    purged_horizon: Arc<AtomicU64>,
 }
 
 /// The serving pool: lazy (a database that is down does not stop the start), bounded, every
@@ -300,6 +304,7 @@ impl PostgresStore {
             options: connect_options(config)?,
             view: (config.cache > 0).then(|| View::new(BACKEND, config.cache)),
             persistent: !config.transaction_pooling,
+            purged_horizon: Arc::new(AtomicU64::new(0)),
         };
         // A transaction pooler gives no session to LISTEN on: the view then reads the change
         // log through the pool.
@@ -372,6 +377,40 @@ impl PostgresStore {
             view.forget(&name);
         }
         result
+    }
+
+    /// Deletes the change log's rows that every node's feed has read: older than ten minutes,
+    /// and of a transaction before the horizon the previous purge saw. Age alone would not
+    /// do: a transaction that stayed open for longer than that commits rows that are old on
+    /// arrival, and they must still be read once. Returns how many rows went.
+    async fn purge_change_log(&self) -> Result<usize, StoreError> {
+        let before = self.purged_horizon.load(Ordering::Relaxed);
+        let mut total = 0;
+        loop {
+            let (done, horizon): (i64, String) = self
+                .call("purge", async |conn| {
+                    sqlx::query_as(
+                        "WITH gone AS (DELETE FROM change_log WHERE ctid IN \
+                         (SELECT ctid FROM change_log WHERE xid < $1::text::xid8 \
+                          AND at <= now() - interval '10 minutes' LIMIT $2) RETURNING 1) \
+                         SELECT (SELECT count(*) FROM gone), \
+                         pg_snapshot_xmin(pg_current_snapshot())::text",
+                    )
+                    .persistent(self.persistent)
+                    .bind(before.to_string())
+                    .bind(PURGE_BATCH)
+                    .fetch_one(conn)
+                    .await
+                })
+                .await?;
+            total += done as usize;
+            if done < PURGE_BATCH {
+                if let Ok(horizon) = horizon.parse() {
+                    self.purged_horizon.store(horizon, Ordering::Relaxed);
+                }
+                return Ok(total);
+            }
+        }
     }
 
     /// Every live session after `after` in id order, at most `limit` of them (tiered refill).
@@ -1230,9 +1269,6 @@ impl Store for PostgresStore {
               WHERE expires_at <= to_timestamp($1 / 1000.0) LIMIT $2)",
             "DELETE FROM mfa WHERE subject IN (SELECT subject FROM mfa \
              WHERE secret IS NULL AND pending_until_ms <= $1 LIMIT $2)",
-            // The change log is read within a second of each write; ten minutes is ample.
-            "DELETE FROM change_log WHERE ctid IN (SELECT ctid FROM change_log \
-             WHERE at <= to_timestamp($1 / 1000.0) - interval '10 minutes' LIMIT $2)",
         ] {
             loop {
                 let done = self
@@ -1252,6 +1288,7 @@ impl Store for PostgresStore {
                 }
             }
         }
+        total += self.purge_change_log().await?;
         Ok(total)
     }
 }
