@@ -17,7 +17,10 @@
 //! Kept out of the test command: at N = 100 it holds some 3 GB and takes minutes.
 //!
 //! `cargo bench --bench fleet -- [--backend redis|postgres|pgbouncer|cluster] [--nodes 1,10,50,100]
-//!   [--idle 10] [--revocations 300] [--rate 100] [--replicas 0]`
+//!   [--idle 10] [--revocations 300] [--rate 100] [--replicas 0] [--storm]`
+//!
+//! With `--storm`, each N ends with a restart of every node at once: the time until all
+//! serve, and what the starts cost the backend.
 
 #[path = "../tests/support/mod.rs"]
 mod support;
@@ -41,6 +44,8 @@ struct Options {
     revocations: usize,
     rate: f64,
     replicas: usize,
+    /// Also restart every node at once, and measure what the start costs the backend.
+    storm: bool,
 }
 
 /// What the backend has used and sent so far, and its client connections now.
@@ -230,6 +235,7 @@ fn options() -> Options {
         revocations: 300,
         rate: 100.0,
         replicas: 0,
+        storm: false,
     };
     let mut args = std::env::args().skip(1);
     while let Some(arg) = args.next() {
@@ -241,6 +247,7 @@ fn options() -> Options {
             "--revocations" => o.revocations = value().parse().unwrap(),
             "--rate" => o.rate = value().parse().unwrap(),
             "--replicas" => o.replicas = value().parse().unwrap(),
+            "--storm" => o.storm = true,
             "--bench" => {}
             other => panic!("unknown argument {other}"),
         }
@@ -313,9 +320,42 @@ fn main() {
             limit_per * 1e6,
             miss_per * 1e6,
         );
-        drop(nodes);
+        if o.storm {
+            storm(&backend, nodes);
+        }
         drop(backend);
     }
+}
+
+/// A rollout at its worst: every node stopped, then all started again as fast as this
+/// process can spawn them. Prints how long until every node serves, the backend's CPU over
+/// that time and the 3 s after, per node, and the most client connections seen.
+fn storm(backend: &Backend, nodes: Vec<Sidecar>) {
+    let n = nodes.len();
+    drop(nodes);
+    std::thread::sleep(Duration::from_secs(1));
+    let (before, started) = (backend.usage(), Instant::now());
+    let nodes: Vec<Sidecar> = (0..n).map(|i| backend.node(i)).collect();
+    let mut peak = 0;
+    for node in &nodes {
+        node.wait_ops_status(200, Duration::from_secs(60));
+        peak = peak.max(backend.usage().connections);
+    }
+    let serving = started.elapsed();
+    let settle = Instant::now() + Duration::from_secs(3);
+    while Instant::now() < settle {
+        peak = peak.max(backend.usage().connections);
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    let cpu = backend.usage().cpu.saturating_sub(before.cpu);
+    println!(
+        "restart of all {n} at once: every node serving after {:.1} s; backend CPU {:.0} ms \
+         over {:.1} s ({:.2} ms per node); at most {peak} client connections",
+        serving.as_secs_f64(),
+        cpu.as_secs_f64() * 1e3,
+        started.elapsed().as_secs_f64(),
+        cpu.as_secs_f64() * 1e3 / n as f64,
+    );
 }
 
 /// Revokes `o.revocations` tokens through the first node at `o.rate` a second: how long it
