@@ -942,7 +942,9 @@ impl Store for PostgresStore {
             Ok((before, groups))
         })
         .await
-        .map(|(before, groups)| {
+        .map(|(before, mut groups)| {
+            // In one order, so that the generation moves only with what it sums up.
+            groups.sort();
             let mut registry = Registry {
                 taken: before.is_some_and(|b| b != me.nonce),
                 ..Registry::default()
