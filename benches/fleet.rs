@@ -19,6 +19,9 @@
 //! `cargo bench --bench fleet -- [--backend redis|postgres|pgbouncer|cluster] [--nodes 1,10,50,100]
 //!   [--idle 10] [--revocations 300] [--rate 100] [--replicas 0] [--storm]`
 //!
+//! With `--throughput S`, the first node's Validate of a token in its view is measured
+//! against grpc.health.v1 Check on the same node, S seconds each.
+//!
 //! With `--storm`, each N ends with a restart of every node at once: the time until all
 //! serve, and what the starts cost the backend.
 
@@ -46,6 +49,9 @@ struct Options {
     replicas: usize,
     /// Also restart every node at once, and measure what the start costs the backend.
     storm: bool,
+    /// Also measure the first node's Validate of a token in its view against
+    /// grpc.health.v1 Check, for this many seconds each.
+    throughput: Option<Duration>,
 }
 
 /// What the backend has used and sent so far, and its client connections now.
@@ -236,6 +242,7 @@ fn options() -> Options {
         rate: 100.0,
         replicas: 0,
         storm: false,
+        throughput: None,
     };
     let mut args = std::env::args().skip(1);
     while let Some(arg) = args.next() {
@@ -248,6 +255,7 @@ fn options() -> Options {
             "--rate" => o.rate = value().parse().unwrap(),
             "--replicas" => o.replicas = value().parse().unwrap(),
             "--storm" => o.storm = true,
+            "--throughput" => o.throughput = Some(Duration::from_secs(value().parse().unwrap())),
             "--bench" => {}
             other => panic!("unknown argument {other}"),
         }
@@ -320,6 +328,9 @@ fn main() {
             limit_per * 1e6,
             miss_per * 1e6,
         );
+        if let Some(seconds) = o.throughput {
+            runtime.block_on(throughput(&nodes[0], seconds));
+        }
         if o.storm {
             storm(&backend, nodes);
         }
@@ -460,4 +471,62 @@ async fn calls(backend: &Backend, node: &Sidecar, idle_cpu: f64) -> (f64, f64) {
         client.assert_valid(token).await;
     }
     (limit, cost(before, started))
+}
+
+/// Validate of one token that `node` holds in its view, against grpc.health.v1 Check on the
+/// same node: 64 calls in flight over 4 connections for `seconds` each, Check first; prints
+/// both rates and their ratio.
+async fn throughput(node: &Sidecar, seconds: Duration) {
+    use tonic_health::pb::HealthCheckRequest;
+    let mut client = node.client().await;
+    let token = client.issue("throughput").await.token;
+    client.assert_valid(&token).await;
+    let mut channels = Vec::new();
+    for _ in 0..4 {
+        channels.push(node.channel().await);
+    }
+    let rate = async |validate: bool| {
+        let until = Instant::now() + seconds;
+        let mut callers = Vec::new();
+        for i in 0..64 {
+            let channel = channels[i % channels.len()].clone();
+            let token = token.clone();
+            callers.push(tokio::spawn(async move {
+                let mut api = pb::token_service_client::TokenServiceClient::new(channel.clone());
+                let mut health = tonic_health::pb::health_client::HealthClient::new(channel);
+                let mut n = 0u64;
+                while Instant::now() < until {
+                    if validate {
+                        let answer = api
+                            .validate(pb::ValidateRequest {
+                                token: token.clone(),
+                                ..Default::default()
+                            })
+                            .await
+                            .expect("validate")
+                            .into_inner();
+                        assert!(answer.valid);
+                    } else {
+                        health
+                            .check(HealthCheckRequest::default())
+                            .await
+                            .expect("check");
+                    }
+                    n += 1;
+                }
+                n
+            }));
+        }
+        let mut total = 0;
+        for c in callers {
+            total += c.await.unwrap();
+        }
+        total as f64 / seconds.as_secs_f64()
+    };
+    let check = rate(false).await;
+    let validate = rate(true).await;
+    println!(
+        "first node: Check {check:.0}/s, Validate (from the view) {validate:.0}/s: {:.2}× Check",
+        validate / check
+    );
 }
