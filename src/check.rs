@@ -440,7 +440,8 @@ fn fleet_row(config: &Config, redis: &crate::config::RedisConfig, live: usize) -
         None => model::IDLE_CPU_PER_NODE,
     };
     let mut detail = format!(
-        "{live} live node(s): {beats:.0} heartbeat(s) a second; idle, about {:.1} % of a Redis          core",
+        "{live} live node(s): {beats:.0} heartbeat(s) a second; idle, about {:.1} % of a Redis \
+         core",
         idle * 100.0
     );
     let mut saturates = idle > 0.5;
@@ -452,7 +453,8 @@ fn fleet_row(config: &Config, redis: &crate::config::RedisConfig, live: usize) -
         let load = per_revocation * model::REVOCATIONS_PER_SECOND;
         saturates |= load > 0.5;
         detail.push_str(&format!(
-            "; each revocation costs the primary about {:.0} µs ({:.1} % of its core at {:.0}              revocations a second)",
+            "; each revocation costs the primary about {:.0} µs ({:.1} % of its core at {:.0} \
+             revocations a second)",
             per_revocation * 1e6,
             load * 100.0,
             model::REVOCATIONS_PER_SECOND,
