@@ -257,8 +257,9 @@ pub trait Store: Send + Sync + 'static {
 
     /// Every live node's id and document, `me` included; with `unlike`, only those whose
     /// digest is not `unlike` or that have none (a node of an older version, an entry written
-    /// by hand). Reads the whole registry, and drops what is no longer live: for
-    /// `check-config`, and for a heartbeat that found a digest other than its own.
+    /// by hand). Reads the whole registry: for `check-config` (`None`, which writes
+    /// nothing), and for a heartbeat that found a digest other than its own (which may drop
+    /// what is no longer live).
     async fn nodes(
         &self,
         ttl: Duration,
