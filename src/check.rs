@@ -9,8 +9,9 @@ use std::time::{Duration, Instant};
 
 use crate::clock::SystemClock;
 use crate::cluster::{self, Local, Node};
-use crate::config::{Config, Listen, Storage, StoreConfig};
+use crate::config::{Config, Listen, Storage};
 use crate::keys::Keys;
+use crate::store::StoreConfig;
 use crate::store::{self, Store};
 
 /// How long the backends are given to answer.
@@ -432,7 +433,7 @@ fn cluster_rows(config: &Config, keys: &Keys, nodes: &[Node]) -> Vec<Row> {
 /// What a fleet of `live` nodes costs its Redis, by the model in README's "Sizing a fleet"
 /// (constants from `cargo bench --bench fleet`), and a warning where one Redis would spend
 /// more than half a core on it.
-fn fleet_row(config: &Config, redis: &crate::config::RedisConfig, live: usize) -> Row {
+fn fleet_row(config: &Config, redis: &crate::store::RedisConfig, live: usize) -> Row {
     let n = live as f64;
     let beats = n / config.cluster_heartbeat.as_secs_f64().max(0.1);
     let idle = n * match redis.feed_url {
@@ -493,7 +494,7 @@ mod model {
     pub const REVOCATIONS_PER_SECOND: f64 = 100.0;
 }
 
-async fn pool_rows(config: &Config, pg: &crate::config::PostgresConfig, live: usize) -> Vec<Row> {
+async fn pool_rows(config: &Config, pg: &crate::store::PostgresConfig, live: usize) -> Vec<Row> {
     let per_node = i64::from(config.db_max_connections);
     let pooled = config.db_transaction_pooling;
     if pooled && config.database_migrate_url.is_none() {
@@ -562,7 +563,8 @@ async fn pool_rows(config: &Config, pg: &crate::config::PostgresConfig, live: us
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::config::{RedisConfig, Secret};
+    use crate::config::Secret;
+    use crate::store::RedisConfig;
 
     fn redis(feed: Option<&str>) -> RedisConfig {
         RedisConfig {
@@ -572,6 +574,7 @@ mod tests {
             prefix: "authsidecar:".into(),
             timeout: Duration::from_secs(1),
             cache: 1 << 20,
+            batch: 0,
             tls: Default::default(),
         }
     }

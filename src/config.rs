@@ -9,6 +9,8 @@ use std::time::Duration;
 
 use clap::{Args, FromArgMatches};
 
+pub use crate::secret::Secret;
+pub use crate::store::{PostgresConfig, RedisConfig, RedisTls, StoreConfig};
 pub use crate::units::{parse_duration, parse_size};
 
 /// Shortest HMAC secret accepted: 256 bits, the strength of HS256.
@@ -123,6 +125,12 @@ pub struct ServeArgs {
     #[arg(long, env = "AUTH_MIGRATE", default_value_t = true, action = clap::ArgAction::Set,
           num_args = 0..=1, default_missing_value = "true", value_name = "BOOL")]
     pub migrate: bool,
+
+    /// Most calls of one kind (rate-limit steps) that go to Redis or PostgreSQL together, as one
+    /// round trip, while another such round trip is in flight; a call that finds none in
+    /// flight goes at once. 0 turns the gathering off: each call goes alone.
+    #[arg(long, env = "AUTH_STORE_BATCH", default_value_t = 64, value_parser = clap::value_parser!(u32).range(0..=4096))]
+    pub store_batch: u32,
 
     /// Longest a backend call may take before the call fails with UNAVAILABLE.
     #[arg(long, env = "AUTH_BACKEND_TIMEOUT", default_value = "500ms", value_parser = parse_duration)]
@@ -428,89 +436,6 @@ impl Storage {
     }
 }
 
-/// What the store layer is given: each backend its own part of the settings, never the whole
-/// [`Config`].
-#[derive(Debug, Clone)]
-pub enum StoreConfig {
-    Memory,
-    Redis(RedisConfig),
-    Postgres(PostgresConfig),
-    Tiered(RedisConfig, PostgresConfig),
-}
-
-#[derive(Debug, Clone)]
-pub struct RedisConfig {
-    /// One URL, or with `cluster` comma-separated seed nodes.
-    pub url: Secret,
-    /// A replica that carries the revocation view's feed; `None`: the primary does.
-    pub feed_url: Option<Secret>,
-    pub cluster: bool,
-    /// Prefix of every key.
-    pub prefix: String,
-    /// Longest a call may take.
-    pub timeout: Duration,
-    /// Memory for the revocation view; 0 for none.
-    pub cache: u64,
-    pub tls: RedisTls,
-}
-
-/// What a rediss:// connection trusts and presents, read from the files at start.
-#[derive(Debug, Clone, Default)]
-pub struct RedisTls {
-    /// PEM certificates of the authorities to trust; `None`: the public roots.
-    pub ca: Option<Vec<u8>>,
-    /// PEM certificate chain and private key to present.
-    pub client: Option<(Vec<u8>, Secret)>,
-}
-
-#[derive(Debug, Clone)]
-pub struct PostgresConfig {
-    pub url: Secret,
-    /// A direct connection for the migrations (and the LISTEN feed without a pooler); `None`:
-    /// `url`.
-    pub direct_url: Option<Secret>,
-    /// `url` goes through a pooler in transaction mode.
-    pub transaction_pooling: bool,
-    pub max_connections: u32,
-    /// Apply the migrations and functions at start, in the background.
-    pub migrate: bool,
-    /// Longest a call may take (also the serving pool's `statement_timeout`).
-    pub timeout: Duration,
-    /// Memory for the revocation view; 0 for none.
-    pub cache: u64,
-}
-
-/// A secret value: never printed, not even by `Debug`.
-#[derive(Clone, PartialEq, Eq)]
-pub struct Secret(Vec<u8>);
-
-impl Secret {
-    pub fn new(bytes: impl Into<Vec<u8>>) -> Self {
-        Secret(bytes.into())
-    }
-
-    pub fn expose(&self) -> &[u8] {
-        &self.0
-    }
-
-    /// The secret as text (URLs are given as text, so this cannot fail for them).
-    pub fn expose_str(&self) -> &str {
-        std::str::from_utf8(&self.0).unwrap_or_default()
-    }
-}
-
-impl fmt::Debug for Secret {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        write!(f, "Secret(<{} bytes>)", self.0.len())
-    }
-}
-
-impl From<&str> for Secret {
-    fn from(s: &str) -> Self {
-        Secret(s.as_bytes().to_vec())
-    }
-}
-
 /// The validated configuration of `serve`.
 #[derive(Debug, Clone)]
 pub struct Config {
@@ -528,6 +453,7 @@ pub struct Config {
     pub db_max_connections: u32,
     pub migrate: bool,
     pub backend_timeout: Duration,
+    pub store_batch: u32,
     pub backend_check_interval: Duration,
     pub jwt_secret: Option<Secret>,
     pub keys_dir: Option<PathBuf>,
@@ -834,6 +760,7 @@ impl TryFrom<ServeArgs> for Config {
             db_max_connections: args.db_max_connections,
             migrate: args.migrate,
             backend_timeout: args.backend_timeout,
+            store_batch: args.store_batch,
             backend_check_interval: args.backend_check_interval,
             jwt_secret: args.jwt_secret,
             keys_dir: args.keys_dir,
@@ -919,6 +846,7 @@ impl Config {
                 prefix: self.redis_prefix.clone(),
                 timeout: self.backend_timeout,
                 cache: self.revocation_cache,
+                batch: self.store_batch as usize,
                 tls: self.redis_tls.clone(),
             })
         };
@@ -933,6 +861,7 @@ impl Config {
                 migrate: self.migrate,
                 timeout: self.backend_timeout,
                 cache,
+                batch: self.store_batch as usize,
             })
         };
         Ok(match self.storage {

@@ -22,6 +22,7 @@ pub mod ops;
 pub mod pb;
 pub mod ratelimit;
 pub mod rules;
+pub mod secret;
 pub mod server;
 pub mod sessions;
 pub mod store;

@@ -15,10 +15,10 @@ const RULES: &[(&str, &[&str], &str)] = &[
             "crate::sessions",
             "crate::ratelimit",
             "crate::mfa",
-            "config::Config",
+            "crate::config",
             "envoy_types",
         ],
-        "the store sits below the domain and the wire; each backend gets its own settings",
+        "the store sits below the domain, the wire and the settings: each backend defines its own settings type, and config builds it",
     ),
     (
         "src/mfa",
@@ -87,8 +87,8 @@ const RULES: &[(&str, &[&str], &str)] = &[
     ),
     (
         "src/config.rs",
-        &["crate::store", "crate::server"],
-        "settings are read before anything is built from them",
+        &["crate::server", "crate::tokens", "crate::cluster"],
+        "settings are read before anything is built from them; config names the store's settings types, never the reverse",
     ),
 ];
 
