@@ -157,6 +157,15 @@ pub fn metrics() -> &'static PrometheusHandle {
                 1.0,
             ])
             .expect("bucket bounds are not empty")
+            .set_buckets_for_metric(
+                metrics_exporter_prometheus::Matcher::Full(
+                    "authsidecar_backend_batch_calls".into(),
+                ),
+                &[
+                    1.0, 2.0, 4.0, 8.0, 16.0, 32.0, 64.0, 128.0, 256.0, 1024.0, 4096.0,
+                ],
+            )
+            .expect("bucket bounds are not empty")
             .build_recorder();
         let handle = recorder.handle();
         // Fails only if a recorder is already set; the handle still renders then.
@@ -208,6 +217,11 @@ fn describe() {
     describe_histogram!(
         "authsidecar_backend_duration_seconds",
         "Store call latency, by backend (redis, postgres) and operation"
+    );
+    describe_histogram!(
+        "authsidecar_backend_batch_calls",
+        "Calls carried by one round trip to the store, by backend and operation (see \
+         --store-batch)"
     );
     describe_counter!(
         "authsidecar_backend_errors_total",
@@ -326,6 +340,12 @@ pub fn record_backend_call(backend: &'static str, op: &'static str, started: Ins
         metrics::counter!("authsidecar_backend_errors_total", "backend" => backend, "op" => op)
             .increment(1);
     }
+}
+
+/// How many calls one round trip to a backend carried (see `store::batch`).
+pub fn record_batch(backend: &'static str, op: &'static str, calls: usize) {
+    metrics::histogram!("authsidecar_backend_batch_calls", "backend" => backend, "op" => op)
+        .record(calls as f64);
 }
 
 pub fn record_backend_up(backend: &'static str, up: bool) {

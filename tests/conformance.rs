@@ -11,12 +11,12 @@ use std::sync::Arc;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use auth_sidecar::clock::{Clock, ManualClock};
-use auth_sidecar::config::{PostgresConfig, RedisConfig, Secret, StoreConfig};
+use auth_sidecar::config::Secret;
 use auth_sidecar::rules::gcra::{Decision, Gcra, KeyState, gcra};
 use auth_sidecar::rules::mfa::{self as mfa_rules, MfaState, StepAccept};
 use auth_sidecar::rules::rotation::{self, FamilyState, Rotation, Successor};
 use auth_sidecar::rules::session::{self, Cutoff, SessionTimes};
-use auth_sidecar::store::{self, Store, TokenCheck};
+use auth_sidecar::store::{self, PostgresConfig, RedisConfig, Store, StoreConfig, TokenCheck};
 use support::backends::{self, Storage};
 
 /// Every trace starts here: late enough that no Redis key the traces write (expiring at
@@ -928,7 +928,11 @@ async fn ready(config: StoreConfig) -> Arc<dyn Store> {
     store
 }
 
-fn redis_config() -> RedisConfig {
+/// Rate-limit steps gathered into batches of up to this many (`--store-batch`), or 0 for none.
+const BATCHED: usize = 64;
+const ALONE: usize = 0;
+
+fn redis_config(batch: usize) -> RedisConfig {
     RedisConfig {
         url: Secret::from(backends::shared_redis()),
         feed_url: None,
@@ -938,11 +942,12 @@ fn redis_config() -> RedisConfig {
         // The traces hold the backends' restatements to the rules; the view above them is
         // tested in tests/revocation_cache.rs.
         cache: 0,
+        batch,
         tls: Default::default(),
     }
 }
 
-fn postgres_config(storage: &Storage) -> PostgresConfig {
+fn postgres_config(storage: &Storage, batch: usize) -> PostgresConfig {
     PostgresConfig {
         url: Secret::from(storage.database_url().as_str()),
         direct_url: None,
@@ -953,6 +958,7 @@ fn postgres_config(storage: &Storage) -> PostgresConfig {
         // The traces hold the backends' restatements to the rules; the view above them is
         // tested in tests/revocation_cache.rs.
         cache: 0,
+        batch,
     }
 }
 
@@ -985,29 +991,142 @@ async fn memory_conforms() {
 
 #[tokio::test]
 async fn redis_scripts_conform() {
-    conforms(
-        "redis",
-        ready(StoreConfig::Redis(redis_config())).await.as_ref(),
-    )
-    .await;
+    for batch in [ALONE, BATCHED] {
+        let store = ready(StoreConfig::Redis(redis_config(batch))).await;
+        conforms(&format!("redis, batch {batch}"), store.as_ref()).await;
+    }
 }
 
 #[tokio::test]
 async fn postgres_functions_conform() {
     let storage = Storage::new(backends::Backend::Postgres);
-    let store = ready(StoreConfig::Postgres(postgres_config(&storage))).await;
-    conforms("postgres", store.as_ref()).await;
+    for batch in [ALONE, BATCHED] {
+        let store = ready(StoreConfig::Postgres(postgres_config(&storage, batch))).await;
+        conforms(&format!("postgres, batch {batch}"), store.as_ref()).await;
+    }
 }
 
 #[tokio::test]
 async fn tiered_conforms() {
     let storage = Storage::new(backends::Backend::Postgres);
-    let store = ready(StoreConfig::Tiered(
-        redis_config(),
-        postgres_config(&storage),
-    ))
-    .await;
-    conforms("tiered", store.as_ref()).await;
+    for batch in [ALONE, BATCHED] {
+        let store = ready(StoreConfig::Tiered(
+            redis_config(batch),
+            postgres_config(&storage, batch),
+        ))
+        .await;
+        conforms(&format!("tiered, batch {batch}"), store.as_ref()).await;
+    }
+}
+
+/// Calls on other keys sent ahead of a trace: more than any store has lanes, so that every
+/// lane is busy and the trace's steps gather behind them into one batch.
+const AHEAD: usize = 8;
+
+/// Each rate-limit trace sent at once, every step in flight together: the steps gather into
+/// one batch (the test's runtime runs nothing else until all have been sent), which must
+/// apply them in the order sent and give each its own answer, the table's.
+async fn rate_traces_conform_in_one_batch(name: &str, store: &dyn Store) {
+    for (trace, policy, steps) in traces() {
+        if !steps.iter().all(|s| matches!(s, Rate { .. })) {
+            continue;
+        }
+        let run = format!("batch{}", support::now_nanos());
+        let ahead = (0..AHEAD).map(|i| {
+            let key = format!("{run}-ahead{i}");
+            async move { store.rate_limit("ahead", &key, policy, 1, None).await }
+        });
+        let trace_steps = steps.iter().map(|step| {
+            let Rate { at: t, cost, .. } = *step else {
+                unreachable!("only rate traces")
+            };
+            store.rate_limit("conformance", &run, policy, cost, Some(at(t)))
+        });
+        let (ahead, answers) = tokio::join!(
+            futures_util::future::join_all(ahead),
+            futures_util::future::join_all(trace_steps)
+        );
+        assert!(ahead.iter().all(Result::is_ok), "{name}: {ahead:?}");
+        for (i, (step, answer)) in steps.iter().zip(answers).enumerate() {
+            assert_eq!(
+                decision(answer.unwrap()),
+                expected(step),
+                "{name}, {trace} as one batch, step {i}: {step:?}"
+            );
+        }
+    }
+}
+
+#[tokio::test]
+async fn redis_answers_a_batch_in_order() {
+    let store = ready(StoreConfig::Redis(redis_config(BATCHED))).await;
+    rate_traces_conform_in_one_batch("redis", store.as_ref()).await;
+}
+
+/// A step whose key holds something else (a string written by hand) fails alone: the other
+/// steps of its batch, on other keys, are answered and counted as ever.
+#[tokio::test]
+async fn redis_fails_only_the_step_whose_key_holds_another_type() {
+    let config = redis_config(BATCHED);
+    let client = redis::Client::open(backends::shared_redis()).unwrap();
+    let mut conn = client.get_multiplexed_async_connection().await.unwrap();
+    let bad = format!(
+        "{}rl:{}:{}:{}",
+        config.prefix,
+        "mixed".len(),
+        "mixed",
+        "bad"
+    );
+    redis::cmd("SET")
+        .arg(&bad)
+        .arg("not a state")
+        .exec_async(&mut conn)
+        .await
+        .unwrap();
+    let store = ready(StoreConfig::Redis(config)).await;
+    let ahead = (0..AHEAD).map(|i| {
+        let key = format!("ahead{i}");
+        let store = store.clone();
+        async move { store.rate_limit("mixed", &key, SMOOTH, 1, None).await }
+    });
+    let batch = ["good", "bad", "good", "good"].map(|key| {
+        let store = store.clone();
+        async move { store.rate_limit("mixed", key, SMOOTH, 1, Some(at(0))).await }
+    });
+    let (_, answers) = tokio::join!(
+        futures_util::future::join_all(ahead),
+        futures_util::future::join_all(batch)
+    );
+    assert!(answers[1].is_err(), "{answers:?}");
+    let remaining: Vec<u32> = [0, 2, 3]
+        .map(|i| answers[i].as_ref().unwrap().remaining)
+        .to_vec();
+    assert_eq!(
+        remaining,
+        [2, 1, 0],
+        "the good key's steps, counted in order"
+    );
+}
+
+#[tokio::test]
+async fn postgres_answers_a_batch_in_order() {
+    let storage = Storage::new(backends::Backend::Postgres);
+    let store = ready(StoreConfig::Postgres(postgres_config(&storage, BATCHED))).await;
+    rate_traces_conform_in_one_batch("postgres", store.as_ref()).await;
+}
+
+#[tokio::test]
+async fn pgbouncer_answers_a_batch_in_order() {
+    let storage = Storage::new(backends::Backend::PgBouncer);
+    let env = |name: &str| {
+        let (_, value) = storage.env.iter().find(|(k, _)| k == name).unwrap();
+        Secret::from(value.as_str())
+    };
+    let mut config = postgres_config(&storage, BATCHED);
+    config.transaction_pooling = true;
+    config.direct_url = Some(env("DATABASE_MIGRATE_URL"));
+    let store = ready(StoreConfig::Postgres(config)).await;
+    rate_traces_conform_in_one_batch("pgbouncer", store.as_ref()).await;
 }
 
 /// The registry's summary, the same on every store: how many live nodes publish each digest,
@@ -1081,14 +1200,14 @@ async fn memory_registry_conforms() {
 
 #[tokio::test]
 async fn redis_registry_conforms() {
-    let store = ready(StoreConfig::Redis(redis_config())).await;
+    let store = ready(StoreConfig::Redis(redis_config(BATCHED))).await;
     registry_conforms("redis", store.as_ref()).await;
 }
 
 #[tokio::test]
 async fn postgres_registry_conforms() {
     let storage = Storage::new(backends::Backend::Postgres);
-    let store = ready(StoreConfig::Postgres(postgres_config(&storage))).await;
+    let store = ready(StoreConfig::Postgres(postgres_config(&storage, BATCHED))).await;
     registry_conforms("postgres", store.as_ref()).await;
 }
 
@@ -1099,7 +1218,7 @@ async fn postgres_registry_conforms() {
 #[tokio::test]
 async fn the_change_log_keeps_a_late_commit_until_it_was_read() {
     let storage = Storage::new(backends::Backend::Postgres);
-    let store = ready(StoreConfig::Postgres(postgres_config(&storage))).await;
+    let store = ready(StoreConfig::Postgres(postgres_config(&storage, BATCHED))).await;
     let url = storage.database_url();
     store.purge_expired().await.unwrap();
     backends::psql_on(

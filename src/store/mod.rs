@@ -1,6 +1,7 @@
 //! Where state that every node must agree on lives. One trait, one factory; the domain layer
 //! computes every lifetime and hands the store absolute instants.
 
+mod batch;
 mod cache;
 mod feed;
 mod memory;
@@ -16,19 +17,28 @@ use std::time::{Duration, SystemTime};
 use async_trait::async_trait;
 
 use crate::clock::{Clock, from_unix_millis as from_millis, unix_millis as millis};
-use crate::config::StoreConfig;
 use crate::rules::gcra::{Decision, Gcra};
 pub use crate::rules::mfa::StepAccept;
 pub use crate::rules::rotation::{Rotation, Successor};
 use crate::rules::session::SessionTimes;
 
 pub use memory::MemoryStore;
-pub use postgres::PostgresStore;
-pub use redis::RedisStore;
+pub use postgres::{PostgresConfig, PostgresStore};
+pub use redis::{RedisConfig, RedisStore, RedisTls};
 pub use tiered::TieredStore;
 
+/// The store's settings, as `config` builds them: each backend its own part, never the whole
+/// configuration.
+#[derive(Debug, Clone)]
+pub enum StoreConfig {
+    Memory,
+    Redis(RedisConfig),
+    Postgres(PostgresConfig),
+    Tiered(RedisConfig, PostgresConfig),
+}
+
 /// A store that could not answer. The detail is for the log, never for the client.
-#[derive(Debug, thiserror::Error)]
+#[derive(Debug, Clone, thiserror::Error)]
 #[error("{backend} store unavailable: {detail}")]
 pub struct StoreError {
     pub backend: &'static str,

@@ -5,9 +5,65 @@
 -- (milliseconds, or microseconds for rate limits); a NULL `p_now_us` means the database's
 -- clock, which is what serving uses for rate limits.
 
--- One GCRA step under the row lock: `rules::gcra::gcra`. A cost of 0 peeks: it answers for a
--- cost of 1 and changes nothing. (The six-argument `auth_sidecar_rate_limit` of the first
--- migration stays for nodes of an older version during a rolling upgrade.)
+-- The GCRA arithmetic of `rules::gcra::gcra`, on a state (tat, lock) at `p_now`, for the step
+-- functions below. A cost of 0 peeks: it answers for a cost of 1 and changes nothing.
+-- `changed`: the state after is (new_tat, new_lock), to be stored with an end of the greater.
+CREATE OR REPLACE FUNCTION auth_sidecar_gcra(
+    p_tat BIGINT, p_lock BIGINT, p_now BIGINT, p_interval_us BIGINT, p_burst BIGINT,
+    p_lockout_us BIGINT, p_cost BIGINT,
+    OUT allowed BOOLEAN, OUT remaining BIGINT, OUT retry_after_us BIGINT,
+    OUT reset_after_us BIGINT, OUT changed BOOLEAN, OUT new_tat BIGINT, OUT new_lock BIGINT)
+LANGUAGE plpgsql IMMUTABLE AS $$
+DECLARE
+    capacity BIGINT := p_burst * p_interval_us;
+    v_tat    BIGINT := greatest(p_tat, p_now);
+    next_tat BIGINT;
+    allow_at BIGINT;
+BEGIN
+    changed := false;
+    new_tat := p_tat;
+    new_lock := p_lock;
+    IF p_lock > p_now THEN
+        allowed := false;
+        remaining := 0;
+        retry_after_us := p_lock - p_now;
+        reset_after_us := greatest(p_tat, p_lock) - p_now;
+        RETURN;
+    END IF;
+    next_tat := v_tat + greatest(p_cost, 1) * p_interval_us;
+    allow_at := next_tat - capacity;
+    IF p_now < allow_at THEN
+        allowed := false;
+        remaining := least(greatest((p_now + capacity - v_tat) / p_interval_us, 0), p_burst);
+        IF p_lockout_us > 0 AND p_cost > 0 THEN
+            changed := true;
+            new_lock := p_now + p_lockout_us;
+            retry_after_us := p_lockout_us;
+            reset_after_us := greatest(v_tat, new_lock) - p_now;
+        ELSE
+            retry_after_us := allow_at - p_now;
+            reset_after_us := v_tat - p_now;
+        END IF;
+        RETURN;
+    END IF;
+    allowed := true;
+    retry_after_us := 0;
+    IF p_cost = 0 THEN
+        remaining := least(greatest((p_now + capacity - v_tat) / p_interval_us, 0), p_burst);
+        reset_after_us := v_tat - p_now;
+        RETURN;
+    END IF;
+    changed := true;
+    new_tat := next_tat;
+    new_lock := 0;
+    remaining := least(greatest((p_now + capacity - next_tat) / p_interval_us, 0), p_burst);
+    reset_after_us := next_tat - p_now;
+END
+$$;
+
+-- One GCRA step under the row lock (`auth_sidecar_gcra`). (The six-argument
+-- `auth_sidecar_rate_limit` of the first migration stays for nodes of an older version during
+-- a rolling upgrade.)
 CREATE OR REPLACE FUNCTION auth_sidecar_rate_limit(
     p_policy TEXT, p_key TEXT, p_interval_us BIGINT, p_burst BIGINT, p_lockout_us BIGINT,
     p_cost BIGINT, p_now_us BIGINT,
@@ -15,62 +71,103 @@ CREATE OR REPLACE FUNCTION auth_sidecar_rate_limit(
     OUT reset_after_us BIGINT)
 LANGUAGE plpgsql AS $$
 DECLARE
-    now_us   BIGINT := coalesce(p_now_us,
-                                (extract(epoch FROM clock_timestamp()) * 1000000)::BIGINT);
-    capacity BIGINT := p_burst * p_interval_us;
-    v_tat    BIGINT;
-    v_lock   BIGINT;
-    new_tat  BIGINT;
-    allow_at BIGINT;
-    until_us BIGINT;
+    now_us BIGINT := coalesce(p_now_us,
+                              (extract(epoch FROM clock_timestamp()) * 1000000)::BIGINT);
+    v_tat  BIGINT;
+    v_lock BIGINT;
+    step   RECORD;
 BEGIN
     INSERT INTO rate_limits (policy, key, tat_us, expires_at)
     VALUES (p_policy, p_key, 0, to_timestamp(now_us / 1000000.0))
     ON CONFLICT DO NOTHING;
     SELECT tat_us, locked_until_us INTO v_tat, v_lock
     FROM rate_limits WHERE policy = p_policy AND key = p_key FOR UPDATE;
-
-    IF v_lock > now_us THEN
-        allowed := false;
-        remaining := 0;
-        retry_after_us := v_lock - now_us;
-        reset_after_us := greatest(v_tat, v_lock) - now_us;
-        RETURN;
+    step := auth_sidecar_gcra(v_tat, v_lock, now_us, p_interval_us, p_burst, p_lockout_us,
+                              p_cost);
+    IF step.changed THEN
+        UPDATE rate_limits
+        SET tat_us = step.new_tat, locked_until_us = step.new_lock,
+            expires_at = to_timestamp(greatest(step.new_tat, step.new_lock) / 1000000.0)
+        WHERE policy = p_policy AND key = p_key;
     END IF;
+    allowed := step.allowed;
+    remaining := step.remaining;
+    retry_after_us := step.retry_after_us;
+    reset_after_us := step.reset_after_us;
+END
+$$;
 
-    v_tat := greatest(v_tat, now_us);
-    new_tat := v_tat + greatest(p_cost, 1) * p_interval_us;
-    allow_at := new_tat - capacity;
-    IF now_us < allow_at THEN
-        allowed := false;
-        remaining := least(greatest((now_us + capacity - v_tat) / p_interval_us, 0), p_burst);
-        IF p_lockout_us > 0 AND p_cost > 0 THEN
-            until_us := now_us + p_lockout_us;
-            UPDATE rate_limits
-            SET locked_until_us = until_us,
-                expires_at = to_timestamp(greatest(tat_us, until_us) / 1000000.0)
-            WHERE policy = p_policy AND key = p_key;
-            retry_after_us := p_lockout_us;
-            reset_after_us := greatest(v_tat, until_us) - now_us;
-        ELSE
-            retry_after_us := allow_at - now_us;
-            reset_after_us := v_tat - now_us;
+-- Many GCRA steps in one statement (`store::batch` gathers them), each exactly as
+-- `auth_sidecar_rate_limit` runs it alone, in the order given, one result row per step in that
+-- order. Every row the batch touches is created if missing and then locked in (policy, key)
+-- order before the first step: two batches that share keys lock them in the same order and
+-- so cannot deadlock, whatever order their steps came in. The steps then run on the states in
+-- memory, and one UPDATE stores those that changed. The database's clock is read once: steps
+-- that run at one instant, one after another, are a valid order of steps that arrived
+-- together. One statement is one transaction, through a transaction pooler too.
+CREATE OR REPLACE FUNCTION auth_sidecar_rate_limit_many(
+    p_policy TEXT[], p_key TEXT[], p_interval_us BIGINT[], p_burst BIGINT[],
+    p_lockout_us BIGINT[], p_cost BIGINT[], p_now_us BIGINT[])
+RETURNS TABLE (allowed BOOLEAN, remaining BIGINT, retry_after_us BIGINT,
+               reset_after_us BIGINT)
+LANGUAGE plpgsql AS $$
+DECLARE
+    clock  BIGINT := (extract(epoch FROM clock_timestamp()) * 1000000)::BIGINT;
+    -- The distinct rows, by number: their names, states and whether a step changed them.
+    k_policy TEXT[];
+    k_key    TEXT[];
+    k_tat    BIGINT[];
+    k_lock   BIGINT[];
+    k_dirty  BOOLEAN[];
+    -- Each step's row number.
+    slot     INT[];
+    j        INT;
+    step     RECORD;
+BEGIN
+    INSERT INTO rate_limits (policy, key, tat_us, expires_at)
+    SELECT DISTINCT s.policy, s.key, 0, clock_timestamp()
+    FROM unnest(p_policy, p_key) AS s(policy, key)
+    ORDER BY 1, 2
+    ON CONFLICT DO NOTHING;
+    WITH steps AS (
+        SELECT * FROM unnest(p_policy, p_key) WITH ORDINALITY AS s(policy, key, ord)
+    ), locked AS MATERIALIZED (
+        SELECT r.policy, r.key, r.tat_us, r.locked_until_us
+        FROM rate_limits r
+        WHERE (r.policy, r.key) IN (SELECT s.policy, s.key FROM steps s)
+        ORDER BY r.policy, r.key
+        FOR UPDATE
+    ), numbered AS (
+        SELECT l.*, row_number() OVER (ORDER BY l.policy, l.key)::INT AS n FROM locked l
+    )
+    SELECT (SELECT array_agg(x.policy ORDER BY x.n) FROM numbered x),
+           (SELECT array_agg(x.key ORDER BY x.n) FROM numbered x),
+           (SELECT array_agg(x.tat_us ORDER BY x.n) FROM numbered x),
+           (SELECT array_agg(x.locked_until_us ORDER BY x.n) FROM numbered x),
+           (SELECT array_agg(x.n ORDER BY s.ord)
+            FROM steps s JOIN numbered x ON x.policy = s.policy AND x.key = s.key)
+    INTO k_policy, k_key, k_tat, k_lock, slot;
+    k_dirty := array_fill(false, ARRAY[coalesce(array_length(k_policy, 1), 0)]);
+    FOR i IN 1 .. coalesce(array_length(p_policy, 1), 0) LOOP
+        j := slot[i];
+        step := auth_sidecar_gcra(k_tat[j], k_lock[j], coalesce(p_now_us[i], clock),
+                                  p_interval_us[i], p_burst[i], p_lockout_us[i], p_cost[i]);
+        IF step.changed THEN
+            k_tat[j] := step.new_tat;
+            k_lock[j] := step.new_lock;
+            k_dirty[j] := true;
         END IF;
-        RETURN;
-    END IF;
-
-    allowed := true;
-    retry_after_us := 0;
-    IF p_cost = 0 THEN
-        remaining := least(greatest((now_us + capacity - v_tat) / p_interval_us, 0), p_burst);
-        reset_after_us := v_tat - now_us;
-        RETURN;
-    END IF;
-    UPDATE rate_limits
-    SET tat_us = new_tat, locked_until_us = 0, expires_at = to_timestamp(new_tat / 1000000.0)
-    WHERE policy = p_policy AND key = p_key;
-    remaining := least(greatest((now_us + capacity - new_tat) / p_interval_us, 0), p_burst);
-    reset_after_us := new_tat - now_us;
+        allowed := step.allowed;
+        remaining := step.remaining;
+        retry_after_us := step.retry_after_us;
+        reset_after_us := step.reset_after_us;
+        RETURN NEXT;
+    END LOOP;
+    UPDATE rate_limits r
+    SET tat_us = u.tat, locked_until_us = u.lock,
+        expires_at = to_timestamp(greatest(u.tat, u.lock) / 1000000.0)
+    FROM unnest(k_policy, k_key, k_tat, k_lock, k_dirty) AS u(policy, key, tat, lock, dirty)
+    WHERE u.dirty AND r.policy = u.policy AND r.key = u.key;
 END
 $$;
 

@@ -12,14 +12,15 @@ use sqlx::PgPool;
 use sqlx::migrate::Migrator;
 use sqlx::postgres::{PgConnectOptions, PgPoolOptions};
 
+use super::batch::Batcher;
 use super::cache::{Entry, Fact, Lookup, Ticket, View};
 use super::{
     Beat, Facts, Family, MfaEnrolled, MfaRecord, Registry, Rotation, Session, StepAccept, Store,
     StoreError, Successor, TokenCheck, from_millis, millis,
 };
 use crate::clock::Clock;
-use crate::config::{PostgresConfig, Secret};
 use crate::rules::gcra::{Decision, Gcra};
+use crate::secret::Secret;
 
 const BACKEND: &str = "postgres";
 
@@ -32,6 +33,27 @@ macro_rules! session_columns {
 
 /// Rows deleted per purge statement, so a purge never holds locks for long.
 const PURGE_BATCH: i64 = 1000;
+
+/// The settings of a PostgreSQL store, built by `config`.
+#[derive(Debug, Clone)]
+pub struct PostgresConfig {
+    pub url: Secret,
+    /// A direct connection for the migrations (and the LISTEN feed without a pooler); `None`:
+    /// `url`.
+    pub direct_url: Option<Secret>,
+    /// `url` goes through a pooler in transaction mode.
+    pub transaction_pooling: bool,
+    pub max_connections: u32,
+    /// Apply the migrations and functions at start, in the background.
+    pub migrate: bool,
+    /// Longest a call may take (also the serving pool's `statement_timeout`).
+    pub timeout: Duration,
+    /// Memory for the revocation view; 0 for none.
+    pub cache: u64,
+    /// Most calls of one kind gathered into one round trip while another is in flight (see
+    /// `store::batch`); 0 or 1: each call goes alone.
+    pub batch: usize,
+}
 
 static MIGRATOR: Migrator = sqlx::migrate!("./migrations");
 
@@ -116,7 +138,25 @@ pub struct PostgresStore {
     /// of transactions before it were committed, and so read by every node's feed, at least
     /// one purge interval ago.
     purged_horizon: Arc<AtomicU64>,
+    /// Gathers rate-limit steps (`store::batch`); `None`: each goes alone.
+    rate_steps: Option<Batcher<RateStep, RateAnswer>>,
 }
+
+/// Rate-limit batches in flight at once (each one transaction on a connection of its own).
+const RATE_LANES: usize = 2;
+
+/// One rate-limit step as a batch carries it.
+struct RateStep {
+    policy: String,
+    key: String,
+    gcra: Gcra,
+    cost: u32,
+    /// Microseconds since the epoch; `None`: the database's clock.
+    at: Option<i64>,
+}
+
+/// allowed, remaining, retry_after_us and reset_after_us, as the functions answer.
+type RateAnswer = (bool, i64, i64, i64);
 
 /// The serving pool: lazy (a database that is down does not stop the start), bounded, every
 /// acquire and statement limited by `--backend-timeout`. (`auth-sidecar migrate` connects
@@ -305,6 +345,16 @@ impl PostgresStore {
             view: (config.cache > 0).then(|| View::new(BACKEND, config.cache)),
             persistent: !config.transaction_pooling,
             purged_horizon: Arc::new(AtomicU64::new(0)),
+            // Batches in flight at once: each takes a connection of the pool for one
+            // transaction; the others are for everything else.
+            rate_steps: (config.batch > 1).then(|| {
+                Batcher::new(
+                    BACKEND,
+                    "rate_limit",
+                    config.batch,
+                    RATE_LANES.min(config.max_connections as usize),
+                )
+            }),
         };
         // A transaction pooler gives no session to LISTEN on: the view then reads the change
         // log through the pool.
@@ -361,6 +411,41 @@ impl PostgresStore {
             conn.finish(result).await
         };
         super::bounded(BACKEND, op, self.timeout, statements).await
+    }
+
+    /// The steps of a batch in one statement, in the order given (see
+    /// `auth_sidecar_rate_limit_many`). A statement that fails fails each step.
+    async fn rate_limit_many(&self, steps: Vec<RateStep>) -> Vec<Result<RateAnswer, StoreError>> {
+        let n = steps.len();
+        let column = |f: fn(&RateStep) -> i64| steps.iter().map(f).collect::<Vec<i64>>();
+        let policies: Vec<&str> = steps.iter().map(|s| s.policy.as_str()).collect();
+        let keys: Vec<&str> = steps.iter().map(|s| s.key.as_str()).collect();
+        let at: Vec<Option<i64>> = steps.iter().map(|s| s.at).collect();
+        let rows: Result<Vec<RateAnswer>, StoreError> = self
+            .call("rate_limit", async |conn| {
+                sqlx::query_as(
+                    "SELECT * FROM auth_sidecar_rate_limit_many($1, $2, $3, $4, $5, $6, $7)",
+                )
+                .persistent(self.persistent)
+                .bind(&policies)
+                .bind(&keys)
+                .bind(column(|s| s.gcra.interval_us))
+                .bind(column(|s| s.gcra.burst))
+                .bind(column(|s| s.gcra.lockout_us))
+                .bind(column(|s| i64::from(s.cost)))
+                .bind(&at)
+                .fetch_all(conn)
+                .await
+            })
+            .await;
+        match rows {
+            Ok(rows) if rows.len() == n => rows.into_iter().map(Ok).collect(),
+            Ok(rows) => {
+                let e = unavailable(format!("rate_limit: {} rows for {n} steps", rows.len()));
+                vec![Err(e); n]
+            }
+            Err(e) => vec![Err(e); n],
+        }
     }
 
     /// Runs a statement that writes the fact `name` (as the change feed names it), then drops
@@ -1217,21 +1302,43 @@ impl Store for PostgresStore {
         cost: u32,
         at: Option<SystemTime>,
     ) -> Result<Decision, StoreError> {
-        let (allowed, remaining, retry_us, reset_us): (bool, i64, i64, i64) = self
-            .call("rate_limit", async |conn| {
-                sqlx::query_as("SELECT * FROM auth_sidecar_rate_limit($1, $2, $3, $4, $5, $6, $7)")
+        let step = RateStep {
+            policy: policy.to_owned(),
+            key: key.to_owned(),
+            gcra: p,
+            cost,
+            at: at.map(super::micros),
+        };
+        let (allowed, remaining, retry_us, reset_us) = match &self.rate_steps {
+            Some(batcher) => {
+                let lane = || {
+                    let store = self.clone();
+                    move |steps| {
+                        let store = store.clone();
+                        async move { store.rate_limit_many(steps).await }
+                    }
+                };
+                batcher.submit(step, self.timeout, lane).await?
+            }
+            None => {
+                self.call("rate_limit", async |conn| {
+                    sqlx::query_as(
+                        "SELECT * FROM auth_sidecar_rate_limit($1, $2, $3, $4, $5, $6, $7)",
+                    )
                     .persistent(self.persistent)
-                    .bind(policy)
-                    .bind(key)
+                    .bind(&step.policy)
+                    .bind(&step.key)
                     .bind(p.interval_us)
                     .bind(p.burst)
                     .bind(p.lockout_us)
                     .bind(cost as i64)
-                    .bind(at.map(super::micros))
+                    .bind(step.at)
                     .fetch_one(conn)
                     .await
-            })
-            .await?;
+                })
+                .await?
+            }
+        };
         Ok(Decision::from_micros(
             allowed, p, remaining, retry_us, reset_us,
         ))

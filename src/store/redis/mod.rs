@@ -17,13 +17,14 @@ use redis::{
 };
 use tokio::sync::OnceCell;
 
+use super::batch::Batcher;
 use super::cache::{Entry, Fact, Lookup, View};
 use super::{
     Beat, Facts, Family, MfaEnrolled, MfaRecord, Registry, Rotation, Session, StepAccept, Store,
     StoreError, Successor, TokenCheck, from_millis, micros, millis, session_tag, subject_tag,
 };
-use crate::config::{RedisConfig, RedisTls};
 use crate::rules::gcra::{Decision, Gcra};
+use crate::secret::Secret;
 
 const BACKEND: &str = "redis";
 
@@ -34,6 +35,11 @@ const MARKER: usize = 4;
 /// Prepended to the scripts that work on sessions and cutoffs.
 const SESSION_LIB: &str = include_str!("session_lib.lua");
 const REGISTRY_LIB: &str = include_str!("registry_lib.lua");
+const GCRA_LIB: &str = include_str!("gcra_lib.lua");
+
+/// Batches that may be in flight at once on the one multiplexed connection: while one is at
+/// Redis the next gathers, and one more may be on its way.
+const RATE_LANES: usize = 4;
 
 /// A connection to one Redis or to a cluster; cloning shares it.
 #[derive(Clone)]
@@ -70,6 +76,35 @@ impl ConnectionLike for Connection {
     }
 }
 
+/// The settings of a Redis store, built by `config`.
+#[derive(Debug, Clone)]
+pub struct RedisConfig {
+    /// One URL, or with `cluster` comma-separated seed nodes.
+    pub url: Secret,
+    /// A replica that carries the revocation view's feed; `None`: the primary does.
+    pub feed_url: Option<Secret>,
+    pub cluster: bool,
+    /// Prefix of every key.
+    pub prefix: String,
+    /// Longest a call may take.
+    pub timeout: Duration,
+    /// Memory for the revocation view; 0 for none.
+    pub cache: u64,
+    /// Most calls of one kind gathered into one round trip while another is in flight (see
+    /// `store::batch`); 0 or 1: each call goes alone.
+    pub batch: usize,
+    pub tls: RedisTls,
+}
+
+/// What a rediss:// connection trusts and presents, read from the files at start.
+#[derive(Debug, Clone, Default)]
+pub struct RedisTls {
+    /// PEM certificates of the authorities to trust; `None`: the public roots.
+    pub ca: Option<Vec<u8>>,
+    /// PEM certificate chain and private key to present.
+    pub client: Option<(Vec<u8>, Secret)>,
+}
+
 #[derive(Clone)]
 pub struct RedisStore {
     conn: Arc<OnceCell<Connection>>,
@@ -80,11 +115,40 @@ pub struct RedisStore {
     scripts: Arc<Scripts>,
     /// The revocation view, kept by a tracking connection (none on a cluster, or when off).
     view: Option<View>,
+    cluster: bool,
+    /// Gathers rate-limit steps (`store::batch`); `None`: each goes alone.
+    rate_steps: Option<Batcher<RateStep, RateAnswer>>,
+}
+
+/// One rate-limit step as a batch carries it.
+struct RateStep {
+    key: String,
+    gcra: Gcra,
+    cost: u32,
+    /// Microseconds since the epoch; `None`: Redis's clock.
+    at: Option<i64>,
+}
+
+/// allowed, remaining, retry_after_us and reset_after_us, as the scripts answer.
+type RateAnswer = (i64, i64, i64, i64);
+
+impl RateStep {
+    /// Its key and its five arguments, as rate_limit.lua takes them.
+    fn push(&self, invocation: &mut redis::ScriptInvocation<'_>) {
+        invocation
+            .key(&self.key)
+            .arg(self.gcra.interval_us)
+            .arg(self.gcra.burst)
+            .arg(self.gcra.lockout_us)
+            .arg(self.cost)
+            .arg(self.at.map(|t| t.to_string()).unwrap_or_default());
+    }
 }
 
 struct Scripts {
     revoke: Script,
     rate_limit: Script,
+    rate_limit_many: Script,
     put_session: Script,
     touch_session: Script,
     end_session: Script,
@@ -104,9 +168,11 @@ impl Scripts {
     fn new() -> Scripts {
         let with_lib = |body: &str| Script::new(&format!("{SESSION_LIB}{body}"));
         let registry = |body: &str| Script::new(&format!("{REGISTRY_LIB}{body}"));
+        let gcra = |body: &str| Script::new(&format!("{GCRA_LIB}{body}"));
         Scripts {
             revoke: Script::new(include_str!("revoke.lua")),
-            rate_limit: Script::new(include_str!("rate_limit.lua")),
+            rate_limit: gcra(include_str!("rate_limit.lua")),
+            rate_limit_many: gcra(include_str!("rate_limit_many.lua")),
             put_session: with_lib(include_str!("session_put.lua")),
             touch_session: with_lib(include_str!("session_touch.lua")),
             end_session: with_lib(include_str!("session_end.lua")),
@@ -232,6 +298,9 @@ impl RedisStore {
             timeout,
             scripts: Arc::new(Scripts::new()),
             view: None,
+            cluster: config.cluster,
+            rate_steps: (config.batch > 1)
+                .then(|| Batcher::new(BACKEND, "rate_limit", config.batch, RATE_LANES)),
         };
         if config.cache > 0 && config.cluster {
             let view = View::new(BACKEND, config.cache);
@@ -424,6 +493,60 @@ impl RedisStore {
         if let Some(view) = &self.view {
             view.forget(key);
         }
+    }
+
+    /// The steps of a batch, in the order given, in one script call; on a cluster one call per
+    /// hash slot, side by side (a script's keys must share a slot), each slot's steps still
+    /// in the order given. A call that fails fails each of its steps.
+    async fn rate_limit_many(&self, steps: Vec<RateStep>) -> Vec<Result<RateAnswer, StoreError>> {
+        let slots: Vec<Vec<usize>> = if self.cluster {
+            let mut by_slot: HashMap<redis::cluster_routing::Slot, Vec<usize>> = HashMap::new();
+            for (i, step) in steps.iter().enumerate() {
+                by_slot
+                    .entry(redis::cluster_routing::Slot::for_key(&step.key))
+                    .or_default()
+                    .push(i);
+            }
+            by_slot.into_values().collect()
+        } else {
+            vec![(0..steps.len()).collect()]
+        };
+        let calls = slots.into_iter().map(|group| {
+            let mut invocation = self.scripts.rate_limit_many.prepare_invoke();
+            for &i in &group {
+                steps[i].push(&mut invocation);
+            }
+            async move {
+                let answer: Result<Vec<i64>, _> = self.invoke("rate_limit", invocation).await;
+                (group, answer)
+            }
+        });
+        let mut answers: Vec<Result<RateAnswer, StoreError>> = (0..steps.len())
+            .map(|_| Err(unavailable("rate_limit: no answer for this step")))
+            .collect();
+        for (group, answer) in futures_util::future::join_all(calls).await {
+            match answer {
+                Ok(values) if values.len() == 4 * group.len() => {
+                    for (i, v) in group.into_iter().zip(values.chunks_exact(4)) {
+                        answers[i] = if v[0] == -1 {
+                            Err(unavailable("rate_limit: a step's key holds another type"))
+                        } else {
+                            Ok((v[0], v[1], v[2], v[3]))
+                        };
+                    }
+                }
+                Ok(values) => {
+                    let e = unavailable(format!(
+                        "rate_limit: {} numbers for {} steps",
+                        values.len(),
+                        group.len()
+                    ));
+                    group.into_iter().for_each(|i| answers[i] = Err(e.clone()));
+                }
+                Err(e) => group.into_iter().for_each(|i| answers[i] = Err(e.clone())),
+            }
+        }
+        answers
     }
 
     /// Runs one script invocation, bounded by the backend timeout.
@@ -1053,15 +1176,29 @@ impl Store for RedisStore {
             }
         }
         let sent_ms = millis(SystemTime::now());
-        let mut invocation = self.scripts.rate_limit.prepare_invoke();
-        invocation
-            .key(self.rate_key(policy, key))
-            .arg(p.interval_us)
-            .arg(p.burst)
-            .arg(p.lockout_us)
-            .arg(cost)
-            .arg(at.map(|t| micros(t).to_string()).unwrap_or_default());
-        let answer: Result<(i64, i64, i64, i64), _> = self.invoke("rate_limit", invocation).await;
+        let step = RateStep {
+            key: self.rate_key(policy, key),
+            gcra: p,
+            cost,
+            at: at.map(micros),
+        };
+        let answer = match &self.rate_steps {
+            Some(batcher) => {
+                let lane = || {
+                    let store = self.clone();
+                    move |steps| {
+                        let store = store.clone();
+                        async move { store.rate_limit_many(steps).await }
+                    }
+                };
+                batcher.submit(step, self.timeout, lane).await
+            }
+            None => {
+                let mut invocation = self.scripts.rate_limit.prepare_invoke();
+                step.push(&mut invocation);
+                self.invoke("rate_limit", invocation).await
+            }
+        };
         if let (Some(view), Some((name, ticket))) = (denials, claim) {
             match &answer {
                 Ok((0, remaining, retry_us, reset_us)) => view.fill(
