@@ -5,7 +5,9 @@
 //! on redis and tiered, and Validate and Issue with every family of signing key (HS256,
 //! ES256, EdDSA, RS256) and with an ES256 key in a SoftHSM2 token, in one run. The shared backends run twice, with the revocation view
 //! and without it (`--revocation-cache 0`), for a repeated token, 20,000 distinct tokens and a
-//! hot denied rate-limit key; Envoy's ext_authz Check (a valid token), ShouldRateLimit and
+//! hot denied rate-limit key; CheckRateLimit on every backend, with rate-limit steps gathered
+//! into one round trip (`--store-batch`, the default) and without (`... unbatched`), with
+//! each backend's CPU per call beside the sidecar's; Envoy's ext_authz Check (a valid token), ShouldRateLimit and
 //! MfaService's VerifyTotp on memory and redis. Scenarios run in alternating rounds, so drift on a shared machine touches
 //! all of them alike; the figures are medians over the rounds, and each is given as a ratio to
 //! Check.
@@ -120,15 +122,21 @@ struct Target {
     cache: bool,
     /// Whether the key is in a PKCS#11 token (a SoftHSM2 token made for the run).
     hsm: bool,
+    /// Whether rate-limit steps are gathered into one round trip (`--store-batch`, the
+    /// default) or each goes alone (`--store-batch 0`).
+    batch: bool,
 }
 
 /// Every backend with an HS256 key, the memory backend with each public-key algorithm, and
 /// the memory backend exporting every span to an OTLP collector.
-const TARGETS: [Target; 12] = [
+const TARGETS: [Target; 15] = [
     Target::hs256("memory"),
     Target::hs256("redis"),
     Target::hs256("postgres"),
     Target::hs256("tiered"),
+    Target::unbatched("redis unbatched", "redis"),
+    Target::unbatched("postgres unbatched", "postgres"),
+    Target::unbatched("tiered unbatched", "tiered"),
     Target::uncached("redis no view", "redis"),
     Target::uncached("postgres no view", "postgres"),
     Target::uncached("tiered no view", "tiered"),
@@ -142,6 +150,7 @@ const TARGETS: [Target; 12] = [
         traced: false,
         cache: true,
         hsm: true,
+        batch: true,
     },
     Target {
         name: "memory traced",
@@ -150,6 +159,7 @@ const TARGETS: [Target; 12] = [
         traced: true,
         cache: true,
         hsm: false,
+        batch: true,
     },
 ];
 
@@ -162,6 +172,7 @@ impl Target {
             traced: false,
             cache: true,
             hsm: false,
+            batch: true,
         }
     }
 
@@ -173,7 +184,21 @@ impl Target {
             traced: false,
             cache: false,
             hsm: false,
+            batch: true,
         }
+    }
+
+    /// CheckRateLimit only, each step its own round trip: the "before" of group commit.
+    const fn unbatched(name: &'static str, storage: &'static str) -> Target {
+        Target {
+            batch: false,
+            ..Target::hs256(storage)
+        }
+        .named(name)
+    }
+
+    const fn named(self, name: &'static str) -> Target {
+        Target { name, ..self }
     }
 
     const fn keyed(name: &'static str, alg: Alg) -> Target {
@@ -184,6 +209,7 @@ impl Target {
             traced: false,
             cache: true,
             hsm: false,
+            batch: true,
         }
     }
 }
@@ -222,6 +248,9 @@ struct Round {
     rps: f64,
     /// CPU time the sidecar process spent per call, user and system.
     server_cpu: Duration,
+    /// CPU time the backend spent per call: Redis's own count, or the machine's PostgreSQL
+    /// processes'; zero on memory.
+    backend_cpu: Duration,
     p50: Duration,
     p99: Duration,
 }
@@ -244,6 +273,14 @@ fn main() {
         .collect();
     if pinned {
         set_affinity(0, (1..cores).collect());
+        // The machine's Redis and PostgreSQL (and the backends PostgreSQL forks later) share
+        // the load generator's cores: a backend on the sidecar's core would make its figures
+        // those of the two together, as they never are in a pod.
+        for server in ["redis-server", "postgres"] {
+            for pid in pids(server) {
+                set_affinity(pid as libc::pid_t, (1..cores).collect());
+            }
+        }
     }
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .worker_threads((cores - 1).max(1))
@@ -259,6 +296,15 @@ fn main() {
     }];
     for (backend, target) in TARGETS.iter().enumerate() {
         let name = target.name;
+        if !target.batch || ["postgres", "tiered"].contains(&name) {
+            cases.push(Case {
+                scenario: Scenario::RateLimit,
+                backend,
+            });
+        }
+        if !target.batch {
+            continue;
+        }
         cases.push(Case {
             scenario: Scenario::Validate,
             backend,
@@ -357,6 +403,8 @@ fn main() {
             for (i, c) in cases.iter().enumerate() {
                 let d = Duration::from_secs_f64(opts.seconds);
                 let pid = sidecars[c.backend].0.id();
+                let storage = TARGETS[c.backend].storage;
+                let backend_before = backend_cpu(storage);
                 let cpu_before = cpu_time(pid);
                 let mut round = run(
                     c.scenario,
@@ -368,6 +416,7 @@ fn main() {
                 .await;
                 let calls = round.rps * d.as_secs_f64();
                 round.server_cpu = (cpu_time(pid) - cpu_before).div_f64(calls);
+                round.backend_cpu = (backend_cpu(storage) - backend_before).div_f64(calls);
                 results[i].push(round);
             }
         }
@@ -406,8 +455,8 @@ fn main() {
         }
     );
     println!(
-        "{:<30} {:>10} {:>10} {:>10} {:>9} {:>14}",
-        "scenario", "req/s", "p50", "p99", "vs Check", "server cpu/call"
+        "{:<36} {:>10} {:>10} {:>10} {:>9} {:>14} {:>14}",
+        "scenario", "req/s", "p50", "p99", "vs Check", "server cpu/call", "backend cpu/call"
     );
     let ceiling = median(results[0].iter().map(|r| r.rps));
     for (c, rounds) in cases.iter().zip(&results) {
@@ -415,14 +464,16 @@ fn main() {
         let p50 = median(rounds.iter().map(|r| r.p50.as_secs_f64() * 1e6));
         let p99 = median(rounds.iter().map(|r| r.p99.as_secs_f64() * 1e6));
         let cpu = median(rounds.iter().map(|r| r.server_cpu.as_secs_f64() * 1e6));
+        let backend = median(rounds.iter().map(|r| r.backend_cpu.as_secs_f64() * 1e6));
         println!(
-            "{:<30} {:>10.0} {:>8.0}us {:>8.0}us {:>8.2}x {:>12.1}us",
+            "{:<36} {:>10.0} {:>8.0}us {:>8.0}us {:>8.2}x {:>12.1}us {:>14.1}us",
             c.name(),
             rps,
             p50,
             p99,
             rps / ceiling,
-            cpu
+            cpu,
+            backend
         );
     }
     for (storage, (samples, accepted)) in staleness {
@@ -669,14 +720,19 @@ async fn run(
                         assert!(!r.get_ref().allowed || r.get_ref().remaining == 0);
                     }
                     Scenario::RateLimit => {
-                        // One key per caller: the step's own cost, not contention on a key.
-                        api.check_rate_limit(pb::CheckRateLimitRequest {
-                            policy: "bench".into(),
-                            key: format!("caller-{i}"),
-                            cost: None,
-                        })
-                        .await
-                        .unwrap();
+                        // Keys of the caller's own, 100 in turn (3,200 in all, each stored
+                        // once warm): the step's own cost on many distinct keys, not
+                        // contention on one, nor the first insert of each key.
+                        next = (next + 1) % 100;
+                        let r = api
+                            .check_rate_limit(pb::CheckRateLimitRequest {
+                                policy: "bench".into(),
+                                key: format!("caller-{i}-{next}"),
+                                cost: None,
+                            })
+                            .await
+                            .unwrap();
+                        assert!(r.get_ref().allowed);
                     }
                     Scenario::ExtAuthz => {
                         authz.ready().await.unwrap();
@@ -742,6 +798,7 @@ async fn run(
     Round {
         rps: total.len() as f64 / elapsed,
         server_cpu: Duration::ZERO,
+        backend_cpu: Duration::ZERO,
         p50: Duration::from_nanos(total.value_at_quantile(0.5)),
         p99: Duration::from_nanos(total.value_at_quantile(0.99)),
     }
@@ -855,14 +912,54 @@ async fn connect_all(api: &str, n: usize) -> Vec<Channel> {
 
 /// User plus system CPU time of a process so far, from /proc (Linux).
 fn cpu_time(pid: u32) -> Duration {
-    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).expect("read /proc stat");
+    cpu_time_of(pid).expect("read /proc stat")
+}
+
+/// The same, or `None` once the process is gone.
+fn cpu_time_of(pid: u32) -> Option<Duration> {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
     // Fields after the parenthesised command name; utime and stime are the 14th and 15th.
-    let rest = &stat[stat.rfind(')').expect("stat format") + 2..];
+    let rest = &stat[stat.rfind(')')? + 2..];
     let fields: Vec<&str> = rest.split_whitespace().collect();
-    let ticks: u64 = fields[11].parse::<u64>().unwrap() + fields[12].parse::<u64>().unwrap();
+    let ticks: u64 = fields[11].parse::<u64>().ok()? + fields[12].parse::<u64>().ok()?;
     // SAFETY: sysconf has no preconditions.
     let hz = unsafe { libc::sysconf(libc::_SC_CLK_TCK) } as u64;
-    Duration::from_secs_f64(ticks as f64 / hz as f64)
+    Some(Duration::from_secs_f64(ticks as f64 / hz as f64))
+}
+
+/// CPU time the backend of `storage` has spent so far: Redis's `used_cpu_user` and
+/// `used_cpu_sys` from `INFO cpu` (redis, and tiered, whose steps go to Redis), or every
+/// process of the machine's PostgreSQL (postgres); zero for memory.
+fn backend_cpu(storage: &str) -> Duration {
+    match storage {
+        "redis" | "tiered" => {
+            let out = Command::new("redis-cli")
+                .args(["-p", "6379", "INFO", "cpu"])
+                .output()
+                .expect("redis-cli runs");
+            let info = String::from_utf8_lossy(&out.stdout);
+            let field = |name: &str| -> f64 {
+                info.lines()
+                    .find_map(|l| l.strip_prefix(name)?.strip_prefix(':')?.trim().parse().ok())
+                    .expect("INFO cpu has the field")
+            };
+            Duration::from_secs_f64(field("used_cpu_user") + field("used_cpu_sys"))
+        }
+        "postgres" => pids("postgres").into_iter().filter_map(cpu_time_of).sum(),
+        _ => Duration::ZERO,
+    }
+}
+
+/// The processes named `name`, as pgrep finds them.
+fn pids(name: &str) -> Vec<u32> {
+    let out = Command::new("pgrep")
+        .args(["-x", name])
+        .output()
+        .expect("pgrep runs");
+    String::from_utf8_lossy(&out.stdout)
+        .lines()
+        .filter_map(|pid| pid.trim().parse().ok())
+        .collect()
 }
 
 /// Binds process `pid` (0: this one) to `cpus`.
@@ -968,6 +1065,7 @@ fn start_sidecar(
         "--revocation-cache",
         if target.cache { "64MiB" } else { "0" },
     ])
+    .args(["--store-batch", if target.batch { "64" } else { "0" }])
     .env("REDIS_URL", "redis://127.0.0.1:6379")
     .env(
         "DATABASE_URL",

@@ -220,8 +220,8 @@ fn describe() {
     );
     describe_histogram!(
         "authsidecar_backend_batch_calls",
-        "Calls carried by one round trip to the store, by backend and operation (see \
-         --store-batch)"
+        "Calls carried by one round trip to the store, by backend (redis, postgres) and \
+         operation (rate_limit); see --store-batch"
     );
     describe_counter!(
         "authsidecar_backend_errors_total",

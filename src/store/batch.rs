@@ -69,11 +69,13 @@ impl<R: Send + 'static, A: Send + 'static> Batcher<R, A> {
         }
     }
 
-    /// Sends `step` in the next batch, and waits at most `deadline` for its answer. A call
-    /// that finds a lane free makes the lane's `run` with `lane` (so the others make
-    /// nothing): it gets the steps of each batch in arrival order and answers each, in that
-    /// order, in a task of its own, so that a caller that goes away never cancels the others'
-    /// round trip.
+    /// Sends `step` in the next batch, and waits at most `deadline` for its answer. `lane`
+    /// makes the function that sends a batch: it gets the steps in arrival order and answers
+    /// each, in that order. Only a call that finds a lane free makes one, and it finds the
+    /// queue empty then (a lane gives itself back only when nothing waits), so its batch is
+    /// itself alone: it carries that batch itself, with no hop to another task. The calls that
+    /// gathered meanwhile are carried on by a task of its own, so that a caller that goes
+    /// away, even mid-flight, never cancels the others' round trip.
     pub async fn submit<F, Fut>(
         &self,
         step: R,
@@ -93,14 +95,19 @@ impl<R: Send + 'static, A: Send + 'static> Batcher<R, A> {
                 self.shared.take(&mut state)
             })
         };
-        if let Some(batch) = first {
-            tokio::spawn(drive(self.shared.clone(), batch, lane()));
-        }
         let fail = |why: &str| StoreError {
             backend: self.shared.backend,
             detail: format!("{}: {why}", self.shared.op),
         };
-        match tokio::time::timeout(deadline, answer).await {
+        let work = async {
+            if let Some(batch) = first {
+                let mut lane = Lane::new(self.shared.clone(), lane());
+                lane.carry(batch).await;
+                lane.hand_off();
+            }
+            answer.await
+        };
+        match tokio::time::timeout(deadline, work).await {
             Ok(Ok(result)) => result,
             Ok(Err(_)) => Err(fail("its batch ended without an answer")),
             Err(_) => Err(fail(&format!("timed out after {deadline:?}"))),
@@ -128,54 +135,106 @@ impl<R, A> Shared<R, A> {
     }
 }
 
-/// Gives a lane back if its task ends by a panic in `run`: a lane lost would stall the
-/// gathering for good once every lane was.
-struct Lane<R, A> {
+/// A lane in flight, and the function that sends its batches. Dropped while it holds the lane
+/// (its caller went away mid-flight, or `run` panicked), it still hands the lane on, so that a
+/// lane is never lost and no call is left waiting for one.
+struct Lane<R, A, F>
+where
+    R: Send + 'static,
+    A: Send + 'static,
+    F: LaneFn<R, A>,
+{
     shared: Arc<Shared<R, A>>,
+    run: Option<F>,
     held: bool,
 }
 
-impl<R, A> Drop for Lane<R, A> {
-    fn drop(&mut self) {
-        if self.held {
-            self.shared.lock().in_flight -= 1;
-        }
+/// What sends a batch: its steps in, one answer per step out, in order.
+trait LaneFn<R, A>: Send + 'static {
+    type Fut: Future<Output = Vec<Result<A, StoreError>>> + Send + 'static;
+    fn send(&self, steps: Vec<R>) -> Self::Fut;
+}
+
+impl<R, A, F, Fut> LaneFn<R, A> for F
+where
+    F: Fn(Vec<R>) -> Fut + Send + 'static,
+    Fut: Future<Output = Vec<Result<A, StoreError>>> + Send + 'static,
+{
+    type Fut = Fut;
+    fn send(&self, steps: Vec<R>) -> Fut {
+        self(steps)
     }
 }
 
-/// Runs a lane: its first batch, then the batches that gathered meanwhile, until none waits.
-async fn drive<R, A, F, Fut>(shared: Arc<Shared<R, A>>, mut batch: Vec<(R, Reply<A>)>, run: F)
-where
-    F: Fn(Vec<R>) -> Fut,
-    Fut: Future<Output = Vec<Result<A, StoreError>>>,
-{
-    let mut lane = Lane { shared, held: true };
-    loop {
-        if !batch.is_empty() {
-            crate::telemetry::record_batch(lane.shared.backend, lane.shared.op, batch.len());
-            let (steps, replies): (Vec<R>, Vec<Reply<A>>) = batch.into_iter().unzip();
-            let sent = replies.len();
-            let mut answers = run(steps).await.into_iter();
-            for reply in replies {
-                let answer = answers.next().unwrap_or_else(|| {
-                    Err(StoreError {
-                        backend: lane.shared.backend,
-                        detail: format!("{}: a batch of {sent} got fewer answers", lane.shared.op),
-                    })
-                });
-                let _ = reply.send(answer);
-            }
+impl<R: Send + 'static, A: Send + 'static, F: LaneFn<R, A>> Lane<R, A, F> {
+    fn new(shared: Arc<Shared<R, A>>, run: F) -> Self {
+        Lane {
+            shared,
+            run: Some(run),
+            held: true,
         }
-        let mut state = lane.shared.lock();
-        if state.waiting.is_empty() {
-            // Given back under the lock that found nothing waiting, so that a call that
-            // arrives after this finds the lane free.
-            state.in_flight -= 1;
-            drop(state);
-            lane.held = false;
+    }
+
+    /// Sends one batch and hands each caller its answer.
+    async fn carry(&mut self, batch: Vec<(R, Reply<A>)>) {
+        let Some(run) = &self.run else { return };
+        if batch.is_empty() {
             return;
         }
-        batch = lane.shared.take(&mut state);
+        let (backend, op) = (self.shared.backend, self.shared.op);
+        crate::telemetry::record_batch(backend, op, batch.len());
+        let (steps, replies): (Vec<R>, Vec<Reply<A>>) = batch.into_iter().unzip();
+        let sent = replies.len();
+        let mut answers = run.send(steps).await.into_iter();
+        for reply in replies {
+            let answer = answers.next().unwrap_or_else(|| {
+                Err(StoreError {
+                    backend,
+                    detail: format!("{op}: a batch of {sent} got fewer answers"),
+                })
+            });
+            let _ = reply.send(answer);
+        }
+    }
+
+    /// Under the lock: the next batch, or, when nothing waits, `None` with the lane given
+    /// back (so that a call arriving after this finds it free).
+    fn next(&mut self) -> Option<Vec<(R, Reply<A>)>> {
+        let mut state = self.shared.lock();
+        if state.waiting.is_empty() {
+            state.in_flight -= 1;
+            self.held = false;
+            return None;
+        }
+        Some(self.shared.take(&mut state))
+    }
+
+    /// Gives the lane back, or passes it, with the calls that gathered, to a task of its own.
+    fn hand_off(&mut self) {
+        let Some(batch) = self.next() else { return };
+        let Some(run) = self.run.take() else { return };
+        self.held = false;
+        let mut lane = Lane::new(self.shared.clone(), run);
+        tokio::spawn(async move {
+            let mut batch = Some(batch);
+            while let Some(next) = batch {
+                lane.carry(next).await;
+                batch = lane.next();
+            }
+        });
+    }
+}
+
+impl<R: Send + 'static, A: Send + 'static, F: LaneFn<R, A>> Drop for Lane<R, A, F> {
+    fn drop(&mut self) {
+        if !self.held {
+            return;
+        }
+        if tokio::runtime::Handle::try_current().is_ok() && self.run.is_some() {
+            self.hand_off();
+        } else {
+            self.shared.lock().in_flight -= 1;
+        }
     }
 }
 
@@ -275,6 +334,30 @@ mod tests {
         let run = |steps: Vec<u32>| async move { steps.into_iter().skip(1).map(Ok).collect() };
         let batcher = Batcher::new("test", "step", 64, 1);
         assert!(batcher.submit(1, LONG, || run).await.is_err());
+    }
+
+    #[tokio::test]
+    async fn a_leader_that_goes_away_mid_flight_still_hands_its_lane_on() {
+        let (seen, run) = recording(Duration::from_millis(100));
+        let batcher = Batcher::new("test", "step", 64, 1);
+        let leader = tokio::spawn({
+            let (b, run) = (batcher.clone(), run.clone());
+            async move { b.submit(0, LONG, || run).await }
+        });
+        tokio::time::sleep(Duration::from_millis(20)).await;
+        let follower = tokio::spawn({
+            let (b, run) = (batcher.clone(), run.clone());
+            async move { b.submit(1, LONG, || run).await }
+        });
+        tokio::time::sleep(Duration::from_millis(20)).await;
+        leader.abort();
+        let answer = tokio::time::timeout(Duration::from_secs(2), follower).await;
+        assert_eq!(
+            answer.expect("the follower was carried").unwrap().unwrap(),
+            1
+        );
+        assert_eq!(batcher.submit(2, LONG, || run).await.unwrap(), 2);
+        assert_eq!(*seen.lock().unwrap(), vec![vec![0], vec![1], vec![2]]);
     }
 
     #[tokio::test]
