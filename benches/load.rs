@@ -5,7 +5,7 @@
 //! on redis and tiered, and Validate and Issue with every family of signing key (HS256,
 //! ES256, EdDSA, RS256) and with an ES256 key in a SoftHSM2 token, in one run. The shared backends run twice, with the revocation view
 //! and without it (`--revocation-cache 0`), for a repeated token, 20,000 distinct tokens and a
-//! hot denied rate-limit key; CheckRateLimit on every backend, with rate-limit steps gathered
+//! hot denied rate-limit key (redis and postgres); CheckRateLimit on every backend, with rate-limit steps gathered
 //! into one round trip (`--store-batch`, the default) and without (`... unbatched`), with
 //! each backend's CPU per call beside the sidecar's; Envoy's ext_authz Check (a valid token), ShouldRateLimit and
 //! MfaService's VerifyTotp on memory and redis. Scenarios run in alternating rounds, so drift on a shared machine touches
@@ -341,7 +341,7 @@ fn main() {
                 cases.push(Case { scenario, backend });
             }
         }
-        if name == "redis" || name == "redis no view" {
+        if ["redis", "redis no view", "postgres", "postgres no view"].contains(&name) {
             cases.push(Case {
                 scenario: Scenario::RateLimitDenied,
                 backend,

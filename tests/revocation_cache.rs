@@ -592,12 +592,12 @@ fn secs(d: &Option<prost_types::Duration>) -> f64 {
 }
 
 /// A denied key stays denied on every node until its retry_after, answered from the view;
-/// ResetRateLimit on another node reaches the view through the feed, and so does the end of
-/// a lockout (its retry_after).
-#[tokio::test]
-async fn denials_are_kept_until_reset_or_retry() {
+/// ResetRateLimit on another node reaches the view through the feed (Redis's tracking,
+/// PostgreSQL's NOTIFY, the change log through PgBouncer), and so does the end of a lockout
+/// (its retry_after).
+async fn denials_are_kept_until_reset_or_retry(backend: Backend) {
     let d = deployment(
-        Storage::new(Backend::Redis),
+        Storage::new(backend),
         2,
         &[
             "--rate-limit=login=3/1h",
@@ -656,6 +656,21 @@ async fn denials_are_kept_until_reset_or_retry() {
         );
     }
     assert!(locked.elapsed() + Duration::from_millis(50) >= retry);
+}
+
+#[tokio::test]
+async fn denials_are_kept_until_reset_or_retry_on_redis() {
+    denials_are_kept_until_reset_or_retry(Backend::Redis).await
+}
+
+#[tokio::test]
+async fn denials_are_kept_until_reset_or_retry_on_postgres() {
+    denials_are_kept_until_reset_or_retry(Backend::Postgres).await
+}
+
+#[tokio::test]
+async fn denials_are_kept_until_reset_or_retry_through_pgbouncer() {
+    denials_are_kept_until_reset_or_retry(Backend::PgBouncer).await
 }
 
 /// A Redis replica of `primary`, following it through `link`, once its link is up.

@@ -14,9 +14,12 @@
 
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::time::{Duration, Instant};
+use std::time::{Duration, Instant, SystemTime};
 
 use quick_cache::Weighter;
+
+use super::{StoreError, millis};
+use crate::rules::gcra::{Decision, Gcra};
 
 /// One fact, as a backend read it: `None` when the record is absent. What the number means is
 /// the reader's business (a cutoff, a deadline, a flag); the view only stores it.
@@ -282,6 +285,81 @@ fn record_feed_up(backend: &'static str, up: bool) {
     } else {
         0.0
     });
+}
+
+/// A rate-limit denial as the revocation view keeps it: the fact is when the key is back to
+/// its full allowance, `aux` packs the remaining allowance and the cost denied, and the entry
+/// ends when a call of that cost would pass.
+pub(super) struct Denial;
+
+impl Denial {
+    fn entry(sent_ms: i64, cost: u32, remaining: i64, retry_us: i64, reset_us: i64) -> Entry {
+        // Counted from when the call was sent, not answered: the entry ends no later than
+        // the denial does.
+        Entry {
+            fact: Some(sent_ms + reset_us / 1000),
+            aux: (remaining.clamp(0, u32::MAX as i64) << 32) | i64::from(cost.max(1)),
+            until_ms: sent_ms + retry_us / 1000,
+        }
+    }
+
+    /// A rate-limit step through the view: the denial `name` holds answered again while it
+    /// covers this call, or else `step` (allowed, remaining, retry_after_us, reset_after_us)
+    /// run, and kept when it denies. A denial holds until its retry_after on every node, for
+    /// its cost and any higher (the state only moves forward until a reset, whose write the
+    /// feed brings as `name`), so the view may answer it again. `view` is `None` for no view,
+    /// or for calls at a given instant (the conformance traces).
+    pub async fn through(
+        view: Option<&View>,
+        name: &str,
+        p: Gcra,
+        cost: u32,
+        step: impl Future<Output = Result<(bool, i64, i64, i64), StoreError>>,
+    ) -> Result<Decision, StoreError> {
+        let mut claim = None;
+        if let Some(view) = view {
+            let now_ms = millis(SystemTime::now());
+            match view.lookup(name, now_ms) {
+                Lookup::Hit(held) => {
+                    if let Some(decision) = Denial::answer(held, p, cost, now_ms) {
+                        return Ok(decision);
+                    }
+                }
+                Lookup::Miss(ticket) => claim = Some((view, ticket)),
+                Lookup::Bypass => {}
+            }
+        }
+        let sent_ms = millis(SystemTime::now());
+        let answer = step.await;
+        if let Some((view, ticket)) = claim {
+            match &answer {
+                Ok((false, remaining, retry_us, reset_us)) => view.fill(
+                    name,
+                    ticket,
+                    Denial::entry(sent_ms, cost, *remaining, *retry_us, *reset_us),
+                ),
+                _ => view.abandon(name, ticket),
+            }
+        }
+        let (allowed, remaining, retry_us, reset_us) = answer?;
+        Ok(Decision::from_micros(
+            allowed, p, remaining, retry_us, reset_us,
+        ))
+    }
+
+    /// The decision again, for a call of `cost` at `now_ms`, if the denial covers it.
+    fn answer(held: Entry, p: Gcra, cost: u32, now_ms: i64) -> Option<Decision> {
+        let denied_cost = held.aux & 0xffff_ffff;
+        (i64::from(cost.max(1)) >= denied_cost).then(|| {
+            Decision::from_micros(
+                false,
+                p,
+                held.aux >> 32,
+                (held.until_ms - now_ms) * 1000,
+                (held.fact.unwrap_or(now_ms) - now_ms) * 1000,
+            )
+        })
+    }
 }
 
 #[cfg(test)]

@@ -171,6 +171,19 @@ BEGIN
 END
 $$;
 
+-- Forgets a rate-limit state, and tells every node's revocation view that `p_fact` changed
+-- (a NOTIFY, and a change log row for the nodes behind a transaction pooler), so that a denial
+-- of it that a view holds goes. Purging expired states needs no word: a denial ends before
+-- its state does.
+CREATE OR REPLACE FUNCTION auth_sidecar_reset_rate_limit(p_policy TEXT, p_key TEXT, p_fact TEXT)
+RETURNS VOID LANGUAGE plpgsql AS $$
+BEGIN
+    DELETE FROM rate_limits WHERE policy = p_policy AND key = p_key;
+    PERFORM pg_notify('auth_sidecar_facts', p_fact);
+    INSERT INTO change_log (fact) VALUES (p_fact);
+END
+$$;
+
 -- Spends a refresh token under the family's row lock: `rules::rotation::step`. outcome:
 -- rotated, replay (with the successor), reused or gone. The token spent last replays within
 -- its grace, and once more after it (`retried`). A revoked token never rotates or replays;

@@ -13,7 +13,7 @@ use sqlx::migrate::Migrator;
 use sqlx::postgres::{PgConnectOptions, PgPoolOptions};
 
 use super::batch::Batcher;
-use super::cache::{Entry, Fact, Lookup, Ticket, View};
+use super::cache::{Denial, Entry, Fact, Lookup, Ticket, View};
 use super::{
     Beat, Facts, Family, MfaEnrolled, MfaRecord, Registry, Rotation, Session, StepAccept, Store,
     StoreError, Successor, TokenCheck, from_millis, millis,
@@ -140,6 +140,12 @@ pub struct PostgresStore {
     purged_horizon: Arc<AtomicU64>,
     /// Gathers rate-limit steps (`store::batch`); `None`: each goes alone.
     rate_steps: Option<Batcher<RateStep, RateAnswer>>,
+}
+
+/// The change feed's name for a reset of the rate-limit state of (policy, key), under which
+/// the revocation view keeps a denial of it. Length-prefixed, so no pair names another's.
+fn reset_fact(policy: &str, key: &str) -> String {
+    format!("l:{}:{policy}:{key}", policy.len())
 }
 
 /// Rate-limit batches in flight at once (each one transaction on a connection of its own).
@@ -1331,30 +1337,33 @@ impl Store for PostgresStore {
             cost,
             at: at.map(super::micros),
         };
-        let (allowed, remaining, retry_us, reset_us) = match &self.rate_steps {
-            Some(batcher) => {
-                let lane = || {
-                    let store = self.clone();
-                    move |steps| {
-                        let store = store.clone();
-                        async move { store.rate_limit_many(steps).await }
-                    }
-                };
-                batcher.submit(step, self.timeout, lane).await?
+        let answer = async {
+            match &self.rate_steps {
+                Some(batcher) => {
+                    let lane = || {
+                        let store = self.clone();
+                        move |steps| {
+                            let store = store.clone();
+                            async move { store.rate_limit_many(steps).await }
+                        }
+                    };
+                    batcher.submit(step, self.timeout, lane).await
+                }
+                None => self.rate_limit_one(&step).await,
             }
-            None => self.rate_limit_one(&step).await?,
         };
-        Ok(Decision::from_micros(
-            allowed, p, remaining, retry_us, reset_us,
-        ))
+        let denials = self.view.as_ref().filter(|_| at.is_none());
+        Denial::through(denials, &reset_fact(policy, key), p, cost, answer).await
     }
 
     async fn reset_rate_limit(&self, policy: &str, key: &str) -> Result<(), StoreError> {
-        self.call("delete", async |conn| {
-            sqlx::query("DELETE FROM rate_limits WHERE policy = $1 AND key = $2")
+        let fact = reset_fact(policy, key);
+        self.call_writing("reset_rate_limit", fact.clone(), async |conn| {
+            sqlx::query("SELECT auth_sidecar_reset_rate_limit($1, $2, $3)")
                 .persistent(self.persistent)
                 .bind(policy)
                 .bind(key)
+                .bind(&fact)
                 .execute(conn)
                 .await
         })

@@ -18,7 +18,7 @@ use redis::{
 use tokio::sync::OnceCell;
 
 use super::batch::Batcher;
-use super::cache::{Entry, Fact, Lookup, View};
+use super::cache::{Denial, Entry, Fact, Lookup, View};
 use super::{
     Beat, Facts, Family, MfaEnrolled, MfaRecord, Registry, Rotation, Session, StepAccept, Store,
     StoreError, Successor, TokenCheck, from_millis, micros, millis, session_tag, subject_tag,
@@ -234,37 +234,6 @@ impl Read {
                 -1 => Some(i64::MAX),
                 left => Some(now_ms.saturating_add(left)),
             },
-        })
-    }
-}
-
-/// A rate-limit denial as the revocation view keeps it: the fact is when the key is back to
-/// its full allowance, `aux` packs the remaining allowance and the cost denied, and the entry
-/// ends when a call of that cost would pass.
-struct Denial;
-
-impl Denial {
-    fn entry(sent_ms: i64, cost: u32, remaining: i64, retry_us: i64, reset_us: i64) -> Entry {
-        // Counted from when the call was sent, not answered: the entry ends no later than
-        // the denial does.
-        Entry {
-            fact: Some(sent_ms + reset_us / 1000),
-            aux: (remaining.clamp(0, u32::MAX as i64) << 32) | i64::from(cost.max(1)),
-            until_ms: sent_ms + retry_us / 1000,
-        }
-    }
-
-    /// The decision again, for a call of `cost` at `now_ms`, if the denial covers it.
-    fn answer(held: Entry, p: Gcra, cost: u32, now_ms: i64) -> Option<Decision> {
-        let denied_cost = held.aux & 0xffff_ffff;
-        (i64::from(cost.max(1)) >= denied_cost).then(|| {
-            Decision::from_micros(
-                false,
-                p,
-                held.aux >> 32,
-                (held.until_ms - now_ms) * 1000,
-                (held.fact.unwrap_or(now_ms) - now_ms) * 1000,
-            )
         })
     }
 }
@@ -1166,66 +1135,36 @@ impl Store for RedisStore {
         cost: u32,
         at: Option<SystemTime>,
     ) -> Result<Decision, StoreError> {
-        // A denial holds until its retry_after on every node, for this cost and any higher
-        // (the state only moves forward until a reset, which the view hears of), so the view
-        // may answer it again. Not for calls at a given instant (the conformance traces).
-        let denials = self.view.as_ref().filter(|_| at.is_none());
-        let mut claim = None;
-        if let Some(view) = denials {
-            let name = self.reset_key(policy, key);
-            let now_ms = millis(SystemTime::now());
-            match view.lookup(&name, now_ms) {
-                Lookup::Hit(held) => {
-                    if let Some(decision) = Denial::answer(held, p, cost, now_ms) {
-                        return Ok(decision);
-                    }
-                }
-                Lookup::Miss(ticket) => claim = Some((name, ticket)),
-                Lookup::Bypass => {}
-            }
-        }
-        let sent_ms = millis(SystemTime::now());
         let step = RateStep {
             key: self.rate_key(policy, key),
             gcra: p,
             cost,
             at: at.map(micros),
         };
-        let answer = match &self.rate_steps {
-            Some(batcher) => {
-                let lane = || {
-                    let store = self.clone();
-                    move |steps| {
-                        let store = store.clone();
-                        async move { store.rate_limit_many(steps).await }
-                    }
-                };
-                batcher.submit(step, self.timeout, lane).await
-            }
-            None => {
-                let mut invocation = self.scripts.rate_limit.prepare_invoke();
-                step.push(&mut invocation);
-                self.invoke("rate_limit", invocation).await
-            }
+        let answer = async {
+            let answer = match &self.rate_steps {
+                Some(batcher) => {
+                    let lane = || {
+                        let store = self.clone();
+                        move |steps| {
+                            let store = store.clone();
+                            async move { store.rate_limit_many(steps).await }
+                        }
+                    };
+                    batcher.submit(step, self.timeout, lane).await
+                }
+                None => {
+                    let mut invocation = self.scripts.rate_limit.prepare_invoke();
+                    step.push(&mut invocation);
+                    self.invoke("rate_limit", invocation).await
+                }
+            };
+            answer.map(|(allowed, remaining, retry_us, reset_us)| {
+                (allowed == 1, remaining, retry_us, reset_us)
+            })
         };
-        if let (Some(view), Some((name, ticket))) = (denials, claim) {
-            match &answer {
-                Ok((0, remaining, retry_us, reset_us)) => view.fill(
-                    &name,
-                    ticket,
-                    Denial::entry(sent_ms, cost, *remaining, *retry_us, *reset_us),
-                ),
-                _ => view.abandon(&name, ticket),
-            }
-        }
-        let (allowed, remaining, retry_us, reset_us) = answer?;
-        Ok(Decision::from_micros(
-            allowed == 1,
-            p,
-            remaining,
-            retry_us,
-            reset_us,
-        ))
+        let denials = self.view.as_ref().filter(|_| at.is_none());
+        Denial::through(denials, &self.reset_key(policy, key), p, cost, answer).await
     }
 
     async fn reset_rate_limit(&self, policy: &str, key: &str) -> Result<(), StoreError> {
