@@ -99,12 +99,14 @@ $$;
 
 -- Many GCRA steps in one statement (`store::batch` gathers them), each exactly as
 -- `auth_sidecar_rate_limit` runs it alone, in the order given, one result row per step in that
--- order. Every row the batch touches is created if missing and then locked in (policy, key)
--- order before the first step: two batches that share keys lock them in the same order and
--- so cannot deadlock, whatever order their steps came in. The steps then run on the states in
--- memory, and one UPDATE stores those that changed. The database's clock is read once: steps
--- that run at one instant, one after another, are a valid order of steps that arrived
--- together. One statement is one transaction, through a transaction pooler too.
+-- order. The batch's distinct rows are locked one by one in (policy, key) order before the
+-- first step (a missing one created first, in the same order): two batches that share keys
+-- take them in the same order and so cannot deadlock, whatever order their steps came in. Each
+-- lock is a plain one-row SELECT ... FOR UPDATE, which sees a row that another transaction
+-- created or changed meanwhile once it commits. The steps then run on the states in memory,
+-- and one UPDATE stores those that changed. The database's clock is read once: steps that run
+-- at one instant, one after another, are a valid order of steps that arrived together. One
+-- statement is one transaction, through a transaction pooler too.
 CREATE OR REPLACE FUNCTION auth_sidecar_rate_limit_many(
     p_policy TEXT[], p_key TEXT[], p_interval_us BIGINT[], p_burst BIGINT[],
     p_lockout_us BIGINT[], p_cost BIGINT[], p_now_us BIGINT[])
@@ -112,8 +114,8 @@ RETURNS TABLE (allowed BOOLEAN, remaining BIGINT, retry_after_us BIGINT,
                reset_after_us BIGINT)
 LANGUAGE plpgsql AS $$
 DECLARE
-    clock  BIGINT := (extract(epoch FROM clock_timestamp()) * 1000000)::BIGINT;
-    -- The distinct rows, by number: their names, states and whether a step changed them.
+    clock    BIGINT := (extract(epoch FROM clock_timestamp()) * 1000000)::BIGINT;
+    -- The distinct rows in (policy, key) order: names, states, whether a step changed them.
     k_policy TEXT[];
     k_key    TEXT[];
     k_tat    BIGINT[];
@@ -121,33 +123,36 @@ DECLARE
     k_dirty  BOOLEAN[];
     -- Each step's row number.
     slot     INT[];
+    v_tat    BIGINT;
+    v_lock   BIGINT;
     j        INT;
     step     RECORD;
 BEGIN
-    INSERT INTO rate_limits (policy, key, tat_us, expires_at)
-    SELECT DISTINCT s.policy, s.key, 0, clock_timestamp()
-    FROM unnest(p_policy, p_key) AS s(policy, key)
-    ORDER BY 1, 2
-    ON CONFLICT DO NOTHING;
-    WITH steps AS (
-        SELECT * FROM unnest(p_policy, p_key) WITH ORDINALITY AS s(policy, key, ord)
-    ), locked AS MATERIALIZED (
-        SELECT r.policy, r.key, r.tat_us, r.locked_until_us
-        FROM rate_limits r
-        WHERE (r.policy, r.key) IN (SELECT s.policy, s.key FROM steps s)
-        ORDER BY r.policy, r.key
-        FOR UPDATE
+    WITH keys AS (
+        SELECT DISTINCT s.policy, s.key FROM unnest(p_policy, p_key) AS s(policy, key)
     ), numbered AS (
-        SELECT l.*, row_number() OVER (ORDER BY l.policy, l.key)::INT AS n FROM locked l
+        SELECT k.policy, k.key, row_number() OVER (ORDER BY k.policy, k.key)::INT AS n
+        FROM keys k
     )
     SELECT (SELECT array_agg(x.policy ORDER BY x.n) FROM numbered x),
            (SELECT array_agg(x.key ORDER BY x.n) FROM numbered x),
-           (SELECT array_agg(x.tat_us ORDER BY x.n) FROM numbered x),
-           (SELECT array_agg(x.locked_until_us ORDER BY x.n) FROM numbered x),
            (SELECT array_agg(x.n ORDER BY s.ord)
-            FROM steps s JOIN numbered x ON x.policy = s.policy AND x.key = s.key)
-    INTO k_policy, k_key, k_tat, k_lock, slot;
-    k_dirty := array_fill(false, ARRAY[coalesce(array_length(k_policy, 1), 0)]);
+            FROM unnest(p_policy, p_key) WITH ORDINALITY AS s(policy, key, ord)
+            JOIN numbered x ON x.policy = s.policy AND x.key = s.key)
+    INTO k_policy, k_key, slot;
+    FOR j IN 1 .. coalesce(array_length(k_policy, 1), 0) LOOP
+        LOOP
+            SELECT r.tat_us, r.locked_until_us INTO v_tat, v_lock
+            FROM rate_limits r WHERE r.policy = k_policy[j] AND r.key = k_key[j] FOR UPDATE;
+            EXIT WHEN FOUND;
+            INSERT INTO rate_limits (policy, key, tat_us, expires_at)
+            VALUES (k_policy[j], k_key[j], 0, clock_timestamp())
+            ON CONFLICT DO NOTHING;
+        END LOOP;
+        k_tat[j] := v_tat;
+        k_lock[j] := v_lock;
+        k_dirty[j] := false;
+    END LOOP;
     FOR i IN 1 .. coalesce(array_length(p_policy, 1), 0) LOOP
         j := slot[i];
         step := auth_sidecar_gcra(k_tat[j], k_lock[j], coalesce(p_now_us[i], clock),
