@@ -180,6 +180,21 @@ async fn lockout_and_reset_on_every_node(d: &Deployment) {
             tokio::time::sleep(Duration::from_millis(20)).await;
         }
     }
+
+    // A peek that finds the allowance spent locks nothing out, and the counted call after
+    // it does: the node's view must not answer that call with the peek's shorter denial.
+    for _ in 0..3 {
+        check(&mut apis[0], "login", "trudy", None).await.unwrap();
+    }
+    let peek = check(&mut apis[0], "login", "trudy", Some(0))
+        .await
+        .unwrap();
+    assert!(!peek.allowed && secs(&peek.retry_after) < 1.05, "{peek:?}");
+    let counted = check(&mut apis[0], "login", "trudy", None).await.unwrap();
+    assert!(
+        !counted.allowed && secs(&counted.retry_after) > 1.9,
+        "the lockout did not engage: {counted:?}"
+    );
 }
 
 /// cost 0 never consumes; a cost above the burst is INVALID_ARGUMENT; bad requests name the

@@ -307,7 +307,8 @@ impl Denial {
     /// covers this call, or else `step` (allowed, remaining, retry_after_us, reset_after_us)
     /// run, and kept when it denies. A denial holds until its retry_after on every node, for
     /// its cost and any higher (the state only moves forward until a reset, whose write the
-    /// feed brings as `name`), so the view may answer it again. `view` is `None` for no view,
+    /// feed brings as `name`), so the view may answer it again; except a peek's denial under a
+    /// lockout, which a counted call would turn into the lockout. `view` is `None` for no view,
     /// or for calls at a given instant (the conformance traces).
     pub async fn through(
         view: Option<&View>,
@@ -331,9 +332,12 @@ impl Denial {
         }
         let sent_ms = millis(SystemTime::now());
         let answer = step.await;
+        // A peek's denial is not kept under a policy with a lockout: a counted call denied
+        // after it engages the lockout, a write the view must not answer in its place.
+        let keep = cost > 0 || p.lockout_us == 0;
         if let Some((view, ticket)) = claim {
             match &answer {
-                Ok((false, remaining, retry_us, reset_us)) => view.fill(
+                Ok((false, remaining, retry_us, reset_us)) if keep => view.fill(
                     name,
                     ticket,
                     Denial::entry(sent_ms, cost, *remaining, *retry_us, *reset_us),
