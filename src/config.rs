@@ -217,6 +217,37 @@ pub struct ServeArgs {
     #[arg(long, env = "AUTH_PUBLIC_URL", value_name = "URL", value_parser = parse_public_url)]
     pub public_url: Option<String>,
 
+    /// An OAuth 2.0 client that may call token introspection (RFC 7662) and revocation
+    /// (RFC 7009) on the API listener, authenticating with client_secret_basic: ID:PHC, the
+    /// secret's Argon2id hash from `auth-sidecar hash-password`. Repeat the flag, or separate
+    /// them with spaces in the environment. None: those endpoints answer 401 to everyone.
+    #[arg(
+        long = "oauth-client",
+        env = "AUTH_OAUTH_CLIENTS",
+        value_delimiter = ' ',
+        hide_env_values = true,
+        value_name = "ID:PHC",
+        value_parser = parse_oauth_client
+    )]
+    pub oauth_clients: Vec<OAuthClient>,
+
+    /// Failed OAuth client authentications allowed per client id, on the shared store, as
+    /// COUNT/PERIOD[:burst=B][:lockout=D]. Past it every call of that client id is refused
+    /// with 429 on every node, the right secret too, until the lockout ends.
+    #[arg(
+        long,
+        env = "AUTH_OAUTH_CLIENT_LIMIT",
+        default_value = "10/15m:lockout=15m"
+    )]
+    pub oauth_client_limit: String,
+
+    /// The address OAuth resource servers reach this sidecar's `/oauth2/` endpoints at, such
+    /// as https://auth.example.com (a route of your proxy to the API listener). The discovery
+    /// document lists introspection_endpoint and revocation_endpoint there; unset, it lists
+    /// neither, as the API listener is the pod's own and the document is read from outside.
+    #[arg(long, env = "AUTH_OAUTH_PUBLIC_URL", value_name = "URL", value_parser = parse_public_url)]
+    pub oauth_public_url: Option<String>,
+
     /// Address of the admin web UI (reach it with `kubectl port-forward`). Never the ops port.
     /// `off` serves no admin UI.
     #[arg(long, env = "AUTH_ADMIN_LISTEN", default_value = "127.0.0.1:8082", value_parser = parse_admin_listen)]
@@ -487,6 +518,7 @@ pub struct Config {
     pub max_concurrent_streams: u32,
     pub admin: Admin,
     pub mfa: Mfa,
+    pub oauth: OAuth,
 }
 
 /// MFA's settings.
@@ -509,6 +541,26 @@ pub enum MfaKeys {
 
 /// The file of the keys directory that holds MFA keys.
 pub const MFA_KEYS_FILE: &str = "mfa.keys";
+
+/// The OAuth 2.0 endpoints' settings.
+#[derive(Debug, Clone)]
+pub struct OAuth {
+    pub clients: Vec<OAuthClient>,
+    /// Failed client authentications, counted per client id.
+    pub client_limit: crate::ratelimit::Policy,
+    /// Where the discovery document says the endpoints are; `None` lists none.
+    pub public_url: Option<String>,
+}
+
+/// A client of the OAuth endpoints: its id and its secret's Argon2id PHC string.
+#[derive(Debug, Clone)]
+pub struct OAuthClient {
+    pub id: String,
+    pub secret_hash: String,
+}
+
+/// The policy that counts failed OAuth client authentications.
+pub const OAUTH_CLIENT_POLICY: &str = "auth-sidecar:oauth-client";
 
 /// The admin web UI's settings.
 #[derive(Debug, Clone)]
@@ -654,6 +706,7 @@ impl TryFrom<ServeArgs> for Config {
         let redis_tls = redis_tls(&args)?;
         let admin = admin(&args)?;
         let mfa = mfa(&args)?;
+        let oauth = oauth(&args)?;
         if args.cluster_heartbeat < Duration::from_millis(100) {
             return Err(ConfigError::new(
                 "--cluster-heartbeat",
@@ -803,6 +856,7 @@ impl TryFrom<ServeArgs> for Config {
             },
             max_concurrent_streams: args.max_concurrent_streams,
             admin,
+            oauth,
             mfa,
         })
     }
@@ -986,6 +1040,28 @@ fn admin(args: &ServeArgs) -> Result<Admin, ConfigError> {
     })
 }
 
+/// The OAuth endpoints' settings, checked: client ids given once.
+fn oauth(args: &ServeArgs) -> Result<OAuth, ConfigError> {
+    let mut ids = BTreeSet::new();
+    for client in &args.oauth_clients {
+        if !ids.insert(client.id.as_str()) {
+            return Err(ConfigError::new(
+                "--oauth-client",
+                format!("client `{}` is given more than once", client.id),
+            ));
+        }
+    }
+    Ok(OAuth {
+        clients: args.oauth_clients.clone(),
+        client_limit: internal_policy(
+            "--oauth-client-limit",
+            OAUTH_CLIENT_POLICY,
+            &args.oauth_client_limit,
+        )?,
+        public_url: args.oauth_public_url.clone(),
+    })
+}
+
 /// MFA's settings, checked: keys that parse, from one place; an issuer an otpauth label
 /// can hold.
 fn mfa(args: &ServeArgs) -> Result<Mfa, ConfigError> {
@@ -1137,6 +1213,29 @@ fn default_node_id() -> String {
     aws_lc_rs::rand::fill(&mut suffix).expect("the system random source works");
     let suffix: String = suffix.iter().map(|b| format!("{b:02x}")).collect();
     format!("{host}-{suffix}")
+}
+
+/// ID:PHC: a client id of 1 to 64 printable ASCII characters other than `:`, and an Argon2id
+/// PHC string. The error never repeats the value, which holds a hash.
+fn parse_oauth_client(s: &str) -> Result<OAuthClient, String> {
+    let (id, phc) = s
+        .split_once(':')
+        .ok_or("not ID:PHC (the PHC from `auth-sidecar hash-password`)")?;
+    if id.is_empty() || id.len() > 64 || !id.bytes().all(|b| b.is_ascii_graphic()) {
+        return Err("the client id must be 1 to 64 printable ASCII characters".into());
+    }
+    let parsed = argon2::PasswordHash::new(phc)
+        .map_err(|e| format!("client `{id}`: not a PHC string: {e}"))?;
+    if parsed.algorithm.as_str() != "argon2id" {
+        return Err(format!(
+            "client `{id}`: must be argon2id, not {}",
+            parsed.algorithm
+        ));
+    }
+    Ok(OAuthClient {
+        id: id.to_owned(),
+        secret_hash: phc.to_owned(),
+    })
 }
 
 /// An absolute http or https URL without query or fragment, its trailing slash dropped.

@@ -7,6 +7,7 @@
 //! multi-node checklist; `client` is the binary's client side. See ARCHITECTURE.md.
 
 pub mod admin;
+pub mod authz;
 pub mod check;
 pub mod client;
 pub mod clock;
@@ -15,6 +16,7 @@ pub mod config;
 pub mod conn;
 pub mod grpc;
 pub mod health;
+pub mod http;
 pub mod ids;
 pub mod keys;
 pub mod mfa;

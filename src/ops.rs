@@ -46,10 +46,23 @@ pub fn router(
         keys: keys.clone(),
         cluster,
         discovery: config.public_url.as_ref().map(|url| {
-            let document = serde_json::json!({
+            let mut document = serde_json::json!({
                 "issuer": config.issuer,
                 "jwks_uri": format!("{url}{JWKS_PATH}"),
             });
+            // The OAuth endpoints are on the API listener, the pod's own: listed only where
+            // the operator says callers reach them, and only when a client may call them.
+            if let Some(oauth) = &config.oauth.public_url
+                && !config.oauth.clients.is_empty()
+            {
+                let basic = serde_json::json!(["client_secret_basic"]);
+                document["introspection_endpoint"] =
+                    format!("{oauth}{}", crate::http::INTROSPECT_PATH).into();
+                document["introspection_endpoint_auth_methods_supported"] = basic.clone();
+                document["revocation_endpoint"] =
+                    format!("{oauth}{}", crate::http::REVOKE_PATH).into();
+                document["revocation_endpoint_auth_methods_supported"] = basic;
+            }
             document.to_string().into()
         }),
         jwks_max_age: config.jwks_max_age,

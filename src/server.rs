@@ -12,12 +12,14 @@ use tokio_util::sync::CancellationToken;
 use tonic::service::Routes;
 use tonic::transport::Server;
 
+use crate::authz::Authorizer;
 use crate::clock::{Clock, SystemClock};
 use crate::cluster::Cluster;
 use crate::config::{Config, Listen, Storage};
 use crate::conn::{self, KEEPALIVE_INTERVAL, KEEPALIVE_TIMEOUT, MAX_HEADER_LIST};
 use crate::grpc::{AuthorizationServer, EnvoyAuthz, EnvoyRls, MfaApi, TokenApi};
 use crate::health::Health;
+use crate::http::oauth::OAuth;
 use crate::keys::{KeySet, Keys, Reloaded, SigningKey};
 use crate::mfa::Mfa;
 use crate::pb;
@@ -60,8 +62,10 @@ pub struct App {
     pub health: Health,
     /// This node in the registry of live nodes; `None` on memory storage.
     pub cluster: Option<Arc<Cluster>>,
-    /// What Envoy's ext_authz Check reads and writes.
-    pub authz: crate::config::Authz,
+    /// The access decision of ext_authz and forward-auth.
+    pub authorizer: Arc<Authorizer>,
+    /// Introspection and revocation.
+    pub oauth: Arc<OAuth>,
 }
 
 impl App {
@@ -99,19 +103,27 @@ impl App {
         let keys = Arc::new(keys);
         let cluster = (config.storage != Storage::Memory)
             .then(|| Arc::new(Cluster::new(config, keys.clone(), store.clone())));
-        let tokens = Tokens::new(Settings::from(config), keys, store, clock);
+        let tokens = Arc::new(Tokens::new(Settings::from(config), keys, store, clock));
+        let limits = Arc::new(limits);
         Ok(App {
-            tokens: Arc::new(tokens),
-            limits: Arc::new(limits),
+            authorizer: Arc::new(Authorizer::new(
+                tokens.clone(),
+                limits.clone(),
+                config.authz.clone(),
+            )),
+            oauth: Arc::new(OAuth::new(&config.oauth, tokens.clone())),
+            tokens,
+            limits,
             sessions: Arc::new(sessions),
             mfa: Arc::new(mfa),
             health: Health::new(drained, config.strict_cluster).await,
             cluster,
-            authz: config.authz.clone(),
         })
     }
 
-    /// The services of the token API listener: TokenService, grpc.health.v1 and reflection.
+    /// The services of the token API listener: TokenService, MfaService, Envoy's ext_authz and
+    /// rate limit service, grpc.health.v1 and reflection over gRPC, and forward-auth and OAuth
+    /// over HTTP.
     pub fn api_routes(&self) -> anyhow::Result<Routes> {
         let reflection = || {
             tonic_reflection::server::Builder::configure()
@@ -119,7 +131,7 @@ impl App {
                 .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
                 .register_encoded_file_descriptor_set(pb::ENVOY_FILE_DESCRIPTOR_SET)
         };
-        Ok(Routes::new(
+        let routes = Routes::new(
             TokenServiceServer::new(TokenApi::new(
                 self.tokens.clone(),
                 self.limits.clone(),
@@ -132,7 +144,7 @@ impl App {
                 .max_decoding_message_size(MAX_MFA_REQUEST),
         )
         .add_service(AuthorizationServer::new(
-            EnvoyAuthz::new(self.tokens.clone(), self.limits.clone(), self.authz.clone()),
+            EnvoyAuthz::new(self.authorizer.clone()),
             MAX_ENVOY_REQUEST,
         ))
         .add_service(
@@ -149,7 +161,9 @@ impl App {
             reflection()
                 .build_v1alpha()?
                 .max_decoding_message_size(MAX_API_REQUEST),
-        ))
+        );
+        let http = crate::http::router(self.authorizer.clone(), self.oauth.clone());
+        Ok(Routes::from(routes.into_axum_router().merge(http)))
     }
 }
 
@@ -228,6 +242,9 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
     ));
 
     let server = Server::builder()
+        // Forward-auth and OAuth callers (NGINX, Caddy, Traefik, resource servers) speak
+        // HTTP/1.1; gRPC keeps HTTP/2, on the same port or socket.
+        .accept_http1(true)
         .max_concurrent_streams(config.max_concurrent_streams)
         .http2_keepalive_interval(Some(KEEPALIVE_INTERVAL))
         .http2_keepalive_timeout(Some(KEEPALIVE_TIMEOUT))

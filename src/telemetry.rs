@@ -197,12 +197,13 @@ fn describe() {
     use metrics::{describe_counter, describe_gauge, describe_histogram};
     describe_counter!(
         "authsidecar_rpc_requests_total",
-        "RPCs served, by method and gRPC code"
+        "RPCs served, by method and gRPC code; the HTTP calls of the API listener (ForwardAuth, \
+         OAuthIntrospect, OAuthRevoke) by the gRPC code their HTTP status stands for"
     );
     describe_histogram!("authsidecar_rpc_duration_seconds", "RPC latency, by method");
     describe_counter!(
         "authsidecar_validations_total",
-        "Validate and ext_authz answers, by result (valid, malformed, bad_signature, expired, \
+        "Validate, ext_authz, forward-auth and introspection answers, by result (valid, malformed, bad_signature, expired, \
          not_yet_valid, revoked, wrong_audience, wrong_issuer, unknown_key, wrong_kind)"
     );
     describe_counter!(
@@ -278,6 +279,11 @@ fn describe() {
         "authsidecar_cluster_nodes",
         "Live nodes in the shared registry at the last heartbeat, this one included"
     );
+    describe_counter!(
+        "authsidecar_oauth_client_failures_total",
+        "OAuth client authentications that failed (an unknown client or a wrong secret); see \
+         --oauth-client-limit"
+    );
     describe_gauge!(
         "authsidecar_build_info",
         "Version and git commit of this binary"
@@ -307,6 +313,12 @@ pub fn record_build_info() {
 pub fn record_validation(result: &'static str) {
     tracing::Span::current().record("outcome", result);
     metrics::counter!("authsidecar_validations_total", "result" => result).increment(1);
+}
+
+/// Counts a failed OAuth client authentication (a wrong or unknown client secret).
+pub fn record_oauth_client_failure() {
+    tracing::Span::current().record("outcome", "invalid_client");
+    metrics::counter!("authsidecar_oauth_client_failures_total").increment(1);
 }
 
 /// Records an MFA code's verdict on the current span and in the counters.
@@ -453,13 +465,15 @@ where
                 let result = fut.await;
                 // A unary error is a trailers-only response: its status is in the headers. A
                 // response without one carries OK in its trailers.
+                // An HTTP answer (forward-auth, OAuth) has no gRPC status: its HTTP status
+                // says the same, as gRPC maps one to the other.
                 let code = match &result {
                     Ok(response) => response
                         .headers()
                         .get("grpc-status")
                         .and_then(|v| v.to_str().ok())
                         .and_then(|v| v.parse::<i32>().ok())
-                        .unwrap_or(0),
+                        .unwrap_or_else(|| http_code(response.status())),
                     Err(_) => tonic::Code::Unknown as i32,
                 };
                 let code_name = code_name(code);
@@ -484,6 +498,23 @@ where
             .instrument(span),
         )
     }
+}
+
+/// The gRPC code an HTTP status stands for, as the `code` label of an HTTP call; a gRPC call
+/// always carries its own.
+fn http_code(status: http::StatusCode) -> i32 {
+    use tonic::Code;
+    let code = match status.as_u16() {
+        200..=299 => Code::Ok,
+        400 | 405 | 413 | 415 => Code::InvalidArgument,
+        401 => Code::Unauthenticated,
+        403 => Code::PermissionDenied,
+        404 => Code::NotFound,
+        429 | 431 => Code::ResourceExhausted,
+        503 => Code::Unavailable,
+        _ => Code::Internal,
+    };
+    code as i32
 }
 
 /// A gRPC status code's name, as the `code` label.
@@ -515,7 +546,10 @@ fn code_name(code: i32) -> &'static str {
 
 /// The API listener's methods by path, and the `method` label each takes: the only values it
 /// takes, besides `other`.
-const KNOWN_METHODS: [(&str, &str); 26] = [
+const KNOWN_METHODS: [(&str, &str); 29] = [
+    ("/v1/authz", "ForwardAuth"),
+    ("/oauth2/introspect", "OAuthIntrospect"),
+    ("/oauth2/revoke", "OAuthRevoke"),
     ("/authsidecar.v1.TokenService/Issue", "Issue"),
     ("/authsidecar.v1.TokenService/Validate", "Validate"),
     ("/authsidecar.v1.TokenService/Revoke", "Revoke"),

@@ -163,6 +163,11 @@ pub struct Verified {
     pub kind: Kind,
     /// Every claim the sidecar did not set itself.
     pub claims: Map<String, Value>,
+    pub issuer: String,
+    pub audience: Vec<String>,
+    /// `iat` and `nbf`, in seconds since the epoch, when the token has them.
+    pub issued_at: Option<i64>,
+    pub not_before: Option<i64>,
 }
 
 #[derive(Debug, Clone)]
@@ -637,6 +642,10 @@ impl Tokens {
             session_id: decoded.session_id.clone(),
             kind: decoded.kind,
             claims: decoded.extra.clone(),
+            issuer: decoded.issuer.clone(),
+            audience: decoded.audience.clone(),
+            issued_at: decoded.iat,
+            not_before: decoded.nbf,
         }))
     }
 
@@ -688,6 +697,36 @@ impl Tokens {
             newly: self.store.revoke(&token_id, until).await?,
             sessions_deleted: 0,
         })
+    }
+
+    /// Revokes a presented token as RFC 7009 asks: one that is not a token of this sidecar,
+    /// or that has expired, is left alone (`Ok(false)`), and a refresh token takes its family
+    /// with it, so that the tokens a Refresh gave from that family are rejected too.
+    pub async fn revoke_presented(&self, token: &str) -> Result<bool, Error> {
+        let now = self.clock.now();
+        let Ok(decoded) = self
+            .decode_cached(token)
+            .and_then(|d| self.within_longest_life(&d, unix_secs(now)).map(|()| d))
+        else {
+            return Ok(false);
+        };
+        let until = from_unix_secs(decoded.exp) + self.settings.leeway;
+        if until <= now {
+            return Ok(false);
+        }
+        let newly = self.store.revoke(&decoded.token_id, until).await?;
+        if let (Kind::Refresh, Some(family)) = (decoded.kind, decoded.family_id.as_deref()) {
+            // The rotation rule's reuse (`rules::rotation::step`): an id the family never
+            // held, presented as revoked, revokes the family, atomically on every backend.
+            let none = Successor {
+                refresh_id: String::new(),
+                access_id: String::new(),
+                issued_at_ms: 0,
+            };
+            self.store.rotate(family, "", true, &none, now, now).await?;
+            tracing::info!(family, "refresh token revoked: family revoked");
+        }
+        Ok(newly)
     }
 
     /// Returns once this node's clock reads a later millisecond than `instant`, so that any

@@ -71,6 +71,29 @@ const RULES: &[(&str, &[&str], &str)] = &[
         "config depends on ratelimit's policies, never the reverse",
     ),
     (
+        "src/authz.rs",
+        &[
+            "crate::pb",
+            "crate::grpc",
+            "crate::http",
+            "envoy_types",
+            "axum",
+            "tonic",
+        ],
+        "the access decision is domain: each protocol renders it, and it knows none of them",
+    ),
+    (
+        "src/http",
+        &[
+            "crate::pb",
+            "crate::grpc",
+            "crate::server",
+            "envoy_types",
+            "tonic",
+        ],
+        "the HTTP protocols act through the domain, as the gRPC ones do, never through them",
+    ),
+    (
         "src/ops.rs",
         &["crate::server"],
         "server composes ops, never the reverse",

@@ -419,17 +419,31 @@ pub fn http_get(addr: SocketAddr, path: &str) -> HttpResponse {
 
 /// A GET whose `Host` header is `host`.
 pub fn http_get_as(addr: SocketAddr, path: &str, host: &str) -> HttpResponse {
-    let mut stream = TcpStream::connect(addr).expect("connect ops listener");
+    let request = format!("GET {path} HTTP/1.1\r\nHost: {host}\r\nConnection: close\r\n\r\n");
+    http_raw(tcp(addr), request.as_bytes())
+}
+
+/// A connection whose reads and writes give up after 5 s, so that a server that hangs fails
+/// the test rather than stalls it.
+pub fn tcp(addr: SocketAddr) -> TcpStream {
+    let stream = TcpStream::connect(addr).expect("connect");
     stream
         .set_read_timeout(Some(Duration::from_secs(5)))
         .unwrap();
-    write!(
-        stream,
-        "GET {path} HTTP/1.1\r\nHost: {host}\r\nConnection: close\r\n\r\n"
-    )
-    .unwrap();
-    let mut text = String::new();
-    stream.read_to_string(&mut text).unwrap();
+    stream
+        .set_write_timeout(Some(Duration::from_secs(5)))
+        .unwrap();
+    stream
+}
+
+/// Sends `request` (an HTTP/1.1 request, `Connection: close`) and reads the whole answer. The
+/// request may be cut short by the server answering first (a body too large): the answer is
+/// read all the same.
+pub fn http_raw<S: Read + Write>(mut stream: S, request: &[u8]) -> HttpResponse {
+    let _ = stream.write_all(request);
+    let mut bytes = Vec::new();
+    let _ = stream.read_to_end(&mut bytes);
+    let text = String::from_utf8_lossy(&bytes);
     let (head, body) = text.split_once("\r\n\r\n").expect("a complete response");
     let mut lines = head.lines();
     let status = lines.next().and_then(|l| l.split_whitespace().nth(1));
@@ -444,6 +458,18 @@ pub fn http_get_as(addr: SocketAddr, path: &str, host: &str) -> HttpResponse {
             .collect(),
         body: body.to_owned(),
     }
+}
+
+/// User plus system CPU time of a process so far, from /proc (Linux); `None` once it is gone.
+pub fn cpu_time(pid: u32) -> Option<Duration> {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+    // Fields after the parenthesised command name; utime and stime are the 14th and 15th.
+    let rest = &stat[stat.rfind(')')? + 2..];
+    let fields: Vec<&str> = rest.split_whitespace().collect();
+    let ticks: u64 = fields[11].parse::<u64>().ok()? + fields[12].parse::<u64>().ok()?;
+    // SAFETY: sysconf has no preconditions.
+    let hz = unsafe { libc::sysconf(libc::_SC_CLK_TCK) } as u64;
+    Some(Duration::from_secs_f64(ticks as f64 / hz as f64))
 }
 
 /// How long after a write on one node another node may still answer from its revocation
