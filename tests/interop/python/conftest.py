@@ -49,13 +49,13 @@ def mfa_stubs(stubs):
     return mfa_service_pb2, mfa_service_pb2_grpc
 
 
-def run_sidecar(args, env_extra, listen="127.0.0.1:0"):
-    """Starts `auth-sidecar serve` on `listen` with `args` and yields its API and ops
-    addresses; stops it afterwards and checks that it drained and exited 0."""
+def run_sidecar(args, env_extra, listen="127.0.0.1:0", ops="127.0.0.1:0"):
+    """Starts `auth-sidecar serve` on `listen` and `ops` with `args` and yields its API and
+    ops addresses; stops it afterwards and checks that it drained and exited 0."""
     env = {k: v for k, v in os.environ.items() if not k.startswith("AUTH_")}
     env.update(env_extra, RUST_LOG="info")
     proc = subprocess.Popen(
-        [BINARY, "serve", "--listen", listen, "--ops-listen", "127.0.0.1:0", *args],
+        [BINARY, "serve", "--listen", listen, "--ops-listen", ops, *args],
         env=env,
         stdin=subprocess.DEVNULL,
         stdout=subprocess.DEVNULL,
