@@ -17,6 +17,9 @@
 //!
 //! `cargo bench --bench load -- [--seconds S] [--rounds R] [--concurrency N] [--connections M]`
 
+#[path = "../tests/support/mod.rs"]
+mod support;
+
 use std::io::{BufRead, BufReader};
 use std::process::{Child, Command, Stdio};
 use std::sync::Arc;
@@ -917,14 +920,7 @@ fn cpu_time(pid: u32) -> Duration {
 
 /// The same, or `None` once the process is gone.
 fn cpu_time_of(pid: u32) -> Option<Duration> {
-    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
-    // Fields after the parenthesised command name; utime and stime are the 14th and 15th.
-    let rest = &stat[stat.rfind(')')? + 2..];
-    let fields: Vec<&str> = rest.split_whitespace().collect();
-    let ticks: u64 = fields[11].parse::<u64>().ok()? + fields[12].parse::<u64>().ok()?;
-    // SAFETY: sysconf has no preconditions.
-    let hz = unsafe { libc::sysconf(libc::_SC_CLK_TCK) } as u64;
-    Some(Duration::from_secs_f64(ticks as f64 / hz as f64))
+    support::cpu_time(pid)
 }
 
 /// CPU time the backend of `storage` has spent so far: Redis's `used_cpu_user` and
