@@ -520,3 +520,50 @@ async fn the_discovery_document_lists_the_oauth_endpoints_only_where_callers_rea
         json!(["client_secret_basic"])
     );
 }
+
+#[tokio::test]
+async fn guesses_sent_at_once_run_no_more_argon2_checks_than_the_policy_allows() {
+    let args = args();
+    let node = args
+        .iter()
+        .fold(Sidecar::builder(), |b, a| b.arg(a.as_str()))
+        .arg("--oauth-client-limit=3/1h:lockout=1h")
+        .start();
+    node.wait_ops_status(200, Duration::from_secs(15));
+    let api = api(&node);
+    let statuses: Vec<u16> = std::thread::scope(|s| {
+        let guesses: Vec<_> = (0..30)
+            .map(|n| {
+                s.spawn(move || {
+                    let basic = base64::engine::general_purpose::STANDARD
+                        .encode(format!("{CLIENT}:guess-{n}"));
+                    let request = format!(
+                        "POST /oauth2/introspect HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\
+                         Authorization: Basic {basic}\r\n\
+                         Content-Type: application/x-www-form-urlencoded\r\n\
+                         Content-Length: 7\r\n\r\ntoken=x"
+                    );
+                    http_raw(tcp(api), request.as_bytes()).status
+                })
+            })
+            .collect();
+        guesses.into_iter().map(|g| g.join().unwrap()).collect()
+    });
+    let wrong = statuses.iter().filter(|s| **s == 401).count();
+    let locked = statuses.iter().filter(|s| **s == 429).count();
+    assert_eq!((wrong, locked), (3, 27), "{statuses:?}");
+    assert_eq!(
+        node.metric("authsidecar_oauth_client_failures_total", &[]),
+        3.0
+    );
+    // The right secret is refused too, now.
+    let form = "token=x";
+    let r = post(
+        &node,
+        "/oauth2/introspect",
+        Some((CLIENT, CLIENT_SECRET)),
+        form,
+        "",
+    );
+    assert_eq!(r.status, 429);
+}

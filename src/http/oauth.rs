@@ -6,7 +6,9 @@
 //! authentication is 401 `invalid_client` and counts against `--oauth-client-limit` on the
 //! shared store, per client id; past it every call of that id is refused (429) on every node,
 //! the right secret too. A secret that verified is remembered by this node as an HMAC under a
-//! key of this process, so Argon2 runs once per client and secret, not once per call.
+//! key of this process, so Argon2 runs once per client and secret, not once per call; before
+//! it runs, the attempt is counted (and a right secret clears the count), so guesses sent at
+//! once cannot run more Argon2 checks than the policy allows.
 //!
 //! Introspection answers `{"active": false}` for anything that is not a live access token of
 //! this sidecar (or a live refresh token, to a caller whose `token_type_hint` is
@@ -38,7 +40,13 @@ pub struct OAuth {
     clients: HashMap<String, Client>,
     /// Keys the remembered secrets: a random key of this process.
     remember: aws_lc_rs::hmac::Key,
+    /// Bounds the Argon2 checks running at once.
+    argon2: tokio::sync::Semaphore,
 }
+
+/// Argon2 checks run at once: each holds 19 MiB (the default parameters) and a core for tens
+/// of milliseconds.
+const ARGON2_AT_ONCE: usize = 2;
 
 struct Client {
     secret_hash: String,
@@ -71,6 +79,7 @@ impl OAuth {
                 })
                 .collect(),
             remember,
+            argon2: tokio::sync::Semaphore::new(ARGON2_AT_ONCE),
         }
     }
 
@@ -90,17 +99,23 @@ impl OAuth {
         match peek {
             Ok(refused) if !refused.allowed => {
                 tracing::warn!(client = %key, "oauth: a locked-out client called");
-                let mut headers = HeaderMap::new();
-                let secs = refused.retry_after.as_secs_f64().ceil().max(1.0) as u64;
-                headers.insert(header::RETRY_AFTER, HeaderValue::from(secs));
-                return Err(json(
-                    StatusCode::TOO_MANY_REQUESTS,
-                    headers,
-                    error_body(
-                        "invalid_client",
-                        "too many failed client authentications: locked out",
-                    ),
-                ));
+                return Err(locked(refused.retry_after));
+            }
+            Ok(_) => {}
+            Err(e) => {
+                tracing::warn!(error = %e, "oauth: the store did not answer");
+                return Err(unavailable());
+            }
+        }
+        if self.remembered(&id, &secret) {
+            return Ok(id);
+        }
+        // An Argon2 check ahead: counted first, as an admin login is, so that guesses sent
+        // at once are bounded by the policy's allowance rather than run side by side.
+        match self.failures.check(&self.policy, &key, 1).await {
+            Ok(counted) if !counted.allowed => {
+                tracing::warn!(client = %key, "oauth: a locked-out client called");
+                return Err(locked(counted.retry_after));
             }
             Ok(_) => {}
             Err(e) => {
@@ -109,28 +124,39 @@ impl OAuth {
             }
         }
         if self.verify(&id, secret).await {
+            // A right secret clears the count, as a right admin password does; this runs once
+            // per secret and node, as the secret is remembered from now on.
+            if let Err(e) = self.failures.reset(&self.policy, &key).await {
+                tracing::warn!(error = %e, "oauth: the store did not answer");
+                return Err(unavailable());
+            }
             return Ok(id);
         }
         telemetry::record_oauth_client_failure();
         tracing::warn!(client = %key, "oauth: a client authentication failed");
-        if let Err(e) = self.failures.check(&self.policy, &key, 1).await {
-            tracing::warn!(error = %e, "oauth: the store did not answer");
-            return Err(unavailable());
-        }
         Err(invalid_client("unknown client or wrong secret"))
     }
 
-    /// Whether `secret` is client `id`'s: remembered, or checked against its Argon2id hash.
-    async fn verify(&self, id: &str, secret: String) -> bool {
+    /// Whether `secret` is the one client `id` authenticated with last on this node.
+    fn remembered(&self, id: &str, secret: &str) -> bool {
         let Some(client) = self.clients.get(id) else {
             return false;
         };
         let remembered = *client.verified.lock().expect("not poisoned");
-        if let Some(tag) = remembered
-            && aws_lc_rs::hmac::verify(&self.remember, secret.as_bytes(), tag.as_ref()).is_ok()
-        {
-            return true;
-        }
+        remembered.is_some_and(|tag| {
+            aws_lc_rs::hmac::verify(&self.remember, secret.as_bytes(), tag.as_ref()).is_ok()
+        })
+    }
+
+    /// Whether `secret` is client `id`'s, by its Argon2id hash; remembered when it is. At most
+    /// [`ARGON2_AT_ONCE`] run at once, each holding 19 MiB.
+    async fn verify(&self, id: &str, secret: String) -> bool {
+        let Some(client) = self.clients.get(id) else {
+            return false;
+        };
+        let Ok(_permit) = self.argon2.acquire().await else {
+            return false;
+        };
         let phc = client.secret_hash.clone();
         let candidate = secret.clone();
         let ok = tokio::task::spawn_blocking(move || {
@@ -388,6 +414,21 @@ fn invalid_client(why: &str) -> Response {
         StatusCode::UNAUTHORIZED,
         headers,
         error_body("invalid_client", why),
+    )
+}
+
+/// 429: past the failure policy's allowance, whatever the secret.
+fn locked(retry_after: std::time::Duration) -> Response {
+    let mut headers = HeaderMap::new();
+    let secs = retry_after.as_secs_f64().ceil().max(1.0) as u64;
+    headers.insert(header::RETRY_AFTER, HeaderValue::from(secs));
+    json(
+        StatusCode::TOO_MANY_REQUESTS,
+        headers,
+        error_body(
+            "invalid_client",
+            "too many failed client authentications: locked out",
+        ),
     )
 }
 
