@@ -111,6 +111,7 @@ impl Health {
                 _ => {}
             }
             *failure = result.err();
+            crate::telemetry::record_signer_up(failure.is_none());
             was_down != failure.is_some()
         };
         if changed {

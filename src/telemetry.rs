@@ -189,6 +189,7 @@ pub fn spawn_upkeep() {
         loop {
             every.tick().await;
             handle.run_upkeep();
+            record_memory();
         }
     });
 }
@@ -284,6 +285,22 @@ fn describe() {
         "OAuth client authentications that failed (an unknown client or a wrong secret); see \
          --oauth-client-limit"
     );
+    describe_counter!(
+        "authsidecar_lockouts_total",
+        "Attempts refused by a lockout policy, by policy (admin_login, mfa_verify, oauth_client)"
+    );
+    describe_gauge!(
+        "authsidecar_signer_up",
+        "1 while the active signing key signs (a PKCS#11 token's probe)"
+    );
+    describe_gauge!(
+        "process_resident_memory_bytes",
+        "Resident memory of this process, in bytes"
+    );
+    describe_gauge!(
+        "authsidecar_memory_limit_bytes",
+        "The container's memory limit (its cgroup's), in bytes; absent without one"
+    );
     describe_gauge!(
         "authsidecar_build_info",
         "Version and git commit of this binary"
@@ -319,6 +336,48 @@ pub fn record_validation(result: &'static str) {
 pub fn record_oauth_client_failure() {
     tracing::Span::current().record("outcome", "invalid_client");
     metrics::counter!("authsidecar_oauth_client_failures_total").increment(1);
+}
+
+/// Counts an attempt refused by a lockout policy: `admin_login`, `mfa_verify` or
+/// `oauth_client`.
+pub fn record_lockout(policy: &'static str) {
+    metrics::counter!("authsidecar_lockouts_total", "policy" => policy).increment(1);
+}
+
+/// Records whether the active signing key signs (a PKCS#11 token's probe; a file key always).
+pub fn record_signer_up(up: bool) {
+    metrics::gauge!("authsidecar_signer_up").set(if up { 1.0 } else { 0.0 });
+}
+
+/// Records the process's resident memory and, when the container has one, its memory limit
+/// (cgroup v2 `memory.max`, or v1 `memory.limit_in_bytes`), so that an alert can compare them.
+fn record_memory() {
+    let resident_kib = std::fs::read_to_string("/proc/self/status")
+        .ok()
+        .and_then(|s| {
+            let line = s.lines().find(|l| l.starts_with("VmRSS:"))?;
+            line.split_whitespace().nth(1)?.parse::<f64>().ok()
+        });
+    if let Some(kib) = resident_kib {
+        metrics::gauge!("process_resident_memory_bytes").set(kib * 1024.0);
+    }
+    let limit = [
+        "/sys/fs/cgroup/memory.max",
+        "/sys/fs/cgroup/memory/memory.limit_in_bytes",
+    ]
+    .iter()
+    .find_map(|path| {
+        std::fs::read_to_string(path)
+            .ok()?
+            .trim()
+            .parse::<f64>()
+            .ok()
+    })
+    // v1 reports "no limit" as a number near 2^63.
+    .filter(|limit| *limit < 1e18);
+    if let Some(limit) = limit {
+        metrics::gauge!("authsidecar_memory_limit_bytes").set(limit);
+    }
 }
 
 /// Records an MFA code's verdict on the current span and in the counters.

@@ -566,4 +566,7 @@ async fn guesses_sent_at_once_run_no_more_argon2_checks_than_the_policy_allows()
         "",
     );
     assert_eq!(r.status, 429);
+    // 27 guesses and the right secret, each refused by the lockout.
+    let lockouts = node.metric("authsidecar_lockouts_total", &["policy=\"oauth_client\""]);
+    assert_eq!(lockouts, 28.0);
 }

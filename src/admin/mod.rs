@@ -455,6 +455,7 @@ fn digest(bytes: &[u8]) -> aws_lc_rs::digest::Digest {
 }
 
 fn locked(retry: std::time::Duration) -> Response {
+    crate::telemetry::record_lockout("admin_login");
     let body = page(
         "Log in",
         None,

@@ -419,6 +419,7 @@ fn invalid_client(why: &str) -> Response {
 
 /// 429: past the failure policy's allowance, whatever the secret.
 fn locked(retry_after: std::time::Duration) -> Response {
+    telemetry::record_lockout("oauth_client");
     let mut headers = HeaderMap::new();
     let secs = retry_after.as_secs_f64().ceil().max(1.0) as u64;
     headers.insert(header::RETRY_AFTER, HeaderValue::from(secs));

@@ -308,6 +308,7 @@ impl Mfa {
         if decision.allowed {
             Ok(())
         } else {
+            crate::telemetry::record_lockout("mfa_verify");
             Err(Error::Limited(decision.retry_after))
         }
     }

@@ -59,3 +59,10 @@ def test_counters_move_by_exactly_the_calls_made(stubs, sidecar_addrs):
     build = [k for k in after if k[0] == "authsidecar_build_info"]
     assert len(build) == 1 and dict(build[0][1])["version"]
     assert [k for k in after if k[0] == "authsidecar_keys_active" and after[k] == 1]
+    # What the chart's alerts read: the signer, and resident memory (with the cgroup's limit
+    # where the container has one).
+    assert after[("authsidecar_signer_up", ())] == 1
+    resident = after[("process_resident_memory_bytes", ())]
+    assert 1 << 20 < resident < 1 << 30, resident
+    limit = after.get(("authsidecar_memory_limit_bytes", ()))
+    assert limit is None or limit > resident
