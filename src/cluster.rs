@@ -30,8 +30,8 @@ use crate::rules::gcra::Gcra;
 use crate::store::{Beat, Registry, Store};
 
 /// The items nodes compare, as the metric's `item` label names them.
-pub const ITEMS: [&str; 8] = [
-    "keys", "policies", "issuer", "audience", "ttl", "admin", "mfa", "node_id",
+pub const ITEMS: [&str; 9] = [
+    "keys", "policies", "issuer", "audience", "ttl", "admin", "mfa", "oauth", "node_id",
 ];
 
 /// The nonce every node makes its digest's fingerprints under (see [`Local::digest`]).
@@ -64,6 +64,19 @@ pub struct Document {
     /// MFA's keys, the sealing one first: each kid with a fingerprint keyed by the key
     /// itself (see `Sealer::fingerprint`); `None` when MFA is off.
     pub mfa: Option<Vec<(String, String)>>,
+    /// The OAuth clients: each id with a digest of its secret's Argon2id hash under the
+    /// nonce (see [`oauth_print`]).
+    pub oauth: BTreeMap<String, String>,
+}
+
+/// A client's fingerprint under `nonce`: SHA-256 of the nonce and its Argon2id PHC string.
+/// The PHC string is salted and slow to test a guess against; its digest reveals less.
+fn oauth_print(nonce: &[u8], phc: &str) -> String {
+    let mut digest = aws_lc_rs::digest::Context::new(&aws_lc_rs::digest::SHA256);
+    digest.update(&(nonce.len() as u32).to_be_bytes());
+    digest.update(nonce);
+    digest.update(phc.as_bytes());
+    URL_SAFE_NO_PAD.encode(digest.finish().as_ref())
 }
 
 /// One key as published: never the key itself.
@@ -89,6 +102,8 @@ pub struct Local {
     admin: Option<(String, crate::config::AdminCredential)>,
     /// MFA's keys when MFA is on with keys every node must share.
     mfa: Option<Arc<Sealer>>,
+    /// The OAuth clients' PHC strings, by id.
+    oauth: BTreeMap<String, String>,
 }
 
 impl Local {
@@ -135,6 +150,12 @@ impl Local {
                 }
                 _ => None,
             },
+            oauth: config
+                .oauth
+                .clients
+                .iter()
+                .map(|c| (c.id.clone(), c.secret_hash.clone()))
+                .collect(),
         }
     }
 
@@ -230,6 +251,11 @@ impl Local {
                     })
                     .collect()
             }),
+            oauth: self
+                .oauth
+                .iter()
+                .map(|(id, phc)| (id.clone(), oauth_print(nonce, phc)))
+                .collect(),
         }
     }
 }
@@ -375,6 +401,24 @@ pub fn compare(
                     ),
                 );
             }
+        }
+    }
+    let ids: BTreeSet<&String> = mine.oauth.keys().chain(theirs.oauth.keys()).collect();
+    for id in ids {
+        match (local.oauth.get(id), theirs.oauth.get(id)) {
+            (Some(_), None) => say(
+                "oauth",
+                format!("OAuth client {id} is configured here and not on node {node}"),
+            ),
+            (None, Some(_)) => say(
+                "oauth",
+                format!("OAuth client {id} is configured on node {node} and not here"),
+            ),
+            (Some(phc), Some(print)) if oauth_print(&nonce, phc) != *print => say(
+                "oauth",
+                format!("OAuth client {id} has another secret hash here than on node {node}"),
+            ),
+            _ => {}
         }
     }
     if mine.issuer != theirs.issuer {
@@ -820,6 +864,33 @@ mod tests {
         );
         assert_eq!(found.len(), 1, "{found:?}");
         assert!(found[0].detail.contains("different key"), "{found:?}");
+    }
+
+    #[test]
+    fn oauth_clients_compare_by_id_and_hash_without_publishing_it() {
+        let phc = "$argon2id$v=19$m=19456,t=2,p=1$c2FsdHNhbHRzYWx0$aGFzaGhhc2hoYXNoaGFzaGhhc2hoYXNoaGFzaGhhc2g";
+        let other = "$argon2id$v=19$m=19456,t=2,p=1$b3RoZXJzYWx0c2FsdA$aGFzaGhhc2hoYXNoaGFzaGhhc2hoYXNoaGFzaGhhc2g";
+        let with = |clients: &[String]| {
+            let mut args = vec!["serve".to_owned()];
+            args.extend(clients.iter().map(|c| format!("--oauth-client={c}")));
+            Local::new(&Config::load(args).unwrap())
+        };
+        let keys = set(A);
+        let here = with(&[format!("rs:{phc}")]);
+        let mine = here.document(&keys);
+        let same = with(&[format!("rs:{phc}")]).document(&keys);
+        assert!(compare(&here, &mine, &keys, "b", &same).is_empty());
+        for theirs in [
+            with(&[]),
+            with(&[format!("rs:{other}")]),
+            with(&[format!("rs:{phc}"), format!("kong:{phc}")]),
+        ] {
+            let found = compare(&here, &mine, &keys, "b", &theirs.document(&keys));
+            assert_eq!(found.len(), 1, "{found:?}");
+            assert_eq!(found[0].item, "oauth");
+        }
+        let published = serde_json::to_string(&mine).unwrap();
+        assert!(!published.contains("c2FsdHNhbHRzYWx0"), "{published}");
     }
 
     #[test]

@@ -274,7 +274,7 @@ fn describe() {
     describe_gauge!(
         "authsidecar_cluster_disagreements",
         "Live nodes that disagree with this one, by item (keys, policies, issuer, audience, ttl, \
-         admin, mfa, node_id)"
+         admin, mfa, oauth, node_id)"
     );
     describe_gauge!(
         "authsidecar_cluster_nodes",
