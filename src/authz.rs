@@ -16,9 +16,6 @@ use crate::ratelimit::{self, RateLimiter};
 use crate::telemetry;
 use crate::tokens::{self, Kind, MAX_TOKEN_LEN, Tokens, Verdict, Verified};
 
-/// The route keys, as a proxy names them (ext_authz `context_extensions`, forward-auth query).
-pub const ROUTE_KEYS: &str = "audience, rate_limit_policy and required_claims";
-
 pub struct Authorizer {
     tokens: Arc<Tokens>,
     limits: Arc<RateLimiter>,
@@ -339,13 +336,6 @@ impl Authorizer {
     /// The header the token is read from (lower case).
     pub fn token_header(&self) -> &str {
         &self.settings.token_header
-    }
-
-    /// The headers an allowed request may carry from this sidecar, lower case: the subject and
-    /// every configured claim header. A proxy copies these, and only these.
-    pub fn identity_headers(&self) -> impl Iterator<Item = &str> {
-        std::iter::once(SUBJECT_HEADER)
-            .chain(self.settings.claim_headers.iter().map(|(_, h)| h.as_str()))
     }
 
     /// The decision for a request whose token header held `credential`, on `route`.
