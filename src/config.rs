@@ -226,10 +226,9 @@ pub struct ServeArgs {
         env = "AUTH_OAUTH_CLIENTS",
         value_delimiter = ' ',
         hide_env_values = true,
-        value_name = "ID:PHC",
-        value_parser = parse_oauth_client
+        value_name = "ID:PHC"
     )]
-    pub oauth_clients: Vec<OAuthClient>,
+    pub oauth_clients: Vec<String>,
 
     /// Failed OAuth client authentications allowed per client id, on the shared store, as
     /// COUNT/PERIOD[:burst=B][:lockout=D]. Past it every call of that client id is refused
@@ -1040,19 +1039,24 @@ fn admin(args: &ServeArgs) -> Result<Admin, ConfigError> {
     })
 }
 
-/// The OAuth endpoints' settings, checked: client ids given once.
+/// The OAuth endpoints' settings, checked: each client `ID:PHC`, its id given once. Checked
+/// here rather than by clap, whose error would repeat the value: a secret given by mistake
+/// for its hash must not reach the log.
 fn oauth(args: &ServeArgs) -> Result<OAuth, ConfigError> {
-    let mut ids = BTreeSet::new();
-    for client in &args.oauth_clients {
-        if !ids.insert(client.id.as_str()) {
+    let mut clients: Vec<OAuthClient> = Vec::new();
+    for text in args.oauth_clients.iter().filter(|t| !t.is_empty()) {
+        let client = parse_oauth_client(text)
+            .map_err(|reason| ConfigError::new("--oauth-client", reason))?;
+        if clients.iter().any(|c| c.id == client.id) {
             return Err(ConfigError::new(
                 "--oauth-client",
                 format!("client `{}` is given more than once", client.id),
             ));
         }
+        clients.push(client);
     }
     Ok(OAuth {
-        clients: args.oauth_clients.clone(),
+        clients,
         client_limit: internal_policy(
             "--oauth-client-limit",
             OAUTH_CLIENT_POLICY,
@@ -1216,7 +1220,7 @@ fn default_node_id() -> String {
 }
 
 /// ID:PHC: a client id of 1 to 64 printable ASCII characters other than `:`, and an Argon2id
-/// PHC string. The error never repeats the value, which holds a hash.
+/// PHC string. The error names the client id, never the rest.
 fn parse_oauth_client(s: &str) -> Result<OAuthClient, String> {
     let (id, phc) = s
         .split_once(':')
@@ -1224,8 +1228,9 @@ fn parse_oauth_client(s: &str) -> Result<OAuthClient, String> {
     if id.is_empty() || id.len() > 64 || !id.bytes().all(|b| b.is_ascii_graphic()) {
         return Err("the client id must be 1 to 64 printable ASCII characters".into());
     }
-    let parsed = argon2::PasswordHash::new(phc)
-        .map_err(|e| format!("client `{id}`: not a PHC string: {e}"))?;
+    let parsed = argon2::PasswordHash::new(phc).map_err(|_| {
+        format!("client `{id}`: not a PHC string (make one with `auth-sidecar hash-password`)")
+    })?;
     if parsed.algorithm.as_str() != "argon2id" {
         return Err(format!(
             "client `{id}`: must be argon2id, not {}",
@@ -1375,6 +1380,35 @@ mod tests {
 
     fn parse(argv: &[&str]) -> Result<Config, ConfigError> {
         Config::load(std::iter::once("serve").chain(argv.iter().copied()))
+    }
+
+    #[test]
+    fn an_oauth_client_error_names_the_client_and_never_its_secret() {
+        let phc = "$argon2id$v=19$m=19456,t=2,p=1$c2FsdHNhbHRzYWx0$aGFzaGhhc2hoYXNoaGFzaGhhc2hoYXNoaGFzaGhhc2g";
+        let c = parse(&[&format!("--oauth-client=rs:{phc}")]).unwrap();
+        assert_eq!(c.oauth.clients[0].id, "rs");
+        for (args, says) in [
+            (
+                vec!["--oauth-client=rs:hunter2-secret".to_owned()],
+                "client `rs`",
+            ),
+            (
+                vec!["--oauth-client=hunter2-secret".to_owned()],
+                "not ID:PHC",
+            ),
+            (
+                vec![
+                    format!("--oauth-client=rs:{phc}"),
+                    format!("--oauth-client=rs:{phc}"),
+                ],
+                "more than once",
+            ),
+        ] {
+            let refs: Vec<&str> = args.iter().map(String::as_str).collect();
+            let err = parse(&refs).unwrap_err().to_string();
+            assert!(err.contains(says), "{err}");
+            assert!(!err.contains("hunter2"), "{err}");
+        }
     }
 
     #[test]
