@@ -159,14 +159,17 @@ def test_alerts_fire_and_resolve_and_every_panel_has_data(stubs, mfa_stubs):
         # Redis killed: the backend is down on both nodes.
         redis.kill()
         redis.wait()
-        prom.wait("AuthSidecarBackendDown fires",
-                  lambda: "AuthSidecarBackendDown" in prom.alerts())
-        firing = json.loads(prom.get("/api/v1/alerts"))["data"]["alerts"]
-        down = [a for a in firing
-                if a["labels"]["alertname"] == "AuthSidecarBackendDown" and a["state"] == "firing"]
-        assert {a["labels"]["pod"] for a in down} == {"web-0", "web-1"}
-        assert down[0]["annotations"]["runbook_url"].endswith("#authsidecarbackenddown")
-        assert "redis" in down[0]["annotations"]["summary"]
+
+        def backend_down():
+            alerts = json.loads(prom.get("/api/v1/alerts"))["data"]["alerts"]
+            return [a for a in alerts if a["labels"]["alertname"] == "AuthSidecarBackendDown"
+                    and a["state"] == "firing"]
+
+        prom.wait("AuthSidecarBackendDown fires for both pods",
+                  lambda: {a["labels"]["pod"] for a in backend_down()} == {"web-0", "web-1"})
+        firing = backend_down()[0]
+        assert firing["annotations"]["runbook_url"].endswith("#authsidecarbackenddown")
+        assert "redis" in firing["annotations"]["summary"]
         # Both back: Redis on its port, the odd node gone.
         redis = redis_on(redis_port)
         next(odd, None)
