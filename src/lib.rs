@@ -1,7 +1,8 @@
 //! auth-sidecar: a gRPC token service that runs beside an application in its pod.
 //!
-//! Layers, one direction: `grpc` (wire types, statuses) → `tokens`, `sessions`, `ratelimit`
-//! (the rules; `keys` for signing) → `store` (state every node agrees on). `ops` and `health`
+//! Layers, one direction: `grpc` (wire types, statuses) and `http` (forward-auth, OAuth) →
+//! `authz` (the one access decision) → `tokens`, `sessions`, `ratelimit` (the rules; `keys` for
+//! signing) → `store` (state every node agrees on). `ops` and `health`
 //! serve what the cluster sees; `telemetry` logs, traces and counts; `server` composes it
 //! all; `cluster` compares this node with the other live ones, and `check` prints the
 //! multi-node checklist; `client` is the binary's client side. See ARCHITECTURE.md.
