@@ -385,12 +385,13 @@ fn an_http1_request_head_over_16_kib_is_refused() {
         stream
             .set_read_timeout(Some(Duration::from_secs(5)))
             .unwrap();
-        write!(
+        // The listener may answer 431 and close before the whole head is written: the write
+        // then fails (EPIPE), and the answer is read all the same.
+        let _ = write!(
             stream,
             "GET /healthz HTTP/1.1\r\nHost: x\r\nX-Big: {}\r\nConnection: close\r\n\r\n",
             "a".repeat(header_bytes)
-        )
-        .unwrap();
+        );
         let mut answer = String::new();
         let _ = stream.read_to_string(&mut answer);
         answer
