@@ -307,26 +307,12 @@ fn node_behind_link(backend: Backend) -> (Storage, SlowLink, Sidecar) {
         Backend::Redis => "REDIS_URL",
         _ => "DATABASE_URL",
     };
-    let url = storage
-        .env
-        .iter()
-        .find(|(k, _)| k == setting)
-        .map(|(_, v)| v.clone())
-        .expect("the setting");
-    let (head, rest) = url.rsplit_once("127.0.0.1:").expect("a local server");
-    let port: u16 = rest
-        .split(|c: char| !c.is_ascii_digit())
-        .next()
-        .unwrap()
-        .parse()
-        .unwrap();
-    let link = SlowLink::to(port, Duration::ZERO);
-    let tail = rest.trim_start_matches(|c: char| c.is_ascii_digit());
+    let (link, url) = storage.through_link(setting);
     let node = POLICIES[1..]
         .iter()
         .fold(Sidecar::builder().storage(&storage), |b, a| b.arg(*a))
         .arg("--backend-timeout=1s")
-        .env(setting, format!("{head}127.0.0.1:{}{tail}", link.port))
+        .env(setting, url)
         .start();
     (storage, link, node)
 }

@@ -12,35 +12,17 @@ use support::Sidecar;
 use support::backends::{Backend, SlowLink, Storage};
 use tonic::Code;
 
-/// The storage's URL setting, pointed at `link` in front of the same server.
-fn via(storage: &Storage, setting: &str, link: &SlowLink) -> (String, String) {
-    let url = storage
-        .env
-        .iter()
-        .find(|(k, _)| k == setting)
-        .map(|(_, v)| v.clone())
-        .expect("the setting");
-    let (head, rest) = url.rsplit_once("127.0.0.1:").expect("a local server");
-    let tail = rest.trim_start_matches(|c: char| c.is_ascii_digit());
-    (
-        setting.to_owned(),
-        format!("{head}127.0.0.1:{}{tail}", link.port),
-    )
-}
-
 /// A node on `backend` whose data connections pass through a link that can lose answers.
 fn node_behind_link(backend: Backend) -> (Storage, SlowLink, Sidecar) {
     let storage = Storage::new(backend);
-    let (setting, port) = match backend {
-        Backend::Redis => ("REDIS_URL", support::backends::shared_redis()),
-        _ => ("DATABASE_URL", support::backends::shared_postgres()),
+    let setting = match backend {
+        Backend::Redis => "REDIS_URL",
+        _ => "DATABASE_URL",
     };
-    let port: u16 = port.rsplit(':').next().unwrap().parse().unwrap();
-    let link = SlowLink::to(port, Duration::ZERO);
-    let (k, v) = via(&storage, setting, &link);
+    let (link, url) = storage.through_link(setting);
     let node = Sidecar::builder()
         .storage(&storage)
-        .env(&k, v)
+        .env(setting, url)
         .arg("--backend-timeout=1s")
         .arg("--revocation-cache=0")
         .start();

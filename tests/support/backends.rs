@@ -298,6 +298,23 @@ impl Storage {
             .expect("storage with a database")
     }
 
+    /// A link in front of the local server that `setting` (`REDIS_URL`, `DATABASE_URL`) names,
+    /// and the setting's URL pointed at the link instead.
+    pub fn through_link(&self, setting: &str) -> (SlowLink, String) {
+        let url = self
+            .env
+            .iter()
+            .find(|(k, _)| k == setting)
+            .map(|(_, v)| v.clone())
+            .unwrap_or_else(|| panic!("storage without {setting}"));
+        let (head, rest) = url.rsplit_once("127.0.0.1:").expect("a local server");
+        let digits = rest.len() - rest.trim_start_matches(|c: char| c.is_ascii_digit()).len();
+        let port: u16 = rest[..digits].parse().expect("a port");
+        let link = SlowLink::to(port, Duration::ZERO);
+        let url = format!("{head}127.0.0.1:{}{}", link.port, &rest[digits..]);
+        (link, url)
+    }
+
     fn redis(&mut self, url: &str, prefix: &str) {
         self.env.push(("REDIS_URL".into(), url.into()));
         self.args.push(format!("--redis-prefix={prefix}:"));
