@@ -92,36 +92,21 @@ impl OAuth {
         // A peek, which writes nothing: a client that authenticates costs one read. Past the
         // allowance the attempt is counted as well, so that the policy's lockout engages
         // and holds on every node, whatever the secret.
-        let peek = match self.failures.check(&self.policy, &key, 0).await {
-            Ok(peek) if !peek.allowed => self.failures.check(&self.policy, &key, 1).await,
-            other => other,
-        };
-        match peek {
-            Ok(refused) if !refused.allowed => {
-                tracing::warn!(client = %key, "oauth: a locked-out client called");
-                return Err(locked(refused.retry_after));
-            }
-            Ok(_) => {}
-            Err(e) => {
-                tracing::warn!(error = %e, "oauth: the store did not answer");
-                return Err(unavailable());
-            }
+        let mut answer = self.failures.check(&self.policy, &key, 0).await;
+        if matches!(&answer, Ok(peek) if !peek.allowed) {
+            answer = self.failures.check(&self.policy, &key, 1).await;
+        }
+        if let Some(refusal) = refused(&key, answer) {
+            return Err(refusal);
         }
         if self.remembered(&id, &secret) {
             return Ok(id);
         }
         // An Argon2 check ahead: counted first, as an admin login is, so that guesses sent
         // at once are bounded by the policy's allowance rather than run side by side.
-        match self.failures.check(&self.policy, &key, 1).await {
-            Ok(counted) if !counted.allowed => {
-                tracing::warn!(client = %key, "oauth: a locked-out client called");
-                return Err(locked(counted.retry_after));
-            }
-            Ok(_) => {}
-            Err(e) => {
-                tracing::warn!(error = %e, "oauth: the store did not answer");
-                return Err(unavailable());
-            }
+        let counted = self.failures.check(&self.policy, &key, 1).await;
+        if let Some(refusal) = refused(&key, counted) {
+            return Err(refusal);
         }
         if self.verify(&id, secret).await {
             // A right secret clears the count, as a right admin password does; this runs once
@@ -415,6 +400,25 @@ fn invalid_client(why: &str) -> Response {
         headers,
         error_body("invalid_client", why),
     )
+}
+
+/// The answer that refuses a client whose failure count `answer` says is past the allowance
+/// (429), or that the store could not count (503); `None` lets it go on.
+fn refused(
+    key: &str,
+    answer: Result<crate::ratelimit::Decision, crate::ratelimit::Error>,
+) -> Option<Response> {
+    match answer {
+        Ok(decision) if !decision.allowed => {
+            tracing::warn!(client = %key, "oauth: a locked-out client called");
+            Some(locked(decision.retry_after))
+        }
+        Ok(_) => None,
+        Err(e) => {
+            tracing::warn!(error = %e, "oauth: the store did not answer");
+            Some(unavailable())
+        }
+    }
 }
 
 /// 429: past the failure policy's allowance, whatever the secret.

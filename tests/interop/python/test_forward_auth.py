@@ -21,7 +21,7 @@ from google.protobuf import duration_pb2, struct_pb2
 
 import grpc
 from conftest import ROOT, SECRET, free_port, run_sidecar, start_redis
-from test_envoy import Echo
+from test_envoy import Echo, bearer
 
 SIDECAR_ARGS = ["--rate-limit", "admin=3/1h", "--authz-claim-header", "tenant=x-auth-tenant",
                 "--leeway", "0s"]
@@ -139,10 +139,6 @@ class Stack:
 def stack(stubs, request):
     with Stack(stubs, request.param) as s:
         yield s
-
-
-def bearer(token):
-    return {"authorization": f"Bearer {token}"}
 
 
 def test_a_valid_token_reaches_the_app_with_its_identity_and_never_the_clients(stack):
