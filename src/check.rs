@@ -56,7 +56,7 @@ fn row(mark: Mark, item: &'static str, detail: impl Into<String>) -> Row {
 /// Runs every check of `config`.
 pub async fn run(config: &Config) -> Vec<Row> {
     let mut rows = Vec::new();
-    let keys = match crate::server::load_keys(config) {
+    let keys = match crate::server::load_keys(config).await {
         Ok(keys) => Some(Arc::new(keys)),
         Err(e) => {
             rows.push(row(Mark::Fail, "signing keys", format!("{e:#}")));
@@ -203,7 +203,16 @@ pub fn render(rows: &[Row]) -> String {
 }
 
 fn keys_row(config: &Config, keys: &Keys) -> Row {
-    let summary = keys.current().summary();
+    let set = keys.current();
+    let elsewhere: Vec<String> = set
+        .keys()
+        .filter_map(|k| Some(format!("{} in {}", k.kid(), k.source()?)))
+        .collect();
+    let summary = if elsewhere.is_empty() {
+        set.summary()
+    } else {
+        format!("{}; {}", set.summary(), elsewhere.join("; "))
+    };
     match (&config.keys_dir, &config.jwt_secret) {
         (Some(dir), _) => row(
             Mark::Pass,

@@ -45,7 +45,7 @@ pub struct Health {
     shutting_down: Arc<AtomicBool>,
     /// Whether every live node agrees with this one; counts only with `strict_cluster`.
     cluster_agrees: Arc<AtomicBool>,
-    /// Why the active key's PKCS#11 token does not sign, while it does not.
+    /// Why the active key (in a PKCS#11 token or a KMS) does not sign, while it does not.
     signer_failure: Arc<Mutex<Option<String>>>,
     strict_cluster: bool,
     drained: CancellationToken,
@@ -94,8 +94,9 @@ impl Health {
         }
     }
 
-    /// Records whether the active key's PKCS#11 token signs (a probe's outcome); logs the
-    /// changes. A token that does not sign makes the node NOT_SERVING: it cannot issue.
+    /// Records whether the active key, signing in a PKCS#11 token or a KMS, signs (a probe's
+    /// outcome); logs the changes. A key that does not sign makes the node NOT_SERVING: it
+    /// cannot issue.
     pub async fn set_signer(&self, result: Result<(), String>) {
         let changed = {
             let mut failure = self
@@ -104,9 +105,9 @@ impl Health {
                 .unwrap_or_else(|e| e.into_inner());
             let was_down = failure.is_some();
             match &result {
-                Ok(()) if was_down => tracing::info!("the signing key's PKCS#11 token signs again"),
+                Ok(()) if was_down => tracing::info!("the active signing key signs again: ready"),
                 Err(e) if !was_down => {
-                    tracing::error!(error = %e, "the signing key's PKCS#11 token does not sign");
+                    tracing::error!(error = %e, "the active signing key does not sign: not ready");
                 }
                 _ => {}
             }
@@ -119,7 +120,7 @@ impl Health {
         }
     }
 
-    /// Why the active key's token does not sign, if it does not.
+    /// Why the active key does not sign, if it does not.
     pub fn signer_failure(&self) -> Option<String> {
         self.signer_failure
             .lock()

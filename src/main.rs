@@ -172,7 +172,7 @@ fn main() -> ExitCode {
         Command::Health(args) => ExitCode::from(runtime.block_on(client::health(args)) as u8),
         Command::Token(args) => ExitCode::from(runtime.block_on(client::token(args)) as u8),
         Command::Mfa(args) => ExitCode::from(runtime.block_on(client::mfa(args)) as u8),
-        Command::Keys(command) => match keys_command(command) {
+        Command::Keys(command) => match runtime.block_on(keys_command(command)) {
             Ok(()) => ExitCode::SUCCESS,
             Err(e) => {
                 eprintln!("error: {e:#}");
@@ -224,7 +224,7 @@ async fn migrate(args: MigrateArgs) -> anyhow::Result<()> {
     Ok(())
 }
 
-fn keys_command(command: KeysCommand) -> anyhow::Result<()> {
+async fn keys_command(command: KeysCommand) -> anyhow::Result<()> {
     match command {
         KeysCommand::Generate {
             alg,
@@ -267,8 +267,11 @@ fn keys_command(command: KeysCommand) -> anyhow::Result<()> {
             Ok(())
         }
         KeysCommand::Check { keys_dir } => {
-            let set = KeySet::load_dir(&keys_dir)?;
+            let set = KeySet::load_dir(&keys_dir).await?;
             println!("{}", set.summary());
+            for line in set.report() {
+                println!("  {line}");
+            }
             Ok(())
         }
     }

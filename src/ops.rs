@@ -103,7 +103,7 @@ async fn healthz(State(ops): State<Ops>) -> (StatusCode, String) {
         ops.keys.health_detail()
     );
     if let Some(reason) = ops.health.signer_failure() {
-        body.push_str(&format!("signing key's token does not sign: {reason}\n"));
+        body.push_str(&format!("signing key does not sign: {reason}\n"));
     }
     if let Some(cluster) = &ops.cluster {
         body.push_str(&cluster.health_detail());

@@ -75,7 +75,7 @@ impl App {
         clock: Arc<dyn Clock>,
         drained: CancellationToken,
     ) -> anyhow::Result<App> {
-        let keys = load_keys(config)?;
+        let keys = load_keys(config).await?;
         if config.keys_dir.is_none() && config.jwt_secret.is_none() {
             tracing::warn!(
                 "neither AUTH_KEYS_DIR nor AUTH_JWT_SECRET is set: signing with a random \
@@ -169,22 +169,27 @@ impl App {
 
 /// The key set the configuration names: the keys directory, the secret, or (memory storage
 /// only) a random key.
-pub fn load_keys(config: &Config) -> anyhow::Result<Keys> {
+pub async fn load_keys(config: &Config) -> anyhow::Result<Keys> {
     Ok(match (&config.keys_dir, &config.jwt_secret) {
         (Some(dir), _) => Keys::from_dir(dir.clone())
+            .await
             .with_context(|| format!("cannot load --keys-dir {}", dir.display()))?,
         (None, Some(secret)) => Keys::fixed(KeySet::single(SigningKey::hs256(secret)?)),
         (None, None) => Keys::fixed(KeySet::ephemeral()),
     })
 }
 
-/// Probes the active key's PKCS#11 token now and then every `interval` (more often while it
-/// does not sign), so that readiness says whether this node can issue. Keys in a file need
-/// no probe.
+/// Probes the active key, when it signs elsewhere (a PKCS#11 token, a KMS), now and then
+/// every `interval` or its source's own interval, so that readiness says whether this node
+/// can issue. A signature an Issue made within the interval answers for the probe, and a
+/// failed one wakes it at once. While the key does not sign, the probe runs again after
+/// 250 ms, then twice as long each time up to the interval, each wait jittered, so that a
+/// fleet facing a KMS that throttles does not add to it in step. Keys in a file need no
+/// probe.
 async fn watch_signer(tokens: Arc<Tokens>, health: Health, interval: Duration) {
-    let probe = async |tokens: &Tokens, health: &Health| {
+    let probe = async move |tokens: &Tokens, health: &Health| {
         let set = tokens.keys().snapshot();
-        if let Some(result) = set.active().probe().await {
+        if let Some(result) = set.active().probe(interval).await {
             health.set_signer(result).await;
         } else {
             health.set_signer(Ok(())).await;
@@ -192,14 +197,22 @@ async fn watch_signer(tokens: Arc<Tokens>, health: Health, interval: Duration) {
     };
     probe(&tokens, &health).await;
     tokio::spawn(async move {
+        let mut backoff = Duration::from_millis(250);
         loop {
-            let down = health.signer_failure().is_some();
-            let wait = if down {
-                interval.min(Duration::from_millis(250))
+            let set = tokens.keys().snapshot();
+            let every = set.active().probe_interval(interval);
+            let wait = if health.signer_failure().is_some() {
+                let wait = backoff.min(every);
+                backoff = (backoff * 2).min(every);
+                wait.mul_f64(0.5 + crate::ids::random_fraction() / 2.0)
             } else {
-                interval
+                backoff = Duration::from_millis(250);
+                every
             };
-            tokio::time::sleep(wait).await;
+            tokio::select! {
+                () = tokio::time::sleep(wait) => {}
+                () = set.active().stopped_signing() => {}
+            }
             probe(&tokens, &health).await;
         }
     });
@@ -541,7 +554,7 @@ fn watch_keys(tokens: Arc<Tokens>) -> anyhow::Result<()> {
             tokio::time::sleep(KEYS_SETTLE).await;
             while events.try_recv().is_ok() {}
             let before = tokens.keys().current().active().kid().to_owned();
-            match tokens.reload_keys() {
+            match tokens.reload_keys().await {
                 Ok(Reloaded::Unchanged) => {}
                 Ok(Reloaded::Changed) => {
                     let keys = tokens.keys().current();

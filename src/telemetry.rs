@@ -69,7 +69,10 @@ pub fn init(format: LogFormat, level: Option<&str>) -> anyhow::Result<Telemetry>
     let otel = tracer
         .as_ref()
         .map(|p| tracing_opentelemetry::layer().with_tracer(p.tracer("auth-sidecar")));
-    let registry = tracing_subscriber::registry().with(filter).with(otel);
+    let registry = tracing_subscriber::registry()
+        .with(filter)
+        .with(tracing_subscriber::filter::filter_fn(no_aws_debug))
+        .with(otel);
     let fmt = tracing_subscriber::fmt::layer().with_writer(std::io::stderr);
     match format {
         LogFormat::Text => registry
@@ -83,6 +86,13 @@ pub fn init(format: LogFormat, level: Option<&str>) -> anyhow::Result<Telemetry>
             .try_init()?,
     }
     Ok(Telemetry { tracer })
+}
+
+/// Whether an event or span may be recorded at all, whatever the filter asks: the AWS SDK's
+/// crates log the credentials they resolve (an access key id, a session's expiry) at debug
+/// and trace, so nothing of theirs below info is kept.
+fn no_aws_debug(meta: &tracing::Metadata<'_>) -> bool {
+    !(meta.target().starts_with("aws_") && *meta.level() > tracing::Level::INFO)
 }
 
 /// The text formatter's fields, `name=value` apart from the message, with every control
@@ -291,7 +301,21 @@ fn describe() {
     );
     describe_gauge!(
         "authsidecar_signer_up",
-        "1 while the active signing key signs (a PKCS#11 token's probe)"
+        "1 while the active signing key signs (for a key in a PKCS#11 token or a KMS, its \
+         last signature or probe)"
+    );
+    describe_counter!(
+        "authsidecar_signer_calls_total",
+        "Calls to a key source that signs elsewhere, by source (aws-kms) and result (ok, \
+         throttled, error); one Issue makes one call, more when a throttled call is retried"
+    );
+    describe_histogram!(
+        "authsidecar_signer_call_duration_seconds",
+        "Latency of one call to a key source that signs elsewhere, by source (aws-kms)"
+    );
+    describe_gauge!(
+        "authsidecar_signer_in_flight",
+        "Calls to a key source in flight now, by source (aws-kms); at most the key's max_in_flight"
     );
     describe_gauge!(
         "process_resident_memory_bytes",
@@ -410,6 +434,31 @@ pub fn record_backend_call(backend: &'static str, op: &'static str, started: Ins
     if !ok {
         metrics::counter!("authsidecar_backend_errors_total", "backend" => backend, "op" => op)
             .increment(1);
+    }
+}
+
+/// Records one call to a key source that signs elsewhere: `result` is `ok`, `throttled` or
+/// `error`.
+pub fn record_signer_call(source: &'static str, result: &'static str, started: Instant) {
+    metrics::counter!("authsidecar_signer_calls_total", "source" => source, "result" => result)
+        .increment(1);
+    metrics::histogram!("authsidecar_signer_call_duration_seconds", "source" => source)
+        .record(started.elapsed().as_secs_f64());
+}
+
+/// A call to a key source in flight, counted in `authsidecar_signer_in_flight` while it lives.
+pub struct SignerInFlight(&'static str);
+
+impl SignerInFlight {
+    pub fn enter(source: &'static str) -> SignerInFlight {
+        metrics::gauge!("authsidecar_signer_in_flight", "source" => source).increment(1.0);
+        SignerInFlight(source)
+    }
+}
+
+impl Drop for SignerInFlight {
+    fn drop(&mut self) {
+        metrics::gauge!("authsidecar_signer_in_flight", "source" => self.0).decrement(1.0);
     }
 }
 

@@ -120,8 +120,9 @@ pub enum Error {
     Store(#[from] StoreError),
     #[error("signing failed: {0}")]
     Signing(String),
-    /// The signing key's PKCS#11 token did not sign; the detail is for the log.
-    #[error("the signing key's token does not sign: {0}")]
+    /// The signing key's source (a PKCS#11 token, a KMS) did not sign; the detail is for the
+    /// log.
+    #[error("the signing key does not sign: {0}")]
     SignerUnavailable(String),
 }
 
@@ -288,8 +289,8 @@ impl Tokens {
     }
 
     /// Reads the keys directory again; on a change, forgets every remembered verification.
-    pub fn reload_keys(&self) -> Result<Reloaded, KeyError> {
-        let reloaded = self.keys.reload()?;
+    pub async fn reload_keys(&self) -> Result<Reloaded, KeyError> {
+        let reloaded = self.keys.reload().await?;
         if reloaded == Reloaded::Changed
             && let Some(cache) = &self.verified
         {
@@ -410,7 +411,7 @@ impl Tokens {
         token.push_str(key.encoded_header());
         token.push('.');
         URL_SAFE_NO_PAD.encode_string(&payload, &mut token);
-        // A key in a PKCS#11 token signs there, off the async workers; a token it does not
+        // A key in a PKCS#11 token or a KMS signs there, off the async workers; a token it does not
         // sign is UNAVAILABLE, never a token signed by another key.
         let signature = key
             .sign_async(token.as_bytes())

@@ -432,7 +432,7 @@ async fn login(
         SystemTime::now(),
     ) else {
         return forbidden(
-            "No key of the set can key the login cookie: the active key is in a PKCS#11 token. \
+            "No key of the set can key the login cookie: the active key is in a PKCS#11 token or a KMS. \
              Add a private or HMAC file key to the keys directory (as verify).",
         );
     };

@@ -206,8 +206,8 @@ impl From<tokens::Error> for Status {
                 Status::internal("signing failed")
             }
             tokens::Error::SignerUnavailable(detail) => {
-                tracing::error!(error = %detail, "the signing key's PKCS#11 token did not sign");
-                Status::unavailable("the signing key's token does not sign")
+                tracing::error!(error = %detail, "the signing key did not sign");
+                Status::unavailable("the signing key does not sign")
             }
         }
     }

@@ -4,9 +4,11 @@
 //!
 //! A key set comes from `AUTH_JWT_SECRET` (one HS256 key) or from a directory holding a
 //! manifest (`keys.toml`) and one file per key, such as a mounted Kubernetes Secret, or keys
-//! that stay in a PKCS#11 token (`pkcs11`). The directory can be re-read at any time; a key
-//! set that does not load is refused as a whole and the one in use is kept.
+//! whose private part stays elsewhere: in a PKCS#11 token (`pkcs11`) or in AWS KMS
+//! (`aws-kms`), each a [`KeySource`]. The directory can be re-read at any time; a key set
+//! that does not load is refused as a whole and the one in use is kept.
 
+pub mod kms;
 pub mod pkcs11;
 
 use std::collections::{BTreeSet, HashMap};
@@ -15,9 +17,10 @@ use std::path::{Path, PathBuf};
 use std::str::FromStr;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
-use std::time::SystemTime;
+use std::time::{Duration, Instant, SystemTime};
 
 use arc_swap::ArcSwap;
+use async_trait::async_trait;
 use aws_lc_rs::encoding::{AsDer, PublicKeyX509Der};
 use aws_lc_rs::rand::SystemRandom;
 use aws_lc_rs::signature::{self as sig, KeyPair as _, ParsedPublicKey, VerificationAlgorithm};
@@ -187,11 +190,77 @@ enum Material {
         public: ParsedPublicKey,
     },
     Public(ParsedPublicKey),
-    /// A private key in a PKCS#11 token; its public key read from the token at load.
-    Hsm {
-        key: Arc<pkcs11::HsmKey>,
-        public: Arc<ParsedPublicKey>,
-    },
+    /// A private key that signs elsewhere; its public key read from there at load.
+    Remote(Remote),
+}
+
+/// Where a key whose private part never enters this process signs: a PKCS#11 token, a cloud
+/// KMS. A source is a module of `keys/` with a loader that returns it and its public key; it
+/// signs and says what it is, and nothing else. The rest is the caller's, the same for every
+/// source ([`SigningKey::remote`], [`SigningKey::sign_async`]): the public key published,
+/// one signature verified at load, every signature verified with the published key before a
+/// token is minted, the outcome logged when it changes, and the probe readiness follows.
+/// GCP Cloud KMS (`AsymmetricSign` over a digest, DER ECDSA) and Vault Transit (`sign` with
+/// `marshaling_algorithm=jws`) fit as they are.
+#[async_trait]
+pub trait KeySource: Send + Sync + fmt::Debug {
+    /// The manifest's name of the source (`pkcs11`, `aws-kms`), as metrics and logs give it.
+    fn kind(&self) -> &'static str;
+
+    /// The key, for logs, `keys check` and `/healthz`: names and places, never a secret.
+    fn describe(&self) -> String;
+
+    /// How often an idle node checks that the key signs; `None`: as often as the backends are
+    /// checked. A source that charges per call asks for less.
+    fn probe_interval(&self) -> Option<Duration> {
+        None
+    }
+
+    /// Signs a JWS signing input; the signature in JWS form (r‖s for ECDSA). Not yet
+    /// trusted: the caller verifies it.
+    async fn sign(&self, message: &[u8]) -> Result<Vec<u8>, String>;
+}
+
+/// A key that signs in a [`KeySource`], with the public key that checks every signature.
+struct Remote {
+    source: Arc<dyn KeySource>,
+    public: ParsedPublicKey,
+    /// When the last signature was made or refused, and whether it was made.
+    last: Mutex<Option<(Instant, bool)>>,
+    /// Woken when the key stops signing, so that readiness follows at once.
+    stopped: tokio::sync::Notify,
+}
+
+impl Remote {
+    /// One signature, checked with the published public key; the outcome recorded.
+    async fn sign(&self, message: &[u8]) -> Result<Vec<u8>, String> {
+        let result = match self.source.sign(message).await {
+            Ok(signature) if self.public.verify_sig(message, &signature).is_ok() => Ok(signature),
+            Ok(_) => Err(format!(
+                "{} signed with another key than the one it published",
+                self.source.describe()
+            )),
+            Err(e) => Err(e),
+        };
+        let ok = result.is_ok();
+        let was = self
+            .last
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .replace((Instant::now(), ok))
+            .is_none_or(|(_, was)| was);
+        match &result {
+            Ok(_) if !was => {
+                tracing::info!(key = %self.source.describe(), "the signing key signs again");
+            }
+            Err(e) if was => {
+                tracing::error!(key = %self.source.describe(), error = %e, "the signing key stopped signing");
+                self.stopped.notify_one();
+            }
+            _ => {}
+        }
+        result
+    }
 }
 
 /// Why a key did not sign.
@@ -346,7 +415,7 @@ impl SigningKey {
         };
         let public = match &material {
             Material::Private { public, .. } | Material::Public(public) => public,
-            Material::Hmac(_) | Material::Hsm { .. } => unreachable!("a PEM key"),
+            Material::Hmac(_) | Material::Remote(_) => unreachable!("a PEM key"),
         };
         let jwk = public_key_jwk(&kid, alg, public)?;
         let private = matches!(material, Material::Private { .. });
@@ -360,22 +429,40 @@ impl SigningKey {
         Ok(key)
     }
 
-    /// A key in a PKCS#11 token: it signs there; its public key, read from the token,
-    /// verifies here.
-    pub fn hsm(
+    /// A key that signs in `source`, whose public key (SubjectPublicKeyInfo DER) the source
+    /// gave at load. One signature is made and verified now: the private and public keys are
+    /// one pair, the key may sign, and the source knows the algorithm.
+    pub async fn remote(
         kid: String,
         alg: Alg,
         state: KeyState,
-        loaded: pkcs11::Loaded,
+        source: Arc<dyn KeySource>,
+        spki: &[u8],
     ) -> Result<SigningKey, String> {
-        let public = ParsedPublicKey::new(alg.verification(), &loaded.spki)
-            .map_err(|_| format!("the token's public key is not a valid {alg} key"))?;
+        let public = ParsedPublicKey::new(alg.verification(), spki).map_err(|_| {
+            format!(
+                "{}: its public key is not a valid {alg} key",
+                source.describe()
+            )
+        })?;
         let jwk = public_key_jwk(&kid, alg, &public)?;
-        let material = Material::Hsm {
-            key: loaded.key,
-            public: Arc::new(public),
+        let remote = Remote {
+            source,
+            public,
+            last: Mutex::new(None),
+            stopped: tokio::sync::Notify::new(),
         };
-        Ok(SigningKey::new(kid, alg, state, material, Some(jwk)))
+        remote
+            .sign(b"auth-sidecar key check")
+            .await
+            .map_err(|e| format!("the key does not sign: {e}"))?;
+        Ok(SigningKey::new(
+            kid,
+            alg,
+            state,
+            Material::Remote(remote),
+            Some(jwk),
+        ))
     }
 
     fn new(
@@ -415,12 +502,12 @@ impl SigningKey {
     }
 
     /// Signs `message` in-process; `None` for a key that holds no private part here (a
-    /// public key, or a key in a PKCS#11 token: see [`SigningKey::sign_async`]).
+    /// public key, or a key that signs elsewhere: see [`SigningKey::sign_async`]).
     pub fn sign(&self, message: &[u8]) -> Option<Vec<u8>> {
         let signer = match &self.material {
             Material::Hmac(key) => return Some(hmac::sign(key, message).as_ref().to_vec()),
             Material::Private { signer, .. } => signer,
-            Material::Public(_) | Material::Hsm { .. } => return None,
+            Material::Public(_) | Material::Remote(_) => return None,
         };
         let rng = SystemRandom::new();
         match signer {
@@ -435,33 +522,57 @@ impl SigningKey {
         }
     }
 
-    /// Signs `message`, in the token for a PKCS#11 key (off the async workers), in-process
-    /// for any other.
+    /// Signs `message`: in its source for a key that signs elsewhere, verified with the
+    /// published public key before it is returned; in-process for any other.
     pub async fn sign_async(&self, message: &[u8]) -> Result<Vec<u8>, SignError> {
         match &self.material {
-            Material::Hsm { key, public } => key
-                .sign(message.to_vec(), public.clone())
-                .await
-                .map_err(SignError::Unavailable),
+            Material::Remote(remote) => remote.sign(message).await.map_err(SignError::Unavailable),
             _ => self
                 .sign(message)
                 .ok_or_else(|| SignError::CannotSign(self.kid.clone())),
         }
     }
 
-    /// For a key in a PKCS#11 token, whether it still signs: one signature of a fixed
-    /// message, verified. `None` for any other key.
-    pub async fn probe(&self) -> Option<Result<(), String>> {
-        let Material::Hsm { key, public } = &self.material else {
+    /// For a key that signs elsewhere, whether it still signs: a signature made within
+    /// `fresh` (or the source's own probe interval, when it asks for one) answers; otherwise
+    /// one signature of a fixed message, verified. `None` for any other key.
+    pub async fn probe(&self, fresh: Duration) -> Option<Result<(), String>> {
+        let Material::Remote(remote) = &self.material else {
             return None;
         };
-        let probe = b"auth-sidecar signing probe".to_vec();
-        Some(key.sign(probe, public.clone()).await.map(drop))
+        let fresh = remote.source.probe_interval().unwrap_or(fresh);
+        let last = *remote.last.lock().unwrap_or_else(|e| e.into_inner());
+        if let Some((at, true)) = last
+            && at.elapsed() < fresh
+        {
+            return Some(Ok(()));
+        }
+        Some(remote.sign(b"auth-sidecar signing probe").await.map(drop))
     }
 
-    /// Whether this key is in a PKCS#11 token.
-    pub fn in_token(&self) -> bool {
-        matches!(self.material, Material::Hsm { .. })
+    /// How often the probe should run while the key signs: the source's own interval, or
+    /// `default`.
+    pub fn probe_interval(&self, default: Duration) -> Duration {
+        match &self.material {
+            Material::Remote(remote) => remote.source.probe_interval().unwrap_or(default),
+            _ => default,
+        }
+    }
+
+    /// Resolves when this key, signing elsewhere, stops signing; never for any other key.
+    pub async fn stopped_signing(&self) {
+        match &self.material {
+            Material::Remote(remote) => remote.stopped.notified().await,
+            _ => std::future::pending().await,
+        }
+    }
+
+    /// Where the key signs, for one that signs elsewhere: its source's description.
+    pub fn source(&self) -> Option<String> {
+        match &self.material {
+            Material::Remote(remote) => Some(remote.source.describe()),
+            _ => None,
+        }
     }
 
     /// Whether `signature` (the raw bytes of the third segment) signs `message` under this key
@@ -472,7 +583,7 @@ impl SigningKey {
             Material::Private { public, .. } | Material::Public(public) => {
                 public.verify_sig(message, signature).is_ok()
             }
-            Material::Hsm { public, .. } => public.verify_sig(message, signature).is_ok(),
+            Material::Remote(remote) => remote.public.verify_sig(message, signature).is_ok(),
         }
     }
 
@@ -492,7 +603,7 @@ impl SigningKey {
         tag.as_ref().try_into().ok()
     }
 
-    /// Whether [`SigningKey::derive`] gives secrets: false for a key in a PKCS#11 token.
+    /// Whether [`SigningKey::derive`] gives secrets: false for a key that signs elsewhere.
     pub fn derives(&self) -> bool {
         self.derivation.is_some()
     }
@@ -709,8 +820,9 @@ impl KeySet {
         })
     }
 
-    /// Reads a keys directory: its manifest and the files it names.
-    pub fn load_dir(dir: &Path) -> Result<KeySet, KeyError> {
+    /// Reads a keys directory: its manifest and the files it names, and asks the sources
+    /// of keys that sign elsewhere for their public keys.
+    pub async fn load_dir(dir: &Path) -> Result<KeySet, KeyError> {
         let manifest_path = dir.join(MANIFEST);
         let manifest_error = |reason: String| KeyError::Manifest {
             path: manifest_path.clone(),
@@ -724,8 +836,10 @@ impl KeySet {
         fingerprint.update(text.as_bytes());
         let mut kids = BTreeSet::new();
         let mut keys = Vec::with_capacity(manifest.keys.len());
+        // A retired key that signs elsewhere is not asked for: it may be disabled already.
+        let mut retired_elsewhere = BTreeSet::new();
         for entry in manifest.keys {
-            // A key in a token is named in the manifest.
+            // A key that signs elsewhere is named in the manifest.
             let path = match &entry.file {
                 Some(file) => dir.join(file),
                 None => manifest_path.clone(),
@@ -742,26 +856,29 @@ impl KeySet {
                     entry.kid
                 )));
             }
-            if entry.source == Source::Pkcs11 {
-                keys.push(load_hsm_key(&entry).map_err(key_error)?);
+            entry.check_fields().map_err(key_error)?;
+            if entry.source != Source::File && entry.state == KeyState::Retired {
+                retired_elsewhere.insert(entry.kid.clone());
                 continue;
             }
-            if entry.label.is_some() || entry.id.is_some() || entry.token.is_some() {
-                return Err(key_error(
-                    "`label`, `id` and `token` are for `source = \"pkcs11\"`".to_owned(),
-                ));
+            if entry.source != Source::File {
+                let key = load_remote_key(&entry).await.map_err(key_error)?;
+                // The public key joins the fingerprint: a key moved under the same name (an
+                // alias pointed elsewhere, a token key made again) is a change.
+                fingerprint.update(key.fingerprint(&[]).as_bytes());
+                keys.push(key);
+                continue;
             }
-            let file = entry
-                .file
-                .as_deref()
-                .ok_or_else(|| key_error("`file` is required".to_owned()))?;
+            let file = entry.file.as_deref().expect("checked by check_fields");
             check_file_name(file).map_err(key_error)?;
             let bytes = std::fs::read(&path).map_err(|e| key_error(e.to_string()))?;
             fingerprint.update(&(bytes.len() as u64).to_be_bytes());
             fingerprint.update(&bytes);
             keys.push(load_key(&entry.kid, entry.alg, entry.state, &bytes).map_err(key_error)?);
         }
-        KeySet::build(keys, Some(fingerprint.finish())).map_err(manifest_error)
+        let mut set = KeySet::build(keys, Some(fingerprint.finish())).map_err(manifest_error)?;
+        set.retired.extend(retired_elsewhere);
+        Ok(set)
     }
 
     /// The key that signs new tokens.
@@ -825,6 +942,24 @@ impl KeySet {
         )
     }
 
+    /// One line per active or verify key, by kid: its algorithm and state, and where it signs
+    /// when that is not here (what `keys check` and `check-config` show).
+    pub fn report(&self) -> Vec<String> {
+        let mut keys: Vec<&SigningKey> = self.keys().collect();
+        keys.sort_by_key(|k| k.kid());
+        keys.iter()
+            .map(|k| {
+                let state = match k.state {
+                    KeyState::Active => "active",
+                    KeyState::Verify => "verify",
+                    KeyState::Retired => "retired",
+                };
+                let place = k.source().unwrap_or_else(|| "file".to_owned());
+                format!("{} {} {state}: {place}", k.kid, k.alg)
+            })
+            .collect()
+    }
+
     fn same_files(&self, other: &KeySet) -> bool {
         match (&self.fingerprint, &other.fingerprint) {
             (Some(a), Some(b)) => a.as_ref() == b.as_ref(),
@@ -845,7 +980,7 @@ struct Manifest {
 struct ManifestKey {
     kid: String,
     alg: Alg,
-    /// A file of the directory; not with `source = "pkcs11"`.
+    /// A file of the directory, for `source = "file"` only.
     file: Option<String>,
     state: KeyState,
     #[serde(default)]
@@ -856,36 +991,139 @@ struct ManifestKey {
     token: Option<String>,
     /// Sessions a pkcs11 key signs on at once.
     sessions: Option<usize>,
+    /// Which aws-kms key: its id, ARN or alias; its region and, optionally, another endpoint.
+    key_id: Option<String>,
+    region: Option<String>,
+    endpoint_url: Option<String>,
+    /// `Sign` calls an aws-kms key makes at once.
+    max_in_flight: Option<usize>,
+    /// Everything one aws-kms signature may take, retries included (`2s`).
+    #[serde(default, with = "humantime_serde_opt")]
+    timeout: Option<Duration>,
+    /// How often an idle node checks that an aws-kms key signs (`60s`).
+    #[serde(default, with = "humantime_serde_opt")]
+    probe_interval: Option<Duration>,
+}
+
+impl ManifestKey {
+    /// The fields the entry's source needs are there, and no other source's are.
+    fn check_fields(&self) -> Result<(), String> {
+        let given = [
+            ("file", self.file.is_some(), Source::File),
+            ("label", self.label.is_some(), Source::Pkcs11),
+            ("id", self.id.is_some(), Source::Pkcs11),
+            ("token", self.token.is_some(), Source::Pkcs11),
+            ("sessions", self.sessions.is_some(), Source::Pkcs11),
+            ("key_id", self.key_id.is_some(), Source::AwsKms),
+            ("region", self.region.is_some(), Source::AwsKms),
+            ("endpoint_url", self.endpoint_url.is_some(), Source::AwsKms),
+            (
+                "max_in_flight",
+                self.max_in_flight.is_some(),
+                Source::AwsKms,
+            ),
+            ("timeout", self.timeout.is_some(), Source::AwsKms),
+            (
+                "probe_interval",
+                self.probe_interval.is_some(),
+                Source::AwsKms,
+            ),
+        ];
+        if let Some((field, _, owner)) = given
+            .iter()
+            .find(|(_, set, owner)| *set && *owner != self.source)
+        {
+            return Err(format!(
+                "`{field}` is for `source = \"{}\"`, and this key's source is `{}`",
+                owner.name(),
+                self.source.name()
+            ));
+        }
+        match self.source {
+            Source::File if self.file.is_none() => Err("`file` is required".to_owned()),
+            Source::Pkcs11 if self.label.is_none() && self.id.is_none() => {
+                Err("a pkcs11 key needs `label` or `id`".to_owned())
+            }
+            Source::AwsKms if self.key_id.is_none() => {
+                Err("an aws-kms key needs `key_id` (a key id, key ARN or `alias/...`)".to_owned())
+            }
+            _ => Ok(()),
+        }
+    }
+}
+
+/// `humantime` durations (`"2s"`, `"500ms"`) for optional manifest fields.
+mod humantime_serde_opt {
+    use std::time::Duration;
+
+    use serde::{Deserialize, Deserializer};
+
+    pub fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<Option<Duration>, D::Error> {
+        let text = String::deserialize(d)?;
+        let duration = humantime::parse_duration(&text).map_err(serde::de::Error::custom)?;
+        if duration.is_zero() {
+            return Err(serde::de::Error::custom("must be greater than zero"));
+        }
+        Ok(Some(duration))
+    }
 }
 
 /// Where a key's private part is.
 #[derive(Debug, Default, Clone, Copy, PartialEq, Eq, Deserialize)]
-#[serde(rename_all = "lowercase")]
+#[serde(rename_all = "kebab-case")]
 enum Source {
     #[default]
     File,
     Pkcs11,
+    AwsKms,
 }
 
-/// A key of a PKCS#11 token, as a manifest entry names it.
-fn load_hsm_key(entry: &ManifestKey) -> Result<SigningKey, String> {
-    if entry.file.is_some() {
-        return Err("a pkcs11 key has no `file`: name it with `label` or `id`".to_owned());
+impl Source {
+    fn name(self) -> &'static str {
+        match self {
+            Source::File => "file",
+            Source::Pkcs11 => "pkcs11",
+            Source::AwsKms => "aws-kms",
+        }
     }
-    if entry.label.is_none() && entry.id.is_none() {
-        return Err("a pkcs11 key needs `label` or `id`".to_owned());
-    }
-    let locator = pkcs11::Locator {
-        label: entry.label.clone(),
-        id: entry.id.as_deref().map(pkcs11::parse_id).transpose()?,
-        token: entry.token.clone(),
+}
+
+/// A key that signs elsewhere, as a manifest entry names it: its source loaded, and the key
+/// checked as every such key is ([`SigningKey::remote`]).
+async fn load_remote_key(entry: &ManifestKey) -> Result<SigningKey, String> {
+    let (source, spki): (Arc<dyn KeySource>, Vec<u8>) = match entry.source {
+        Source::Pkcs11 => {
+            let locator = pkcs11::Locator {
+                label: entry.label.clone(),
+                id: entry.id.as_deref().map(pkcs11::parse_id).transpose()?,
+                token: entry.token.clone(),
+            };
+            let sessions = entry.sessions.unwrap_or(pkcs11::DEFAULT_SESSIONS);
+            if !(1..=64).contains(&sessions) {
+                return Err("`sessions` must be 1 to 64".to_owned());
+            }
+            let alg = entry.alg;
+            let (key, spki) =
+                tokio::task::spawn_blocking(move || pkcs11::HsmKey::load(locator, alg, sessions))
+                    .await
+                    .map_err(|e| format!("loading the PKCS#11 key failed: {e}"))??;
+            (Arc::new(key), spki)
+        }
+        Source::AwsKms => {
+            let settings = kms::Settings {
+                key_id: entry.key_id.clone().expect("checked by check_fields"),
+                region: entry.region.clone(),
+                endpoint_url: entry.endpoint_url.clone(),
+                max_in_flight: entry.max_in_flight.unwrap_or(kms::DEFAULT_MAX_IN_FLIGHT),
+                timeout: entry.timeout.unwrap_or(kms::DEFAULT_TIMEOUT),
+                probe_interval: entry.probe_interval.unwrap_or(kms::DEFAULT_PROBE_INTERVAL),
+            };
+            let (key, spki) = kms::KmsKey::load(settings, entry.alg).await?;
+            (Arc::new(key), spki)
+        }
+        Source::File => unreachable!("a file key is read, not loaded"),
     };
-    let sessions = entry.sessions.unwrap_or(pkcs11::DEFAULT_SESSIONS);
-    if !(1..=64).contains(&sessions) {
-        return Err("`sessions` must be 1 to 64".to_owned());
-    }
-    let loaded = pkcs11::HsmKey::load(locator, entry.alg, sessions)?;
-    SigningKey::hsm(entry.kid.clone(), entry.alg, entry.state, loaded)
+    SigningKey::remote(entry.kid.clone(), entry.alg, entry.state, source, &spki).await
 }
 
 /// A `kid` goes into every token header and into logs: keep it short and plain.
@@ -944,8 +1182,8 @@ impl Keys {
     }
 
     /// The key set of a directory, which [`Keys::reload`] reads again.
-    pub fn from_dir(dir: PathBuf) -> Result<Keys, KeyError> {
-        Ok(Keys::new(KeySet::load_dir(&dir)?, Some(dir)))
+    pub async fn from_dir(dir: PathBuf) -> Result<Keys, KeyError> {
+        Ok(Keys::new(KeySet::load_dir(&dir).await?, Some(dir)))
     }
 
     fn new(set: KeySet, dir: Option<PathBuf>) -> Keys {
@@ -979,11 +1217,11 @@ impl Keys {
 
     /// Reads the directory again and swaps the new set in. A set that does not load is
     /// refused: the one in use stays, and the error is kept for [`Keys::health_detail`].
-    pub fn reload(&self) -> Result<Reloaded, KeyError> {
+    pub async fn reload(&self) -> Result<Reloaded, KeyError> {
         let Some(dir) = &self.dir else {
             return Ok(Reloaded::Unchanged);
         };
-        let loaded = KeySet::load_dir(dir);
+        let loaded = KeySet::load_dir(dir).await;
         let mut status = self.status.lock().expect("not poisoned");
         match loaded {
             Ok(set) => {
@@ -1153,15 +1391,15 @@ mod tests {
         dir
     }
 
-    fn load_error(manifest: &str, files: &[(&str, &str)]) -> String {
+    async fn load_error(manifest: &str, files: &[(&str, &str)]) -> String {
         let dir = write_dir(manifest, files);
-        KeySet::load_dir(dir.path()).unwrap_err().to_string()
+        KeySet::load_dir(dir.path()).await.unwrap_err().to_string()
     }
 
     const SECRET_FILE: &str = "0123456789abcdef0123456789abcdef\n";
 
-    #[test]
-    fn a_keys_directory_loads_and_its_errors_say_what_is_wrong() {
+    #[tokio::test]
+    async fn a_keys_directory_loads_and_its_errors_say_what_is_wrong() {
         let es = generate(Alg::ES256).unwrap();
         let dir = write_dir(
             r#"
@@ -1185,7 +1423,7 @@ mod tests {
             "#,
             &[("new.pem", &es), ("old.secret", SECRET_FILE)],
         );
-        let set = KeySet::load_dir(dir.path()).unwrap();
+        let set = KeySet::load_dir(dir.path()).await.unwrap();
         assert_eq!(set.active().kid(), "new");
         assert!(set.get("old").is_some());
         assert!(set.get("gone").is_none(), "a retired key verifies nothing");
@@ -1200,6 +1438,12 @@ mod tests {
             )
         };
         let secret = [("s", SECRET_FILE)];
+        // No network: each of these is refused before KMS is asked.
+        let kms = |kid: &str, alg: &str, state: &str| {
+            format!(
+                "[[key]]\nkid = \"{kid}\"\nalg = \"{alg}\"\nsource = \"aws-kms\"\nkey_id = \"alias/x\"\nregion = \"eu-west-1\"\nstate = \"{state}\"\n"
+            )
+        };
         for (manifest, files, expected) in [
             (
                 entry("a", "HS256", "s", "verify"),
@@ -1256,23 +1500,68 @@ mod tests {
                 &secret[..],
                 "not a PEM file",
             ),
+            (
+                entry("a", "ES256", "s", "active") + "label = \"x\"\n",
+                &secret[..],
+                "`label` is for `source = \"pkcs11\"`, and this key's source is `file`",
+            ),
+            (
+                kms("a", "ES256", "active") + "file = \"s\"\n",
+                &secret[..],
+                "`file` is for `source = \"file\"`, and this key's source is `aws-kms`",
+            ),
+            (
+                kms("a", "ES256", "active") + "sessions = 2\n",
+                &secret[..],
+                "`sessions` is for `source = \"pkcs11\"`",
+            ),
+            (
+                kms("a", "ES256", "active").replace("key_id = \"alias/x\"\n", ""),
+                &secret[..],
+                "an aws-kms key needs `key_id`",
+            ),
+            (
+                kms("a", "EdDSA", "active"),
+                &secret[..],
+                "EdDSA keys cannot be in AWS KMS",
+            ),
+            (
+                kms("a", "HS256", "active"),
+                &secret[..],
+                "HS256 keys cannot be in AWS KMS",
+            ),
+            (
+                kms("a", "ES256", "active") + "endpoint_url = \"http://AKIA:pw@h\"\n",
+                &secret[..],
+                "must not hold a user or password",
+            ),
+            (
+                kms("a", "ES256", "active") + "timeout = \"0s\"\n",
+                &secret[..],
+                "must be greater than zero",
+            ),
+            (
+                kms("a", "ES256", "active") + "max_in_flight = 0\n",
+                &secret[..],
+                "`max_in_flight` must be 1 to 256",
+            ),
         ] {
-            let err = load_error(&manifest, files);
+            let err = load_error(&manifest, files).await;
             assert!(err.contains(expected), "expected {expected:?} in {err:?}");
             assert!(!err.contains("0123456789abcdef"), "{err}");
         }
     }
 
-    #[test]
-    fn a_refused_reload_keeps_the_key_set_in_use() {
+    #[tokio::test]
+    async fn a_refused_reload_keeps_the_key_set_in_use() {
         let dir = write_dir(
             "[[key]]\nkid = \"a\"\nalg = \"HS256\"\nfile = \"s\"\nstate = \"active\"\n",
             &[("s", SECRET_FILE)],
         );
-        let keys = Keys::from_dir(dir.path().to_owned()).unwrap();
-        assert_eq!(keys.reload().unwrap(), Reloaded::Unchanged);
+        let keys = Keys::from_dir(dir.path().to_owned()).await.unwrap();
+        assert_eq!(keys.reload().await.unwrap(), Reloaded::Unchanged);
         std::fs::write(dir.path().join("s"), "short").unwrap();
-        assert!(keys.reload().is_err());
+        assert!(keys.reload().await.is_err());
         assert_eq!(keys.current().active().kid(), "a");
         assert!(
             keys.health_detail().contains("was refused"),
@@ -1285,7 +1574,7 @@ mod tests {
             "a-new-secret-that-is-long-enough-for-hs256",
         )
         .unwrap();
-        assert_eq!(keys.reload().unwrap(), Reloaded::Changed);
+        assert_eq!(keys.reload().await.unwrap(), Reloaded::Changed);
         assert_eq!(keys.generation(), 1);
         assert!(!keys.health_detail().contains("refused"));
     }

@@ -3,16 +3,17 @@
 //! PIN is `PKCS11_PIN` or the file `PKCS11_PIN_FILE` (a mounted Secret), never logged. A key
 //! signs on a small pool of logged-in sessions (a session is not shared between threads),
 //! through `spawn_blocking`; a session that fails is dropped and a new one opened next time.
-//! The public key is read from the token at load, published in the JWKS like any other, and
-//! every signature the token returns is verified with it before it is used, so a token that
-//! signs with another key makes Issue fail rather than mint tokens nobody can verify.
-//! Verification stays in-process (aws-lc): no token round trip per Validate.
+//! The public key is read from the token at load; as for every [`KeySource`], the caller
+//! publishes it and verifies every signature with it before it is used, so a token that signs
+//! with another key makes Issue fail rather than mint tokens nobody can verify. Here it also
+//! tells a stale key handle. Verification stays in-process (aws-lc): no token round trip per
+//! Validate.
 
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
-use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex, OnceLock};
 
+use async_trait::async_trait;
 use aws_lc_rs::digest;
 use aws_lc_rs::signature::ParsedPublicKey;
 use cryptoki::context::{CInitializeArgs, CInitializeFlags, Pkcs11};
@@ -25,7 +26,7 @@ use cryptoki::session::{Session, UserType};
 use cryptoki::slot::Slot;
 use cryptoki::types::AuthPin;
 
-use super::Alg;
+use super::{Alg, KeySource};
 
 /// The environment variable naming the PKCS#11 module.
 pub const MODULE_ENV: &str = "CRYPTOKI_LIB";
@@ -71,7 +72,9 @@ impl Locator {
 }
 
 /// A private key in a token, and the sessions it signs on.
-pub struct HsmKey {
+pub struct HsmKey(Arc<Inner>);
+
+struct Inner {
     pkcs11: Pkcs11,
     slot: Slot,
     locator: Locator,
@@ -81,23 +84,17 @@ pub struct HsmKey {
     idle: Mutex<Vec<(Session, ObjectHandle)>>,
     /// At most this many signatures at once.
     permits: tokio::sync::Semaphore,
-    /// Whether the last signature succeeded: read by health.
-    signing: AtomicBool,
+    /// The public key, which tells a handle that signs with another key.
+    public: ParsedPublicKey,
 }
 
 impl std::fmt::Debug for HsmKey {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("HsmKey")
-            .field("key", &self.locator.describe())
-            .field("alg", &self.alg)
+            .field("key", &self.0.locator.describe())
+            .field("alg", &self.0.alg)
             .finish_non_exhaustive()
     }
-}
-
-/// What a loaded HSM key brings: the key, and its public key as SubjectPublicKeyInfo DER.
-pub struct Loaded {
-    pub key: Arc<HsmKey>,
-    pub spki: Vec<u8>,
 }
 
 /// The module of `CRYPTOKI_LIB`, loaded and initialised once per process (a module must not
@@ -248,18 +245,10 @@ fn find_one(
     }
 }
 
-/// Why a signature was not made.
-enum SignFailure {
-    /// The token did not sign, or the key is not there.
-    Token(String),
-    /// The token signed with another key than the published one.
-    OtherKey,
-}
-
 impl HsmKey {
     /// Finds the key the locator names, checks that it is of `alg`'s type, and reads its
-    /// public key: what `serve` and `keys check` do at load.
-    pub fn load(locator: Locator, alg: Alg, sessions: usize) -> Result<Loaded, String> {
+    /// public key (SubjectPublicKeyInfo DER): what `serve` and `keys check` do at load.
+    pub fn load(locator: Locator, alg: Alg, sessions: usize) -> Result<(HsmKey, Vec<u8>), String> {
         if alg.is_hmac() {
             return Err(format!(
                 "{alg} keys cannot be in a PKCS#11 token here: an HMAC secret verifies too, and \
@@ -293,9 +282,9 @@ impl HsmKey {
             ));
         }
         let spki = public_spki(&session, public, alg)?;
-        let verifier = ParsedPublicKey::new(alg.verification(), &spki)
+        let public = ParsedPublicKey::new(alg.verification(), &spki)
             .map_err(|_| format!("the token's public key is not a valid {alg} key"))?;
-        let key = HsmKey {
+        let key = Inner {
             pkcs11,
             slot,
             locator,
@@ -303,87 +292,31 @@ impl HsmKey {
             pin,
             idle: Mutex::new(vec![(session, private)]),
             permits: tokio::sync::Semaphore::new(sessions.max(1)),
-            signing: AtomicBool::new(true),
+            public,
         };
-        // One signature now, checked with the public key: the private and public objects
-        // are one pair, the key may sign, and the token knows the mechanism.
-        key.sign_blocking(b"auth-sidecar key check", &verifier)
-            .map_err(|e| match e {
-                SignFailure::Token(e) => e,
-                SignFailure::OtherKey => format!(
-                    "the private and public keys with {} are not one pair: a signature of the \
-                     private key does not verify with the public key",
-                    key.locator.describe()
-                ),
-            })?;
-        Ok(Loaded {
-            key: Arc::new(key),
-            spki,
-        })
+        Ok((HsmKey(Arc::new(key)), spki))
     }
+}
 
-    /// Whether the last signature succeeded.
-    pub fn signing(&self) -> bool {
-        self.signing.load(Ordering::SeqCst)
-    }
-
-    /// Signs `message` in the token, off the async workers, verifying the signature with
-    /// `public` before it is returned.
-    pub async fn sign(
-        self: &Arc<Self>,
-        message: Vec<u8>,
-        public: Arc<ParsedPublicKey>,
-    ) -> Result<Vec<u8>, String> {
-        let _permit = self
-            .permits
-            .acquire()
-            .await
-            .map_err(|_| "the PKCS#11 key is closed".to_owned())?;
-        let key = self.clone();
-        let result = tokio::task::spawn_blocking(move || {
-            key.sign_blocking(&message, &public).map_err(|e| match e {
-                SignFailure::Token(e) => e,
-                SignFailure::OtherKey => {
-                    "the PKCS#11 token signed with another key than the one it published".to_owned()
-                }
-            })
-        })
-        .await
-        .unwrap_or_else(|e| Err(format!("the PKCS#11 signing task failed: {e}")));
-        let ok = result.is_ok();
-        if self.signing.swap(ok, Ordering::SeqCst) != ok {
-            match &result {
-                Ok(_) => tracing::info!(key = %self.locator.describe(), "PKCS#11 key signs again"),
-                Err(e) => {
-                    tracing::error!(key = %self.locator.describe(), error = %e, "PKCS#11 key stopped signing")
-                }
-            }
-        }
-        result
-    }
-
+impl Inner {
     /// One signature on an idle session, or on a new one, returned only when it verifies with
     /// `public`. A session that fails is dropped (closed), so the next call opens a fresh one.
     /// A key handle is trusted only while its signatures verify: a handle that is stale, or
     /// that now names another key (an object deleted, restored or given another id), is
     /// looked up again by the locator at once, and only a pair whose signature verified goes
     /// back to the pool. So the key signs again as soon as the token holds it again.
-    fn sign_blocking(
-        &self,
-        message: &[u8],
-        public: &ParsedPublicKey,
-    ) -> Result<Vec<u8>, SignFailure> {
+    fn sign_blocking(&self, message: &[u8]) -> Result<Vec<u8>, String> {
+        let public = &self.public;
         let idle = self.idle.lock().unwrap_or_else(|e| e.into_inner()).pop();
         let (session, cached) = match idle {
             Some((session, handle)) => (session, Some(handle)),
             None => (
-                open_session(&self.pkcs11, self.slot, &self.pin, false)
-                    .map_err(SignFailure::Token)?,
+                open_session(&self.pkcs11, self.slot, &self.pin, false)?,
                 None,
             ),
         };
         let (mechanism, data) = self.mechanism(message);
-        let failed = |e: CkError| SignFailure::Token(format!("PKCS#11 signing failed: {e}"));
+        let failed = |e: CkError| format!("PKCS#11 signing failed: {e}");
         let verifies = |signature: &[u8]| public.verify_sig(message, signature).is_ok();
         if let Some(handle) = cached {
             match session.sign(&mechanism, handle, &data) {
@@ -399,11 +332,12 @@ impl HsmKey {
                 Err(e) => return Err(failed(e)),
             }
         }
-        let handle = find_one(&session, &self.locator, ObjectClass::PRIVATE_KEY)
-            .map_err(SignFailure::Token)?;
+        let handle = find_one(&session, &self.locator, ObjectClass::PRIVATE_KEY)?;
         let signature = session.sign(&mechanism, handle, &data).map_err(failed)?;
         if !verifies(&signature) {
-            return Err(SignFailure::OtherKey);
+            return Err(
+                "the PKCS#11 token signed with another key than the one it published".to_owned(),
+            );
         }
         self.keep(session, handle);
         Ok(signature)
@@ -443,6 +377,31 @@ impl HsmKey {
             ),
             _ => (Mechanism::Sha256RsaPkcs, message.to_vec()),
         }
+    }
+}
+
+#[async_trait]
+impl KeySource for HsmKey {
+    fn kind(&self) -> &'static str {
+        "pkcs11"
+    }
+
+    fn describe(&self) -> String {
+        format!("PKCS#11 key with {}", self.0.locator.describe())
+    }
+
+    /// Signs in the token, off the async workers, on at most `sessions` sessions at once.
+    async fn sign(&self, message: &[u8]) -> Result<Vec<u8>, String> {
+        let _permit = self
+            .0
+            .permits
+            .acquire()
+            .await
+            .map_err(|_| "the PKCS#11 key is closed".to_owned())?;
+        let (inner, message) = (self.0.clone(), message.to_vec());
+        tokio::task::spawn_blocking(move || inner.sign_blocking(&message))
+            .await
+            .unwrap_or_else(|e| Err(format!("the PKCS#11 signing task failed: {e}")))
     }
 }
 
