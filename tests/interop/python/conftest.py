@@ -49,11 +49,12 @@ def mfa_stubs(stubs):
     return mfa_service_pb2, mfa_service_pb2_grpc
 
 
-def run_sidecar(args, env_extra, listen="127.0.0.1:0", ops="127.0.0.1:0"):
+def run_sidecar(args, env_extra, listen="127.0.0.1:0", ops="127.0.0.1:0", logs=None):
     """Starts `auth-sidecar serve` on `listen` and `ops` with `args` and yields its API and
-    ops addresses; stops it afterwards and checks that it drained and exited 0."""
+    ops addresses; stops it afterwards and checks that it drained and exited 0. `env_extra`
+    may set RUST_LOG (`info` otherwise); every log line is appended to `logs` when given."""
     env = {k: v for k, v in os.environ.items() if not k.startswith("AUTH_")}
-    env.update(env_extra, RUST_LOG="info")
+    env.update({"RUST_LOG": "info", **env_extra})
     proc = subprocess.Popen(
         [BINARY, "serve", "--listen", listen, "--ops-listen", ops, *args],
         env=env,
@@ -67,18 +68,22 @@ def run_sidecar(args, env_extra, listen="127.0.0.1:0", ops="127.0.0.1:0"):
 
     def read_logs():
         for line in proc.stderr:
+            if logs is not None:
+                logs.append(line)
             match = re.search(r" serving api=(\S+) ops=(\S+)", line)
             if match:
                 found["api"], found["ops"] = match.groups()
                 ready.set()
 
-    threading.Thread(target=read_logs, daemon=True).start()
+    reader = threading.Thread(target=read_logs, daemon=True)
+    reader.start()
     try:
         assert ready.wait(20), "sidecar did not start"
         yield found["api"], found["ops"]
     finally:
         proc.terminate()
         assert proc.wait(15) == 0, "sidecar did not drain and exit 0 on SIGTERM"
+        reader.join(5)
 
 
 @pytest.fixture()
