@@ -229,6 +229,25 @@ def test_hsm_module_and_pin_file_are_set_and_the_pin_is_a_mounted_file():
     assert not env & {"CRYPTOKI_LIB", "PKCS11_PIN_FILE"}
 
 
+def test_kms_keys_run_as_a_service_account_annotated_for_irsa_and_none_by_default():
+    docs = render("-f", str(CHART / "ci" / "kms-values.yaml"))
+    [account] = kinds(docs, "ServiceAccount")
+    assert account["metadata"]["name"] == "rel-auth-sidecar"
+    assert account["metadata"]["annotations"] == {
+        "eks.amazonaws.com/role-arn": "arn:aws:iam::111122223333:role/auth-sidecar-kms"}
+    assert account["automountServiceAccountToken"] is False
+    [spec] = pod_specs(docs)
+    assert spec["serviceAccountName"] == "rel-auth-sidecar"
+    assert spec["automountServiceAccountToken"] is False
+    # An existing ServiceAccount, by name; and by default none is made or named.
+    docs = render("--set", "serviceAccount.name=app-sa")
+    assert not kinds(docs, "ServiceAccount")
+    assert pod_specs(docs)[0]["serviceAccountName"] == "app-sa"
+    docs = render()
+    assert not kinds(docs, "ServiceAccount")
+    assert "serviceAccountName" not in pod_specs(docs)[0]
+
+
 def test_a_single_memory_replica_renders():
     docs = render("--set", "replicas=1", "--set", "sidecar.storage=memory")
     assert kinds(docs, "Deployment")[0]["spec"]["replicas"] == 1

@@ -19,6 +19,15 @@ tests/chart/parent is such a chart.
 {{- printf "%s-auth-sidecar" .Release.Name | trunc 63 | trimSuffix "-" -}}
 {{- end -}}
 
+{{/* The ServiceAccount the pods run as; empty: the namespace's default. */}}
+{{- define "auth-sidecar.serviceAccountName" -}}
+{{- if .Values.serviceAccount.name -}}
+{{- .Values.serviceAccount.name -}}
+{{- else if .Values.serviceAccount.create -}}
+{{- include "auth-sidecar.fullname" . -}}
+{{- end -}}
+{{- end -}}
+
 {{- define "auth-sidecar.labels" -}}
 app.kubernetes.io/name: auth-sidecar
 app.kubernetes.io/instance: {{ .Release.Name }}
