@@ -3,7 +3,8 @@
 //! ceiling of a no-op call on this server), and Validate and Issue on every storage backend
 //! (memory, and the machine's Redis and PostgreSQL), Validate of a token bound to a session
 //! on redis and tiered, and Validate and Issue with every family of signing key (HS256,
-//! ES256, EdDSA, RS256) and with an ES256 key in a SoftHSM2 token, in one run. The shared backends run twice, with the revocation view
+//! ES256, EdDSA, RS256) and with an ES256 key in a SoftHSM2 token and in AWS KMS (moto's
+//! emulator, from the test venv), in one run. The shared backends run twice, with the revocation view
 //! and without it (`--revocation-cache 0`), for a repeated token, 20,000 distinct tokens and a
 //! hot denied rate-limit key (redis and postgres); CheckRateLimit on every backend, with rate-limit steps gathered
 //! into one round trip (`--store-batch`, the default) and without (`... unbatched`), with
@@ -114,6 +115,54 @@ enum Scenario {
     VerifyTotp,
 }
 
+/// moto's KMS server (from the test venv, as `tests/interop/python` runs it) on a free port,
+/// killed with this process, and an ECC_NIST_P256 signing key in it: its endpoint and key id.
+fn kms_emulator() -> (String, String) {
+    let python = concat!(env!("CARGO_MANIFEST_DIR"), "/.venv/bin/python");
+    let script = concat!(
+        env!("CARGO_MANIFEST_DIR"),
+        "/tests/interop/python/kms_emulator.py"
+    );
+    let port = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port();
+    let mut cmd = Command::new(python);
+    cmd.args([script, "-p", &port.to_string()])
+        .stdout(Stdio::null())
+        .stderr(Stdio::null());
+    // SAFETY: prctl only sets the child's parent-death signal.
+    unsafe {
+        std::os::unix::process::CommandExt::pre_exec(&mut cmd, || {
+            libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL);
+            Ok(())
+        });
+    }
+    std::mem::forget(cmd.spawn().expect("the test venv's python runs (scripts/test makes it)"));
+    let endpoint = format!("http://127.0.0.1:{port}");
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while std::net::TcpStream::connect(("127.0.0.1", port)).is_err() {
+        assert!(Instant::now() < deadline, "moto's server did not start");
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    let made = Command::new(python)
+        .args([
+            "-c",
+            &format!(
+                "import boto3; print(boto3.client('kms', region_name='eu-west-1', \
+                 endpoint_url='{endpoint}', aws_access_key_id='b', aws_secret_access_key='b')\
+                 .create_key(KeySpec='ECC_NIST_P256', KeyUsage='SIGN_VERIFY')\
+                 ['KeyMetadata']['KeyId'])"
+            ),
+        ])
+        .output()
+        .unwrap();
+    assert!(made.status.success(), "{made:?}");
+    let key_id = String::from_utf8(made.stdout).unwrap().trim().to_owned();
+    (endpoint, key_id)
+}
+
 /// A sidecar measured: a storage backend, the algorithm of its signing key, and whether it
 /// exports traces.
 struct Target {
@@ -123,8 +172,9 @@ struct Target {
     traced: bool,
     /// Whether the revocation view is on (the default).
     cache: bool,
-    /// Whether the key is in a PKCS#11 token (a SoftHSM2 token made for the run).
-    hsm: bool,
+    /// Where the key signs: a file, a PKCS#11 token (a SoftHSM2 token made for the run) or
+    /// AWS KMS (moto's emulator, started for the run).
+    source: KeySource,
     /// Whether rate-limit steps are gathered into one round trip (`--store-batch`, the
     /// default) or each goes alone (`--store-batch 0`).
     batch: bool,
@@ -132,7 +182,7 @@ struct Target {
 
 /// Every backend with an HS256 key, the memory backend with each public-key algorithm, and
 /// the memory backend exporting every span to an OTLP collector.
-const TARGETS: [Target; 15] = [
+const TARGETS: [Target; 16] = [
     Target::hs256("memory"),
     Target::hs256("redis"),
     Target::hs256("postgres"),
@@ -152,7 +202,16 @@ const TARGETS: [Target; 15] = [
         alg: Alg::ES256,
         traced: false,
         cache: true,
-        hsm: true,
+        source: KeySource::Hsm,
+        batch: true,
+    },
+    Target {
+        name: "memory KMS ES256",
+        storage: "memory",
+        alg: Alg::ES256,
+        traced: false,
+        cache: true,
+        source: KeySource::Kms,
         batch: true,
     },
     Target {
@@ -161,10 +220,17 @@ const TARGETS: [Target; 15] = [
         alg: Alg::HS256,
         traced: true,
         cache: true,
-        hsm: false,
+        source: KeySource::File,
         batch: true,
     },
 ];
+
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum KeySource {
+    File,
+    Hsm,
+    Kms,
+}
 
 impl Target {
     const fn hs256(storage: &'static str) -> Target {
@@ -174,7 +240,7 @@ impl Target {
             alg: Alg::HS256,
             traced: false,
             cache: true,
-            hsm: false,
+            source: KeySource::File,
             batch: true,
         }
     }
@@ -186,7 +252,7 @@ impl Target {
             alg: Alg::HS256,
             traced: false,
             cache: false,
-            hsm: false,
+            source: KeySource::File,
             batch: true,
         }
     }
@@ -211,7 +277,7 @@ impl Target {
             alg,
             traced: false,
             cache: true,
-            hsm: false,
+            source: KeySource::File,
             batch: true,
         }
     }
@@ -1077,7 +1143,25 @@ fn start_sidecar(
     } else {
         cmd.env_remove("OTEL_EXPORTER_OTLP_ENDPOINT");
     }
-    if target.hsm {
+    if target.source == KeySource::Kms {
+        let dir = keys_root.join("kms");
+        std::fs::create_dir_all(&dir).unwrap();
+        let (endpoint, key_id) = kms_emulator();
+        std::fs::write(
+            dir.join(keys::MANIFEST),
+            format!(
+                "[[key]]\nkid = \"bench\"\nalg = \"ES256\"\nsource = \"aws-kms\"\nkey_id = \"{key_id}\"\nregion = \"eu-west-1\"\nendpoint_url = \"{endpoint}\"\nstate = \"active\"\n"
+            ),
+        )
+        .unwrap();
+        cmd.envs([
+            ("AWS_ACCESS_KEY_ID", "bench"),
+            ("AWS_SECRET_ACCESS_KEY", "bench"),
+            ("AWS_EC2_METADATA_DISABLED", "true"),
+        ])
+        .arg("--keys-dir")
+        .arg(dir);
+    } else if target.source == KeySource::Hsm {
         let dir = keys_root.join("hsm");
         std::fs::create_dir_all(dir.join("tokens")).unwrap();
         let conf = dir.join("softhsm2.conf");
