@@ -139,7 +139,10 @@ fn kms_emulator() -> (String, String) {
             Ok(())
         });
     }
-    std::mem::forget(cmd.spawn().expect("the test venv's python runs (scripts/test makes it)"));
+    std::mem::forget(
+        cmd.spawn()
+            .expect("the test venv's python runs (scripts/test makes it)"),
+    );
     let endpoint = format!("http://127.0.0.1:{port}");
     let deadline = Instant::now() + Duration::from_secs(30);
     while std::net::TcpStream::connect(("127.0.0.1", port)).is_err() {

@@ -251,10 +251,10 @@ impl Remote {
             .is_none_or(|(_, was)| was);
         match &result {
             Ok(_) if !was => {
-                tracing::info!(key = %self.source.describe(), "the signing key signs again");
+                tracing::info!(source = self.source.kind(), key = %self.source.describe(), "the signing key signs again");
             }
             Err(e) if was => {
-                tracing::error!(key = %self.source.describe(), error = %e, "the signing key stopped signing");
+                tracing::error!(source = self.source.kind(), key = %self.source.describe(), error = %e, "the signing key stopped signing");
                 self.stopped.notify_one();
             }
             _ => {}
