@@ -190,12 +190,7 @@ impl KmsKey {
                     .ok_or_else(|| Attempt::Failed("KMS returned no signature".to_owned()))
             }
             Err(e) => {
-                let throttled = e.code().is_some_and(|c| {
-                    matches!(
-                        c,
-                        "ThrottlingException" | "ThrottledException" | "LimitExceededException"
-                    )
-                });
+                let throttled = e.code() == Some("ThrottlingException");
                 crate::telemetry::record_signer_call(
                     "aws-kms",
                     if throttled { "throttled" } else { "error" },
@@ -271,7 +266,12 @@ impl KeySource for KmsKey {
                         )
                     })?
                     .map_err(|_| "the KMS key is closed".to_owned())?;
-                let attempt = self.call(message, kind.clone()).await;
+                // The attempt ends with the budget, whatever its own timeout: dropping it
+                // cancels the request.
+                let attempt =
+                    tokio::time::timeout_at(deadline.into(), self.call(message, kind.clone()))
+                        .await
+                        .map_err(|_| format!("KMS did not sign within {:?}", self.timeout))?;
                 drop(permit);
                 attempt
             };
