@@ -317,8 +317,8 @@ def test_concurrent_issues_never_exceed_max_in_flight(stubs, kms, proxy, tmp_pat
                                    timeout="20s"))
     for api, ops in run_sidecar(["--keys-dir", str(keys)], AWS_ENV):
         proxy.reset()
-        # Each Sign takes 20 ms at the emulator, so that 200 Issues at once pile up on it.
-        proxy.sign_delay = 0.02
+        # Each Sign takes 50 ms at the emulator, so that 200 Issues at once pile up on it.
+        proxy.sign_delay = 0.05
         with grpc.insecure_channel(api) as channel:
             stub = pb_grpc.TokenServiceStub(channel)
             calls = [stub.Issue.future(pb.IssueRequest(subject=f"c{i}"), timeout=60)
@@ -326,7 +326,9 @@ def test_concurrent_issues_never_exceed_max_in_flight(stubs, kms, proxy, tmp_pat
             tokens = [c.result().token for c in calls]
         assert len(set(tokens)) == 200
         assert proxy.count("Sign") == 200
-        assert proxy.max_in_flight == 8, proxy.max_in_flight
+        # The bound, and concurrency up to it (on a loaded machine the proxy's threads may not
+        # hold all 8 at one instant; without the bound they hold dozens).
+        assert 4 <= proxy.max_in_flight <= 8, proxy.max_in_flight
         samples = scrape(ops)
         assert samples[("authsidecar_signer_in_flight", (("source", "aws-kms"),))] == 0
 
