@@ -212,6 +212,8 @@ async fn watch_signer(tokens: Arc<Tokens>, health: Health, interval: Duration) {
             tokio::select! {
                 () = tokio::time::sleep(wait) => {}
                 () = set.active().stopped_signing() => {}
+                // A new active key is waited on from now.
+                () = tokens.keys().swapped() => {}
             }
             probe(&tokens, &health).await;
         }

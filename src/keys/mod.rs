@@ -1158,6 +1158,8 @@ pub struct Keys {
     dir: Option<PathBuf>,
     /// Bumped at every swap, so that anything derived from an older set can tell.
     generation: AtomicU64,
+    /// Wakes whoever waits on a swap (the signer probe, which waits on the active key).
+    swapped: tokio::sync::Notify,
     status: Mutex<ReloadStatus>,
 }
 
@@ -1191,6 +1193,7 @@ impl Keys {
             current: ArcSwap::from_pointee(set),
             dir,
             generation: AtomicU64::new(0),
+            swapped: tokio::sync::Notify::new(),
             status: Mutex::new(ReloadStatus {
                 last_error: None,
                 loaded_at: Some(SystemTime::now()),
@@ -1209,6 +1212,11 @@ impl Keys {
     /// The set in use, to hold across an await (a signature in a PKCS#11 token).
     pub fn snapshot(&self) -> Arc<KeySet> {
         self.current.load_full()
+    }
+
+    /// Resolves at the next swap of the key set.
+    pub async fn swapped(&self) {
+        self.swapped.notified().await;
     }
 
     pub fn generation(&self) -> u64 {
@@ -1232,6 +1240,7 @@ impl Keys {
                 self.current.store(Arc::new(set));
                 status.loaded_at = Some(SystemTime::now());
                 self.generation.fetch_add(1, Ordering::AcqRel);
+                self.swapped.notify_waiters();
                 Ok(Reloaded::Changed)
             }
             Err(e) => {

@@ -276,6 +276,33 @@ def test_a_signature_by_another_key_is_never_minted(stubs, kms, proxy, tmp_path)
     assert any("signed with another key than the one it published" in line for line in logs)
 
 
+def test_readiness_follows_the_key_a_reload_made_active(stubs, kms, proxy, tmp_path):
+    """After a reload makes another KMS key active, readiness follows that key at once: when it
+    signs with another key than it published, the node turns NOT_SERVING within seconds, not
+    at the end of the 60 s probe interval it was waiting out for the old key."""
+    pb, pb_grpc = stubs
+    old, new = kms.create_key("ECC_NIST_P256"), kms.create_key("ECC_NIST_P256")
+    keys = tmp_path / "keys"
+    keys.mkdir()
+    write_manifest(keys, kms_entry(kms, "kms-old", "ES256", old))
+    for api, ops in run_sidecar(["--keys-dir", str(keys)], AWS_ENV):
+        with grpc.insecure_channel(api) as channel:
+            stub = pb_grpc.TokenServiceStub(channel)
+            wait_for(lambda: health(api) == health_pb2.HealthCheckResponse.SERVING, 10,
+                     "never ready")
+            write_manifest(keys, kms_entry(kms, "kms-old", "ES256", old, "verify"),
+                           kms_entry(kms, "kms-new", "ES256", new))
+            wait_for(lambda: stub.Issue(pb.IssueRequest(subject="r")).key_id == "kms-new", 10,
+                     "the reload did not make kms-new active")
+            proxy.sign_with = old
+            with pytest.raises(grpc.RpcError) as refused:
+                stub.Issue(pb.IssueRequest(subject="r"), timeout=10)
+            assert refused.value.code() == grpc.StatusCode.UNAVAILABLE
+            wait_for(lambda: health(api) == health_pb2.HealthCheckResponse.NOT_SERVING, 5,
+                     "readiness still followed the key active before the reload")
+            proxy.sign_with = None
+
+
 def serve_exit(keys):
     """`serve`'s exit code and error output with this keys directory."""
     proc = subprocess.run(
