@@ -22,6 +22,9 @@ use aws_sdk_kms::types::{KeySpec, KeyUsageType, MessageType, SigningAlgorithmSpe
 
 use super::{Alg, KeySource};
 
+/// The source's name, in the manifest, metrics and logs.
+const SOURCE: &str = "aws-kms";
+
 /// `Sign` calls a key makes at once, unless its entry says `max_in_flight = N`.
 pub const DEFAULT_MAX_IN_FLIGHT: usize = 8;
 /// Everything one signature may take, unless the entry says `timeout = "…"`.
@@ -171,7 +174,7 @@ impl KmsKey {
     /// KMS returns it (DER for ECDSA).
     async fn call(&self, message: &[u8], kind: MessageType) -> Result<Vec<u8>, Attempt> {
         let (_, signing) = algorithm(self.alg).expect("checked at load");
-        let _in_flight = crate::telemetry::SignerInFlight::enter("aws-kms");
+        let _in_flight = crate::telemetry::SignerInFlight::enter(SOURCE);
         let started = Instant::now();
         let out = self
             .client
@@ -184,7 +187,7 @@ impl KmsKey {
             .await;
         match out {
             Ok(out) => {
-                crate::telemetry::record_signer_call("aws-kms", "ok", started);
+                crate::telemetry::record_signer_call(SOURCE, "ok", started);
                 out.signature()
                     .map(|s| s.as_ref().to_vec())
                     .ok_or_else(|| Attempt::Failed("KMS returned no signature".to_owned()))
@@ -192,7 +195,7 @@ impl KmsKey {
             Err(e) => {
                 let throttled = e.code() == Some("ThrottlingException");
                 crate::telemetry::record_signer_call(
-                    "aws-kms",
+                    SOURCE,
                     if throttled { "throttled" } else { "error" },
                     started,
                 );
@@ -219,7 +222,7 @@ enum Attempt {
 #[async_trait]
 impl KeySource for KmsKey {
     fn kind(&self) -> &'static str {
-        "aws-kms"
+        SOURCE
     }
 
     fn describe(&self) -> String {

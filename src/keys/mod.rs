@@ -533,14 +533,14 @@ impl SigningKey {
         }
     }
 
-    /// For a key that signs elsewhere, whether it still signs: a signature made within
-    /// `fresh` (or the source's own probe interval, when it asks for one) answers; otherwise
-    /// one signature of a fixed message, verified. `None` for any other key.
-    pub async fn probe(&self, fresh: Duration) -> Option<Result<(), String>> {
+    /// For a key that signs elsewhere, whether it still signs: a signature made within its
+    /// probe interval ([`SigningKey::probe_interval`] of `default`) answers; otherwise one
+    /// signature of a fixed message, verified. `None` for any other key.
+    pub async fn probe(&self, default: Duration) -> Option<Result<(), String>> {
         let Material::Remote(remote) = &self.material else {
             return None;
         };
-        let fresh = remote.source.probe_interval().unwrap_or(fresh);
+        let fresh = self.probe_interval(default);
         let last = *remote.last.lock().unwrap_or_else(|e| e.into_inner());
         if let Some((at, true)) = last
             && at.elapsed() < fresh

@@ -72,6 +72,15 @@ def file_entry(keys, kid, state):
     return entry.replace('"verify"', f'"{state}"') + "\n"
 
 
+def keys_dir(tmp_path, *entries):
+    """A new keys directory, with a manifest of `entries` when any are given."""
+    keys = tmp_path / "keys"
+    keys.mkdir()
+    if entries:
+        write_manifest(keys, *entries)
+    return keys
+
+
 def write_manifest(keys, *entries):
     """Replaces the manifest at once (a rename), as a Secret's update does."""
     tmp = keys / ".keys.toml.tmp"
@@ -103,9 +112,7 @@ def test_tokens_verify_with_pyjwt_against_the_jwks_and_kms_public_key(stubs, kms
     pb, pb_grpc = stubs
     key_id = kms.create_key(SPECS[alg])
     kms.client.create_alias(AliasName=f"alias/auth-{alg.lower()}", TargetKeyId=key_id)
-    keys = tmp_path / "keys"
-    keys.mkdir()
-    write_manifest(keys, kms_entry(kms, f"kms-{alg}", alg, f"alias/auth-{alg.lower()}"))
+    keys = keys_dir(tmp_path, kms_entry(kms, f"kms-{alg}", alg, f"alias/auth-{alg.lower()}"))
     checked = subprocess.run([BINARY, "keys", "check", "--keys-dir", str(keys)],
                              env=dict(os.environ, **AWS_ENV), capture_output=True, text=True)
     assert checked.returncode == 0, checked.stderr
@@ -145,8 +152,7 @@ def test_rotation_from_a_file_key_to_a_kms_key_rejects_no_token(stubs, kms, prox
     verify, made active, and the file key kept as verify."""
     pb, pb_grpc = stubs
     key_id = kms.create_key("ECC_NIST_P256")
-    keys = tmp_path / "keys"
-    keys.mkdir()
+    keys = keys_dir(tmp_path)
     old = file_entry(keys, "file-old", "active")
     write_manifest(keys, old)
     issued, rejected, errors = [], [], []
@@ -213,9 +219,7 @@ def test_an_unreachable_kms_stops_issue_and_readiness_but_not_validate(stubs, km
                                                                        tmp_path):
     pb, pb_grpc = stubs
     key_id = kms.create_key("ECC_NIST_P256")
-    keys = tmp_path / "keys"
-    keys.mkdir()
-    write_manifest(keys, kms_entry(kms, "kms-down", "ES256", key_id, timeout="1s"))
+    keys = keys_dir(tmp_path, kms_entry(kms, "kms-down", "ES256", key_id, timeout="1s"))
     for api, ops in run_sidecar(["--keys-dir", str(keys)], AWS_ENV):
         with grpc.insecure_channel(api) as channel:
             stub = pb_grpc.TokenServiceStub(channel)
@@ -258,9 +262,7 @@ def test_a_signature_by_another_key_is_never_minted(stubs, kms, proxy, tmp_path)
     rather than a token nobody can verify."""
     pb, pb_grpc = stubs
     key_id, other = kms.create_key("ECC_NIST_P256"), kms.create_key("ECC_NIST_P256")
-    keys = tmp_path / "keys"
-    keys.mkdir()
-    write_manifest(keys, kms_entry(kms, "kms-mine", "ES256", key_id))
+    keys = keys_dir(tmp_path, kms_entry(kms, "kms-mine", "ES256", key_id))
     logs = []
     for api, ops in run_sidecar(["--keys-dir", str(keys)], AWS_ENV, logs=logs):
         with grpc.insecure_channel(api) as channel:
@@ -282,9 +284,7 @@ def test_readiness_follows_the_key_a_reload_made_active(stubs, kms, proxy, tmp_p
     at the end of the 60 s probe interval it was waiting out for the old key."""
     pb, pb_grpc = stubs
     old, new = kms.create_key("ECC_NIST_P256"), kms.create_key("ECC_NIST_P256")
-    keys = tmp_path / "keys"
-    keys.mkdir()
-    write_manifest(keys, kms_entry(kms, "kms-old", "ES256", old))
+    keys = keys_dir(tmp_path, kms_entry(kms, "kms-old", "ES256", old))
     for api, ops in run_sidecar(["--keys-dir", str(keys)], AWS_ENV):
         with grpc.insecure_channel(api) as channel:
             stub = pb_grpc.TokenServiceStub(channel)
@@ -324,9 +324,7 @@ def serve_exit(keys):
 def test_a_key_of_the_wrong_usage_or_spec_exits_2_naming_it(kms, tmp_path, alg, spec, usage,
                                                              expected):
     key_id = kms.client.create_key(KeySpec=spec, KeyUsage=usage)["KeyMetadata"]["KeyId"]
-    keys = tmp_path / "keys"
-    keys.mkdir()
-    write_manifest(keys, kms_entry(kms, "kms-wrong", alg, key_id))
+    keys = keys_dir(tmp_path, kms_entry(kms, "kms-wrong", alg, key_id))
     code, stderr = serve_exit(keys)
     assert code == 2, stderr
     assert "key `kms-wrong`" in stderr and key_id in stderr and expected in stderr, stderr
@@ -338,10 +336,8 @@ def test_a_key_of_the_wrong_usage_or_spec_exits_2_naming_it(kms, tmp_path, alg, 
 def test_concurrent_issues_never_exceed_max_in_flight(stubs, kms, proxy, tmp_path):
     pb, pb_grpc = stubs
     key_id = kms.create_key("ECC_NIST_P256")
-    keys = tmp_path / "keys"
-    keys.mkdir()
-    write_manifest(keys, kms_entry(kms, "kms-bound", "ES256", key_id, max_in_flight=8,
-                                   timeout="20s"))
+    keys = keys_dir(tmp_path, kms_entry(kms, "kms-bound", "ES256", key_id, max_in_flight=8,
+                                        timeout="20s"))
     for api, ops in run_sidecar(["--keys-dir", str(keys)], AWS_ENV):
         proxy.reset()
         # Each Sign takes 50 ms at the emulator, so that 200 Issues at once pile up on it.
@@ -364,9 +360,7 @@ def test_throttled_signs_are_retried_within_the_timeout_and_counted(stubs, kms, 
                                                                     tmp_path):
     pb, pb_grpc = stubs
     key_id = kms.create_key("ECC_NIST_P256")
-    keys = tmp_path / "keys"
-    keys.mkdir()
-    write_manifest(keys, kms_entry(kms, "kms-busy", "ES256", key_id, timeout="2s"))
+    keys = keys_dir(tmp_path, kms_entry(kms, "kms-busy", "ES256", key_id, timeout="2s"))
     for api, ops in run_sidecar(["--keys-dir", str(keys)], AWS_ENV):
         before = scrape(ops)
         proxy.reset()
@@ -396,9 +390,7 @@ def test_throttled_signs_are_retried_within_the_timeout_and_counted(stubs, kms, 
 def test_no_credential_reaches_a_log_healthz_or_check_config(stubs, kms, proxy, tmp_path):
     pb, pb_grpc = stubs
     key_id = kms.create_key("ECC_NIST_P256")
-    keys = tmp_path / "keys"
-    keys.mkdir()
-    write_manifest(keys, kms_entry(kms, "kms-quiet", "ES256", key_id, timeout="1s"))
+    keys = keys_dir(tmp_path, kms_entry(kms, "kms-quiet", "ES256", key_id, timeout="1s"))
     logs = []
     outputs = []
     env = dict(AWS_ENV, RUST_LOG="debug")
