@@ -10,6 +10,7 @@ fail to verify (and the sidecar refuse to mint with it):
   given. (The sidecar sends a digest only for a signing input over 4096 bytes.)
 Everything else is moto as released."""
 
+import base64
 import http.client
 import http.server
 import json
@@ -73,7 +74,7 @@ def patched_moto_main(argv):
 
 class KmsProxy:
     """An HTTP proxy in front of the emulator that counts KMS calls by operation, the most
-    `Sign` calls it ever held at once, and can delay or throttle `Sign` calls as a busy KMS
+    `Sign` calls it ever held at once and the messages they signed, and can delay or throttle `Sign` calls as a busy KMS
     does (HTTP 400, `ThrottlingException`, as AWS KMS answers over its quota), or send them
     to another key than the one asked for, as a KMS that signs with the wrong key would."""
 
@@ -87,6 +88,7 @@ class KmsProxy:
         self.throttle_next = 0
         self.throttled = 0
         self.sign_with = None
+        self.messages = []
         proxy = self
 
         class Handler(http.server.BaseHTTPRequestHandler):
@@ -102,6 +104,7 @@ class KmsProxy:
                 with proxy.lock:
                     proxy.calls[operation] = proxy.calls.get(operation, 0) + 1
                     if signing:
+                        proxy.messages.append(base64.b64decode(json.loads(body)["Message"]))
                         proxy.in_flight += 1
                         proxy.max_in_flight = max(proxy.max_in_flight, proxy.in_flight)
                         throttle = proxy.throttle_next > 0
@@ -167,6 +170,7 @@ class KmsProxy:
     def reset(self):
         with self.lock:
             self.calls.clear()
+            self.messages.clear()
             self.max_in_flight = self.in_flight
             self.sign_delay = 0.0
             self.throttle_next = 0

@@ -356,7 +356,7 @@ def test_concurrent_issues_never_exceed_max_in_flight(stubs, kms, proxy, tmp_pat
         assert samples[("authsidecar_signer_in_flight", (("source", "aws-kms"),))] == 0
 
 
-def test_throttled_signs_are_retried_within_the_timeout_and_counted(stubs, kms, proxy,
+def test_throttled_signs_are_retried_within_the_deadline_and_counted(stubs, kms, proxy,
                                                                     tmp_path):
     pb, pb_grpc = stubs
     key_id = kms.create_key("ECC_NIST_P256")
@@ -384,6 +384,19 @@ def test_throttled_signs_are_retried_within_the_timeout_and_counted(stubs, kms, 
             elapsed = time.monotonic() - started
             assert refused.value.code() == grpc.StatusCode.UNAVAILABLE
             assert 1.0 < elapsed < 2.5, elapsed
+            # A caller's deadline shorter than the budget ends the retries with it: no Sign
+            # is sent for a call that has given up (the probe's own retries aside).
+            tokens = lambda: sum(m != b"auth-sidecar signing probe"  # noqa: E731
+                                 for m in proxy.messages)
+            started = time.monotonic()
+            with pytest.raises(grpc.RpcError) as expired:
+                stub.Issue(pb.IssueRequest(subject="hurried"), timeout=0.3)
+            assert expired.value.code() == grpc.StatusCode.DEADLINE_EXCEEDED
+            assert time.monotonic() - started < 0.8
+            time.sleep(0.1)
+            sent = tokens()
+            time.sleep(1.0)
+            assert tokens() == sent
             proxy.throttle_next = 0
 
 
