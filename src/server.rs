@@ -75,6 +75,9 @@ impl App {
         clock: Arc<dyn Clock>,
         drained: CancellationToken,
     ) -> anyhow::Result<App> {
+        // The recorder first, so that nothing recorded from here on is lost: a key source's
+        // calls at load count too.
+        telemetry::metrics();
         let keys = load_keys(config).await?;
         if config.keys_dir.is_none() && config.jwt_secret.is_none() {
             tracing::warn!(
@@ -84,8 +87,6 @@ impl App {
             );
         }
         tracing::info!(keys = %keys.current().summary(), "key set loaded");
-        // The recorder first, so that nothing recorded from here on is lost.
-        telemetry::metrics();
         telemetry::record_build_info();
         telemetry::record_keys_loaded(None, keys.current().active().kid());
         let store = store::open(&config.store()?, clock.clone())?;

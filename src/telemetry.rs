@@ -437,28 +437,39 @@ pub fn record_backend_call(backend: &'static str, op: &'static str, started: Ins
     }
 }
 
-/// Records one call to a key source that signs elsewhere: `result` is `ok`, `throttled` or
-/// `error`.
-pub fn record_signer_call(source: &'static str, result: &'static str, started: Instant) {
-    metrics::counter!("authsidecar_signer_calls_total", "source" => source, "result" => result)
-        .increment(1);
-    metrics::histogram!("authsidecar_signer_call_duration_seconds", "source" => source)
-        .record(started.elapsed().as_secs_f64());
+/// One call to a key source that signs elsewhere: in `authsidecar_signer_in_flight` while it
+/// lives, then counted in `authsidecar_signer_calls_total` with its duration, as the result
+/// it finished with (`ok`, `throttled`, `error`). A call dropped unfinished, cut off by a
+/// deadline, counts as an `error`.
+pub struct SignerCall {
+    source: &'static str,
+    started: Instant,
+    result: &'static str,
 }
 
-/// A call to a key source in flight, counted in `authsidecar_signer_in_flight` while it lives.
-pub struct SignerInFlight(&'static str);
-
-impl SignerInFlight {
-    pub fn enter(source: &'static str) -> SignerInFlight {
+impl SignerCall {
+    pub fn start(source: &'static str) -> SignerCall {
         metrics::gauge!("authsidecar_signer_in_flight", "source" => source).increment(1.0);
-        SignerInFlight(source)
+        SignerCall {
+            source,
+            started: Instant::now(),
+            result: "error",
+        }
+    }
+
+    pub fn finish(mut self, result: &'static str) {
+        self.result = result;
     }
 }
 
-impl Drop for SignerInFlight {
+impl Drop for SignerCall {
     fn drop(&mut self) {
-        metrics::gauge!("authsidecar_signer_in_flight", "source" => self.0).decrement(1.0);
+        let (source, result) = (self.source, self.result);
+        metrics::gauge!("authsidecar_signer_in_flight", "source" => source).decrement(1.0);
+        metrics::counter!("authsidecar_signer_calls_total", "source" => source, "result" => result)
+            .increment(1);
+        metrics::histogram!("authsidecar_signer_call_duration_seconds", "source" => source)
+            .record(self.started.elapsed().as_secs_f64());
     }
 }
 

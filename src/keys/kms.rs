@@ -174,8 +174,8 @@ impl KmsKey {
     /// KMS returns it (DER for ECDSA).
     async fn call(&self, message: &[u8], kind: MessageType) -> Result<Vec<u8>, Attempt> {
         let (_, signing) = algorithm(self.alg).expect("checked at load");
-        let _in_flight = crate::telemetry::SignerInFlight::enter(SOURCE);
-        let started = Instant::now();
+        // Counted when it ends, as an error if the budget or the caller cuts it off.
+        let counted = crate::telemetry::SignerCall::start(SOURCE);
         let out = self
             .client
             .sign()
@@ -187,18 +187,14 @@ impl KmsKey {
             .await;
         match out {
             Ok(out) => {
-                crate::telemetry::record_signer_call(SOURCE, "ok", started);
+                counted.finish("ok");
                 out.signature()
                     .map(|s| s.as_ref().to_vec())
                     .ok_or_else(|| Attempt::Failed("KMS returned no signature".to_owned()))
             }
             Err(e) => {
                 let throttled = e.code() == Some("ThrottlingException");
-                crate::telemetry::record_signer_call(
-                    SOURCE,
-                    if throttled { "throttled" } else { "error" },
-                    started,
-                );
+                counted.finish(if throttled { "throttled" } else { "error" });
                 let text = error_text(&e);
                 Err(if throttled || retryable(&e) {
                     Attempt::Retry { throttled, text }

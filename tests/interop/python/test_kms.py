@@ -254,6 +254,10 @@ def test_an_unreachable_kms_stops_issue_and_readiness_but_not_validate(stubs, km
         assert samples[("authsidecar_signer_up", ())] == 1
         assert samples.get(("authsidecar_signer_calls_total",
                             (("result", "error"), ("source", "aws-kms"))), 0) >= 1
+        # Every Sign that reached KMS is counted once, those the 1s budget cut off included.
+        counted = sum(v for (name, _), v in samples.items()
+                      if name == "authsidecar_signer_calls_total")
+        assert counted == proxy.calls["Sign"], (counted, proxy.calls)
 
 
 def test_a_signature_by_another_key_is_never_minted(stubs, kms, proxy, tmp_path):
