@@ -74,9 +74,10 @@ def patched_moto_main(argv):
 
 class KmsProxy:
     """An HTTP proxy in front of the emulator that counts KMS calls by operation, the most
-    `Sign` calls it ever held at once and the messages they signed, and can delay or throttle `Sign` calls as a busy KMS
-    does (HTTP 400, `ThrottlingException`, as AWS KMS answers over its quota), or send them
-    to another key than the one asked for, as a KMS that signs with the wrong key would."""
+    `Sign` calls it ever held at once and the messages they signed, and can delay or
+    throttle `Sign` calls as a busy KMS does (HTTP 400, `ThrottlingException`, as AWS KMS
+    answers over its quota), or send them to another key than the one asked for, as a KMS
+    that signs with the wrong key would."""
 
     def __init__(self, upstream_port):
         self.upstream_port = upstream_port

@@ -361,7 +361,7 @@ def test_concurrent_issues_never_exceed_max_in_flight(stubs, kms, proxy, tmp_pat
 
 
 def test_throttled_signs_are_retried_within_the_deadline_and_counted(stubs, kms, proxy,
-                                                                    tmp_path):
+                                                                     tmp_path):
     pb, pb_grpc = stubs
     key_id = kms.create_key("ECC_NIST_P256")
     keys = keys_dir(tmp_path, kms_entry(kms, "kms-busy", "ES256", key_id, timeout="2s"))
